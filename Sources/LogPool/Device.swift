@@ -1,0 +1,139 @@
+import LogPoolFormat
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The engine's only door to storage. ``FileDevice`` backs it with a file; the
+/// `SimulatedDevice` of LogPoolTesting keeps an image in memory and can crash, tear and
+/// drop unsynced writes. Errors are ``PoolError/io(errno:operation:byteOffset:)``.
+public protocol BlockDevice: AnyObject {
+    /// Current size of the backing store in bytes.
+    func byteCount() throws -> UInt64
+    /// Fills `buffer` completely or throws; a short read is an error.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at byteOffset: UInt64) throws
+    /// Not durable until ``sync()`` returns.
+    func write(_ bytes: UnsafeRawBufferPointer, at byteOffset: UInt64) throws
+    /// Makes every completed write durable.
+    func sync() throws
+}
+
+extension BlockDevice {
+    func read(byteCount: Int, at byteOffset: UInt64) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: byteCount)
+        try bytes.withUnsafeMutableBytes { try read(into: $0, at: byteOffset) }
+        return bytes
+    }
+
+    func write(_ bytes: [UInt8], at byteOffset: UInt64) throws {
+        try bytes.withUnsafeBytes { try write($0, at: byteOffset) }
+    }
+}
+
+/// How a pool file is opened.
+public enum OpenMode: Sendable {
+    /// Exclusive lock; recovery may write.
+    case readWrite
+    /// Shared lock; nothing is ever written, recovery happens in memory only.
+    case readOnly
+}
+
+/// A pool file. Holds a `flock` for as long as it is open: exclusive for read-write,
+/// shared for read-only, so a second writer gets ``PoolError/inUse(_:)``.
+public final class FileDevice: BlockDevice {
+    public let path: String
+    private var descriptor: Int32
+
+    /// Opens (or with `create`, exclusively creates) `path`.
+    public init(path: String, mode: OpenMode, create: Bool = false) throws {
+        self.path = path
+        var flags = mode == .readOnly ? O_RDONLY : O_RDWR
+        flags |= O_CLOEXEC
+        if create { flags |= O_CREAT | O_EXCL }
+        let fd = open(path, flags, 0o644)
+        guard fd >= 0 else {
+            let code = errno
+            if code == EEXIST { throw PoolError.exists(path) }
+            if code == ENOENT { throw PoolError.notFound(path) }
+            throw PoolError.io(errno: code, operation: "open \(path)", byteOffset: 0)
+        }
+        if flock(fd, (mode == .readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0 {
+            let code = errno
+            close(fd)
+            if code == EWOULDBLOCK {
+                throw PoolError.inUse("\(path) is locked by another process")
+            }
+            throw PoolError.io(errno: code, operation: "flock \(path)", byteOffset: 0)
+        }
+        descriptor = fd
+    }
+
+    deinit { closeDescriptor() }
+
+    /// Releases the lock and the descriptor; later calls fail with `EBADF`.
+    public func closeDescriptor() {
+        if descriptor >= 0 {
+            close(descriptor)
+            descriptor = -1
+        }
+    }
+
+    public func byteCount() throws -> UInt64 {
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else { throw PoolError.io(errno: errno, operation: "fstat", byteOffset: 0) }
+        return UInt64(info.st_size)
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at byteOffset: UInt64) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = pread(descriptor, buffer.baseAddress! + done, buffer.count - done, off_t(byteOffset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw PoolError.io(errno: errno, operation: "read of \(buffer.count) bytes", byteOffset: byteOffset)
+            }
+            if n == 0 {
+                throw PoolError.corrupt(structure: "pool file", byteOffset: byteOffset + UInt64(done),
+                                        detail: "file ends before the \(buffer.count) bytes to read")
+            }
+            done += n
+        }
+    }
+
+    public func write(_ bytes: UnsafeRawBufferPointer, at byteOffset: UInt64) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(descriptor, bytes.baseAddress! + done, bytes.count - done, off_t(byteOffset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw PoolError.io(errno: errno, operation: "write of \(bytes.count) bytes", byteOffset: byteOffset)
+            }
+            done += n
+        }
+    }
+
+    public func sync() throws {
+        if fdatasync(descriptor) != 0 {
+            throw PoolError.io(errno: errno, operation: "fdatasync", byteOffset: 0)
+        }
+    }
+
+    /// Sets the file length (pool creation only).
+    func truncate(toByteCount byteCount: UInt64) throws {
+        guard ftruncate(descriptor, off_t(byteCount)) == 0 else {
+            throw PoolError.io(errno: errno, operation: "ftruncate to \(byteCount) bytes", byteOffset: 0)
+        }
+    }
+
+    /// fsyncs the directory holding `path`, so a newly created file's name is durable.
+    static func syncParentDirectory(of path: String) throws {
+        var directory = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        if directory.isEmpty { directory = path.hasPrefix("/") ? "/" : "." }
+        let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "open directory \(directory)", byteOffset: 0) }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw PoolError.io(errno: errno, operation: "fsync directory \(directory)", byteOffset: 0) }
+    }
+}

@@ -1,0 +1,128 @@
+import LogPoolFormat
+
+/// Applying journal intents to the in-memory state. The live path builds an intent, journals
+/// it and applies it with this same code; replay applies what it reads. So a replayed pool
+/// is the live pool by construction (Specs/COMMIT.md §4).
+extension Engine {
+    /// Applies `intent`. Every reference in it is checked first and a bad one throws
+    /// ``PoolError/corrupt(structure:byteOffset:detail:)`` naming `recordByteOffset`,
+    /// before anything changes: a record that passed its checksum but does not fit the
+    /// state is damage (or a bug), never a trap.
+    func apply(_ intent: JournalIntent, recordByteOffset: UInt64 = 0) throws {
+        func bad(_ detail: String) -> PoolError {
+            .corrupt(structure: "journal record", byteOffset: recordByteOffset, detail: detail)
+        }
+        switch intent {
+        case .padding, .wrap:
+            return
+        case .createVolume(let id, let name, let size, let time):
+            guard id >= nextVolumeID else { throw bad("volume id \(id) is not above the last id \(nextVolumeID - 1)") }
+            guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }
+            guard size % UInt64(blockByteCount) == 0, size <= Pool.volumeSizeMax else { throw bad("volume size \(size) is invalid") }
+            let height = PageLayout.height(kind: .map, coveringSlotCount: blockCount(sizeByteCount: size))
+            let record = VolumeRecord(id: id, kind: .volume, name: name, sizeByteCount: size, createdTime: time,
+                                      originID: 0, mapRoot: .none, mapHeight: height)
+            volumes[id] = VolumeState(record: record, map: Tree(kind: .map, root: nil, height: height))
+            volumeIDsByName[name] = id
+            nextVolumeID = id + 1
+        case .branch(let id, let sourceID, let kind, let name, let time):
+            guard id >= nextVolumeID else { throw bad("volume id \(id) is not above the last id \(nextVolumeID - 1)") }
+            guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }
+            guard let source = volumes[sourceID] else { throw bad("source volume id \(sourceID) does not exist") }
+            source.map.root?.parentCount += 1
+            let record = VolumeRecord(id: id, kind: kind, name: name, sizeByteCount: source.record.sizeByteCount,
+                                      createdTime: time, originID: sourceID, mapRoot: .none, mapHeight: source.map.height)
+            volumes[id] = VolumeState(record: record, map: source.map)
+            volumeIDsByName[name] = id
+            nextVolumeID = id + 1
+        case .delete(let id):
+            guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
+            if let root = volume.map.root { release(root, kind: .map) }
+            volumes[id] = nil
+            volumeIDsByName[volume.record.name] = nil
+        case .rename(let id, let name):
+            guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
+            guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }
+            volumeIDsByName[volume.record.name] = nil
+            volume.record.name = name
+            volumeIDsByName[name] = id
+        case .resize(let id, let size):
+            guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
+            guard size % UInt64(blockByteCount) == 0, size <= Pool.volumeSizeMax else { throw bad("volume size \(size) is invalid") }
+            let oldCount = blockCount(sizeByteCount: volume.record.sizeByteCount)
+            let newCount = blockCount(sizeByteCount: size)
+            if newCount < oldCount {
+                mapUnmap(&volume.map, range: newCount..<oldCount)
+            } else {
+                grow(&volume.map, toCover: newCount)
+            }
+            volume.record.sizeByteCount = size
+        case .map(let volumeID, let ranges, let mappings):
+            guard let volume = volumes[volumeID] else { throw bad("volume id \(volumeID) does not exist") }
+            let count = blockCount(sizeByteCount: volume.record.sizeByteCount)
+            for range in ranges where range.upperBound > count {
+                throw bad("unmap range \(range) beyond volume \(volumeID)'s \(count) blocks")
+            }
+            var newIDs = Set<UInt64>()
+            for m in mappings {
+                guard m.blockIndex < count else { throw bad("block index \(m.blockIndex) beyond volume \(volumeID)'s \(count) blocks") }
+                try checkNewBlock(m.blockID, m.location, newIDs: &newIDs, bad)
+            }
+            for range in ranges { mapUnmap(&volume.map, range: range) }
+            for m in mappings {
+                createBlock(m.blockID, m.location)
+                mapSet(&volume.map, blockIndex: m.blockIndex, id: m.blockID)
+                // The new block now has exactly the reference the map gave it.
+            }
+        case .relocate(let moves):
+            for move in moves {
+                guard move.blockID < blockIDLimit, refcounts[Int(move.blockID)] > 0 else {
+                    throw bad("relocated block id \(move.blockID) is not in use")
+                }
+                try checkLocation(move.location, bad)
+            }
+            for move in moves {
+                let old = blockLocation(move.blockID)
+                dataLiveByteCounts[segment(of: old.byteOffset)] -= old.allocatedByteCount
+                setBlockLocation(move.blockID, move.location)
+                dataLiveByteCounts[segment(of: move.location.byteOffset)] += move.location.allocatedByteCount
+                markWritten(move.location)
+            }
+        }
+    }
+
+    private func checkLocation(_ location: BlockLocation, _ bad: (String) -> PoolError) throws {
+        guard location.storedByteCount > 0, location.storedByteCount <= UInt32(blockByteCount),
+              location.flags & ~BlockLocation.flagCompressed == 0,
+              geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
+        else { throw bad("block location \(location.byteOffset)+\(location.storedByteCount) is invalid") }
+    }
+
+    private func checkNewBlock(_ id: UInt64, _ location: BlockLocation, newIDs: inout Set<UInt64>,
+                               _ bad: (String) -> PoolError) throws {
+        // A block id can never exceed the number of sectors in the pool; the bound keeps a
+        // damaged record from making the refcount array huge.
+        guard id >= 1, id <= geometry.capacityByteCount / 512 + 1 else { throw bad("block id \(id) is out of range") }
+        guard id >= blockIDLimit || refcounts[Int(id)] == 0, newIDs.insert(id).inserted else {
+            throw bad("new block id \(id) is already in use")
+        }
+        try checkLocation(location, bad)
+    }
+
+    /// Enters a new block in the table (refcount still 0; the caller maps it).
+    private func createBlock(_ id: UInt64, _ location: BlockLocation) {
+        while blockIDLimit <= id {
+            refcounts.append(0)
+            blockIDLimit += 1
+        }
+        setBlockLocation(id, location)
+        dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
+        markWritten(location)
+    }
+
+    /// During replay, a segment a record wrote into is not free (reuse rule R-1).
+    private func markWritten(_ location: BlockLocation) {
+        let s = segment(of: location.byteOffset)
+        if segmentStates[s] == .free { segmentStates[s] = .used }
+    }
+}

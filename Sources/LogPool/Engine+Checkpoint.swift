@@ -1,0 +1,119 @@
+import LogPoolFormat
+
+extension Engine {
+    /// The root the next checkpoint would write (usage values are filled in later; the
+    /// encoded size does not depend on them).
+    func plannedRoot() -> CheckpointRoot {
+        let records = volumes.values.sorted { $0.record.id < $1.record.id }.map { v -> VolumeRecord in
+            var r = v.record
+            r.mapRoot = v.map.root?.disk ?? .none
+            r.mapHeight = v.map.height
+            return r
+        }
+        return CheckpointRoot(generation: superblock.generation + 1, nextVolumeID: nextVolumeID,
+                              blockTableRoot: blockTable.root?.disk ?? .none, blockTableHeight: blockTable.height,
+                              blockIDLimit: blockIDLimit, volumes: records,
+                              segmentLiveByteCounts: metaLiveByteCounts)
+    }
+
+    /// Makes everything journaled so far durable: pads the journal tail to a sector,
+    /// writes it, one fsync for data and journal together (Specs/COMMIT.md §2).
+    func sync() throws {
+        try checkUsable()
+        guard !readOnly else { return }
+        if let batch = journal.takeBatch() {
+            try deviceCall { try device.write(batch.bytes, at: PoolGeometry.journalByteOffset + batch.ringByteOffset) }
+        }
+        try deviceCall { try device.sync() }
+        journal.markDurable()
+    }
+
+    /// Writes a checkpoint and commits it with the older superblock slot
+    /// (Specs/COMMIT.md §3):
+    ///
+    /// 1. sync the journal (so a crash before step 5 replays everything up to here);
+    /// 2. write every dirty page, children before parents, into free segment space;
+    /// 3. write the root (volume table, block-table root, segment usage) after them;
+    /// 4. fsync;
+    /// 5. write superblock slot (generation+1) % 2, fsync: the commit point;
+    /// 6. in memory: released pages stop counting, empty segments become free, the
+    ///    journal restarts at its current position under the new epoch.
+    func checkpoint(mounted: Bool = true) throws {
+        try checkWritable()
+        try sync()
+        var batch = WriteBatch()
+        var newMeta = metaLiveByteCounts
+        for offset in pendingPageReleases { newMeta[segment(of: offset)] -= UInt64(PoolGeometry.pageByteCount) }
+        func writeDirty(_ node: TreeNode, kind: PageKind) {
+            guard node.isDirty else { return }
+            var words: [UInt64]
+            if node.level > 0 {
+                words = []
+                words.reserveCapacity(PageLayout.interiorFanout * 2)
+                for child in node.children {
+                    if let child {
+                        writeDirty(child, kind: kind)
+                        words.append(child.disk.byteOffset)
+                        words.append(child.disk.checksum)
+                    } else {
+                        words.append(0)
+                        words.append(0)
+                    }
+                }
+            } else {
+                words = node.words
+            }
+            let page = PageLayout.encode(kind: kind, level: node.level, words: words, salt: salt)
+            let offset = allocateExtent(byteCount: PoolGeometry.pageByteCount, batch: &batch)
+            batch.add(page.bytes, at: offset)
+            newMeta[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
+            node.disk = PagePointer(byteOffset: offset, checksum: page.checksum)
+        }
+        if let root = blockTable.root { writeDirty(root, kind: .blockTable) }
+        for volume in volumes.values {
+            if let root = volume.map.root { writeDirty(root, kind: .map) }
+        }
+        var root = plannedRoot()
+        let rootByteCount = root.encodedByteCount
+        let rootOffset = allocateExtent(byteCount: rootByteCount, batch: &batch)
+        if let old = checkpointExtent { newMeta[segment(of: old.byteOffset)] -= sectorAligned(old.byteCount) }
+        newMeta[segment(of: rootOffset)] += UInt64(rootByteCount)
+        root.segmentLiveByteCounts = newMeta
+        let encodedRoot = root.encode(salt: salt)
+        batch.add(encodedRoot.bytes, at: rootOffset)
+        try deviceCall { try batch.write(to: device) }
+        try deviceCall { try device.sync() }
+
+        let generation = superblock.generation + 1
+        var next = superblock
+        next.slotIndex = Int(generation % 2)
+        next.generation = generation
+        next.checkpointByteOffset = rootOffset
+        next.checkpointByteCount = UInt64(rootByteCount)
+        next.checkpointChecksum = encodedRoot.checksum
+        next.journalReplayByteOffset = journal.position % journal.ringByteCount
+        next.journalReplaySequence = journal.nextSequence
+        next.parentChecksum = superblock.checksum
+        next.flags = mounted ? Superblock.flagMounted : 0
+        let slotBytes = next.encode()
+        try deviceCall { try device.write(slotBytes, at: PoolGeometry.superblockSlotByteOffsets[next.slotIndex]) }
+        try deviceCall { try device.sync() }
+
+        // Committed.
+        superblock = next
+        metaLiveByteCounts = newMeta
+        checkpointExtent = (rootOffset, UInt64(rootByteCount))
+        pendingPageReleases.removeAll()
+        dirtyPageCount = 0
+        journal.resetAfterCheckpoint(epoch: generation)
+        for s in 0..<segmentStates.count where segmentStates[s] == .used {
+            if dataLiveByteCounts[s] == 0 && metaLiveByteCounts[s] == 0 { segmentStates[s] = .free }
+        }
+        rebuildFreeSegmentList()
+        checkpointCount += 1
+    }
+
+    func rebuildFreeSegmentList() {
+        freeSegments = segmentStates.indices.reversed().filter { segmentStates[$0] == .free }
+    }
+}

@@ -1,0 +1,302 @@
+import LogPoolFormat
+
+extension Engine {
+    // MARK: - Format
+
+    /// Lays out a new pool on `device` (zero-filled, `geometry.capacityByteCount` long):
+    /// the first checkpoint goes to segment 0, then two checkpoints commit generation 1
+    /// to slot B and generation 2 to slot A, so both slots are valid and chained from
+    /// the start (Specs/COMMIT.md §1).
+    static func format(device: BlockDevice, geometry: PoolGeometry, compression: CompressionMode,
+                       uuid: [UInt8], createdTime: Int64) throws -> Engine {
+        // A provisional generation-0 superblock that is never written; its fields only seed
+        // the in-memory state.
+        let provisional = Superblock(
+            slotIndex: 0, poolUUID: uuid, generation: 0, geometry: geometry, compression: compression,
+            checkpointByteOffset: geometry.dataAreaByteOffset + UInt64(PoolGeometry.segmentHeaderByteCount),
+            checkpointByteCount: 512, checkpointChecksum: 0, journalReplayByteOffset: 0, journalReplaySequence: 1,
+            parentChecksum: 0, flags: 0, createdTime: createdTime)
+        let engine = Engine(device: device, superblock: provisional, readOnly: false)
+        engine.checkpointExtent = nil
+        for s in 0..<engine.segmentStates.count { engine.segmentStates[s] = .free }
+        engine.rebuildFreeSegmentList()
+        try engine.checkpoint(mounted: false)
+        try engine.checkpoint(mounted: false)
+        return engine
+    }
+
+    // MARK: - Open
+
+    /// Opens the pool on `device`: chooses a superblock slot, loads its checkpoint,
+    /// replays the journal and, when writable, commits a fresh checkpoint so the pool
+    /// continues from a clean, new epoch (Specs/COMMIT.md §4). Never traps on any bytes.
+    static func open(device: BlockDevice, readOnly: Bool) throws -> Engine {
+        let size = try device.byteCount()
+        let slotsEnd = PoolGeometry.superblockSlotByteOffsets[1] + UInt64(PoolGeometry.superblockByteCount)
+        guard size > 0 else {
+            throw PoolError.corrupt(structure: "pool file", byteOffset: 0, detail: "file is empty (0 bytes): not a LogPool pool")
+        }
+        guard size >= slotsEnd else {
+            let first = try device.read(byteCount: min(Int(size), 8), at: 0)
+            if first.count < 8 || first != SuperblockLayout.magic {
+                throw PoolError.corrupt(structure: "superblock", byteOffset: 0, detail: "not a LogPool pool (bad magic; file is only \(size) bytes)")
+            }
+            throw PoolError.corrupt(structure: "pool file", byteOffset: size,
+                                    detail: "truncated: file is \(size) bytes, the superblock slots need \(slotsEnd)")
+        }
+        func slot(_ index: Int) throws -> Result<Superblock, CorruptionError> {
+            let bytes = try device.read(byteCount: PoolGeometry.superblockByteCount, at: PoolGeometry.superblockSlotByteOffsets[index])
+            return Result { () throws(CorruptionError) in try Superblock.decode(bytes, slotIndex: index) }
+        }
+        let choice: SuperblockChoice
+        do {
+            choice = try chooseSuperblock(try slot(0), try slot(1))
+        } catch let error as CorruptionError {
+            throw PoolError(error)
+        }
+        let sb = choice.chosen
+        guard size >= sb.geometry.dataAreaEndByteOffset else {
+            throw PoolError.corrupt(structure: "pool file", byteOffset: size,
+                                    detail: "truncated: file is \(size) bytes, the superblock describes \(sb.geometry.dataAreaEndByteOffset) (capacity \(sb.geometry.capacityByteCount))")
+        }
+        let engine = Engine(device: device, superblock: sb, readOnly: readOnly)
+        engine.recoveryReport.chosenSlot = sb.slotIndex
+        engine.recoveryReport.generation = sb.generation
+        engine.recoveryReport.otherSlotProblem = choice.otherSlotProblem
+        engine.recoveryReport.wasMounted = sb.isMounted
+        try engine.loadCheckpoint()
+        try engine.replayJournal()
+        engine.freeBlockIDs = (1..<engine.blockIDLimit).reversed().filter { engine.refcounts[Int($0)] == 0 }
+        engine.rebuildFreeSegmentList()
+        if !readOnly {
+            try engine.checkpoint(mounted: true)
+        }
+        return engine
+    }
+
+    private func corrupt(_ structure: String, _ offset: UInt64, _ detail: String) -> PoolError {
+        .corrupt(structure: structure, byteOffset: offset, detail: detail)
+    }
+
+    /// Loads the checkpoint root and every tree it names, then rebuilds refcounts and
+    /// segment usage and compares the usage with what the checkpoint stored.
+    func loadCheckpoint() throws {
+        let sb = superblock
+        let bytes = try device.read(byteCount: Int(sb.checkpointByteCount), at: sb.checkpointByteOffset)
+        let root: CheckpointRoot
+        do {
+            root = try CheckpointRoot.decode(bytes, expectedChecksum: sb.checkpointChecksum, salt: salt,
+                                             byteOffset: sb.checkpointByteOffset, geometry: geometry)
+        } catch let error as CorruptionError {
+            throw PoolError(error)
+        }
+        guard root.blockIDLimit <= geometry.capacityByteCount / 512 + 1 else {
+            throw corrupt("checkpoint", sb.checkpointByteOffset, "block id limit \(root.blockIDLimit) exceeds what the pool can hold")
+        }
+        nextVolumeID = root.nextVolumeID
+        blockIDLimit = root.blockIDLimit
+        refcounts = [UInt32](repeating: 0, count: Int(blockIDLimit))
+        var cache: [UInt64: (PageKind, TreeNode)] = [:]
+        blockTable = Tree(kind: .blockTable, root: try loadNode(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, cache: &cache), height: root.blockTableHeight)
+        for record in root.volumes {
+            let map = Tree(kind: .map, root: try loadNode(record.mapRoot, kind: .map, level: record.mapHeight - 1, cache: &cache), height: record.mapHeight)
+            volumes[record.id] = VolumeState(record: record, map: map)
+            volumeIDsByName[record.name] = record.id
+        }
+        // Rebuild refcounts from every unique map leaf and usage from every referenced
+        // block and page (Specs/FORMAT.md §5.3: refcounts are derived, never trusted).
+        for (offset, (kind, node)) in cache {
+            metaLiveByteCounts[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
+            guard kind == .map, node.level == 0 else { continue }
+            for id in node.words where id != 0 {
+                guard id < blockIDLimit else {
+                    throw corrupt("map page", offset, "names block id \(id), beyond the block id limit \(blockIDLimit)")
+                }
+                refcounts[Int(id)] += 1
+            }
+        }
+        metaLiveByteCounts[segment(of: sb.checkpointByteOffset)] += sectorAligned(sb.checkpointByteCount)
+        var owners: [UInt64: UInt64] = [:]
+        for id in 1..<blockIDLimit where refcounts[Int(id)] > 0 {
+            let location = blockLocation(id)
+            guard location.storedByteCount > 0, location.storedByteCount <= geometry.blockByteCount,
+                  geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
+            else {
+                throw corrupt("block table", sb.checkpointByteOffset, "block id \(id) is referenced but its entry (offset \(location.byteOffset), \(location.storedByteCount) bytes) is invalid")
+            }
+            if let other = owners.updateValue(id, forKey: location.byteOffset) {
+                recoveryReport.findings.append("block ids \(other) and \(id) both claim byte offset \(location.byteOffset)")
+            }
+            dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
+        }
+        for s in 0..<segmentStates.count {
+            let rebuilt = dataLiveByteCounts[s] + metaLiveByteCounts[s]
+            if rebuilt != root.segmentLiveByteCounts[s] {
+                recoveryReport.findings.append("segment \(s): checkpoint stored \(root.segmentLiveByteCounts[s]) live bytes, rebuilt \(rebuilt)")
+            }
+            segmentStates[s] = rebuilt == 0 ? .free : .used
+        }
+        checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
+    }
+
+    /// Loads the page `pointer` names at `level`, sharing nodes already loaded (a page
+    /// reachable from two volumes is one node with two parents). Levels strictly decrease
+    /// downwards, so a pointer cycle is impossible; a page met at two levels or as two
+    /// kinds is corruption.
+    private func loadNode(_ pointer: PagePointer, kind: PageKind, level: Int,
+                          cache: inout [UInt64: (PageKind, TreeNode)]) throws -> TreeNode? {
+        guard !pointer.isNone else { return nil }
+        let name = kind == .map ? "map page" : "block-table page"
+        if let (cachedKind, node) = cache[pointer.byteOffset] {
+            guard cachedKind == kind, kind == .map, node.level == level, node.disk.checksum == pointer.checksum else {
+                throw corrupt(name, pointer.byteOffset, "page is referenced twice with different kind, level or checksum")
+            }
+            node.parentCount += 1
+            return node
+        }
+        guard geometry.isValidExtent(byteOffset: pointer.byteOffset, byteCount: UInt64(PoolGeometry.pageByteCount)) else {
+            throw corrupt(name, pointer.byteOffset, "page pointer is outside every segment")
+        }
+        let bytes = try device.read(byteCount: PoolGeometry.pageByteCount, at: pointer.byteOffset)
+        let words: [UInt64]
+        do {
+            words = try PageLayout.decode(bytes, kind: kind, level: level, expectedChecksum: pointer.checksum,
+                                          salt: salt, byteOffset: pointer.byteOffset)
+        } catch let error as CorruptionError {
+            throw PoolError(error)
+        }
+        let node: TreeNode
+        if level == 0 {
+            node = TreeNode(level: 0, words: words, children: [], disk: pointer)
+        } else {
+            var children: [TreeNode?] = []
+            children.reserveCapacity(PageLayout.interiorFanout)
+            for i in 0..<PageLayout.interiorFanout {
+                children.append(try loadNode(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]),
+                                             kind: kind, level: level - 1, cache: &cache))
+            }
+            node = TreeNode(level: level, words: [], children: children, disk: pointer)
+        }
+        cache[pointer.byteOffset] = (kind, node)
+        return node
+    }
+
+    // MARK: - Replay
+
+    /// Replays the journal from the superblock's replay start (Specs/COMMIT.md §4): stops
+    /// at the first record that is torn, of another epoch, out of sequence, or whose data
+    /// (for records not yet known durable) fails its checksum. A record that verifies but
+    /// does not fit the state is corruption and throws.
+    func replayJournal() throws {
+        let ringByteCount = Int(geometry.journalByteCount)
+        let ring = try device.read(byteCount: ringByteCount, at: PoolGeometry.journalByteOffset)
+        let header = JournalRecordLayout.headerByteCount
+        var position = Int(superblock.journalReplayByteOffset)
+        var expected = superblock.journalReplaySequence
+        var consumed = 0
+        var records: [(offset: Int, record: JournalRecord)] = []
+        var stop = "end of journal"
+        var durable = superblock.journalReplaySequence
+        scan: while consumed < ringByteCount {
+            let inSector = position % PoolGeometry.sectorByteCount
+            if inSector != 0 && PoolGeometry.sectorByteCount - inSector < header {
+                consumed += PoolGeometry.sectorByteCount - inSector
+                position += PoolGeometry.sectorByteCount - inSector
+            }
+            if ringByteCount - position < header {
+                consumed += ringByteCount - position
+                position = 0
+                continue
+            }
+            let fileOffset = PoolGeometry.journalByteOffset + UInt64(position)
+            let decodedHeader: JournalRecord.Header
+            do {
+                decodedHeader = try ring.withUnsafeBytes { raw in
+                    Result { () throws(CorruptionError) in
+                        try JournalRecord.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[position..<position + header]), byteOffset: fileOffset)
+                    }
+                }.get()
+            } catch {
+                stop = "no valid record at ring offset \(position) (\((error as? CorruptionError)?.detail ?? "\(error)"))"
+                break scan
+            }
+            guard decodedHeader.epoch == superblock.generation else {
+                stop = "record at ring offset \(position) is from epoch \(decodedHeader.epoch), not \(superblock.generation)"
+                break scan
+            }
+            guard decodedHeader.sequence == expected else {
+                stop = "record at ring offset \(position) has sequence \(decodedHeader.sequence), expected \(expected)"
+                break scan
+            }
+            let size = header + decodedHeader.payloadByteCount
+            guard size <= ringByteCount - position else {
+                stop = "record at ring offset \(position) runs past the ring's end"
+                break scan
+            }
+            let record: JournalRecord
+            do {
+                record = try JournalRecord.decode(Array(ring[position..<position + size]), salt: salt, byteOffset: fileOffset)
+            } catch {
+                stop = "torn or damaged record at ring offset \(position) (\((error as? CorruptionError)?.detail ?? "\(error)"))"
+                break scan
+            }
+            records.append((position, record))
+            durable = max(durable, record.durableSequence)
+            expected += 1
+            consumed += size
+            position += size
+            if case .wrap = record.intent {
+                consumed += ringByteCount - position
+                position = 0
+            }
+        }
+        var applied = 0
+        var endPosition = Int(superblock.journalReplayByteOffset)
+        var nextSequence = superblock.journalReplaySequence
+        var usedBytes = 0
+        for (offset, record) in records {
+            // Records below `durable` were synced together with their data; later ones may
+            // be a torn batch whose data never landed.
+            if record.sequence >= durable, let failure = try dataFailure(record) {
+                stop = "record \(record.sequence) at ring offset \(offset): \(failure)"
+                break
+            }
+            try apply(record.intent, recordByteOffset: PoolGeometry.journalByteOffset + UInt64(offset))
+            applied += 1
+            nextSequence = record.sequence + 1
+            let end = offset + record.encodedByteCount
+            usedBytes += (end - endPosition + ringByteCount) % ringByteCount
+            endPosition = end
+            if case .wrap = record.intent {
+                usedBytes += ringByteCount - end
+                endPosition = 0
+            }
+        }
+        recoveryReport.replayedRecordCount = applied
+        recoveryReport.replayStopReason = stop
+        let head = Int(sectorAligned(UInt64(endPosition))) % ringByteCount
+        journal = JournalWriter(ringByteCount: geometry.journalByteCount, salt: salt, head: UInt64(head),
+                                sequence: nextSequence, epoch: superblock.generation)
+        _ = usedBytes
+    }
+
+    /// Why a record's data does not verify, or nil when it does (or it has none).
+    private func dataFailure(_ record: JournalRecord) throws -> String? {
+        var locations: [BlockLocation] = []
+        switch record.intent {
+        case .map(_, _, let mappings): locations = mappings.map(\.location)
+        case .relocate(let moves): locations = moves.map(\.location)
+        default: return nil
+        }
+        for location in locations {
+            guard location.storedByteCount > 0, location.storedByteCount <= geometry.blockByteCount,
+                  geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
+            else { return "block location \(location.byteOffset) is invalid" }
+            let stored = try device.read(byteCount: Int(location.storedByteCount), at: location.byteOffset)
+            if Checksum.xxh3(stored) != location.checksum {
+                return "data at byte offset \(location.byteOffset) fails its checksum (torn batch)"
+            }
+        }
+        return nil
+    }
+}

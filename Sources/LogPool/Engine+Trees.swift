@@ -1,0 +1,219 @@
+import LogPoolFormat
+
+/// Copy-on-write tree operations. Block refcounts count the map *leaves* that name a block;
+/// node `parentCount`s count parents. Copying a shared leaf therefore adds one reference to
+/// every block it names, and copying a shared interior node adds a parent to each child.
+extension Engine {
+    // MARK: - Node lifecycle
+
+    /// Makes `node` safe to change through the parent that holds `slot`: copies it when it
+    /// is shared, or marks it dirty (its old page is released at the next checkpoint).
+    func makeUnique(_ slot: inout TreeNode, kind: PageKind) {
+        if slot.parentCount > 1 {
+            let copy = TreeNode(copying: slot)
+            if copy.level > 0 {
+                for child in copy.children { child?.parentCount += 1 }
+            } else if kind == .map {
+                for id in copy.words where id != 0 { refcounts[Int(id)] += 1 }
+            }
+            slot.parentCount -= 1
+            slot = copy
+            dirtyPageCount += 1
+        } else if !slot.isDirty {
+            pendingPageReleases.append(slot.disk.byteOffset)
+            slot.disk = .none
+            dirtyPageCount += 1
+        }
+    }
+
+    func newNode(kind: PageKind, level: Int) -> TreeNode {
+        dirtyPageCount += 1
+        return TreeNode(kind: kind, level: level)
+    }
+
+    /// Drops one parent of `node`; when none is left, releases its page and its children
+    /// (map leaves drop a reference to every block they name).
+    func release(_ node: TreeNode, kind: PageKind) {
+        node.parentCount -= 1
+        guard node.parentCount == 0 else { return }
+        if node.isDirty { dirtyPageCount -= 1 } else { pendingPageReleases.append(node.disk.byteOffset) }
+        if node.level > 0 {
+            for child in node.children { if let child { release(child, kind: kind) } }
+        } else if kind == .map {
+            for id in node.words where id != 0 { dropBlockReference(id) }
+        }
+    }
+
+    /// One fewer leaf names block `id`; at zero the block is free and its space dead.
+    func dropBlockReference(_ id: UInt64) {
+        let index = Int(id)
+        precondition(refcounts[index] > 0, "block \(id) released more often than referenced")
+        refcounts[index] -= 1
+        if refcounts[index] == 0 {
+            let location = blockLocation(id)
+            dataLiveByteCounts[segment(of: location.byteOffset)] -= location.allocatedByteCount
+            freeBlockIDs.append(id)
+        }
+    }
+
+    // MARK: - Generic descent
+
+    /// Grows `tree` until it addresses `slotCount` slots: the old root becomes child 0 of
+    /// a new root (its parent count is unchanged: it changes parent, not gains one).
+    func grow(_ tree: inout Tree, toCover slotCount: UInt64) {
+        while tree.capacity < slotCount {
+            if let old = tree.root {
+                let root = newNode(kind: tree.kind, level: tree.height)
+                root.children[0] = old
+                tree.root = root
+            }
+            tree.height += 1
+        }
+    }
+
+    /// Returns the leaf holding `slot`, made unique and dirty along the whole path, creating
+    /// missing nodes. `slot` must be below the tree's capacity.
+    func leafForWriting(_ tree: inout Tree, slot: UInt64) -> (leaf: TreeNode, index: Int) {
+        precondition(slot < tree.capacity, "slot \(slot) beyond tree capacity \(tree.capacity)")
+        if tree.root == nil { tree.root = newNode(kind: tree.kind, level: tree.height - 1) } else { makeUnique(&tree.root!, kind: tree.kind) }
+        var node = tree.root!
+        var remainder = slot
+        while node.level > 0 {
+            let span = tree.span(level: node.level)
+            let childIndex = Int(remainder / span)
+            remainder %= span
+            if node.children[childIndex] == nil {
+                node.children[childIndex] = newNode(kind: tree.kind, level: node.level - 1)
+            } else {
+                makeUnique(&node.children[childIndex]!, kind: tree.kind)
+            }
+            node = node.children[childIndex]!
+        }
+        return (node, Int(remainder))
+    }
+
+    /// The leaf holding `slot`, or nil when that part of the tree is empty.
+    func leafForReading(_ tree: Tree, slot: UInt64) -> (leaf: TreeNode, index: Int)? {
+        guard slot < tree.capacity, var node = tree.root else { return nil }
+        var remainder = slot
+        while node.level > 0 {
+            let span = tree.span(level: node.level)
+            guard let child = node.children[Int(remainder / span)] else { return nil }
+            remainder %= span
+            node = child
+        }
+        return (node, Int(remainder))
+    }
+
+    // MARK: - Volume maps
+
+    func mapLookup(_ tree: Tree, blockIndex: UInt64) -> UInt64 {
+        guard let (leaf, index) = leafForReading(tree, slot: blockIndex) else { return 0 }
+        return leaf.words[index]
+    }
+
+    /// Points logical block `blockIndex` at block `id` (0 unmaps), adjusting refcounts.
+    func mapSet(_ tree: inout Tree, blockIndex: UInt64, id: UInt64) {
+        let (leaf, index) = leafForWriting(&tree, slot: blockIndex)
+        let old = leaf.words[index]
+        leaf.words[index] = id
+        if id != 0 { refcounts[Int(id)] += 1 }
+        if old != 0 { dropBlockReference(old) }
+    }
+
+    /// Unmaps logical blocks in `range`. Whole subtrees inside the range are released
+    /// without being read or copied; only the two boundary paths are made unique.
+    func mapUnmap(_ tree: inout Tree, range: Range<UInt64>) {
+        let range = range.clamped(to: 0..<tree.capacity)
+        guard !range.isEmpty, tree.root != nil else { return }
+        if range == 0..<tree.capacity {
+            release(tree.root!, kind: .map)
+            tree.root = nil
+            return
+        }
+        makeUnique(&tree.root!, kind: .map)
+        unmap(tree.root!, base: 0, range: range, tree: tree)
+    }
+
+    private func unmap(_ node: TreeNode, base: UInt64, range: Range<UInt64>, tree: Tree) {
+        if node.level == 0 {
+            for slot in range {
+                let index = Int(slot - base)
+                let old = node.words[index]
+                if old != 0 {
+                    node.words[index] = 0
+                    dropBlockReference(old)
+                }
+            }
+            return
+        }
+        let span = tree.span(level: node.level)
+        let first = Int((range.lowerBound - base) / span)
+        let last = Int((range.upperBound - 1 - base) / span)
+        for childIndex in first...last {
+            guard node.children[childIndex] != nil else { continue }
+            let childBase = base + UInt64(childIndex) * span
+            let childRange = childBase..<(childBase + span)
+            let overlap = range.clamped(to: childRange)
+            if overlap == childRange {
+                release(node.children[childIndex]!, kind: .map)
+                node.children[childIndex] = nil
+            } else {
+                makeUnique(&node.children[childIndex]!, kind: .map)
+                unmap(node.children[childIndex]!, base: childBase, range: overlap, tree: tree)
+            }
+        }
+    }
+
+    /// Calls `body` with every mapped (blockIndex, blockID) in ascending order.
+    func forEachMapped(_ tree: Tree, _ body: (UInt64, UInt64) -> Void) {
+        guard let root = tree.root else { return }
+        func walk(_ node: TreeNode, base: UInt64) {
+            if node.level == 0 {
+                for (i, id) in node.words.enumerated() where id != 0 { body(base + UInt64(i), id) }
+                return
+            }
+            let span = tree.span(level: node.level)
+            for (i, child) in node.children.enumerated() {
+                if let child { walk(child, base: base + UInt64(i) * span) }
+            }
+        }
+        walk(root, base: 0)
+    }
+
+    // MARK: - Block table
+
+    func blockLocation(_ id: UInt64) -> BlockLocation {
+        guard let (leaf, index) = leafForReading(blockTable, slot: id) else { return .free }
+        let w = index * 3
+        let packed = leaf.words[w + 1]
+        return BlockLocation(byteOffset: leaf.words[w], storedByteCount: UInt32(truncatingIfNeeded: packed),
+                             flags: UInt32(truncatingIfNeeded: packed >> 32), checksum: leaf.words[w + 2])
+    }
+
+    func setBlockLocation(_ id: UInt64, _ location: BlockLocation) {
+        grow(&blockTable, toCover: id + 1)
+        let (leaf, index) = leafForWriting(&blockTable, slot: id)
+        let w = index * 3
+        leaf.words[w] = location.byteOffset
+        leaf.words[w + 1] = UInt64(location.storedByteCount) | UInt64(location.flags) << 32
+        leaf.words[w + 2] = location.checksum
+    }
+
+    /// A block id nobody references, growing the id space when none is free.
+    func allocateBlockID() -> UInt64 {
+        while let id = freeBlockIDs.popLast() {
+            if refcounts[Int(id)] == 0 { return id }
+        }
+        let id = blockIDLimit
+        blockIDLimit += 1
+        refcounts.append(0)
+        return id
+    }
+
+    /// Upper bound on pages a change of `mappedCount` blocks touching `leafCount` map
+    /// leaves can dirty (used by admission before anything changes).
+    func pageBound(mapHeight: Int, leafCount: Int, newBlockCount: Int) -> Int {
+        mapHeight * leafCount + newBlockCount * (blockTable.height + 1) + 2
+    }
+}

@@ -1,0 +1,176 @@
+import Foundation
+import LogPoolFormat
+
+/// A volume or snapshot as the engine holds it in memory.
+final class VolumeState {
+    var record: VolumeRecord
+    var map: Tree
+
+    init(record: VolumeRecord, map: Tree) {
+        self.record = record
+        self.map = map
+    }
+}
+
+enum SegmentState: Equatable {
+    /// Holds nothing any durable state references; may be written.
+    case free
+    /// The segment appends go to.
+    case open
+    /// Written since it was last free; reused only after a checkpoint finds it empty.
+    case used
+}
+
+/// The single-threaded heart of a pool. ``Pool`` serialises every call with a lock.
+///
+/// Invariants (Specs/COMMIT.md):
+/// - a segment in state `.free` holds nothing that the durable superblock, its checkpoint
+///   or any journal record after its replay start references (reuse rule R-1);
+/// - `dataLiveByteCounts[s]` is the sector-rounded stored size of every referenced block in
+///   segment s; `metaLiveByteCounts[s]` is the pages and root of the durable checkpoint in s;
+/// - every admitted operation leaves room for the next checkpoint: free appendable bytes ≥
+///   reserve + (dirty pages + root) (promise 4, "full pool fails cleanly").
+final class Engine {
+    let device: BlockDevice
+    let readOnly: Bool
+    var superblock: Superblock
+    let geometry: PoolGeometry
+    let salt: UInt64
+    let blockByteCount: Int
+    let compression: CompressionMode
+
+    // Volumes.
+    var volumes: [UInt64: VolumeState] = [:]
+    var volumeIDsByName: [String: UInt64] = [:]
+    var nextVolumeID: UInt64 = 1
+
+    // Block table: block id → location. Refcounts are derived (Specs/FORMAT.md §5.3).
+    var blockTable: Tree
+    var blockIDLimit: UInt64 = 1
+    var refcounts: [UInt32] = [0]
+    var freeBlockIDs: [UInt64] = []
+
+    // Segments.
+    var segmentStates: [SegmentState]
+    var dataLiveByteCounts: [UInt64]
+    var metaLiveByteCounts: [UInt64]
+    /// Free segments, highest index first, so `popLast` hands out the lowest.
+    var freeSegments: [Int] = []
+    var openSegment: Int? = nil
+    /// Absolute file offset of the next append in the open segment.
+    var appendByteOffset: UInt64 = 0
+    /// The durable checkpoint root's extent.
+    var checkpointExtent: (byteOffset: UInt64, byteCount: UInt64)?
+
+    // Metadata pages.
+    var dirtyPageCount = 0
+    /// Pages of the durable checkpoint that the in-memory state no longer references;
+    /// they stop counting as live when the next checkpoint commits.
+    var pendingPageReleases: [UInt64] = []
+
+    // Journal ring.
+    var journal: JournalWriter
+
+    // Failure state.
+    var poisonCause: String? = nil
+    var isClosed = false
+
+    /// What open found and did (superblock choice, replay stop, usage mismatches).
+    var recoveryReport = RecoveryReport()
+
+    /// Figures kept for `stats` and tests.
+    var checkpointCount = 0
+    var compactionMovedByteCount: UInt64 = 0
+
+    init(device: BlockDevice, superblock: Superblock, readOnly: Bool) {
+        self.device = device
+        self.readOnly = readOnly
+        self.superblock = superblock
+        self.geometry = superblock.geometry
+        self.salt = superblock.poolSalt
+        self.blockByteCount = Int(superblock.geometry.blockByteCount)
+        self.compression = superblock.compression
+        let count = Int(superblock.geometry.segmentCount)
+        segmentStates = [SegmentState](repeating: .used, count: count)
+        dataLiveByteCounts = [UInt64](repeating: 0, count: count)
+        metaLiveByteCounts = [UInt64](repeating: 0, count: count)
+        blockTable = Tree(kind: .blockTable, root: nil, height: 1)
+        checkpointExtent = (superblock.checkpointByteOffset, superblock.checkpointByteCount)
+        journal = JournalWriter(ringByteCount: superblock.geometry.journalByteCount, salt: superblock.poolSalt,
+                                head: superblock.journalReplayByteOffset, sequence: superblock.journalReplaySequence,
+                                epoch: superblock.generation)
+    }
+
+    // MARK: - Guards
+
+    func checkUsable() throws {
+        if isClosed { throw PoolError.closed }
+        if let cause = poisonCause { throw PoolError.poisoned(cause) }
+    }
+
+    func checkWritable() throws {
+        try checkUsable()
+        if readOnly { throw PoolError.readOnly("the pool was opened read-only") }
+    }
+
+    /// Runs a device call and poisons the engine if it fails (STYLE §4: after a failed
+    /// write or fsync nothing is retried; reopen and recover).
+    func deviceCall<T>(_ body: () throws -> T) throws -> T {
+        do {
+            return try body()
+        } catch let error as PoolError {
+            poisonCause = error.description
+            throw error
+        }
+    }
+
+    // MARK: - Geometry helpers
+
+    func blockCount(sizeByteCount: UInt64) -> UInt64 {
+        (sizeByteCount + UInt64(blockByteCount) - 1) / UInt64(blockByteCount)
+    }
+
+    func segment(of byteOffset: UInt64) -> Int {
+        guard let s = geometry.segmentIndex(containing: byteOffset) else {
+            preconditionFailure("byte offset \(byteOffset) is outside the data area; every location is validated when decoded")
+        }
+        return s
+    }
+
+    var reserveByteCount: UInt64 { UInt64(geometry.reserveSegmentCount) * UInt64(geometry.segmentByteCount) }
+
+    /// Bytes that can still be appended without reusing anything: the open segment's
+    /// remainder plus every free segment's payload.
+    var appendableByteCount: UInt64 {
+        var total = UInt64(freeSegments.count) * geometry.segmentPayloadByteCount
+        if let open = openSegment {
+            total += geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount) - appendByteOffset
+        }
+        return total
+    }
+
+    /// Bytes the next checkpoint needs: every dirty page plus the root.
+    var checkpointNeedByteCount: UInt64 {
+        UInt64(dirtyPageCount) * UInt64(PoolGeometry.pageByteCount) + UInt64(plannedRoot().encodedByteCount)
+            + UInt64(PoolGeometry.pageByteCount)  // rounding slack when a page does not fit a segment's tail
+    }
+
+    func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
+}
+
+/// What open found and did.
+public struct RecoveryReport: Sendable, Equatable {
+    /// The superblock slot chosen (0 = A, 1 = B) and its generation.
+    public var chosenSlot = 0
+    public var generation: UInt64 = 0
+    /// Why the other slot was not chosen, when that is worth reporting.
+    public var otherSlotProblem: String? = nil
+    /// Journal records applied.
+    public var replayedRecordCount = 0
+    /// Why replay stopped (end of log, torn record, data checksum, ...).
+    public var replayStopReason = ""
+    /// Problems found comparing stored with rebuilt figures; each was repaired in memory.
+    public var findings: [String] = []
+    /// True when the pool was not cleanly closed.
+    public var wasMounted = false
+}

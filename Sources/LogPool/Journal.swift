@@ -1,0 +1,132 @@
+import LogPoolFormat
+
+/// Appends records to the journal ring (Specs/FORMAT.md §3, Specs/COMMIT.md §2).
+///
+/// Records are packed; before a record, a sector tail of fewer than 48 bytes is skipped,
+/// and a record that does not fit before the ring's end is preceded by a `wrap` record
+/// (or, with fewer than 48 bytes left, by nothing: readers wrap there too). Each sync pads
+/// the tail to a sector boundary so a later batch never rewrites a synced sector.
+struct JournalWriter {
+    let ringByteCount: UInt64
+    let salt: UInt64
+    /// Ring offset where `buffer` will be written.
+    private(set) var bufferStart: UInt64
+    private(set) var buffer = ByteWriter(capacity: 64 * 1024)
+    /// Ring bytes in use from the replay start up to the end of the buffer.
+    private(set) var usedByteCount: UInt64 = 0
+    private(set) var nextSequence: UInt64
+    /// Every record below this sequence is durable.
+    private(set) var durableSequence: UInt64
+    var epoch: UInt64
+
+    init(ringByteCount: UInt64, salt: UInt64, head: UInt64, sequence: UInt64, epoch: UInt64) {
+        self.ringByteCount = ringByteCount
+        self.salt = salt
+        self.bufferStart = head
+        self.nextSequence = sequence
+        self.durableSequence = sequence
+        self.epoch = epoch
+    }
+
+    var position: UInt64 { bufferStart + UInt64(buffer.byteCount) }
+    var hasPendingBytes: Bool { buffer.byteCount > 0 }
+    var freeByteCount: UInt64 { ringByteCount - usedByteCount }
+
+    /// Worst-case ring bytes one record of `payloadByteCount` can consume (sector skip,
+    /// wrap waste and wrap record, end-of-batch padding).
+    static func worstCaseByteCount(payloadByteCount: Int) -> UInt64 {
+        let record = UInt64(JournalRecordLayout.headerByteCount + payloadByteCount)
+        return 2 * record + 2 * UInt64(PoolGeometry.sectorByteCount) + UInt64(JournalRecordLayout.headerByteCount)
+    }
+
+    /// Appends a record. Returns a (ring offset, bytes) pair the caller must write first
+    /// when the record wrapped the ring.
+    mutating func append(_ intent: JournalIntent) -> (ringByteOffset: UInt64, bytes: [UInt8])? {
+        let header = UInt64(JournalRecordLayout.headerByteCount)
+        let recordByteCount = header + UInt64(intent.payloadByteCount)
+        precondition(recordByteCount + header <= ringByteCount / 2, "journal record of \(recordByteCount) bytes is too large for the ring")
+        skipShortSectorTail()
+        var flushed: (UInt64, [UInt8])? = nil
+        if ringByteCount - position < recordByteCount {
+            let waste = ringByteCount - position
+            if waste >= header {
+                encode(.wrap)
+            }
+            usedByteCount += ringByteCount - position
+            flushed = (bufferStart, buffer.bytes)
+            buffer = ByteWriter(capacity: 64 * 1024)
+            bufferStart = 0
+        }
+        encode(intent)
+        return flushed
+    }
+
+    /// Pads to the next sector boundary and hands back the bytes to write; after the
+    /// caller's fsync succeeds it calls ``markDurable()``.
+    mutating func takeBatch() -> (ringByteOffset: UInt64, bytes: [UInt8])? {
+        guard buffer.byteCount > 0 else { return nil }
+        let sector = UInt64(PoolGeometry.sectorByteCount)
+        let tail = position % sector
+        if tail != 0 {
+            let remaining = sector - tail
+            if remaining >= UInt64(JournalRecordLayout.headerByteCount) {
+                encode(.padding(byteCount: Int(remaining) - JournalRecordLayout.headerByteCount))
+            } else {
+                buffer.zeros(Int(remaining))
+                usedByteCount += remaining
+            }
+        }
+        let batch = (bufferStart, buffer.bytes)
+        bufferStart = position % ringByteCount
+        buffer = ByteWriter(capacity: 64 * 1024)
+        return batch
+    }
+
+    /// Hands back buffered bytes without padding (a large buffer is written early; it is
+    /// still not durable until the next sync). Only whole sectors are taken so the next
+    /// write never rewrites a sector already written.
+    mutating func takeFullSectors() -> (ringByteOffset: UInt64, bytes: [UInt8])? {
+        let sector = PoolGeometry.sectorByteCount
+        let whole = (buffer.byteCount / sector) * sector
+        guard whole > 0, bufferStart % UInt64(sector) == 0 else { return nil }
+        let bytes = buffer.bytes
+        let batch = (bufferStart, Array(bytes[0..<whole]))
+        var rest = ByteWriter(capacity: 64 * 1024)
+        rest.append(Array(bytes[whole...]))
+        buffer = rest
+        bufferStart += UInt64(whole)
+        return batch
+    }
+
+    mutating func markDurable() {
+        durableSequence = nextSequence
+    }
+
+    /// After a checkpoint commits, replay starts at `position` (sector aligned, nothing
+    /// buffered) with the new epoch: everything before is history.
+    mutating func resetAfterCheckpoint(epoch: UInt64) {
+        precondition(buffer.byteCount == 0, "checkpoint with unwritten journal bytes")
+        usedByteCount = 0
+        self.epoch = epoch
+        durableSequence = nextSequence
+    }
+
+    private mutating func skipShortSectorTail() {
+        let sector = UInt64(PoolGeometry.sectorByteCount)
+        let tail = position % sector
+        guard tail != 0 else { return }
+        let remaining = sector - tail
+        if remaining < UInt64(JournalRecordLayout.headerByteCount) {
+            buffer.zeros(Int(remaining))
+            usedByteCount += remaining
+        }
+    }
+
+    private mutating func encode(_ intent: JournalIntent) {
+        let record = JournalRecord(sequence: nextSequence, epoch: epoch, durableSequence: durableSequence, intent: intent)
+        let before = buffer.byteCount
+        record.encode(salt: salt, into: &buffer)
+        usedByteCount += UInt64(buffer.byteCount - before)
+        nextSequence += 1
+    }
+}

@@ -1,0 +1,386 @@
+import Foundation
+import LogPoolFormat
+
+/// Pool-wide figures. `used + dead + free + reserve + overhead == capacity`.
+public struct PoolStats: Sendable, Equatable, Codable {
+    /// Size of the pool file.
+    public var capacityBytes: UInt64
+    /// Live bytes: data blocks plus the durable checkpoint's metadata.
+    public var usedBytes: UInt64
+    /// Written bytes no longer referenced, reclaimed by checkpoint and compaction.
+    public var deadBytes: UInt64
+    /// Unwritten bytes available to new data (excludes the reserve).
+    public var freeBytes: UInt64
+    /// Segments held back so a checkpoint and a compaction can always run.
+    public var reserveBytes: UInt64
+    /// Superblocks, journal ring, segment headers and the unused file tail.
+    public var overheadBytes: UInt64
+    public var volumeCount: Int
+    public var snapshotCount: Int
+    public var blockSize: Int
+    public var segmentSize: Int
+    public var segmentCount: Int
+    public var freeSegmentCount: Int
+    public var journalBytes: UInt64
+    public var compression: String
+    /// False when the pool was open for writing and not closed (it was recovered).
+    public var cleanlyClosed: Bool
+    public var generation: UInt64
+    /// Largest single write that is atomic across a crash.
+    public var atomicWriteBytes: Int
+}
+
+/// One row of ``Pool/list()``.
+public struct VolumeInfo: Sendable, Equatable, Codable {
+    public var name: String
+    /// "volume" (writable, including clones) or "snapshot" (read-only).
+    public var kind: String
+    public var sizeBytes: UInt64
+    /// Logical bytes mapped (blocks written and not discarded) times the block size.
+    public var mappedBytes: UInt64
+    /// On-disk bytes of every block the volume references, shared ones included.
+    public var allocatedBytes: UInt64
+    /// On-disk bytes that only this volume references: what deleting it gives back.
+    public var exclusiveBytes: UInt64
+    /// The volume or snapshot it was created from, if that still exists.
+    public var origin: String?
+    /// Unix seconds.
+    public var createdTime: Int64
+}
+
+/// A pool: one file holding thin volumes, snapshots and clones, crash-safe by a journal
+/// and an A/B superblock (see Specs/COMMIT.md).
+///
+/// Thread safety: every method takes the pool's lock, so a `Pool` and its ``Volume``s may
+/// be used from many threads at once. Methods throw ``PoolError`` only.
+public final class Pool: @unchecked Sendable {
+    /// Largest volume size accepted (2^50 bytes = 1 PiB).
+    public static let volumeSizeMax: UInt64 = 1 << 50
+    /// Longest volume name in UTF-8 bytes.
+    public static let nameByteCountMax = 255
+
+    let lock = NSLock()
+    let engine: Engine
+    private let fileDevice: FileDevice?
+    public let path: String?
+
+    init(engine: Engine, fileDevice: FileDevice?, path: String?) {
+        self.engine = engine
+        self.fileDevice = fileDevice
+        self.path = path
+    }
+
+    deinit {
+        if !engine.isClosed && !engine.readOnly && engine.poisonCause == nil {
+            // A pool dropped without close() keeps its journal; the next open recovers.
+            try? engine.sync()
+        }
+    }
+
+    // MARK: - Create and open
+
+    /// Creates a new pool file at `path` of `capacity` bytes and opens it read-write.
+    ///
+    /// - Parameters:
+    ///   - blockSize: unit of addressing and copy-on-write, a power of two 512...65536.
+    ///   - segmentSize: unit of allocation and compaction; nil picks 1/64 of the pool,
+    ///     64 KiB to 4 MiB.
+    /// - Throws: ``PoolError/exists(_:)`` when the file exists, ``PoolError/invalidArgument(_:)``
+    ///   for an unusable geometry.
+    public static func create(at path: String, capacity: UInt64, blockSize: Int = 4096,
+                              segmentSize: Int? = nil, compression: CompressionMode = .lz4) throws -> Pool {
+        let geometry = try makeGeometry(capacity: capacity, blockSize: blockSize, segmentSize: segmentSize)
+        let device = try FileDevice(path: path, mode: .readWrite, create: true)
+        do {
+            try device.truncate(toByteCount: capacity)
+            let engine = try Engine.format(device: device, geometry: geometry, compression: compression,
+                                           uuid: newUUID(), createdTime: Int64(Date().timeIntervalSince1970))
+            try FileDevice.syncParentDirectory(of: path)
+            return Pool(engine: engine, fileDevice: device, path: path)
+        } catch {
+            device.closeDescriptor()
+            unlink(path)
+            throw error
+        }
+    }
+
+    /// Formats a pool on any device (tests use an in-memory one). The device must be
+    /// zero-filled and at least `capacity` bytes.
+    public static func create(on device: BlockDevice, capacity: UInt64, blockSize: Int = 4096,
+                              segmentSize: Int? = nil, compression: CompressionMode = .lz4) throws -> Pool {
+        let geometry = try makeGeometry(capacity: capacity, blockSize: blockSize, segmentSize: segmentSize)
+        let engine = try Engine.format(device: device, geometry: geometry, compression: compression,
+                                       uuid: newUUID(), createdTime: Int64(Date().timeIntervalSince1970))
+        return Pool(engine: engine, fileDevice: nil, path: nil)
+    }
+
+    /// Opens the pool file at `path`, recovering from a crash if needed.
+    ///
+    /// `.readWrite` takes an exclusive lock, `.readOnly` a shared one: a second writer gets
+    /// ``PoolError/inUse(_:)``. Damage is ``PoolError/corrupt(structure:byteOffset:detail:)``.
+    public static func open(at path: String, mode: OpenMode = .readWrite) throws -> Pool {
+        let device = try FileDevice(path: path, mode: mode)
+        do {
+            let engine = try Engine.open(device: device, readOnly: mode == .readOnly)
+            return Pool(engine: engine, fileDevice: device, path: path)
+        } catch {
+            device.closeDescriptor()
+            throw error
+        }
+    }
+
+    /// Opens a pool on any device.
+    public static func open(on device: BlockDevice, mode: OpenMode = .readWrite) throws -> Pool {
+        Pool(engine: try Engine.open(device: device, readOnly: mode == .readOnly), fileDevice: nil, path: nil)
+    }
+
+    private static func makeGeometry(capacity: UInt64, blockSize: Int, segmentSize: Int?) throws -> PoolGeometry {
+        guard blockSize > 0, blockSize <= Int(UInt32.max), (segmentSize ?? 1) > 0, (segmentSize ?? 1) <= Int(UInt32.max) else {
+            throw PoolError.invalidArgument("block size \(blockSize) or segment size \(segmentSize ?? 0) is out of range")
+        }
+        switch PoolGeometry.make(capacityByteCount: capacity, blockByteCount: UInt32(blockSize),
+                                 segmentByteCount: segmentSize.map { UInt32($0) }) {
+        case .success(let geometry): return geometry
+        case .failure(let error): throw PoolError.invalidArgument(error.description)
+        }
+    }
+
+    private static func newUUID() -> [UInt8] {
+        let u = UUID().uuid
+        return [u.0, u.1, u.2, u.3, u.4, u.5, u.6, u.7, u.8, u.9, u.10, u.11, u.12, u.13, u.14, u.15]
+    }
+
+    // MARK: - Lifecycle
+
+    func locked<T>(_ body: () throws -> T) rethrows -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+
+    /// Checkpoints (marking the pool cleanly closed) and releases the file. Later calls on
+    /// this pool or its volumes throw ``PoolError/closed``. Closing twice is harmless.
+    public func close() throws {
+        try locked {
+            guard !engine.isClosed else { return }
+            defer {
+                engine.isClosed = true
+                fileDevice?.closeDescriptor()
+            }
+            if !engine.readOnly && engine.poisonCause == nil {
+                try engine.checkpoint(mounted: false)
+            }
+        }
+    }
+
+    /// Makes every completed write and metadata change durable (one fsync).
+    public func sync() throws {
+        try locked { try engine.sync() }
+    }
+
+    /// Writes a checkpoint now (normally automatic): shortens the journal and makes
+    /// segments freed since the last one reusable.
+    public func checkpoint() throws {
+        try locked { try engine.checkpoint() }
+    }
+
+    /// Reclaims dead space now: see ``CompactionReport``.
+    public func compact() throws -> CompactionReport {
+        try locked { try engine.compactAll() }
+    }
+
+    public var isReadOnly: Bool { engine.readOnly }
+
+    /// What open found: chosen superblock slot, replay, repaired mismatches.
+    public var recoveryReport: RecoveryReport { locked { engine.recoveryReport } }
+
+    public var stats: PoolStats {
+        locked { engine.stats() }
+    }
+
+    // MARK: - Volumes
+
+    /// Checks a volume name: 1...255 UTF-8 bytes, no control characters, no "/".
+    static func validate(name: String) throws {
+        let count = name.utf8.count
+        guard count > 0 else { throw PoolError.invalidArgument("volume name is empty") }
+        guard count <= nameByteCountMax else {
+            throw PoolError.invalidArgument("volume name is \(count) bytes; the limit is \(nameByteCountMax)")
+        }
+        if let bad = name.unicodeScalars.first(where: { $0.properties.generalCategory == .control || $0 == "/" }) {
+            throw PoolError.invalidArgument("volume name contains \(bad == "/" ? "\"/\"" : "control character U+\(String(bad.value, radix: 16, uppercase: true))")")
+        }
+    }
+
+    func validate(size: UInt64) throws {
+        let block = UInt64(engine.blockByteCount)
+        guard size > 0, size % block == 0 else {
+            throw PoolError.invalidArgument("volume size \(size) must be a positive multiple of the block size \(block)")
+        }
+        guard size <= Pool.volumeSizeMax else {
+            throw PoolError.invalidArgument("volume size \(size) exceeds the limit \(Pool.volumeSizeMax)")
+        }
+    }
+
+    private func volumeState(named name: String) throws -> VolumeState {
+        guard let id = engine.volumeIDsByName[name], let volume = engine.volumes[id] else { throw PoolError.notFound(name) }
+        return volume
+    }
+
+    /// Creates an empty (all zeros) volume of `size` bytes, a multiple of the block size.
+    @discardableResult
+    public func createVolume(name: String, size: UInt64) throws -> Volume {
+        try locked {
+            try engine.checkWritable()
+            try Pool.validate(name: name)
+            try validate(size: size)
+            guard engine.volumeIDsByName[name] == nil else { throw PoolError.exists(name) }
+            let intent = JournalIntent.createVolume(id: engine.nextVolumeID, name: name, sizeByteCount: size, createdTime: engine.now())
+            try engine.admitMetadataChange(intent, pageCount: 0)
+            try engine.journalAndApply(intent)
+            return Volume(pool: self, id: engine.nextVolumeID - 1)
+        }
+    }
+
+    /// Opens an existing volume or snapshot by name.
+    public func openVolume(name: String) throws -> Volume {
+        try locked {
+            try engine.checkUsable()
+            return Volume(pool: self, id: try volumeState(named: name).record.id)
+        }
+    }
+
+    /// Creates an immutable snapshot of `source` (a volume or snapshot). O(1): it shares
+    /// the source's map; later writes copy only the pages they touch.
+    @discardableResult
+    public func snapshot(source: String, name: String) throws -> Volume {
+        try branch(source: source, name: name, kind: .snapshot)
+    }
+
+    /// Creates a writable clone of `source` (a volume or snapshot). O(1), like a snapshot.
+    @discardableResult
+    public func clone(source: String, name: String) throws -> Volume {
+        try branch(source: source, name: name, kind: .volume)
+    }
+
+    private func branch(source: String, name: String, kind: VolumeKind) throws -> Volume {
+        try locked {
+            try engine.checkWritable()
+            try Pool.validate(name: name)
+            let origin = try volumeState(named: source)
+            guard engine.volumeIDsByName[name] == nil else { throw PoolError.exists(name) }
+            let intent = JournalIntent.branch(id: engine.nextVolumeID, sourceID: origin.record.id, kind: kind, name: name, createdTime: engine.now())
+            try engine.admitMetadataChange(intent, pageCount: 0)
+            try engine.journalAndApply(intent)
+            return Volume(pool: self, id: engine.nextVolumeID - 1)
+        }
+    }
+
+    /// Deletes a volume or snapshot. Always possible on a full pool; its exclusive space is
+    /// free for reuse after the next checkpoint (which runs automatically when needed).
+    public func delete(name: String) throws {
+        try locked {
+            try engine.checkWritable()
+            let volume = try volumeState(named: name)
+            let intent = JournalIntent.delete(id: volume.record.id)
+            try engine.ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
+            try engine.journalAndApply(intent)
+        }
+    }
+
+    public func rename(_ name: String, to newName: String) throws {
+        try locked {
+            try engine.checkWritable()
+            try Pool.validate(name: newName)
+            let volume = try volumeState(named: name)
+            guard name != newName else { return }
+            guard engine.volumeIDsByName[newName] == nil else { throw PoolError.exists(newName) }
+            let intent = JournalIntent.rename(id: volume.record.id, name: newName)
+            try engine.admitMetadataChange(intent, pageCount: 0)
+            try engine.journalAndApply(intent)
+        }
+    }
+
+    /// Grows or shrinks a volume (snapshots cannot be resized). Shrinking releases the
+    /// blocks past the new end; growing adds zeros.
+    public func resize(_ name: String, size: UInt64) throws {
+        try locked {
+            try engine.checkWritable()
+            try validate(size: size)
+            let volume = try volumeState(named: name)
+            guard volume.record.kind == .volume else { throw PoolError.readOnly("\(name) is a snapshot") }
+            guard size != volume.record.sizeByteCount else { return }
+            let intent = JournalIntent.resize(id: volume.record.id, sizeByteCount: size)
+            let newHeight = PageLayout.height(kind: .map, coveringSlotCount: engine.blockCount(sizeByteCount: size))
+            try engine.admitMetadataChange(intent, pageCount: max(0, newHeight - volume.map.height) + 2 * volume.map.height)
+            try engine.journalAndApply(intent)
+        }
+    }
+
+    /// Every volume and snapshot, by name, with its space figures.
+    public func list() throws -> [VolumeInfo] {
+        try locked {
+            try engine.checkUsable()
+            return engine.volumes.values.map { engine.info(of: $0) }.sorted { $0.name < $1.name }
+        }
+    }
+}
+
+extension Engine {
+    /// Admission for a change that writes no data: room for its pages and the root.
+    func admitMetadataChange(_ intent: JournalIntent, pageCount: Int) throws {
+        try ensureSpace(dataByteCount: UInt64(intent.payloadByteCount) + 256, pageCount: pageCount)
+        try ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
+    }
+
+    func info(of volume: VolumeState) -> VolumeInfo {
+        var mapped: UInt64 = 0, allocated: UInt64 = 0, exclusive: UInt64 = 0
+        func walk(_ node: TreeNode, exclusivePath: Bool) {
+            let mine = exclusivePath && node.parentCount == 1
+            if node.level > 0 {
+                for child in node.children { if let child { walk(child, exclusivePath: mine) } }
+                return
+            }
+            for id in node.words where id != 0 {
+                let bytes = blockLocation(id).allocatedByteCount
+                mapped += 1
+                allocated += bytes
+                if mine && refcounts[Int(id)] == 1 { exclusive += bytes }
+            }
+        }
+        if let root = volume.map.root { walk(root, exclusivePath: true) }
+        let origin = volume.record.originID == 0 ? nil : volumes[volume.record.originID]?.record.name
+        return VolumeInfo(name: volume.record.name, kind: volume.record.kind.description,
+                          sizeBytes: volume.record.sizeByteCount, mappedBytes: mapped * UInt64(blockByteCount),
+                          allocatedBytes: allocated, exclusiveBytes: exclusive, origin: origin,
+                          createdTime: volume.record.createdTime)
+    }
+
+    func stats() -> PoolStats {
+        var used: UInt64 = 0, dead: UInt64 = 0
+        let payload = geometry.segmentPayloadByteCount
+        for s in 0..<segmentStates.count {
+            let live = liveByteCount(s)
+            used += live
+            switch segmentStates[s] {
+            case .free: break
+            case .used: dead += payload > live ? payload - live : 0
+            case .open:
+                let filled = appendByteOffset - geometry.segmentByteOffset(s) - UInt64(PoolGeometry.segmentHeaderByteCount)
+                dead += filled > live ? filled - live : 0
+            }
+        }
+        let overhead = geometry.capacityByteCount - UInt64(geometry.segmentCount) * payload
+        let reserve = min(reserveByteCount, appendableByteCount)
+        let capacity = geometry.capacityByteCount
+        let free = capacity - overhead - used - dead - reserve
+        let snapshots = volumes.values.filter { $0.record.kind == .snapshot }.count
+        return PoolStats(capacityBytes: capacity, usedBytes: used, deadBytes: dead, freeBytes: free,
+                         reserveBytes: reserve, overheadBytes: overhead, volumeCount: volumes.count - snapshots,
+                         snapshotCount: snapshots, blockSize: blockByteCount, segmentSize: Int(geometry.segmentByteCount),
+                         segmentCount: Int(geometry.segmentCount), freeSegmentCount: freeSegments.count,
+                         journalBytes: geometry.journalByteCount, compression: compression.description,
+                         cleanlyClosed: !recoveryReport.wasMounted, generation: superblock.generation,
+                         atomicWriteBytes: Engine.atomicUnitByteCount)
+    }
+}

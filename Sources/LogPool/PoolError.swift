@@ -1,0 +1,55 @@
+import LogPoolFormat
+
+/// The one error type the public API throws. Every case carries enough context to say
+/// what was wrong and where, without echoing user data.
+public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// A write needs `neededByteCount` bytes of new space; only `availableByteCount` could
+    /// be made available (after checkpoint and compaction). Nothing was changed.
+    case poolFull(neededByteCount: UInt64, availableByteCount: UInt64)
+    /// A write to a snapshot or through a read-only pool handle.
+    case readOnly(String)
+    case notFound(String)
+    case exists(String)
+    /// An offset or length outside a volume.
+    case outOfRange(String)
+    /// A bad argument: a name, a size, a geometry.
+    case invalidArgument(String)
+    /// Bad bytes on disk: which structure, its file offset, expected vs found.
+    case corrupt(structure: String, byteOffset: UInt64, detail: String)
+    /// Another process holds the pool open.
+    case inUse(String)
+    /// A system call failed.
+    case io(errno: Int32, operation: String, byteOffset: UInt64)
+    /// An earlier write or sync failed; the handle refuses everything until reopened.
+    case poisoned(String)
+    /// The pool or volume handle was closed.
+    case closed
+
+    public init(_ corruption: CorruptionError) {
+        self = .corrupt(structure: corruption.structure, byteOffset: corruption.byteOffset, detail: corruption.detail)
+    }
+
+    public var description: String {
+        switch self {
+        case .poolFull(let needed, let available):
+            "pool full: need \(needed) bytes of new space, \(available) available"
+        case .readOnly(let what): "read-only: \(what)"
+        case .notFound(let name): "not found: \(name)"
+        case .exists(let name): "already exists: \(name)"
+        case .outOfRange(let what): "out of range: \(what)"
+        case .invalidArgument(let what): "invalid argument: \(what)"
+        case .corrupt(let structure, let offset, let detail): "corrupt \(structure) at byte offset \(offset): \(detail)"
+        case .inUse(let what): "pool is in use: \(what)"
+        case .io(let errno, let operation, let offset):
+            "I/O error: \(operation) at byte offset \(offset) failed: \(String(cString: strerror(errno))) (errno \(errno))"
+        case .poisoned(let cause): "pool handle failed earlier and must be reopened: \(cause)"
+        case .closed: "pool is closed"
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

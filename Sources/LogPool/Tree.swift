@@ -1,0 +1,62 @@
+import LogPoolFormat
+
+/// A node of a copy-on-write tree (a volume map or the block table), kept in memory.
+///
+/// `parentCount` is the number of parents (volume records or interior nodes) that point at
+/// this node. A node with more than one parent is shared between volumes and snapshots and
+/// is copied before it is changed (Specs/FORMAT.md §5, "sharing"). `disk` is where the node
+/// was last written; `.none` means it is dirty and the next checkpoint writes it.
+final class TreeNode {
+    let level: Int
+    /// Leaf slots as 8-byte words (map: 1 word per slot; block table: 3).
+    var words: [UInt64]
+    /// Interior slots.
+    var children: [TreeNode?]
+    var disk: PagePointer
+    var parentCount: Int
+
+    init(kind: PageKind, level: Int) {
+        self.level = level
+        if level == 0 {
+            words = [UInt64](repeating: 0, count: PageLayout.fanout(kind: kind, level: 0) * PageLayout.wordsPerSlot(kind: kind, level: 0))
+            children = []
+        } else {
+            words = []
+            children = [TreeNode?](repeating: nil, count: PageLayout.interiorFanout)
+        }
+        disk = .none
+        parentCount = 1
+    }
+
+    init(copying other: TreeNode) {
+        level = other.level
+        words = other.words
+        children = other.children
+        disk = .none
+        parentCount = 1
+    }
+
+    init(level: Int, words: [UInt64], children: [TreeNode?], disk: PagePointer) {
+        self.level = level
+        self.words = words
+        self.children = children
+        self.disk = disk
+        self.parentCount = 1
+    }
+
+    var isDirty: Bool { disk.isNone }
+}
+
+/// One tree: its root and height (1 = the root is a leaf).
+struct Tree {
+    let kind: PageKind
+    var root: TreeNode?
+    var height: Int
+
+    /// Leaf slots covered by one child of a node at `level` (level ≥ 1).
+    func span(level: Int) -> UInt64 {
+        PageLayout.capacity(kind: kind, height: level)
+    }
+
+    var capacity: UInt64 { PageLayout.capacity(kind: kind, height: height) }
+}

@@ -1,0 +1,132 @@
+import LogPoolFormat
+
+/// A handle on one volume or snapshot. Safe to use from many threads; every call takes
+/// the pool's lock. A handle whose volume was deleted throws ``PoolError/notFound(_:)``.
+public final class Volume: @unchecked Sendable {
+    public let pool: Pool
+    let id: UInt64
+
+    init(pool: Pool, id: UInt64) {
+        self.pool = pool
+        self.id = id
+    }
+
+    private func state() throws -> VolumeState {
+        try pool.engine.checkUsable()
+        guard let volume = pool.engine.volumes[id] else { throw PoolError.notFound("volume id \(id) was deleted") }
+        return volume
+    }
+
+    public var name: String { (try? pool.locked { try state().record.name }) ?? "" }
+
+    /// Logical size in bytes.
+    public var size: UInt64 { (try? pool.locked { try state().record.sizeByteCount }) ?? 0 }
+
+    /// Snapshots are read-only, and so is every volume of a read-only pool.
+    public var isReadOnly: Bool {
+        (try? pool.locked { try state().record.kind == .snapshot || pool.engine.readOnly }) ?? true
+    }
+
+    private func checkRange(_ volume: VolumeState, _ offset: UInt64, _ length: Int) throws {
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
+        guard !overflow, end <= volume.record.sizeByteCount else {
+            throw PoolError.outOfRange("\(length) bytes at offset \(offset) of \(volume.record.name), which is \(volume.record.sizeByteCount) bytes")
+        }
+    }
+
+    /// Reads `buffer.count` bytes at `offset`. Unwritten ranges read as zeros. Any offset
+    /// and length inside the volume. A block failing its checksum throws `corrupt`.
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        try pool.locked {
+            let volume = try state()
+            try checkRange(volume, offset, buffer.count)
+            guard buffer.count > 0 else { return }
+            try pool.engine.read(volume, byteOffset: offset, into: buffer)
+        }
+    }
+
+    /// Reads `length` bytes at `offset` into a new array.
+    public func read(at offset: UInt64, length: Int) throws -> [UInt8] {
+        guard length >= 0 else { throw PoolError.outOfRange("negative length \(length)") }
+        var bytes = [UInt8](repeating: 0, count: length)
+        try bytes.withUnsafeMutableBytes { try read(at: offset, into: $0) }
+        return bytes
+    }
+
+    /// Writes `bytes` at `offset` (copy-on-write; any offset and length inside the
+    /// volume). Each 1 MiB of a call is atomic across a crash. Not durable until
+    /// ``sync()``. Throws `readOnly` on a snapshot and `poolFull` before changing anything
+    /// when there is no space.
+    public func write(at offset: UInt64, from bytes: UnsafeRawBufferPointer) throws {
+        try pool.locked {
+            try pool.engine.checkWritable()
+            let volume = try state()
+            guard volume.record.kind == .volume else { throw PoolError.readOnly("\(volume.record.name) is a snapshot") }
+            try checkRange(volume, offset, bytes.count)
+            guard bytes.count > 0 else { return }
+            try pool.engine.write(volume, byteOffset: offset, data: bytes)
+        }
+    }
+
+    public func write(at offset: UInt64, from bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try write(at: offset, from: $0) }
+    }
+
+    /// Unmaps `length` bytes at `offset`: they read as zeros and whole blocks are released.
+    /// Partial blocks at either end are rewritten with zeros. Atomic.
+    public func discard(at offset: UInt64, length: UInt64) throws {
+        try pool.locked {
+            try pool.engine.checkWritable()
+            let volume = try state()
+            guard volume.record.kind == .volume else { throw PoolError.readOnly("\(volume.record.name) is a snapshot") }
+            guard length <= UInt64(Int.max) else { throw PoolError.outOfRange("length \(length)") }
+            try checkRange(volume, offset, Int(length))
+            guard length > 0 else { return }
+            try pool.engine.discard(volume, byteOffset: offset, byteCount: length)
+        }
+    }
+
+    /// Makes this pool's writes durable (the journal is pool-wide).
+    public func sync() throws { try pool.sync() }
+
+    /// Space figures for this volume.
+    public func info() throws -> VolumeInfo {
+        try pool.locked { pool.engine.info(of: try state()) }
+    }
+}
+
+extension Engine {
+    /// Discard: whole blocks are unmapped, partial edge blocks rewritten with zeros, all
+    /// in one journal record.
+    func discard(_ volume: VolumeState, byteOffset: UInt64, byteCount: UInt64) throws {
+        let bs = UInt64(blockByteCount)
+        let end = byteOffset + byteCount
+        let firstWhole = (byteOffset + bs - 1) / bs
+        let endWhole = end / bs
+        var edges: [(UInt64, [UInt8])] = []
+        func zeroEdge(_ blockIndex: UInt64) throws {
+            let old = mapLookup(volume.map, blockIndex: blockIndex)
+            guard old != 0 else { return }
+            var block = [UInt8](repeating: 0, count: blockByteCount)
+            try block.withUnsafeMutableBytes { try readBlock(old, into: $0) }
+            let start = blockIndex * bs
+            let lower = Int(max(start, byteOffset) - start), upper = Int(min(start + bs, end) - start)
+            for i in lower..<upper { block[i] = 0 }
+            edges.append((blockIndex, block))
+        }
+        if firstWhole > endWhole {
+            try zeroEdge(byteOffset / bs)  // the whole range is inside one block
+        } else {
+            if byteOffset % bs != 0 { try zeroEdge(byteOffset / bs) }
+            if end % bs != 0 { try zeroEdge(endWhole) }
+        }
+        let ranges = firstWhole < endWhole ? [firstWhole..<endWhole] : []
+        if edges.isEmpty {
+            let intent = JournalIntent.map(volumeID: volume.record.id, unmapRanges: ranges, mappings: [])
+            try admitMetadataChange(intent, pageCount: 2 * volume.map.height + 2)
+            try journalAndApply(intent)
+            return
+        }
+        try writeBlocks(volume, indexes: edges.map(\.0), contents: edges.map(\.1), unmapRanges: ranges)
+    }
+}

@@ -1,0 +1,137 @@
+/// Fixed layout constants and the geometry a pool is formatted with.
+///
+/// File layout (Specs/FORMAT.md §1):
+///
+///     [0, 512)          superblock slot A (slot index 0)
+///     [4096, 4608)      superblock slot B (slot index 1), a different 4 KiB page
+///     [8192, 8192+J)    journal ring of J bytes
+///     [D, D+N*S)        N segments of S bytes; D = journal end rounded up to 4096
+///     [D+N*S, capacity) unused tail (less than one segment)
+public struct PoolGeometry: Sendable, Equatable {
+    public static let formatVersion: UInt16 = 1
+    public static let sectorByteCount = 512
+    public static let superblockByteCount = 512
+    public static let superblockSlotByteOffsets: [UInt64] = [0, 4096]
+    public static let journalByteOffset: UInt64 = 8192
+    /// Metadata pages (map and block-table tree nodes) are always this size.
+    public static let pageByteCount = 4096
+    /// Every segment starts with one header sector.
+    public static let segmentHeaderByteCount = 512
+    public static let blockByteCountRange: ClosedRange<UInt32> = 512...65536
+    public static let segmentByteCountMin: UInt32 = 64 * 1024
+    public static let segmentByteCountMax: UInt32 = 256 * 1024 * 1024
+    public static let reserveSegmentCountDefault: UInt32 = 2
+
+    public var capacityByteCount: UInt64
+    public var blockByteCount: UInt32
+    public var segmentByteCount: UInt32
+    public var segmentCount: UInt32
+    public var journalByteCount: UInt64
+    public var dataAreaByteOffset: UInt64
+    public var reserveSegmentCount: UInt32
+
+    public init(
+        capacityByteCount: UInt64, blockByteCount: UInt32, segmentByteCount: UInt32,
+        segmentCount: UInt32, journalByteCount: UInt64, dataAreaByteOffset: UInt64,
+        reserveSegmentCount: UInt32
+    ) {
+        self.capacityByteCount = capacityByteCount
+        self.blockByteCount = blockByteCount
+        self.segmentByteCount = segmentByteCount
+        self.segmentCount = segmentCount
+        self.journalByteCount = journalByteCount
+        self.dataAreaByteOffset = dataAreaByteOffset
+        self.reserveSegmentCount = reserveSegmentCount
+    }
+
+    /// The default segment size for a pool of `capacityByteCount`: 1/64 of it, a power of
+    /// two between 64 KiB and 4 MiB (small pools get small segments so the reserve and
+    /// the compactor's slack stay a small fraction).
+    public static func defaultSegmentByteCount(capacityByteCount: UInt64) -> UInt32 {
+        var size: UInt64 = 64 * 1024
+        while size * 2 <= capacityByteCount / 64 && size < 4 * 1024 * 1024 { size *= 2 }
+        return UInt32(size)
+    }
+
+    /// The journal ring size for a pool: 1/64 of capacity, 256 KiB to 64 MiB, 4 KiB aligned.
+    public static func defaultJournalByteCount(capacityByteCount: UInt64) -> UInt64 {
+        let wanted = (capacityByteCount / 64) & ~UInt64(4095)
+        return min(max(wanted, 256 * 1024), 64 * 1024 * 1024)
+    }
+
+    /// Lays out a new pool, or says which parameter is unusable.
+    public static func make(
+        capacityByteCount: UInt64, blockByteCount: UInt32, segmentByteCount: UInt32?
+    ) -> Result<PoolGeometry, GeometryError> {
+        guard blockByteCountRange.contains(blockByteCount), blockByteCount.nonzeroBitCount == 1 else {
+            return .failure(.init("block size \(blockByteCount) must be a power of two from 512 to 65536"))
+        }
+        let segment = segmentByteCount ?? max(
+            defaultSegmentByteCount(capacityByteCount: capacityByteCount), 16 * blockByteCount)
+        guard segment.nonzeroBitCount == 1, segment >= segmentByteCountMin, segment <= segmentByteCountMax else {
+            return .failure(.init("segment size \(segment) must be a power of two from 64 KiB to 256 MiB"))
+        }
+        guard segment >= 16 * blockByteCount else {
+            return .failure(.init("segment size \(segment) must hold at least 16 blocks of \(blockByteCount) bytes"))
+        }
+        let journal = defaultJournalByteCount(capacityByteCount: capacityByteCount)
+        let dataArea = (journalByteOffset + journal + 4095) & ~UInt64(4095)
+        let reserve = reserveSegmentCountDefault
+        let minimumSegments = UInt64(reserve) + 4
+        guard capacityByteCount >= dataArea + minimumSegments * UInt64(segment) else {
+            let needed = dataArea + minimumSegments * UInt64(segment)
+            return .failure(.init(
+                "pool size \(capacityByteCount) is too small: need at least \(needed) bytes for segments of \(segment) bytes"))
+        }
+        let count = (capacityByteCount - dataArea) / UInt64(segment)
+        guard count <= UInt64(UInt32.max) else {
+            return .failure(.init("pool size \(capacityByteCount) needs more than 2^32 segments; use larger segments"))
+        }
+        return .success(PoolGeometry(
+            capacityByteCount: capacityByteCount, blockByteCount: blockByteCount,
+            segmentByteCount: segment, segmentCount: UInt32(count), journalByteCount: journal,
+            dataAreaByteOffset: dataArea, reserveSegmentCount: reserve))
+    }
+
+    public var dataAreaEndByteOffset: UInt64 {
+        dataAreaByteOffset + UInt64(segmentCount) * UInt64(segmentByteCount)
+    }
+
+    public func segmentByteOffset(_ segmentIndex: Int) -> UInt64 {
+        precondition(segmentIndex >= 0 && segmentIndex < Int(segmentCount), "segment index \(segmentIndex) out of range")
+        return dataAreaByteOffset + UInt64(segmentIndex) * UInt64(segmentByteCount)
+    }
+
+    /// The segment that holds `byteOffset`, or nil when it lies outside the data area.
+    public func segmentIndex(containing byteOffset: UInt64) -> Int? {
+        guard byteOffset >= dataAreaByteOffset, byteOffset < dataAreaEndByteOffset else { return nil }
+        return Int((byteOffset - dataAreaByteOffset) / UInt64(segmentByteCount))
+    }
+
+    /// True when [byteOffset, byteOffset+byteCount) lies in one segment's payload (after
+    /// its header sector) and starts on a sector boundary: the only places records live.
+    public func isValidExtent(byteOffset: UInt64, byteCount: UInt64) -> Bool {
+        guard byteCount > 0, byteOffset % UInt64(Self.sectorByteCount) == 0,
+            let segment = segmentIndex(containing: byteOffset)
+        else { return false }
+        let start = segmentByteOffset(segment)
+        let (end, overflow) = byteOffset.addingReportingOverflow(byteCount)
+        return !overflow && byteOffset >= start + UInt64(Self.segmentHeaderByteCount)
+            && end <= start + UInt64(segmentByteCount)
+    }
+
+    public var segmentPayloadByteCount: UInt64 {
+        UInt64(segmentByteCount) - UInt64(Self.segmentHeaderByteCount)
+    }
+}
+
+public struct GeometryError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// Rounds `byteCount` up to whole sectors.
+@inlinable
+public func sectorAligned(_ byteCount: UInt64) -> UInt64 {
+    (byteCount + 511) & ~UInt64(511)
+}

@@ -1,0 +1,36 @@
+import LogPool
+import LogPoolTesting
+import Testing
+
+/// A fresh pool on an in-memory device: 8 MiB, 4 KiB blocks, 64 KiB segments (the
+/// crash-testing geometry), compression off unless asked.
+func makePool(capacity: Int = 8 << 20, blockSize: Int = 4096, segmentSize: Int? = 64 << 10,
+              compression: CompressionMode = .none) throws -> (Pool, SimulatedDevice) {
+    let device = SimulatedDevice(byteCount: capacity)
+    let pool = try Pool.create(on: device, capacity: UInt64(capacity), blockSize: blockSize,
+                               segmentSize: segmentSize, compression: compression)
+    return (pool, device)
+}
+
+/// Reopens the device's current image (every write kept, as after kill -9 with a page
+/// cache) on a new device.
+func reopen(_ device: SimulatedDevice, image: [UInt8]? = nil, mode: OpenMode = .readWrite) throws -> (Pool, SimulatedDevice) {
+    let copy = SimulatedDevice(image: image ?? device.currentImage)
+    return (try Pool.open(on: copy, mode: mode), copy)
+}
+
+func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
+    (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed) &* 7 &+ ($0 >> 8)) }
+}
+
+func expectPoolError(_ expected: (PoolError) -> Bool, _ comment: Comment? = nil,
+                     sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> Void) {
+    do {
+        try body()
+        Issue.record("expected an error, got none. \(comment?.rawValue ?? "")", sourceLocation: sourceLocation)
+    } catch let error as PoolError {
+        #expect(expected(error), "unexpected error \(error). \(comment?.rawValue ?? "")", sourceLocation: sourceLocation)
+    } catch {
+        Issue.record("non-PoolError \(error)", sourceLocation: sourceLocation)
+    }
+}
