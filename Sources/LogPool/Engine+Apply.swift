@@ -72,7 +72,7 @@ extension Engine {
             for m in mappings {
                 createBlock(m.blockID, m.location)
                 mapSet(&volume.map, blockIndex: m.blockIndex, id: m.blockID)
-                // The new block now has exactly the reference the map gave it.
+                liveBlockCount += 1
             }
         case .relocate(let moves):
             for move in moves {
@@ -86,6 +86,7 @@ extension Engine {
                 dataLiveByteCounts[segment(of: old.byteOffset)] -= old.allocatedByteCount
                 setBlockLocation(move.blockID, move.location)
                 dataLiveByteCounts[segment(of: move.location.byteOffset)] += move.location.allocatedByteCount
+                dataLiveTotal = dataLiveTotal - old.allocatedByteCount + move.location.allocatedByteCount
                 markWritten(move.location)
             }
         }
@@ -117,6 +118,7 @@ extension Engine {
         }
         setBlockLocation(id, location)
         dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
+        dataLiveTotal += location.allocatedByteCount
         markWritten(location)
     }
 

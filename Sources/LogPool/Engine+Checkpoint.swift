@@ -99,9 +99,11 @@ extension Engine {
         try deviceCall { try device.write(slotBytes, at: PoolGeometry.superblockSlotByteOffsets[next.slotIndex]) }
         try deviceCall { try device.sync() }
 
-        // Committed.
+        // Committed. Holes were computed against the previous commit; recompute on demand.
+        holes.removeAll()
         superblock = next
         metaLiveByteCounts = newMeta
+        metaLiveTotal = newMeta.reduce(0, +)
         checkpointExtent = (rootOffset, UInt64(rootByteCount))
         pendingPageReleases.removeAll()
         dirtyPageCount = 0

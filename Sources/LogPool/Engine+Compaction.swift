@@ -1,6 +1,6 @@
 import LogPoolFormat
 
-/// What one compaction pass did.
+/// What compaction did.
 public struct CompactionReport: Sendable, Equatable {
     public var segmentsCompacted = 0
     public var blocksMoved = 0
@@ -15,45 +15,104 @@ extension Engine {
     /// Live bytes (data and durable metadata) in segment `s`.
     func liveByteCount(_ s: Int) -> UInt64 { dataLiveByteCounts[s] + metaLiveByteCounts[s] }
 
-    /// The used segment with the least live data, if moving it would free anything.
-    func compactionVictim(maxLiveFraction: Double = 1.0) -> Int? {
-        var best: Int? = nil
-        for s in 0..<segmentStates.count where segmentStates[s] == .used {
-            let live = liveByteCount(s)
-            guard Double(live) < Double(geometry.segmentPayloadByteCount) * maxLiveFraction else { continue }
-            if best == nil || live < liveByteCount(best!) { best = s }
+    /// The nodes a compaction of `victims` must rewrite: block-table paths of the blocks
+    /// it moves, and every node whose page is in a victim, with their ancestors. Only
+    /// clean nodes count (dirty ones are written by the next checkpoint anyway).
+    func nodesToRewrite(victims: Set<Int>, movedIDs: [UInt64]) -> Set<ObjectIdentifier> {
+        var result = Set<ObjectIdentifier>()
+        for id in movedIDs {
+            var node = blockTable.root
+            var remainder = id
+            while let current = node {
+                if !current.isDirty { result.insert(ObjectIdentifier(current)) }
+                if current.level == 0 { break }
+                let span = blockTable.span(level: current.level)
+                node = current.children[Int(remainder / span)]
+                remainder %= span
+            }
         }
-        return best
+        var memo: [ObjectIdentifier: Bool] = [:]
+        func visit(_ node: TreeNode) -> Bool {
+            if let known = memo[ObjectIdentifier(node)] { return known }
+            var affected = false
+            for child in node.children { if let child, visit(child) { affected = true } }
+            if !node.isDirty, let s = geometry.segmentIndex(containing: node.disk.byteOffset), victims.contains(s) {
+                affected = true
+            }
+            if affected && !node.isDirty { result.insert(ObjectIdentifier(node)) }
+            memo[ObjectIdentifier(node)] = affected
+            return affected
+        }
+        if let root = blockTable.root { _ = visit(root) }
+        for volume in volumes.values { if let root = volume.map.root { _ = visit(root) } }
+        return result
     }
 
-    /// Moves every live block and page out of the emptiest segment, journals the moves and
-    /// checkpoints so the segment becomes free (Specs/COMMIT.md §6). Returns false when
-    /// nothing can be gained or there is no room to move into.
+    /// Marks `nodes` dirty, releasing their durable pages at the next checkpoint.
+    private func markDirty(_ nodes: Set<ObjectIdentifier>) {
+        func visit(_ node: TreeNode) {
+            if node.level > 0 { for child in node.children { if let child { visit(child) } } }
+            if !node.isDirty && nodes.contains(ObjectIdentifier(node)) {
+                pendingPageReleases.append(node.disk.byteOffset)
+                node.disk = .none
+                dirtyPageCount += 1
+            }
+        }
+        if let root = blockTable.root { visit(root) }
+        for volume in volumes.values { if let root = volume.map.root { visit(root) } }
+    }
+
+    /// Compacts a batch of the emptiest used segments under one checkpoint
+    /// (Specs/COMMIT.md §6): copies their live blocks forward with journaled moves, marks
+    /// their pages (and ancestors) dirty, and checkpoints, after which they are free.
+    /// Victims are added, emptiest first, while the moves fit the unwritten space
+    /// (reserve included: this is what the reserve is for) and the batch frees more than
+    /// it writes. Returns false when no batch gains anything.
     @discardableResult
-    func compactOneSegment(maxLiveFraction: Double = 1.0, report: inout CompactionReport) throws -> Bool {
-        guard let victim = compactionVictim(maxLiveFraction: maxLiveFraction) else { return false }
-        let victimStart = geometry.segmentByteOffset(victim)
-        let victimRange = victimStart..<(victimStart + UInt64(geometry.segmentByteCount))
-        // Blocks living in the victim.
-        var moving: [(UInt64, BlockLocation)] = []
+    func compactOneBatch(maxLiveFraction: Double = 1.0, report: inout CompactionReport) throws -> Bool {
+        let payload = geometry.segmentPayloadByteCount
+        let candidates = segmentStates.indices
+            .filter { segmentStates[$0] == .used && Double(liveByteCount($0)) < Double(payload) * maxLiveFraction }
+            .sorted { liveByteCount($0) < liveByteCount($1) }
+        let room = appendableByteCount
+        // Pages already dirty are written by the next checkpoint whatever happens; they
+        // are in `checkpointNeedByteCount`, not in the batch's cost.
+        let fixed = checkpointNeedByteCount + UInt64(blockByteCount + 2 * PoolGeometry.pageByteCount)
+        let considered = Array(candidates.prefix(64))
+        var blocksBySegment: [Int: [(UInt64, BlockLocation)]] = [:]
+        let consideredSet = Set(considered)
         for id in 1..<blockIDLimit where refcounts[Int(id)] > 0 {
             let location = blockLocation(id)
-            if victimRange.contains(location.byteOffset) { moving.append((id, location)) }
+            let s = segment(of: location.byteOffset)
+            if consideredSet.contains(s) { blocksBySegment[s, default: []].append((id, location)) }
         }
-        let dataBytes = moving.reduce(UInt64(0)) { $0 + $1.1.allocatedByteCount }
-        let victimPages = Int(metaLiveByteCounts[victim] / UInt64(PoolGeometry.pageByteCount)) + 1
-        let pages = moving.count * (blockTable.height + 1) + victimPages * 8 + 2
-        // Compaction may dip into the reserve: that is what the reserve is for.
-        let need = dataBytes + UInt64(pages * PoolGeometry.pageByteCount) + checkpointNeedByteCount
-            + UInt64(blockByteCount + PoolGeometry.pageByteCount)
-        guard appendableByteCount >= need else { return false }
-        let gain = geometry.segmentPayloadByteCount
-        guard liveByteCount(victim) + UInt64(pages * PoolGeometry.pageByteCount) < gain || moving.isEmpty else { return false }
-
-        // Copy blocks forward in chunks; each chunk is one relocate record.
+        var victims = Set<Int>()
+        var moving: [(UInt64, BlockLocation)] = []
+        var rewrite = Set<ObjectIdentifier>()
+        var bestGain: Int64 = 0
+        var best: (Set<Int>, [(UInt64, BlockLocation)], Set<ObjectIdentifier>)? = nil
+        for candidate in considered {
+            let candidateBlocks = blocksBySegment[candidate] ?? []
+            var trialVictims = victims
+            trialVictims.insert(candidate)
+            let trialMoving = moving + candidateBlocks
+            let trialRewrite = nodesToRewrite(victims: trialVictims, movedIDs: trialMoving.map(\.0))
+            let written = trialMoving.reduce(UInt64(0)) { $0 + $1.1.allocatedByteCount }
+                + UInt64(trialRewrite.count) * UInt64(PoolGeometry.pageByteCount)
+            guard written + fixed <= room else { break }
+            victims = trialVictims
+            moving = trialMoving
+            rewrite = trialRewrite
+            let gain = Int64(UInt64(victims.count) * payload) - Int64(written)
+            if gain > bestGain {
+                bestGain = gain
+                best = (victims, moving, rewrite)
+            }
+        }
+        guard let (chosen, toMove, _) = best else { return false }
         var index = 0
-        while index < moving.count {
-            let chunk = moving[index..<min(index + 1024, moving.count)]
+        while index < toMove.count {
+            let chunk = toMove[index..<min(index + 1024, toMove.count)]
             var batch = WriteBatch()
             var moves: [BlockRelocation] = []
             for (id, location) in chunk {
@@ -74,51 +133,23 @@ extension Engine {
             report.blocksMoved += moves.count
             index += chunk.count
         }
-        // Pages of the durable checkpoint in the victim: dirty them (and their ancestors) so
-        // the checkpoint below writes them elsewhere.
-        report.pagesRewritten += dirtyPages(in: victimRange)
-        compactionMovedByteCount += dataBytes
+        // Recomputed after the moves: they dirtied block-table paths already.
+        let pages = nodesToRewrite(victims: chosen, movedIDs: [])
+        markDirty(pages)
+        report.pagesRewritten += pages.count
+        compactionMovedByteCount += toMove.reduce(UInt64(0)) { $0 + $1.1.allocatedByteCount }
         try checkpoint()
-        report.segmentsCompacted += 1
+        report.segmentsCompacted += chosen.count
         return true
     }
 
     func compactOneSegment() throws -> Bool {
         var report = CompactionReport()
-        return try compactOneSegment(report: &report)
-    }
-
-    /// Marks dirty every clean node whose page lies in `range`, and every ancestor of one.
-    /// Returns how many pages were in the range.
-    private func dirtyPages(in range: Range<UInt64>) -> Int {
-        var visited: [ObjectIdentifier: Bool] = [:]
-        var count = 0
-        func visit(_ node: TreeNode) -> Bool {
-            if let known = visited[ObjectIdentifier(node)] { return known }
-            var changed = false
-            if node.level > 0 {
-                for child in node.children { if let child, visit(child) { changed = true } }
-            }
-            if !node.isDirty && range.contains(node.disk.byteOffset) {
-                count += 1
-                changed = true
-            }
-            if changed && !node.isDirty {
-                pendingPageReleases.append(node.disk.byteOffset)
-                node.disk = .none
-                dirtyPageCount += 1
-            }
-            let result = changed || node.isDirty
-            visited[ObjectIdentifier(node)] = result
-            return result
-        }
-        if let root = blockTable.root { _ = visit(root) }
-        for volume in volumes.values { if let root = volume.map.root { _ = visit(root) } }
-        return count
+        return try compactOneBatch(report: &report)
     }
 
     /// Explicit compaction (`logpool compact`): checkpoint to free dead segments, then
-    /// compact every segment that is at most 90% live.
+    /// compact batches of segments that are at most 90% live while that gains space.
     func compactAll() throws -> CompactionReport {
         try checkWritable()
         var report = CompactionReport()
@@ -127,7 +158,7 @@ extension Engine {
         var budget = segmentStates.count
         while budget > 0 {
             budget -= 1
-            guard try compactOneSegment(maxLiveFraction: 0.9, report: &report) else { break }
+            guard try compactOneBatch(maxLiveFraction: 0.9, report: &report) else { break }
         }
         let freeAfter = segmentStates.filter { $0 == .free }.count
         report.segmentsFreed = max(0, freeAfter - freeBefore)

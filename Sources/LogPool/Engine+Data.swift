@@ -54,6 +54,9 @@ extension Engine {
     /// Reserves `byteCount` (sector multiple, at most one segment payload) in the open
     /// segment, opening the lowest free segment when the open one is too full. The caller
     /// has checked that space exists; running out here is a bug.
+    ///
+    /// Order: the open segment; a new segment while more than the reserve is free; a hole
+    /// (first fit); finally a reserve segment (checkpoints and compaction run on those).
     func allocateExtent(byteCount: Int, batch: inout WriteBatch) -> UInt64 {
         precondition(byteCount % PoolGeometry.sectorByteCount == 0 && UInt64(byteCount) <= geometry.segmentPayloadByteCount)
         if let open = openSegment {
@@ -62,6 +65,16 @@ extension Engine {
                 defer { appendByteOffset += UInt64(byteCount) }
                 return appendByteOffset
             }
+        }
+        if freeSegments.count <= Int(geometry.reserveSegmentCount),
+           let index = holes.firstIndex(where: { $0.byteCount >= UInt64(byteCount) }) {
+            let offset = holes[index].byteOffset
+            holes[index].byteOffset += UInt64(byteCount)
+            holes[index].byteCount -= UInt64(byteCount)
+            if holes[index].byteCount == 0 { holes.remove(at: index) }
+            return offset
+        }
+        if let open = openSegment {
             segmentStates[open] = .used
             openSegment = nil
         }
@@ -76,30 +89,140 @@ extension Engine {
         return start + UInt64(PoolGeometry.segmentHeaderByteCount)
     }
 
-    /// Makes sure `dataByteCount` new bytes plus `pageCount` newly dirtied pages fit while
-    /// keeping the reserve and room for the next checkpoint: first as things are, then
-    /// after a checkpoint (which frees dead segments), then after compaction. Throws
-    /// ``PoolError/poolFull(neededByteCount:availableByteCount:)`` having changed nothing
-    /// the user can see (a checkpoint or compaction only moves data).
-    func ensureSpace(dataByteCount: UInt64, pageCount: Int) throws {
+    /// Admission (Specs/COMMIT.md §5, rule ), before anything changes:
+    ///
+    /// - A-1 logical: live bytes after the change, plus the next checkpoint, plus the
+    ///   compaction reserve and the overwrite headroom, fit the pool. `netByteCount` is
+    ///   the space the change adds for good (new blocks not replacing blocks this volume
+    ///   owns alone). Failing A-1 is `poolFull`: no compaction can help.
+    /// - A-2 physical: `grossByteCount` (every byte about to be appended) plus the pages
+    ///   and the next checkpoint fit the unwritten space while keeping the compaction
+    ///   reserve. When it does not, a checkpoint (freeing dead segments) and then the
+    ///   compactor run until it does. A-1 guarantees that enough dead space exists for an
+    ///   atomic unit of overwrite, so A-2 only fails when that space is too fragmented to
+    ///   gather, and then also as `poolFull`.
+    func ensureSpace(netByteCount: UInt64, grossByteCount: UInt64, pageCount: Int, addedPageCount: Int,
+                     newBlockCount: Int = 0) throws {
         let slack = UInt64(blockByteCount + PoolGeometry.pageByteCount)
-        func need() -> UInt64 {
-            dataByteCount + UInt64(pageCount) * UInt64(PoolGeometry.pageByteCount) + checkpointNeedByteCount + slack
+        let page = UInt64(PoolGeometry.pageByteCount)
+        let pageBytes = UInt64(pageCount) * page
+        let addedPageBytes = UInt64(addedPageCount) * page
+        func logicalRoom() -> UInt64 {
+            // Metadata as the next checkpoint will leave it: released pages gone, dirty
+            // pages written once.
+            let meta = metaLiveTotal + UInt64(dirtyPageCount) * page - UInt64(pendingPageReleases.count) * page
+                + UInt64(plannedRoot().encodedByteCount)
+                + UInt64(blockTableReservedPageCount(forAllocating: newBlockCount)) * page
+            let payload = UInt64(geometry.segmentCount) * geometry.segmentPayloadByteCount
+            let held = dataLiveTotal + meta + reserveByteCount + overwriteHeadroomByteCount + slack
+            return payload > held ? payload - held : 0
         }
-        func fits() -> Bool { appendableByteCount >= need() + reserveByteCount }
-        if fits() { return }
-        if hasSegmentsToFreeAtCheckpoint {
+        func physicalFits() -> Bool {
+            appendableByteCount >= grossByteCount + pageBytes + checkpointNeedByteCount + reserveByteCount + slack
+        }
+        let room = logicalRoom()
+        guard room >= netByteCount + addedPageBytes else {
+            throw PoolError.poolFull(neededByteCount: netByteCount + addedPageBytes, availableByteCount: room)
+        }
+        if physicalFits() { return }
+        if hasSegmentsToFreeAtCheckpoint || holes.isEmpty {
             try checkpoint()
-            if fits() { return }
+            if physicalFits() { return }
+            rebuildHoles()
+            if physicalFits() { return }
         }
-        while !fits() {
+        var budget = segmentStates.count
+        while !physicalFits() && budget > 0 {
+            budget -= 1
             guard try compactOneSegment() else { break }
         }
-        if fits() { return }
-        let available = appendableByteCount > reserveByteCount + checkpointNeedByteCount + slack
-            ? appendableByteCount - reserveByteCount - checkpointNeedByteCount - slack : 0
-        throw PoolError.poolFull(neededByteCount: dataByteCount + UInt64(pageCount) * UInt64(PoolGeometry.pageByteCount),
-                                 availableByteCount: available)
+        if physicalFits() { return }
+        throw PoolError.poolFull(neededByteCount: grossByteCount + pageBytes, availableByteCount: appendableByteCount)
+    }
+
+    /// Room kept so that one atomic unit can always overwrite blocks its volume owns
+    /// alone on a pool full of live data (the old copies die only after the write).
+    /// It is also what keeps compaction cheap: dead space spread over every segment is
+    /// gathered only if each segment holds enough of it to pay for moving the rest, so
+    /// the headroom grows with the pool (1/16 of it) rather than staying one unit.
+    var overwriteHeadroomByteCount: UInt64 {
+        max(UInt64(Self.atomicUnitByteCount), geometry.capacityByteCount / 16)
+    }
+
+    /// Net new bytes a write of `encoded` at `indexes` adds: the whole block where the
+    /// slot is unmapped or its block is shared, only the growth where the volume owns the
+    /// old block alone (compression can make new data bigger).
+    func netNewByteCount(_ map: Tree, indexes: [UInt64], encoded: [EncodedBlock]) -> UInt64 {
+        var total: UInt64 = 0
+        for (i, blockIndex) in indexes.enumerated() {
+            let new = UInt64(encoded[i].allocatedByteCount)
+            if let old = exclusiveBlock(map, blockIndex: blockIndex) {
+                let oldBytes = blockLocation(old).allocatedByteCount
+                total += new > oldBytes ? new - oldBytes : 0
+            } else {
+                total += new
+            }
+        }
+        return total
+    }
+
+    /// Blocks a write at `indexes` adds to the live count (slots not already holding a
+    /// block this map owns alone).
+    func netNewBlockCount(_ map: Tree, indexes: [UInt64]) -> Int {
+        indexes.reduce(0) { $0 + (exclusiveBlock(map, blockIndex: $1) == nil ? 1 : 0) }
+    }
+
+    /// The block at `blockIndex` if this map alone references it (every node on the path
+    /// has one parent and the block one referencing leaf).
+    func exclusiveBlock(_ map: Tree, blockIndex: UInt64) -> UInt64? {
+        guard blockIndex < map.capacity, var node = map.root, node.parentCount == 1 else { return nil }
+        var remainder = blockIndex
+        while node.level > 0 {
+            let span = map.span(level: node.level)
+            guard let child = node.children[Int(remainder / span)], child.parentCount == 1 else { return nil }
+            remainder %= span
+            node = child
+        }
+        let id = node.words[Int(remainder)]
+        return id != 0 && refcounts[Int(id)] == 1 ? id : nil
+    }
+
+    /// Recomputes ``holes``: every extent of a used segment's payload that no block and no
+    /// page of the state references. Only valid right after a checkpoint commit, when the
+    /// in-memory state is exactly the durable one (nothing dirty, nothing released since),
+    /// so a hole is referenced by neither the durable checkpoint nor any journal record
+    /// after its replay start (reuse rule R-2, Specs/COMMIT.md §5).
+    func rebuildHoles() {
+        holes.removeAll()
+        guard dirtyPageCount == 0, pendingPageReleases.isEmpty, !journal.hasPendingBytes else { return }
+        var extents = [[(UInt64, UInt64)]](repeating: [], count: segmentStates.count)
+        func add(_ offset: UInt64, _ count: UInt64) {
+            let s = segment(of: offset)
+            if segmentStates[s] == .used { extents[s].append((offset, count)) }
+        }
+        for id in 1..<blockIDLimit where refcounts[Int(id)] > 0 {
+            let location = blockLocation(id)
+            add(location.byteOffset, location.allocatedByteCount)
+        }
+        var seen = Set<ObjectIdentifier>()
+        func visit(_ node: TreeNode) {
+            guard seen.insert(ObjectIdentifier(node)).inserted else { return }
+            add(node.disk.byteOffset, UInt64(PoolGeometry.pageByteCount))
+            for child in node.children { if let child { visit(child) } }
+        }
+        if let root = blockTable.root { visit(root) }
+        for volume in volumes.values { if let root = volume.map.root { visit(root) } }
+        if let root = checkpointExtent { add(root.byteOffset, sectorAligned(root.byteCount)) }
+        for s in 0..<segmentStates.count where segmentStates[s] == .used {
+            let start = geometry.segmentByteOffset(s)
+            var cursor = start + UInt64(PoolGeometry.segmentHeaderByteCount)
+            for (offset, count) in extents[s].sorted(by: { $0.0 < $1.0 }) {
+                if offset > cursor { holes.append((cursor, offset - cursor)) }
+                cursor = max(cursor, offset + count)
+            }
+            let end = start + UInt64(geometry.segmentByteCount)
+            if cursor < end { holes.append((cursor, end - cursor)) }
+        }
     }
 
     /// True when a checkpoint would free at least one segment.
@@ -289,12 +412,16 @@ extension Engine {
     func writeBlocks(_ volume: VolumeState, indexes: [UInt64], contents: [[UInt8]], unmapRanges: [Range<UInt64>]) throws {
         let encoded = encodeAll(contents)
         let dataBytes = encoded.reduce(UInt64(0)) { $0 + UInt64($1.allocatedByteCount) }
-        let leafCount = contents.count / PageLayout.mapLeafFanout + 2 + unmapRanges.count * 2
         let payload = JournalIntent.map(volumeID: 0, unmapRanges: unmapRanges, mappings: []).payloadByteCount + contents.count * 40
-        try ensureSpace(dataByteCount: dataBytes,
-                        pageCount: pageBound(mapHeight: volume.map.height, leafCount: leafCount, newBlockCount: contents.count))
+        // Unmapping dirties at most the two boundary paths of each range.
+        let pages = pagesForWrite(volume.map, indexes: indexes)
+        let unmapPages = unmapRanges.count * 2 * volume.map.height
+        try ensureSpace(netByteCount: netNewByteCount(volume.map, indexes: indexes, encoded: encoded),
+                        grossByteCount: dataBytes, pageCount: pages.written + unmapPages, addedPageCount: pages.added + unmapPages,
+                        newBlockCount: netNewBlockCount(volume.map, indexes: indexes))
         try ensureJournalSpace(payloadByteCount: payload)
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.
+        reserveBlockIDs(contents.count)
         var batch = WriteBatch()
         var mappings: [BlockMapping] = []
         mappings.reserveCapacity(encoded.count)

@@ -21,7 +21,7 @@ extension Engine {
         for s in 0..<engine.segmentStates.count { engine.segmentStates[s] = .free }
         engine.rebuildFreeSegmentList()
         try engine.checkpoint(mounted: false)
-        try engine.checkpoint(mounted: false)
+        try engine.checkpoint(mounted: true)
         return engine
     }
 
@@ -48,10 +48,11 @@ extension Engine {
             let bytes = try device.read(byteCount: PoolGeometry.superblockByteCount, at: PoolGeometry.superblockSlotByteOffsets[index])
             return Result { () throws(CorruptionError) in try Superblock.decode(bytes, slotIndex: index) }
         }
+        let slotA = try slot(0), slotB = try slot(1)
         let choice: SuperblockChoice
         do {
-            choice = try chooseSuperblock(try slot(0), try slot(1))
-        } catch let error as CorruptionError {
+            choice = try chooseSuperblock(slotA, slotB)
+        } catch {
             throw PoolError(error)
         }
         let sb = choice.chosen
@@ -66,7 +67,7 @@ extension Engine {
         engine.recoveryReport.wasMounted = sb.isMounted
         try engine.loadCheckpoint()
         try engine.replayJournal()
-        engine.freeBlockIDs = (1..<engine.blockIDLimit).reversed().filter { engine.refcounts[Int($0)] == 0 }
+        engine.liveBlockCount = engine.refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
         engine.rebuildFreeSegmentList()
         if !readOnly {
             try engine.checkpoint(mounted: true)
@@ -87,7 +88,7 @@ extension Engine {
         do {
             root = try CheckpointRoot.decode(bytes, expectedChecksum: sb.checkpointChecksum, salt: salt,
                                              byteOffset: sb.checkpointByteOffset, geometry: geometry)
-        } catch let error as CorruptionError {
+        } catch {
             throw PoolError(error)
         }
         guard root.blockIDLimit <= geometry.capacityByteCount / 512 + 1 else {
@@ -107,6 +108,7 @@ extension Engine {
         // block and page (Specs/FORMAT.md §5.3: refcounts are derived, never trusted).
         for (offset, (kind, node)) in cache {
             metaLiveByteCounts[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
+            if kind == .blockTable { blockTableNodeCount += 1 }
             guard kind == .map, node.level == 0 else { continue }
             for id in node.words where id != 0 {
                 guard id < blockIDLimit else {
@@ -137,6 +139,8 @@ extension Engine {
             segmentStates[s] = rebuilt == 0 ? .free : .used
         }
         checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
+        dataLiveTotal = dataLiveByteCounts.reduce(0, +)
+        metaLiveTotal = metaLiveByteCounts.reduce(0, +)
     }
 
     /// Loads the page `pointer` names at `level`, sharing nodes already loaded (a page
@@ -162,7 +166,7 @@ extension Engine {
         do {
             words = try PageLayout.decode(bytes, kind: kind, level: level, expectedChecksum: pointer.checksum,
                                           salt: salt, byteOffset: pointer.byteOffset)
-        } catch let error as CorruptionError {
+        } catch {
             throw PoolError(error)
         }
         let node: TreeNode
@@ -217,7 +221,7 @@ extension Engine {
                     }
                 }.get()
             } catch {
-                stop = "no valid record at ring offset \(position) (\((error as? CorruptionError)?.detail ?? "\(error)"))"
+                stop = "no valid record at ring offset \(position) (\(error.detail))"
                 break scan
             }
             guard decodedHeader.epoch == superblock.generation else {
@@ -237,7 +241,7 @@ extension Engine {
             do {
                 record = try JournalRecord.decode(Array(ring[position..<position + size]), salt: salt, byteOffset: fileOffset)
             } catch {
-                stop = "torn or damaged record at ring offset \(position) (\((error as? CorruptionError)?.detail ?? "\(error)"))"
+                stop = "torn or damaged record at ring offset \(position) (\(error.detail))"
                 break scan
             }
             records.append((position, record))

@@ -28,6 +28,7 @@ extension Engine {
 
     func newNode(kind: PageKind, level: Int) -> TreeNode {
         dirtyPageCount += 1
+        if kind == .blockTable { blockTableNodeCount += 1 }
         return TreeNode(kind: kind, level: level)
     }
 
@@ -52,7 +53,8 @@ extension Engine {
         if refcounts[index] == 0 {
             let location = blockLocation(id)
             dataLiveByteCounts[segment(of: location.byteOffset)] -= location.allocatedByteCount
-            freeBlockIDs.append(id)
+            dataLiveTotal -= location.allocatedByteCount
+            liveBlockCount -= 1
         }
     }
 
@@ -200,20 +202,144 @@ extension Engine {
         leaf.words[w + 2] = location.checksum
     }
 
-    /// A block id nobody references, growing the id space when none is free.
-    func allocateBlockID() -> UInt64 {
-        while let id = freeBlockIDs.popLast() {
-            if refcounts[Int(id)] == 0 { return id }
+    /// Ids the block table keeps beyond the live ones: at least a quarter of the live
+    /// count plus 64, and always room for a whole batch.
+    func idSpaceLimit(forAllocating count: Int) -> UInt64 {
+        let live = UInt64(liveBlockCount + count)
+        return max(blockIDLimit, live + live / 4 + 64 + UInt64(count))
+    }
+
+    /// Grows the id space so `count` allocations find free ids (call before a batch).
+    func reserveBlockIDs(_ count: Int) {
+        let limit = idSpaceLimit(forAllocating: count)
+        while blockIDLimit < limit {
+            refcounts.append(0)
+            blockIDLimit += 1
         }
-        let id = blockIDLimit
-        blockIDLimit += 1
-        refcounts.append(0)
+    }
+
+    /// The next free block id at or after the allocation cursor, wrapping once. Ids are
+    /// handed out in sweep order, so blocks written together get nearby ids and share
+    /// block-table pages; that keeps compaction from rewriting the whole table (it moves
+    /// a segment's blocks, which were written together). The caller reserved the batch
+    /// with ``reserveBlockIDs(_:)``, so a free id exists and the sweep never laps itself.
+    func allocateBlockID() -> UInt64 {
+        let id = nextFreeBlockID(from: allocationCursor)
+        allocationCursor = id + 1
         return id
     }
 
-    /// Upper bound on pages a change of `mappedCount` blocks touching `leafCount` map
-    /// leaves can dirty (used by admission before anything changes).
-    func pageBound(mapHeight: Int, leafCount: Int, newBlockCount: Int) -> Int {
-        mapHeight * leafCount + newBlockCount * (blockTable.height + 1) + 2
+    private func nextFreeBlockID(from start: UInt64) -> UInt64 {
+        var id = start
+        var steps: UInt64 = 0
+        while true {
+            if id >= blockIDLimit { id = 1 }
+            if refcounts[Int(id)] == 0 { return id }
+            id += 1
+            steps += 1
+            precondition(steps <= blockIDLimit, "no free block id: reserveBlockIDs was not called")
+        }
+    }
+
+    /// Pages that writing the leaf slots `slots` of `tree` would dirty or create, computed
+    /// without changing anything (admission runs before any change). A clean node on the
+    /// path becomes dirty; a shared node, and everything below it, is copied; a missing
+    /// node is created. Counting each node once makes this exact for existing nodes and
+    /// an upper bound for missing ones.
+    func pagesToDirty(_ tree: Tree, slots: some Sequence<UInt64>) -> Int {
+        pageCounts(tree, slots: slots).written
+    }
+
+    /// Like ``pagesToDirty(_:slots:)``, also counting the pages that are net new: created
+    /// or copied nodes (a clean node made dirty replaces its own old page).
+    func pageCounts(_ tree: Tree, slots: some Sequence<UInt64>) -> (written: Int, added: Int) {
+        var added = 0
+        let leafFanout = UInt64(PageLayout.fanout(kind: tree.kind, level: 0))
+        var seenLeaves = Set<UInt64>()
+        var seenNodes = Set<ObjectIdentifier>()
+        var count = 0
+        var maxSlot: UInt64 = 0
+        for slot in slots {
+            maxSlot = max(maxSlot, slot)
+            guard seenLeaves.insert(slot / leafFanout).inserted else { continue }
+            guard slot < tree.capacity else {
+                count += PageLayout.height(kind: tree.kind, coveringSlotCount: slot + 1)
+                added += PageLayout.height(kind: tree.kind, coveringSlotCount: slot + 1)
+                continue
+            }
+            var node = tree.root
+            var remainder = slot
+            var copying = false
+            var level = tree.height - 1
+            while true {
+                guard let current = node else {
+                    count += level + 1
+                    added += level + 1
+                    break
+                }
+                if current.parentCount > 1 { copying = true }
+                if copying || !current.isDirty {
+                    if seenNodes.insert(ObjectIdentifier(current)).inserted {
+                        count += 1
+                        if copying { added += 1 }
+                    }
+                }
+                if level == 0 { break }
+                let span = tree.span(level: level)
+                node = current.children[Int(remainder / span)]
+                remainder %= span
+                level -= 1
+            }
+        }
+        if maxSlot >= tree.capacity {
+            // Growing adds one interior root per level.
+            let growth = PageLayout.height(kind: tree.kind, coveringSlotCount: maxSlot + 1) - tree.height
+            count += growth
+            added += growth
+        }
+        return (count, added)
+    }
+
+    /// The ids the next `count` calls of ``allocateBlockID()`` will return after
+    /// ``reserveBlockIDs(_:)`` (computed without changing anything).
+    func peekBlockIDs(_ count: Int) -> [UInt64] {
+        let limit = idSpaceLimit(forAllocating: count)
+        var result: [UInt64] = []
+        result.reserveCapacity(count)
+        var id = allocationCursor
+        var steps: UInt64 = 0
+        while result.count < count && steps <= limit {
+            if id >= limit { id = 1 }
+            if id >= blockIDLimit || refcounts[Int(id)] == 0 { result.append(id) }
+            id += 1
+            steps += 1
+        }
+        return result
+    }
+
+    /// Pages a write of new blocks at `indexes` of `map` can dirty: map paths plus the
+    /// block-table paths of the ids it will take.
+    /// Block-table pages are not counted as added: the logical rule reserves the whole
+    /// table for the id space up front (``blockTableReservedPageCount(forAllocating:)``).
+    func pagesForWrite(_ map: Tree, indexes: [UInt64]) -> (written: Int, added: Int) {
+        let m = pageCounts(map, slots: indexes), b = pagesToDirty(blockTable, slots: peekBlockIDs(indexes.count))
+        return (m.written + b, m.added)
+    }
+
+    /// Pages a fully populated block table for the id space after allocating `count` more
+    /// ids would have beyond the nodes it has now. The id space is bounded (live ids plus
+    /// a quarter), so reserving this keeps overwrites from ever needing new table pages.
+    func blockTableReservedPageCount(forAllocating count: Int) -> Int {
+        var slots = Int(idSpaceLimit(forAllocating: count))
+        var pages = 0
+        var fanout = PageLayout.blockTableLeafFanout
+        while true {
+            let level = (slots + fanout - 1) / fanout
+            pages += level
+            if level <= 1 { break }
+            slots = level
+            fanout = PageLayout.interiorFanout
+        }
+        return max(0, pages - blockTableNodeCount)
     }
 }

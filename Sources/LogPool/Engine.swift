@@ -47,18 +47,30 @@ final class Engine {
     // Block table: block id → location. Refcounts are derived (Specs/FORMAT.md §5.3).
     var blockTable: Tree
     var blockIDLimit: UInt64 = 1
+    /// Nodes in the block table (it only ever grows).
+    var blockTableNodeCount = 0
     var refcounts: [UInt32] = [0]
-    var freeBlockIDs: [UInt64] = []
+    /// Ids with a nonzero refcount.
+    var liveBlockCount = 0
+    /// Where the next block-id search starts (see ``allocateBlockID()``).
+    var allocationCursor: UInt64 = 1
 
     // Segments.
     var segmentStates: [SegmentState]
     var dataLiveByteCounts: [UInt64]
     var metaLiveByteCounts: [UInt64]
+    /// Sums of the two arrays above, kept in step with them.
+    var dataLiveTotal: UInt64 = 0
+    var metaLiveTotal: UInt64 = 0
     /// Free segments, highest index first, so `popLast` hands out the lowest.
     var freeSegments: [Int] = []
     var openSegment: Int? = nil
     /// Absolute file offset of the next append in the open segment.
     var appendByteOffset: UInt64 = 0
+    /// Dead extents of used segments that no durable state references, computed right
+    /// after a checkpoint commit (``rebuildHoles()``) and consumed by appends when free
+    /// segments run short (slack-space recycling). Cleared at every checkpoint.
+    var holes: [(byteOffset: UInt64, byteCount: UInt64)] = []
     /// The durable checkpoint root's extent.
     var checkpointExtent: (byteOffset: UInt64, byteCount: UInt64)?
 
@@ -139,14 +151,24 @@ final class Engine {
 
     var reserveByteCount: UInt64 { UInt64(geometry.reserveSegmentCount) * UInt64(geometry.segmentByteCount) }
 
-    /// Bytes that can still be appended without reusing anything: the open segment's
-    /// remainder plus every free segment's payload.
-    var appendableByteCount: UInt64 {
+    /// Bytes that can still be written without touching anything referenced: the open
+    /// segment's remainder, every free segment's payload, and the usable part of the holes.
+    var appendableByteCount: UInt64 { segmentRoomByteCount + usableHoleByteCount }
+
+    /// The open segment's remainder plus every free segment's payload.
+    var segmentRoomByteCount: UInt64 {
         var total = UInt64(freeSegments.count) * geometry.segmentPayloadByteCount
         if let open = openSegment {
             total += geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount) - appendByteOffset
         }
         return total
+    }
+
+    /// Hole bytes counted only in whole units of the largest extent an append needs (a
+    /// block or a page), so fragmentation cannot make the figure a promise it can't keep.
+    var usableHoleByteCount: UInt64 {
+        let unit = UInt64(max(blockByteCount, PoolGeometry.pageByteCount))
+        return holes.reduce(0) { $0 + ($1.byteCount / unit) * unit }
     }
 
     /// Bytes the next checkpoint needs: every dirty page plus the root.

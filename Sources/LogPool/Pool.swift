@@ -329,7 +329,7 @@ public final class Pool: @unchecked Sendable {
 extension Engine {
     /// Admission for a change that writes no data: room for its pages and the root.
     func admitMetadataChange(_ intent: JournalIntent, pageCount: Int) throws {
-        try ensureSpace(dataByteCount: UInt64(intent.payloadByteCount) + 256, pageCount: pageCount)
+        try ensureSpace(netByteCount: 0, grossByteCount: 0, pageCount: pageCount, addedPageCount: pageCount)
         try ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
     }
 
@@ -371,9 +371,13 @@ extension Engine {
             }
         }
         let overhead = geometry.capacityByteCount - UInt64(geometry.segmentCount) * payload
-        let reserve = min(reserveByteCount, appendableByteCount)
+        // Holes are dead space (written, unreferenced); unwritten space is the open
+        // segment's remainder and the free segments.
+        let unwritten = segmentRoomByteCount
+        let reserve = min(reserveByteCount + overwriteHeadroomByteCount, unwritten)
         let capacity = geometry.capacityByteCount
-        let free = capacity - overhead - used - dead - reserve
+        let free = unwritten - reserve
+        assert(used + dead + unwritten + overhead == capacity, "space figures do not add up")
         let snapshots = volumes.values.filter { $0.record.kind == .snapshot }.count
         return PoolStats(capacityBytes: capacity, usedBytes: used, deadBytes: dead, freeBytes: free,
                          reserveBytes: reserve, overheadBytes: overhead, volumeCount: volumes.count - snapshots,

@@ -53,9 +53,9 @@ public struct PoolGeometry: Sendable, Equatable {
         return UInt32(size)
     }
 
-    /// The journal ring size for a pool: 1/64 of capacity, 256 KiB to 64 MiB, 4 KiB aligned.
+    /// The journal ring size for a pool: 1/128 of capacity, 256 KiB to 64 MiB, 4 KiB aligned.
     public static func defaultJournalByteCount(capacityByteCount: UInt64) -> UInt64 {
-        let wanted = (capacityByteCount / 64) & ~UInt64(4095)
+        let wanted = (capacityByteCount / 128) & ~UInt64(4095)
         return min(max(wanted, 256 * 1024), 64 * 1024 * 1024)
     }
 

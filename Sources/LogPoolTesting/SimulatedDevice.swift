@@ -60,7 +60,9 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
             current = durable
             throw PoolError.io(errno: 5, operation: "simulated fdatasync failure", byteOffset: 0)
         }
-        durable = current
+        for write in pending {
+            durable.replaceSubrange(write.byteOffset..<write.byteOffset + write.bytes.count, with: write.bytes)
+        }
         pending.removeAll()
     }
 

@@ -1,0 +1,76 @@
+import LogPoolFormat
+
+extension Engine {
+    /// Recomputes every derived figure from the trees and compares it with what the engine
+    /// maintains incrementally: block refcounts (from unique map leaves), node parent
+    /// counts, dirty-page count, per-segment data bytes, and, right after a checkpoint,
+    /// per-segment metadata bytes. Returns one line per mismatch; empty means consistent.
+    /// Tests call it after every operation ("strict mode").
+    func checkInvariants() -> [String] {
+        var problems: [String] = []
+        var parents: [ObjectIdentifier: Int] = [:]
+        var nodes: [ObjectIdentifier: TreeNode] = [:]
+        var kinds: [ObjectIdentifier: PageKind] = [:]
+        func visit(_ node: TreeNode, kind: PageKind) {
+            let key = ObjectIdentifier(node)
+            parents[key, default: 0] += 1
+            guard nodes[key] == nil else { return }
+            nodes[key] = node
+            kinds[key] = kind
+            for child in node.children { if let child { visit(child, kind: kind) } }
+        }
+        if let root = blockTable.root { visit(root, kind: .blockTable) }
+        for volume in volumes.values { if let root = volume.map.root { visit(root, kind: .map) } }
+        var expectedRefcounts = [UInt32](repeating: 0, count: Int(blockIDLimit))
+        var dirty = 0
+        var meta = [UInt64](repeating: 0, count: segmentStates.count)
+        for (key, node) in nodes {
+            if node.parentCount != parents[key] {
+                problems.append("node at level \(node.level) has parent count \(node.parentCount), found \(parents[key] ?? 0) parents")
+            }
+            if node.isDirty { dirty += 1 } else { meta[segment(of: node.disk.byteOffset)] += UInt64(PoolGeometry.pageByteCount) }
+            if kinds[key] == .map && node.level == 0 {
+                for id in node.words where id != 0 {
+                    guard id < blockIDLimit else { problems.append("map names block \(id) beyond limit"); continue }
+                    expectedRefcounts[Int(id)] += 1
+                }
+            }
+        }
+        if dirty != dirtyPageCount { problems.append("dirty page count \(dirtyPageCount), found \(dirty)") }
+        var data = [UInt64](repeating: 0, count: segmentStates.count)
+        for id in 1..<Int(blockIDLimit) {
+            if refcounts[id] != expectedRefcounts[id] {
+                problems.append("block \(id): refcount \(refcounts[id]), rebuilt \(expectedRefcounts[id])")
+            }
+            if expectedRefcounts[id] > 0 {
+                let location = blockLocation(UInt64(id))
+                data[segment(of: location.byteOffset)] += location.allocatedByteCount
+            }
+        }
+        for s in 0..<segmentStates.count where data[s] != dataLiveByteCounts[s] {
+            problems.append("segment \(s): data live \(dataLiveByteCounts[s]), rebuilt \(data[s])")
+        }
+        if liveBlockCount != expectedRefcounts.reduce(0, { $0 + ($1 > 0 ? 1 : 0) }) { problems.append("live block count \(liveBlockCount) drifted") }
+        if dataLiveTotal != dataLiveByteCounts.reduce(0, +) { problems.append("data live total drifted") }
+        if metaLiveTotal != metaLiveByteCounts.reduce(0, +) { problems.append("meta live total drifted") }
+        if dirtyPageCount == 0 && pendingPageReleases.isEmpty, let root = checkpointExtent {
+            meta[segment(of: root.byteOffset)] += sectorAligned(root.byteCount)
+            for s in 0..<segmentStates.count where meta[s] != metaLiveByteCounts[s] {
+                problems.append("segment \(s): meta live \(metaLiveByteCounts[s]), rebuilt \(meta[s])")
+            }
+        }
+        for s in 0..<segmentStates.count where segmentStates[s] == .free && liveByteCount(s) != 0 {
+            problems.append("segment \(s) is free but holds \(liveByteCount(s)) live bytes")
+        }
+        if let open = openSegment, segmentStates[open] != .open { problems.append("open segment \(open) not in state open") }
+        return problems
+    }
+}
+
+extension Pool {
+    /// Consistency problems in the in-memory state (empty when consistent). For tests and
+    /// `verify`; it walks every tree, so it is not for hot paths.
+    public func internalConsistencyProblems() -> [String] {
+        locked { engine.checkInvariants() }
+    }
+}

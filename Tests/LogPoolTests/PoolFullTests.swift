@@ -1,0 +1,106 @@
+import LogPool
+import LogPoolTesting
+import Testing
+
+@Suite("Pool full")
+struct PoolFullTests {
+    @Test("filling a pool ends in poolFull with nothing changed; deleting a snapshot frees space")
+    func fillThenDelete() throws {
+        let (pool, device) = try makePool(capacity: 8 << 20)
+        let v = try pool.createVolume(name: "v", size: 64 << 20)
+        var model = ReferenceModel()
+        model.create("v", size: 64 << 20)
+        try v.write(at: 0, from: pattern(512 * 1024, seed: 1))
+        model.write("v", at: 0, pattern(512 * 1024, seed: 1))
+        try pool.snapshot(source: "v", name: "s")
+        model.branch("v", "s", snapshot: true)
+        var offset = 512 * 1024
+        var full = false
+        var chunk = 0
+        while !full {
+            let data = pattern(64 * 1024, seed: UInt8(truncatingIfNeeded: chunk))
+            do {
+                try v.write(at: UInt64(offset), from: data)
+                model.write("v", at: offset, data)
+                offset += data.count
+                chunk += 1
+            } catch PoolError.poolFull {
+                full = true
+            }
+            #expect(offset < 64 << 20, "never reported poolFull")
+        }
+        #expect(offset > 4 << 20, "an 8 MiB pool held only \(offset) bytes")
+        try expectMatches(pool, model)
+        // The failed write changed nothing, in memory and on disk after recovery.
+        try pool.sync()
+        let (recovered, _) = try reopen(device, image: device.durable)
+        try expectMatches(recovered, model)
+        // Overwrite of the snapshot-shared region needs new space: still full.
+        expectPoolError({ if case .poolFull = $0 { true } else { false } }) {
+            try v.write(at: 0, from: pattern(256 * 1024, seed: 99))
+        }
+        try expectMatches(pool, model)
+        // Delete the snapshot: always works and gives space back.
+        try pool.delete(name: "s")
+        model.delete("s")
+        try v.write(at: 0, from: pattern(256 * 1024, seed: 99))
+        model.write("v", at: 0, pattern(256 * 1024, seed: 99))
+        try expectMatches(pool, model)
+    }
+
+    /// Goal: a pool filled with live data to `poolFull` still accepts overwrites of blocks
+    /// a volume owns alone, indefinitely. Method: fill, then overwrite random blocks many
+    /// times the pool's free headroom, checking the model at the end and the invariants
+    /// along the way.
+    @Test("overwriting owned data keeps working on a pool full of live data", arguments: [UInt64(42), 7])
+    func overwriteOnFullPool(seed: UInt64) throws {
+        let (pool, _) = try makePool(capacity: 32 << 20, segmentSize: nil)
+        let v = try pool.createVolume(name: "v", size: 64 << 20)
+        var written = 0
+        do {
+            while true {
+                try v.write(at: UInt64(written), from: pattern(32 * 1024, seed: UInt8(truncatingIfNeeded: written >> 15)))
+                written += 32 * 1024
+            }
+        } catch PoolError.poolFull {}
+        #expect(written > 4 << 20)
+        var model = [UInt8](repeating: 0, count: written)
+        for chunk in stride(from: 0, to: written, by: 32 * 1024) {
+            model.replaceSubrange(chunk..<chunk + 32 * 1024, with: pattern(32 * 1024, seed: UInt8(truncatingIfNeeded: chunk >> 15)))
+        }
+        // Overwrite every owned block many times over: the compactor must keep up.
+        var generator = SeededGenerator(seed: seed)
+        for round in 0..<4000 {
+            let block = Int.random(in: 0..<(written / 4096), using: &generator)
+            let data = pattern(4096, seed: UInt8(truncatingIfNeeded: round))
+            do {
+                try v.write(at: UInt64(block * 4096), from: data)
+            } catch {
+                Issue.record("seed \(seed) round \(round): \(error)")
+                return
+            }
+            model.replaceSubrange(block * 4096..<(block + 1) * 4096, with: data)
+            if round % 1000 == 0 {
+                #expect(pool.internalConsistencyProblems() == [], "seed \(seed) round \(round)")
+            }
+        }
+        #expect(try v.read(at: 0, length: written) == model)
+        #expect(pool.stats.usedBytes >= UInt64(written))
+    }
+
+    @Test("a 64 MiB pool holds at least 40 MiB of user data")
+    func smallPoolCapacity() throws {
+        let device = SimulatedDevice(byteCount: 64 << 20)
+        let pool = try Pool.create(on: device, capacity: 64 << 20, compression: .none)
+        let v = try pool.createVolume(name: "v", size: 1 << 30)
+        var written = 0
+        let chunk = pattern(1 << 20, seed: 3)
+        do {
+            while true {
+                try v.write(at: UInt64(written), from: chunk)
+                written += chunk.count
+            }
+        } catch PoolError.poolFull {}
+        #expect(written >= 40 << 20, "only \(written >> 20) MiB fit")
+    }
+}
