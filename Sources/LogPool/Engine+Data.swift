@@ -144,9 +144,9 @@ extension Engine {
     /// alone on a pool full of live data (the old copies die only after the write).
     /// It is also what keeps compaction cheap: dead space spread over every segment is
     /// gathered only if each segment holds enough of it to pay for moving the rest, so
-    /// the headroom grows with the pool (1/16 of it) rather than staying one unit.
+    /// the headroom grows with the pool (1/32 of it) rather than staying one unit.
     var overwriteHeadroomByteCount: UInt64 {
-        max(UInt64(Self.atomicUnitByteCount), geometry.capacityByteCount / 16)
+        max(UInt64(Self.atomicUnitByteCount), geometry.capacityByteCount / 32)
     }
 
     /// Net new bytes a write of `encoded` at `indexes` adds: the whole block where the

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the system packages LogPool builds against (Debian): liblz4 and libxxhash
+# with their pkg-config files. Idempotent; uses sudo when not root.
+set -euo pipefail
+packages=(liblz4-dev libxxhash-dev pkg-config)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
