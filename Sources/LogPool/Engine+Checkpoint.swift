@@ -78,7 +78,7 @@ extension Engine {
         let rootOffset = allocateExtent(byteCount: rootByteCount, batch: &batch)
         if let old = checkpointExtent { newMeta[segment(of: old.byteOffset)] -= sectorAligned(old.byteCount) }
         newMeta[segment(of: rootOffset)] += UInt64(rootByteCount)
-        root.segmentLiveByteCounts = newMeta
+        root.segmentLiveByteCounts = zip(dataLiveByteCounts, newMeta).map { $0 + $1 }
         let encodedRoot = root.encode(salt: salt)
         batch.add(encodedRoot.bytes, at: rootOffset)
         try deviceCall { try batch.write(to: device) }

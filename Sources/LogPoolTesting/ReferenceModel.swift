@@ -5,6 +5,12 @@ public struct ReferenceModel: Equatable, Sendable {
         public var bytes: [UInt8]
         public var isSnapshot: Bool
         public var origin: String?
+
+        public init(bytes: [UInt8], isSnapshot: Bool, origin: String?) {
+            self.bytes = bytes
+            self.isSnapshot = isSnapshot
+            self.origin = origin
+        }
     }
 
     public var volumes: [String: Entry] = [:]

@@ -52,7 +52,12 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
         pending.append((start, Array(bytes)))
     }
 
+    /// Called at the start of every sync, before the pending writes become durable: the
+    /// crash enumerator builds its images here.
+    public var beforeSync: ((SimulatedDevice) -> Void)? = nil
+
     public func sync() throws {
+        beforeSync?(self)
         syncCount += 1
         if let failAt = failSyncAt, syncCount == failAt {
             // fsyncgate: the kernel dropped the dirty pages; reads now see the old bytes.
@@ -76,6 +81,26 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
             image.replaceSubrange(write.byteOffset..<write.byteOffset + kept, with: write.bytes[0..<kept])
         }
         return image
+    }
+
+    /// The image after power loss where pending write i kept the sector range
+    /// `kept[i]` (nil or an empty range: dropped). Sectors outside every kept range hold
+    /// their durable bytes.
+    public func image(keeping kept: [Range<Int>?]) -> [UInt8] {
+        var image = durable
+        for (i, write) in pending.enumerated() {
+            guard i < kept.count, let range = kept[i], !range.isEmpty else { continue }
+            let lower = min(range.lowerBound * Self.sectorByteCount, write.bytes.count)
+            let upper = min(range.upperBound * Self.sectorByteCount, write.bytes.count)
+            guard lower < upper else { continue }
+            image.replaceSubrange((write.byteOffset + lower)..<(write.byteOffset + upper), with: write.bytes[lower..<upper])
+        }
+        return image
+    }
+
+    /// Sectors each pending write spans.
+    public var pendingSectorCounts: [Int] {
+        pending.map { ($0.bytes.count + Self.sectorByteCount - 1) / Self.sectorByteCount }
     }
 
     /// The image keeping exactly the first `count` pending writes, whole (a prefix crash).
