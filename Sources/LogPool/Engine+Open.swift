@@ -201,6 +201,11 @@ extension Engine {
         var records: [(offset: Int, record: JournalRecord)] = []
         var stop = "end of journal"
         var durable = superblock.journalReplaySequence
+        // Records of epoch g+1 follow epoch g's stretch directly (a checkpoint syncs the
+        // journal before it commits), so replay chains into them: after falling back to
+        // the older slot because the newer one is damaged, nothing synced under the newer
+        // one is lost. A record of any other epoch ends replay (J-4).
+        var epoch = superblock.generation
         scan: while consumed < ringByteCount {
             let inSector = position % PoolGeometry.sectorByteCount
             if inSector != 0 && PoolGeometry.sectorByteCount - inSector < header {
@@ -224,8 +229,8 @@ extension Engine {
                 stop = "no valid record at ring offset \(position) (\(error.detail))"
                 break scan
             }
-            guard decodedHeader.epoch == superblock.generation else {
-                stop = "record at ring offset \(position) is from epoch \(decodedHeader.epoch), not \(superblock.generation)"
+            guard decodedHeader.epoch == epoch || decodedHeader.epoch == epoch + 1 else {
+                stop = "record at ring offset \(position) is from epoch \(decodedHeader.epoch), not \(epoch)"
                 break scan
             }
             guard decodedHeader.sequence == expected else {
@@ -245,6 +250,7 @@ extension Engine {
                 break scan
             }
             records.append((position, record))
+            epoch = record.epoch
             durable = max(durable, record.durableSequence)
             expected += 1
             consumed += size
@@ -255,6 +261,7 @@ extension Engine {
             }
         }
         var applied = 0
+        var lastEpoch = superblock.generation
         var endPosition = Int(superblock.journalReplayByteOffset)
         var nextSequence = superblock.journalReplaySequence
         var usedBytes = 0
@@ -267,6 +274,7 @@ extension Engine {
             }
             try apply(record.intent, recordByteOffset: PoolGeometry.journalByteOffset + UInt64(offset))
             applied += 1
+            lastEpoch = record.epoch
             nextSequence = record.sequence + 1
             let end = offset + record.encodedByteCount
             usedBytes += (end - endPosition + ringByteCount) % ringByteCount
@@ -278,6 +286,13 @@ extension Engine {
         }
         recoveryReport.replayedRecordCount = applied
         recoveryReport.replayStopReason = stop
+        if lastEpoch > superblock.generation {
+            // Chained into the newer slot's epoch: the next commit must go past it, so
+            // that records of that epoch beyond the stop point can never be replayed.
+            recoveryReport.findings.append("replay continued into epoch \(lastEpoch) of superblock generation \(lastEpoch), whose slot was not chosen")
+            superblock.generation = lastEpoch
+            superblock.slotIndex = Int(lastEpoch % 2)
+        }
         let head = Int(sectorAligned(UInt64(endPosition))) % ringByteCount
         journal = JournalWriter(ringByteCount: geometry.journalByteCount, salt: salt, head: UInt64(head),
                                 sequence: nextSequence, epoch: superblock.generation)

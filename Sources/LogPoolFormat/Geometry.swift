@@ -21,6 +21,7 @@ public struct PoolGeometry: Sendable, Equatable {
     public static let segmentByteCountMin: UInt32 = 64 * 1024
     public static let segmentByteCountMax: UInt32 = 256 * 1024 * 1024
     public static let reserveSegmentCountDefault: UInt32 = 2
+    public static let capacityByteCountMin: UInt64 = 4 << 20
 
     public var capacityByteCount: UInt64
     public var blockByteCount: UInt32
@@ -73,6 +74,10 @@ public struct PoolGeometry: Sendable, Equatable {
         }
         guard segment >= 16 * blockByteCount else {
             return .failure(.init("segment size \(segment) must hold at least 16 blocks of \(blockByteCount) bytes"))
+        }
+        // Below 4 MiB the reserve and the 1 MiB overwrite headroom leave nothing useful.
+        guard capacityByteCount >= 4 << 20 else {
+            return .failure(.init("pool size \(capacityByteCount) is too small: the smallest pool is 4 MiB"))
         }
         let journal = defaultJournalByteCount(capacityByteCount: capacityByteCount)
         let dataArea = (journalByteOffset + journal + 4095) & ~UInt64(4095)
