@@ -62,6 +62,7 @@ extension Engine {
         for s in 0..<segmentStates.count where segmentStates[s] == .free && liveByteCount(s) != 0 {
             problems.append("segment \(s) is free but holds \(liveByteCount(s)) live bytes")
         }
+        if blockTable.capacity < blockIDLimit { problems.append("block table of height \(blockTable.height) cannot hold \(blockIDLimit) ids") }
         if let open = openSegment, segmentStates[open] != .open { problems.append("open segment \(open) not in state open") }
         return problems
     }

@@ -216,6 +216,8 @@ extension Engine {
             refcounts.append(0)
             blockIDLimit += 1
         }
+        // The table's height always covers the id space (checkpoint invariant C-4).
+        grow(&blockTable, toCover: blockIDLimit)
     }
 
     /// The next free block id at or after the allocation cursor, wrapping once. Ids are

@@ -1,0 +1,106 @@
+import Dispatch
+import Foundation
+import LogPool
+import LogPoolTesting
+import Testing
+
+@Suite("Randomized model")
+struct ModelTests {
+    /// Goal: the engine equals a plain in-memory model after every operation and after
+    /// every reopen. Method: seeded random operations (writes of many sizes and
+    /// alignments, discards, snapshots, clones, deletes, renames, resizes, syncs,
+    /// checkpoints, compactions), with clean close + open and crash-after-sync + open at
+    /// random points; strict mode checks the engine's invariants after every op.
+    @Test("random operations match the reference model, across reopen and crash", arguments: [UInt64(101), 102, 103, 104, 105, 106])
+    func randomOps(seed: UInt64) throws {
+        var device = SimulatedDevice(byteCount: 8 << 20)
+        var pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: seed % 3 == 0 ? 512 : 4096,
+                                   segmentSize: 64 << 10, compression: seed % 2 == 0 ? .lz4 : .none)
+        var model = ReferenceModel()
+        let blockSize = seed % 3 == 0 ? 512 : 4096
+        try pool.createVolume(name: "a", size: UInt64(32 * blockSize))
+        model.create("a", size: 32 * blockSize)
+        var workload = WorkloadGenerator(seed: seed)
+        var rng = SeededGenerator(seed: seed ^ 0xABCDEF)
+        let steps = ProcessInfo.processInfo.environment["LOGPOOL_LONG"] == nil ? 150 : 2000
+        for step in 0..<steps {
+            var op = workload.next(model)
+            // Keep sizes multiples of this pool's block size.
+            if case .resize(let v, let n) = op { op = .resize(v, max(1, n / 4096) * blockSize * 4) }
+            do {
+                try apply(op, to: pool, model: &model)
+            } catch PoolError.poolFull {
+                // Allowed only for writes; the model stays as it was (nothing changed).
+                guard case .write = op else { Issue.record("seed \(seed) step \(step): poolFull on \(op)"); return }
+            } catch {
+                Issue.record("seed \(seed) step \(step) \(op): \(error)")
+                return
+            }
+            let got = try contents(of: pool)
+            guard got == logical(model) else {
+                Issue.record("seed \(seed) step \(step) after \(op): pool differs from model")
+                return
+            }
+            let problems = pool.internalConsistencyProblems()
+            guard problems.isEmpty else {
+                Issue.record("seed \(seed) step \(step) after \(op): \(problems.prefix(3))")
+                return
+            }
+            switch Int.random(in: 0..<40, using: &rng) {
+            case 0:
+                try pool.close()
+                (pool, device) = try reopen(device)
+            case 1:
+                try pool.sync()
+                (pool, device) = try reopen(device, image: device.durable)
+            case 2:
+                _ = try pool.compact()
+            default:
+                break
+            }
+            #expect(try contents(of: pool) == logical(model), "seed \(seed) step \(step) after reopen")
+        }
+    }
+
+    @Test("many threads writing different volumes and reading snapshots at once")
+    func threads() throws {
+        let (pool, _) = try makePool(capacity: 32 << 20, segmentSize: nil, compression: .lz4)
+        let count = 4
+        for i in 0..<count { try pool.createVolume(name: "v\(i)", size: 256 * 4096) }
+        let failures = SharedSlots<String>(count: count)
+        DispatchQueue.concurrentPerform(iterations: count) { i in
+            do {
+                let v = try pool.openVolume(name: "v\(i)")
+                var expected = [UInt8](repeating: 0, count: 256 * 4096)
+                for round in 0..<100 {
+                    let offset = (round * 7919 + i * 131) % (250 * 4096)
+                    let data = pattern(5000, seed: UInt8(truncatingIfNeeded: round + i))
+                    try v.write(at: UInt64(offset), from: data)
+                    expected.replaceSubrange(offset..<offset + 5000, with: data)
+                    if round % 25 == 0 {
+                        let snap = try pool.snapshot(source: "v\(i)", name: "v\(i)-s\(round)")
+                        guard try snap.read(at: 0, length: expected.count) == expected else {
+                            failures.set(i, "v\(i) snapshot at round \(round) differs"); return
+                        }
+                        try pool.sync()
+                    }
+                }
+                guard try v.read(at: 0, length: expected.count) == expected else { failures.set(i, "v\(i) differs"); return }
+                failures.set(i, "")
+            } catch {
+                failures.set(i, "v\(i): \(error)")
+            }
+        }
+        for message in failures.take() where !message.isEmpty { Issue.record(Comment(rawValue: message)) }
+        #expect(pool.internalConsistencyProblems() == [])
+    }
+}
+
+/// Slots filled in parallel, each by exactly one worker.
+final class SharedSlots<T>: @unchecked Sendable {
+    private var storage: [T?]
+    private let lock = NSLock()
+    init(count: Int) { storage = Array(repeating: nil, count: count) }
+    func set(_ index: Int, _ value: T) { lock.lock(); storage[index] = value; lock.unlock() }
+    func take() -> [T] { lock.lock(); defer { lock.unlock() }; return storage.compactMap { $0 } }
+}
