@@ -28,5 +28,7 @@ let package = Package(
         ),
         .testTarget(name: "LogPoolFormatTests", dependencies: ["LogPoolFormat"]),
         .testTarget(name: "LogPoolTests", dependencies: ["LogPool", "LogPoolFormat", "LogPoolTesting"]),
+        // Runs the built `logpool` binary; depending on the target makes `swift test` build it.
+        .testTarget(name: "LogPoolCLITests", dependencies: ["LogPoolCLI"]),
     ]
 )

@@ -1,0 +1,141 @@
+import Foundation
+import Testing
+
+/// Runs the built `logpool` binary (swift test builds it beside the test bundle).
+struct CLI {
+    static let binary: String = {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        return root.appendingPathComponent(".build/debug/logpool").path
+    }()
+
+    struct Result {
+        var status: Int32
+        var stdout: Data
+        var stderr: String
+        var text: String { String(decoding: stdout, as: UTF8.self) }
+    }
+
+    @discardableResult
+    static func run(_ arguments: [String], stdin: Data? = nil) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe(), input = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = input
+        try process.run()
+        if let stdin { input.fileHandleForWriting.write(stdin) }
+        try input.fileHandleForWriting.close()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return Result(status: process.terminationStatus, stdout: stdout, stderr: String(decoding: stderr, as: UTF8.self))
+    }
+}
+
+func temporaryPath(_ name: String) -> String {
+    let dir = NSTemporaryDirectory() + "logpool-cli-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    return dir + "/" + name
+}
+
+@Suite("logpool CLI")
+struct CLITests {
+    @Test("the documented workflow: init, create, write, snapshot, clone, read, list, info, resize, rename, destroy, compact")
+    func workflow() throws {
+        let pool = temporaryPath("p.pool")
+        #expect(try CLI.run(["init", pool, "--size", "64M", "--compression", "lz4"]).status == 0)
+        #expect(try CLI.run(["create", pool, "disk", "--size", "8M"]).status == 0)
+        let payload = Data((0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 9) })
+        let wrote = try CLI.run(["write", pool, "disk", "--offset", "4K"], stdin: payload)
+        #expect(wrote.status == 0, "\(wrote.stderr)")
+        #expect(try CLI.run(["snapshot", pool, "disk", "disk@1"]).status == 0)
+        #expect(try CLI.run(["write", pool, "disk", "--offset", "4096"], stdin: Data(repeating: 0xEE, count: 5000)).status == 0)
+        #expect(try CLI.run(["clone", pool, "disk@1", "dev"]).status == 0)
+        let snap = try CLI.run(["read", pool, "disk@1", "--offset", "4096", "--length", "\(payload.count)"])
+        #expect(snap.status == 0)
+        #expect(snap.stdout == payload)
+        let disk = try CLI.run(["read", pool, "disk", "--offset", "4096", "--length", "5000"])
+        #expect(disk.stdout == Data(repeating: 0xEE, count: 5000))
+        let whole = try CLI.run(["read", pool, "dev"])
+        #expect(whole.stdout.count == 8 << 20)
+
+        let list = try CLI.run(["list", pool, "--json"])
+        #expect(list.status == 0)
+        let rows = try #require(try JSONSerialization.jsonObject(with: list.stdout) as? [[String: Any]])
+        let byName = Dictionary(uniqueKeysWithValues: rows.map { ($0["name"] as! String, $0) })
+        #expect(byName["disk@1"]?["kind"] as? String == "snapshot")
+        #expect(byName["dev"]?["origin"] as? String == "disk@1")
+        #expect(byName["disk"]?["origin"] is NSNull)
+        #expect((byName["disk"]?["sizeBytes"] as? Int) == 8 << 20)
+        for key in ["allocatedBytes", "exclusiveBytes"] { #expect(byName["disk"]?[key] is Int) }
+
+        let info = try CLI.run(["info", pool, "--json"])
+        let object = try #require(try JSONSerialization.jsonObject(with: info.stdout) as? [String: Any])
+        for key in ["capacityBytes", "usedBytes", "freeBytes", "deadBytes", "reserveBytes", "volumeCount", "blockSize", "segmentSize"] {
+            #expect(object[key] is Int, "info --json lacks \(key)")
+        }
+        #expect(object["compression"] as? String == "lz4")
+        #expect(object["cleanlyClosed"] as? Bool == true)
+        #expect(object["capacityBytes"] as? Int == 64 << 20)
+
+        #expect(try CLI.run(["resize", pool, "dev", "--size", "16M"]).status == 0)
+        #expect(try CLI.run(["rename", pool, "dev", "dev2"]).status == 0)
+        #expect(try CLI.run(["destroy", pool, "disk@1"]).status == 0)
+        let compact = try CLI.run(["compact", pool])
+        #expect(compact.status == 0)
+        #expect(compact.text.contains("compacted"))
+        let after = try CLI.run(["list", pool])
+        #expect(after.text.contains("dev2") && !after.text.contains("disk@1"))
+    }
+
+    @Test("errors are one line 'logpool: error: ...' with a non-zero status")
+    func errors() throws {
+        let pool = temporaryPath("e.pool")
+        try CLI.run(["init", pool, "--size", "16M"])
+        let cases: [([String], String)] = [
+            (["init", pool, "--size", "16M"], "already exists"),
+            (["init", temporaryPath("x.pool"), "--size", "12Q"], "--size"),
+            (["init", temporaryPath("y.pool"), "--size", "1M"], "too small"),
+            (["create", pool, "v", "--size", "abc"], "--size"),
+            (["create", pool, "", "--size", "1M"], "empty"),
+            (["read", pool, "missing"], "not found"),
+            (["snapshot", pool, "nope", "s"], "not found"),
+            (["info", temporaryPath("absent.pool")], "not found"),
+        ]
+        for (arguments, fragment) in cases {
+            let result = try CLI.run(arguments)
+            #expect(result.status != 0, "\(arguments)")
+            let lines = result.stderr.split(separator: "\n")
+            #expect(lines.count == 1, "\(arguments): \(result.stderr)")
+            #expect(result.stderr.hasPrefix("logpool: error: "), "\(arguments): \(result.stderr)")
+            #expect(result.stderr.contains(fragment), "\(arguments): \(result.stderr)")
+        }
+        try CLI.run(["create", pool, "v", "--size", "1M"])
+        try CLI.run(["snapshot", pool, "v", "s"])
+        let readOnly = try CLI.run(["write", pool, "s"], stdin: Data([1, 2, 3]))
+        #expect(readOnly.status != 0 && readOnly.stderr.contains("read-only"))
+        let range = try CLI.run(["write", pool, "v", "--offset", "1M"], stdin: Data([1]))
+        #expect(range.status != 0 && range.stderr.contains("out of range"))
+    }
+
+    @Test("info on files that are not pools says what is wrong")
+    func notPools() throws {
+        let text = temporaryPath("text.txt")
+        try Data(String(repeating: "hello\n", count: 2000).utf8).write(to: URL(fileURLWithPath: text))
+        let result = try CLI.run(["info", text])
+        #expect(result.status != 0)
+        #expect(result.stderr.contains("bad magic"), "\(result.stderr)")
+        let empty = temporaryPath("empty")
+        FileManager.default.createFile(atPath: empty, contents: Data())
+        #expect(try CLI.run(["info", empty]).stderr.contains("empty"))
+        let pool = temporaryPath("t.pool")
+        try CLI.run(["init", pool, "--size", "16M"])
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: pool))
+        try handle.truncate(atOffset: 1 << 20)
+        try handle.close()
+        let truncated = try CLI.run(["info", pool])
+        #expect(truncated.status != 0 && truncated.stderr.contains("truncated"), "\(truncated.stderr)")
+    }
+}
