@@ -43,7 +43,7 @@ struct FormatSpecTests {
             expected = row.offset + row.bytes
         }
         #expect(expected == SuperblockLayout.byteCount)
-        let byName = Dictionary(uniqueKeysWithValues: rows.map { ($0.name, $0.offset) })
+        let byName = Dictionary(rows.map { ($0.name, $0.offset) }, uniquingKeysWith: { first, _ in first })
         #expect(byName["formatVersion"] == SuperblockLayout.formatVersionOffset)
         #expect(byName["slotIndex"] == SuperblockLayout.slotIndexOffset)
         #expect(byName["generation"] == SuperblockLayout.generationOffset)
