@@ -22,9 +22,9 @@ extension Engine {
         try checkUsable()
         guard !readOnly else { return }
         if let batch = journal.takeBatch() {
-            try deviceCall { try device.write(batch.bytes, at: PoolGeometry.journalByteOffset + batch.ringByteOffset) }
+            try deviceWrite(batch.bytes, at: PoolGeometry.journalByteOffset + batch.ringByteOffset)
         }
-        try deviceCall { try device.sync() }
+        try deviceSync()
         journal.markDurable()
     }
 
@@ -41,6 +41,10 @@ extension Engine {
     func checkpoint(mounted: Bool = true) throws {
         try checkWritable()
         try sync()
+        if journal.nextSequence == superblock.journalReplaySequence && dirtyPageCount == 0
+            && pendingPageReleases.isEmpty && checkpointExtent != nil {
+            return try commitSuperblockOnly(mounted: mounted)
+        }
         var batch = WriteBatch()
         var newMeta = metaLiveByteCounts
         for offset in pendingPageReleases { newMeta[segment(of: offset)] -= UInt64(PoolGeometry.pageByteCount) }
@@ -81,8 +85,8 @@ extension Engine {
         root.segmentLiveByteCounts = zip(dataLiveByteCounts, newMeta).map { $0 + $1 }
         let encodedRoot = root.encode(salt: salt)
         batch.add(encodedRoot.bytes, at: rootOffset)
-        try deviceCall { try batch.write(to: device) }
-        try deviceCall { try device.sync() }
+        try deviceWrite(batch)
+        try deviceSync()
 
         let generation = superblock.generation + 1
         var next = superblock
@@ -96,8 +100,8 @@ extension Engine {
         next.parentChecksum = superblock.checksum
         next.flags = mounted ? Superblock.flagMounted : 0
         let slotBytes = next.encode()
-        try deviceCall { try device.write(slotBytes, at: PoolGeometry.superblockSlotByteOffsets[next.slotIndex]) }
-        try deviceCall { try device.sync() }
+        try deviceWrite(slotBytes, at: PoolGeometry.superblockSlotByteOffsets[next.slotIndex])
+        try deviceSync()
 
         // Committed. Holes were computed against the previous commit; recompute on demand.
         holes.removeAll()
@@ -112,6 +116,26 @@ extension Engine {
             if dataLiveByteCounts[s] == 0 && metaLiveByteCounts[s] == 0 { segmentStates[s] = .free }
         }
         rebuildFreeSegmentList()
+        checkpointCount += 1
+    }
+
+    /// Nothing changed since the last checkpoint (no journal record, no dirty page): the
+    /// durable root still describes the state, so only a new slot is committed (for the
+    /// mounted flag and a fresh epoch). Same crash analysis as step 5 of a checkpoint.
+    private func commitSuperblockOnly(mounted: Bool) throws {
+        let generation = superblock.generation + 1
+        var next = superblock
+        next.slotIndex = Int(generation % 2)
+        next.generation = generation
+        next.journalReplayByteOffset = journal.position % journal.ringByteCount
+        next.journalReplaySequence = journal.nextSequence
+        next.parentChecksum = superblock.checksum
+        next.flags = mounted ? Superblock.flagMounted : 0
+        try deviceWrite(next.encode(), at: PoolGeometry.superblockSlotByteOffsets[next.slotIndex])
+        try deviceSync()
+        superblock = next
+        holes.removeAll()
+        journal.resetAfterCheckpoint(epoch: generation)
         checkpointCount += 1
     }
 

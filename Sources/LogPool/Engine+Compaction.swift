@@ -124,7 +124,7 @@ extension Engine {
                 moves.append(BlockRelocation(blockID: id, location: moved))
                 report.bytesMoved += location.allocatedByteCount
             }
-            try deviceCall { try batch.write(to: device) }
+            try deviceWrite(batch)
             let intent = JournalIntent.relocate(moves)
             if journal.freeByteCount < JournalWriter.worstCaseByteCount(payloadByteCount: intent.payloadByteCount) {
                 try checkpoint()

@@ -244,10 +244,10 @@ extension Engine {
     /// Journals `intent` (buffered; durable at the next sync) and applies it.
     func journalAndApply(_ intent: JournalIntent) throws {
         if let flushed = journal.append(intent) {
-            try deviceCall { try device.write(flushed.bytes, at: PoolGeometry.journalByteOffset + flushed.ringByteOffset) }
+            try deviceWrite(flushed.bytes, at: PoolGeometry.journalByteOffset + flushed.ringByteOffset)
         }
         if journal.buffer.byteCount >= 1 << 20, let early = journal.takeFullSectors() {
-            try deviceCall { try device.write(early.bytes, at: PoolGeometry.journalByteOffset + early.ringByteOffset) }
+            try deviceWrite(early.bytes, at: PoolGeometry.journalByteOffset + early.ringByteOffset)
         }
         try apply(intent)
     }
@@ -317,7 +317,7 @@ extension Engine {
     func read(_ volume: VolumeState, byteOffset: UInt64, into destination: UnsafeMutableRawBufferPointer) throws {
         let bs = UInt64(blockByteCount)
         var done = 0
-        var scratch = [UInt8](repeating: 0, count: blockByteCount)
+        var scratch: [UInt8] = []
         while done < destination.count {
             let position = byteOffset + UInt64(done)
             let blockIndex = position / bs
@@ -357,6 +357,7 @@ extension Engine {
                 done += run.count * blockByteCount
                 continue
             }
+            if scratch.isEmpty { scratch = [UInt8](repeating: 0, count: blockByteCount) }
             try scratch.withUnsafeMutableBytes { try readBlock(id, into: $0) }
             scratch.withUnsafeBytes { raw in
                 UnsafeMutableRawBufferPointer(rebasing: destination[done..<done + take])
@@ -434,7 +435,7 @@ extension Engine {
                                          flags: block.flags, checksum: block.checksum)
             mappings.append(BlockMapping(blockIndex: indexes[i], blockID: allocateBlockID(), location: location))
         }
-        try deviceCall { try batch.write(to: device) }
+        try deviceWrite(batch)
         try journalAndApply(.map(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
     }
 }

@@ -118,18 +118,26 @@ extension Engine {
             }
         }
         metaLiveByteCounts[segment(of: sb.checkpointByteOffset)] += sectorAligned(sb.checkpointByteCount)
-        var owners: [UInt64: UInt64] = [:]
-        for id in 1..<blockIDLimit where refcounts[Int(id)] > 0 {
-            let location = blockLocation(id)
+        // (Two ids at one location is a check for `verify`; open only needs each
+        // referenced entry to be in range.) One pass over the table's leaves.
+        var entries: [(UInt64, BlockLocation)] = []
+        entries.reserveCapacity(refcounts.count)
+        forEachBlockEntry { id, location in
+            if id < blockIDLimit && refcounts[Int(id)] > 0 { entries.append((id, location)) }
+        }
+        var present = 0
+        for (id, location) in entries {
+            present += 1
             guard location.storedByteCount > 0, location.storedByteCount <= geometry.blockByteCount,
                   geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
             else {
                 throw corrupt("block table", sb.checkpointByteOffset, "block id \(id) is referenced but its entry (offset \(location.byteOffset), \(location.storedByteCount) bytes) is invalid")
             }
-            if let other = owners.updateValue(id, forKey: location.byteOffset) {
-                recoveryReport.findings.append("block ids \(other) and \(id) both claim byte offset \(location.byteOffset)")
-            }
             dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
+        }
+        let referenced = refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
+        guard present == referenced else {
+            throw corrupt("block table", sb.checkpointByteOffset, "\(referenced - present) referenced block ids have no block-table page")
         }
         for s in 0..<segmentStates.count {
             let rebuilt = dataLiveByteCounts[s] + metaLiveByteCounts[s]
@@ -193,7 +201,17 @@ extension Engine {
     /// does not fit the state is corruption and throws.
     func replayJournal() throws {
         let ringByteCount = Int(geometry.journalByteCount)
-        let ring = try device.read(byteCount: ringByteCount, at: PoolGeometry.journalByteOffset)
+        // Read on demand (an empty journal costs one small read, not the whole ring),
+        // through a 64 KiB window that most records fall inside.
+        var window: (start: Int, bytes: [UInt8]) = (0, [])
+        func ringBytes(_ position: Int, _ count: Int) throws -> [UInt8] {
+            if position >= window.start && position + count <= window.start + window.bytes.count {
+                return Array(window.bytes[(position - window.start)..<(position - window.start + count)])
+            }
+            let length = min(max(count, 64 * 1024), ringByteCount - position)
+            window = (position, try device.read(byteCount: length, at: PoolGeometry.journalByteOffset + UInt64(position)))
+            return Array(window.bytes[0..<count])
+        }
         let header = JournalRecordLayout.headerByteCount
         var position = Int(superblock.journalReplayByteOffset)
         var expected = superblock.journalReplaySequence
@@ -219,11 +237,10 @@ extension Engine {
             }
             let fileOffset = PoolGeometry.journalByteOffset + UInt64(position)
             let decodedHeader: JournalRecord.Header
+            let headerBytes = try ringBytes(position, header)
             do {
-                decodedHeader = try ring.withUnsafeBytes { raw in
-                    Result { () throws(CorruptionError) in
-                        try JournalRecord.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[position..<position + header]), byteOffset: fileOffset)
-                    }
+                decodedHeader = try headerBytes.withUnsafeBytes { raw in
+                    Result { () throws(CorruptionError) in try JournalRecord.decodeHeader(raw, byteOffset: fileOffset) }
                 }.get()
             } catch {
                 stop = "no valid record at ring offset \(position) (\(error.detail))"
@@ -243,8 +260,9 @@ extension Engine {
                 break scan
             }
             let record: JournalRecord
+            let recordBytes = try ringBytes(position, size)
             do {
-                record = try JournalRecord.decode(Array(ring[position..<position + size]), salt: salt, byteOffset: fileOffset)
+                record = try JournalRecord.decode(recordBytes, salt: salt, byteOffset: fileOffset)
             } catch {
                 stop = "torn or damaged record at ring offset \(position) (\(error.detail))"
                 break scan

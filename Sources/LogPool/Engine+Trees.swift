@@ -193,6 +193,29 @@ extension Engine {
                              flags: UInt32(truncatingIfNeeded: packed >> 32), checksum: leaf.words[w + 2])
     }
 
+    /// Calls `body` with every block-table entry that lies in an existing leaf, in id
+    /// order, without a tree walk per id.
+    func forEachBlockEntry(_ body: (UInt64, BlockLocation) -> Void) {
+        guard let root = blockTable.root else { return }
+        func walk(_ node: TreeNode, base: UInt64) {
+            if node.level == 0 {
+                for slot in 0..<PageLayout.blockTableLeafFanout {
+                    let w = slot * 3
+                    let packed = node.words[w + 1]
+                    body(base + UInt64(slot), BlockLocation(
+                        byteOffset: node.words[w], storedByteCount: UInt32(truncatingIfNeeded: packed),
+                        flags: UInt32(truncatingIfNeeded: packed >> 32), checksum: node.words[w + 2]))
+                }
+                return
+            }
+            let span = blockTable.span(level: node.level)
+            for (i, child) in node.children.enumerated() {
+                if let child { walk(child, base: base + UInt64(i) * span) }
+            }
+        }
+        walk(root, base: 0)
+    }
+
     func setBlockLocation(_ id: UInt64, _ location: BlockLocation) {
         grow(&blockTable, toCover: id + 1)
         let (leaf, index) = leafForWriting(&blockTable, slot: id)

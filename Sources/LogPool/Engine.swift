@@ -83,6 +83,9 @@ final class Engine {
     // Journal ring.
     var journal: JournalWriter
 
+    /// A device write happened since the last device sync.
+    var deviceDirty = false
+
     // Failure state.
     var poisonCause: String? = nil
     var isClosed = false
@@ -134,6 +137,24 @@ final class Engine {
             poisonCause = error.description
             throw error
         }
+    }
+
+    /// Writes through the device, poisoning on failure and noting that a sync is due.
+    func deviceWrite(_ bytes: [UInt8], at byteOffset: UInt64) throws {
+        deviceDirty = true
+        try deviceCall { try device.write(bytes, at: byteOffset) }
+    }
+
+    func deviceWrite(_ batch: WriteBatch) throws {
+        deviceDirty = true
+        try deviceCall { try batch.write(to: device) }
+    }
+
+    /// fdatasync, skipped when nothing was written since the last one.
+    func deviceSync() throws {
+        guard deviceDirty else { return }
+        try deviceCall { try device.sync() }
+        deviceDirty = false
     }
 
     // MARK: - Geometry helpers

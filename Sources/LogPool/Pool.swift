@@ -173,6 +173,16 @@ public final class Pool: @unchecked Sendable {
         }
     }
 
+    /// Drops the handle as a crash would: syncs nothing more, checkpoints nothing, and
+    /// releases the file. What was synced survives; the next open replays the journal.
+    /// For benchmarks and crash tests on real files.
+    public func abandonForBenchmark() throws {
+        locked {
+            engine.isClosed = true
+            fileDevice?.closeDescriptor()
+        }
+    }
+
     /// Makes every completed write and metadata change durable (one fsync).
     public func sync() throws {
         try locked { try engine.sync() }

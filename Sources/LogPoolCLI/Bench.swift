@@ -1,0 +1,246 @@
+import ArgumentParser
+import Foundation
+import LogPool
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `logpool bench`: the same workloads on a fresh pool and on a plain file with
+/// pwrite/pread/fdatasync (the raw baseline), measured in the same run, so the ratios
+/// mean something on a shared, noisy machine.
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Measure LogPool against a raw file baseline.")
+    @Option(help: "Directory for the pool and baseline files (default: the temporary directory).") var dir: String?
+    @Option(help: "GiB written by the sequential workloads.") var gib: Int = 1
+    @Option(help: "Compression modes to run: none, lz4 or both.") var compression: String = "both"
+    @Flag(help: "One JSON object.") var json = false
+
+    struct Row: Encodable {
+        var compression: String
+        var workload: String
+        var unit: String
+        var logpool: Double
+        var raw: Double?
+        var ratio: Double?
+        var target: String
+    }
+
+    func run() throws {
+        guard gib >= 1, gib <= 64 else { throw PoolError.invalidArgument("--gib must be 1...64") }
+        let modes: [CompressionMode]
+        switch compression {
+        case "none": modes = [.none]
+        case "lz4": modes = [.lz4]
+        case "both": modes = [.none, .lz4]
+        default: throw PoolError.invalidArgument("--compression must be none, lz4 or both")
+        }
+        let directory = dir ?? NSTemporaryDirectory()
+        var rows: [Row] = []
+        for mode in modes {
+            rows += try runSuite(mode: mode, directory: directory)
+        }
+        if json { return try printJSON(rows) }
+        var table = [["COMPRESSION", "WORKLOAD", "UNIT", "LOGPOOL", "RAW", "RATIO", "TARGET"]]
+        for r in rows {
+            table.append([r.compression, r.workload, r.unit, String(format: "%.1f", r.logpool),
+                          r.raw.map { String(format: "%.1f", $0) } ?? "-", r.ratio.map { String(format: "%.2f", $0) } ?? "-", r.target])
+        }
+        printTable(table)
+    }
+
+    /// Flushes every dirty page in the system so one phase's writeback does not slow the next.
+    private func settle() {
+        Glibc.sync()
+    }
+
+    private func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    private func peakRSSBytes() -> UInt64 {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        return UInt64(usage.ru_maxrss) * 1024
+    }
+
+    /// 1 MiB of data: random (incompressible) or text-like (compresses about 3x).
+    private func chunk(compressible: Bool, seed: UInt64) -> [UInt8] {
+        var generator = SplitMix(seed: seed)
+        if !compressible { return (0..<(1 << 20)).map { _ in UInt8(truncatingIfNeeded: generator.next()) } }
+        let words = ["block", "pool", "snapshot", "clone", "segment", "journal", "checkpoint", "volume", "crash", "safe",
+                     "log", "structured", "copy", "on", "write", "the", "a", "of", "and", "data"]
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(1 << 20)
+        while bytes.count < 1 << 20 {
+            bytes += Array(words[Int(generator.next() % UInt64(words.count))].utf8)
+            bytes.append(generator.next() % 9 == 0 ? 10 : 32)
+            if generator.next() % 5 == 0 { bytes += Array(String(generator.next() % 100000).utf8) }
+        }
+        return Array(bytes.prefix(1 << 20))
+    }
+
+    private func runSuite(mode: CompressionMode, directory: String) throws -> [Row] {
+        let label = mode.description
+        let poolPath = directory + "/logpool-bench-\(getpid()).pool"
+        let rawPath = directory + "/logpool-bench-\(getpid()).raw"
+        unlink(poolPath); unlink(rawPath)
+        defer { unlink(poolPath); unlink(rawPath) }
+        let total = gib << 30
+        let data = chunk(compressible: mode == .lz4, seed: 7)
+        var rows: [Row] = []
+
+        // seq-write-1M: total bytes in 1 MiB writes, one sync at the end.
+        let rssBefore = peakRSSBytes()
+        let pool = try Pool.create(at: poolPath, capacity: UInt64(total) * 2 + (512 << 20), compression: mode)
+        let volume = try pool.createVolume(name: "seq", size: UInt64(total))
+        settle()
+        var t0 = now()
+        for i in 0..<(total >> 20) { try volume.write(at: UInt64(i) << 20, from: data) }
+        try pool.sync()
+        let poolSeq = Double(total) / (now() - t0) / 1e6
+        let rssPerGiB = Double(peakRSSBytes() - min(rssBefore, peakRSSBytes())) / Double(gib) / 1048576
+        let fd = open(rawPath, O_RDWR | O_CREAT | O_TRUNC, 0o644)
+        guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "open \(rawPath)", byteOffset: 0) }
+        defer { close(fd) }
+        settle()
+        t0 = now()
+        for i in 0..<(total >> 20) {
+            _ = data.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(i << 20)) }
+        }
+        fdatasync(fd)
+        let rawSeq = Double(total) / (now() - t0) / 1e6
+        rows.append(Row(compression: label, workload: "seq-write-1M", unit: "MB/s", logpool: poolSeq, raw: rawSeq,
+                        ratio: poolSeq / rawSeq, target: mode == .none ? ">= 0.80" : ">= 0.70"))
+        if mode == .lz4 {
+            let info = try volume.info()
+            let ratio = Double(info.mappedBytes) / Double(max(info.allocatedBytes, 1))
+            rows.append(Row(compression: label, workload: "compression-ratio", unit: "x", logpool: ratio, raw: nil, ratio: nil, target: "-"))
+        }
+
+        // rand-write-4K over 256 MiB, sync every 32.
+        let randomSpan = 256 << 20
+        let randomVolume = try pool.createVolume(name: "rand", size: UInt64(randomSpan))
+        try randomVolume.write(at: 0, from: [0])  // not a fill: blocks appear as written
+        let writes = 16384
+        var generator = SplitMix(seed: 42)
+        let offsets = (0..<writes).map { _ in Int(generator.next() % UInt64(randomSpan / 4096)) * 4096 }
+        let block = Array(data[0..<4096])
+        settle()
+        t0 = now()
+        for (i, offset) in offsets.enumerated() {
+            try randomVolume.write(at: UInt64(offset), from: block)
+            if i % 32 == 31 { try pool.sync() }
+        }
+        let poolRandW = Double(writes) / (now() - t0)
+        let rfd = open(rawPath + ".r", O_RDWR | O_CREAT | O_TRUNC, 0o644)
+        defer { close(rfd); unlink(rawPath + ".r") }
+        ftruncate(rfd, off_t(randomSpan))
+        // Allocate the baseline file for real, as a written volume would be.
+        for i in 0..<(randomSpan >> 20) { _ = data.withUnsafeBytes { pwrite(rfd, $0.baseAddress, $0.count, off_t(i << 20)) } }
+        fdatasync(rfd)
+        settle()
+        t0 = now()
+        for (i, offset) in offsets.enumerated() {
+            _ = block.withUnsafeBytes { pwrite(rfd, $0.baseAddress, 4096, off_t(offset)) }
+            if i % 32 == 31 { fdatasync(rfd) }
+        }
+        let rawRandW = Double(writes) / (now() - t0)
+        rows.append(Row(compression: label, workload: "rand-write-4K", unit: "IOPS", logpool: poolRandW, raw: rawRandW,
+                        ratio: poolRandW / rawRandW, target: mode == .none ? ">= 1.20" : "-"))
+
+        // rand-read-4K over the sequentially written volume.
+        let reads = 32768
+        let readOffsets = (0..<reads).map { _ in Int(generator.next() % UInt64(total / 4096)) * 4096 }
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        settle()
+        t0 = now()
+        for offset in readOffsets { try buffer.withUnsafeMutableBytes { try volume.read(at: UInt64(offset), into: $0) } }
+        let poolRandR = Double(reads) / (now() - t0)
+        settle()
+        t0 = now()
+        for offset in readOffsets { _ = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 4096, off_t(offset)) } }
+        let rawRandR = Double(reads) / (now() - t0)
+        rows.append(Row(compression: label, workload: "rand-read-4K", unit: "IOPS", logpool: poolRandR, raw: rawRandR,
+                        ratio: poolRandR / rawRandR, target: mode == .none ? ">= 0.50" : "-"))
+
+        // seq-read-1M.
+        var big = [UInt8](repeating: 0, count: 1 << 20)
+        settle()
+        t0 = now()
+        for i in 0..<(total >> 20) { try big.withUnsafeMutableBytes { try volume.read(at: UInt64(i) << 20, into: $0) } }
+        let poolSeqR = Double(total) / (now() - t0) / 1e6
+        settle()
+        t0 = now()
+        for i in 0..<(total >> 20) { _ = big.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 1 << 20, off_t(i << 20)) } }
+        let rawSeqR = Double(total) / (now() - t0) / 1e6
+        rows.append(Row(compression: label, workload: "seq-read-1M", unit: "MB/s", logpool: poolSeqR, raw: rawSeqR,
+                        ratio: poolSeqR / rawSeqR, target: "-"))
+
+        // snapshot of the fully written volume; baseline: copying the raw file.
+        settle()
+        t0 = now()
+        try pool.snapshot(source: "seq", name: "seq@1")
+        try pool.sync()
+        let snapMs = (now() - t0) * 1000
+        settle()
+        t0 = now()
+        let copy = open(rawPath + ".copy", O_RDWR | O_CREAT | O_TRUNC, 0o644)
+        for i in 0..<(total >> 20) {
+            _ = big.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 1 << 20, off_t(i << 20)) }
+            _ = big.withUnsafeBytes { pwrite(copy, $0.baseAddress, 1 << 20, off_t(i << 20)) }
+        }
+        fdatasync(copy)
+        close(copy)
+        unlink(rawPath + ".copy")
+        let copyMs = (now() - t0) * 1000
+        rows.append(Row(compression: label, workload: "snapshot", unit: "ms", logpool: snapMs, raw: copyMs,
+                        ratio: snapMs / copyMs, target: "<= 10 ms"))
+
+        // open after clean close.
+        try pool.close()
+        settle()
+        t0 = now()
+        let reopened = try Pool.open(at: poolPath)
+        let openClean = (now() - t0) * 1000
+        rows.append(Row(compression: label, workload: "open-clean", unit: "ms", logpool: openClean, raw: nil, ratio: nil, target: "<= 100 ms"))
+
+        // open after a crash with a full journal: synced small writes until the journal is
+        // about to checkpoint, then drop the handle without close (no checkpoint).
+        let crashVolume = try reopened.openVolume(name: "rand")
+        let journalBytes = reopened.stats.journalBytes
+        var written = 0
+        while UInt64(written) * 100 < journalBytes * 45 / 100 {
+            try crashVolume.write(at: UInt64(offsets[written % offsets.count]), from: block)
+            if written % 32 == 31 { try reopened.sync() }
+            written += 1
+        }
+        try reopened.sync()
+        let generation = reopened.stats.generation
+        try reopened.abandonForBenchmark()
+        settle()
+        t0 = now()
+        let recovered = try Pool.open(at: poolPath)
+        let openCrash = (now() - t0) * 1000
+        let replayed = recovered.recoveryReport.replayedRecordCount
+        try recovered.close()
+        rows.append(Row(compression: label, workload: "open-after-crash", unit: "ms", logpool: openCrash, raw: nil, ratio: nil,
+                        target: "\(replayed) records replayed, gen \(generation)"))
+        rows.append(Row(compression: label, workload: "peak-rss-per-GiB", unit: "MiB", logpool: rssPerGiB, raw: nil, ratio: nil, target: "-"))
+        return rows
+    }
+}
+
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
