@@ -68,7 +68,7 @@ extension Engine {
                 words = node.words
             }
             let page = PageLayout.encode(kind: kind, level: node.level, words: words, salt: salt)
-            let offset = allocateExtent(byteCount: PoolGeometry.pageByteCount, batch: &batch)
+            let offset = allocateExtent(byteCount: PoolGeometry.pageByteCount, alignment: PoolGeometry.pageByteCount, batch: &batch)
             batch.add(page.bytes, at: offset)
             newMeta[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
             node.disk = PagePointer(byteOffset: offset, checksum: page.checksum)

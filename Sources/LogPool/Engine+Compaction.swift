@@ -117,7 +117,8 @@ extension Engine {
             var moves: [BlockRelocation] = []
             for (id, location) in chunk {
                 let bytes = try deviceCall { try device.read(byteCount: Int(location.allocatedByteCount), at: location.byteOffset) }
-                let offset = allocateExtent(byteCount: Int(location.allocatedByteCount), batch: &batch)
+                let alignment = location.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int(location.allocatedByteCount))
+                let offset = allocateExtent(byteCount: Int(location.allocatedByteCount), alignment: alignment, batch: &batch)
                 batch.add(bytes, at: offset)
                 var moved = location
                 moved.byteOffset = offset

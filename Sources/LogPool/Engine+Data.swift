@@ -1,12 +1,39 @@
 import Dispatch
 import LogPoolFormat
 
+/// A block's new content: borrowed from the caller's buffer (a whole block, written
+/// without a copy) or owned (a merged partial block, or compressed bytes).
+enum BlockBytes {
+    case borrowed(UnsafeRawBufferPointer)
+    case owned([UInt8])
+
+    var count: Int {
+        switch self {
+        case .borrowed(let raw): raw.count
+        case .owned(let bytes): bytes.count
+        }
+    }
+
+    func withBytes<T>(_ body: (UnsafeRawBufferPointer) -> T) -> T {
+        switch self {
+        case .borrowed(let raw): body(raw)
+        case .owned(let bytes): bytes.withUnsafeBytes(body)
+        }
+    }
+}
+
 /// One encoded block ready to append.
 struct EncodedBlock {
-    var stored: [UInt8]
+    var stored: BlockBytes
     var flags: UInt32
     var checksum: UInt64
     var allocatedByteCount: Int { Int(sectorAligned(UInt64(stored.count))) }
+}
+
+/// Borrowed block contents handed to the encoding workers; they only read them, during
+/// the call that owns the buffers.
+struct BlockBytesList: @unchecked Sendable {
+    let items: [BlockBytes]
 }
 
 /// Slots filled in parallel, each by exactly one worker, then read once all are done.
@@ -57,22 +84,30 @@ extension Engine {
     ///
     /// Order: the open segment; a new segment while more than the reserve is free; a hole
     /// (first fit); finally a reserve segment (checkpoints and compaction run on those).
-    func allocateExtent(byteCount: Int, batch: inout WriteBatch) -> UInt64 {
+    ///
+    /// `alignment` (a power of two, 512...4096): uncompressed blocks and pages ask for page
+    /// alignment so they never straddle two page-cache pages; the skipped bytes are dead.
+    func allocateExtent(byteCount: Int, alignment: Int = PoolGeometry.sectorByteCount, batch: inout WriteBatch) -> UInt64 {
         precondition(byteCount % PoolGeometry.sectorByteCount == 0 && UInt64(byteCount) <= geometry.segmentPayloadByteCount)
+        let align = UInt64(alignment)
+        func aligned(_ offset: UInt64) -> UInt64 { (offset + align - 1) & ~(align - 1) }
         if let open = openSegment {
             let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
-            if appendByteOffset + UInt64(byteCount) <= end {
-                defer { appendByteOffset += UInt64(byteCount) }
-                return appendByteOffset
+            let start = aligned(appendByteOffset)
+            if start + UInt64(byteCount) <= end {
+                appendByteOffset = start + UInt64(byteCount)
+                return start
             }
         }
         if freeSegments.count <= Int(geometry.reserveSegmentCount),
-           let index = holes.firstIndex(where: { $0.byteCount >= UInt64(byteCount) }) {
-            let offset = holes[index].byteOffset
-            holes[index].byteOffset += UInt64(byteCount)
-            holes[index].byteCount -= UInt64(byteCount)
-            if holes[index].byteCount == 0 { holes.remove(at: index) }
-            return offset
+           let index = holes.firstIndex(where: { aligned($0.byteOffset) + UInt64(byteCount) <= $0.byteOffset + $0.byteCount }) {
+            let hole = holes[index]
+            let start = aligned(hole.byteOffset)
+            let end = start + UInt64(byteCount)
+            holes.remove(at: index)
+            if end < hole.byteOffset + hole.byteCount { holes.insert((end, hole.byteOffset + hole.byteCount - end), at: index) }
+            if start > hole.byteOffset { holes.insert((hole.byteOffset, start - hole.byteOffset), at: index) }
+            return start
         }
         if let open = openSegment {
             segmentStates[open] = .used
@@ -87,6 +122,13 @@ extension Engine {
         batch.add(SegmentHeader(poolUUID: superblock.poolUUID, segmentIndex: UInt32(next), generation: superblock.generation).encode(), at: start)
         appendByteOffset = start + UInt64(PoolGeometry.segmentHeaderByteCount) + UInt64(byteCount)
         return start + UInt64(PoolGeometry.segmentHeaderByteCount)
+    }
+
+    /// Alignment for an uncompressed extent of `byteCount`: its own size up to a page.
+    func pageAlignment(for byteCount: Int) -> Int {
+        var alignment = PoolGeometry.sectorByteCount
+        while alignment < PoolGeometry.pageByteCount && alignment * 2 <= byteCount { alignment *= 2 }
+        return alignment
     }
 
     /// Admission (Specs/COMMIT.md §5, rule ), before anything changes:
@@ -254,35 +296,37 @@ extension Engine {
 
     // MARK: - Encoding blocks
 
-    static func encode(_ block: UnsafeRawBufferPointer, compression: CompressionMode) -> EncodedBlock {
-        if compression == .lz4 {
-            // Store compressed only when that saves at least one sector.
-            let limit = Int(sectorAligned(UInt64(block.count))) - PoolGeometry.sectorByteCount + 1
-            if let packed = BlockCompression.compress(block, limitByteCount: limit),
-               sectorAligned(UInt64(packed.count)) < sectorAligned(UInt64(block.count)) {
-                return EncodedBlock(stored: packed, flags: BlockLocation.flagCompressed, checksum: Checksum.xxh3(packed))
+    static func encode(_ content: BlockBytes, compression: CompressionMode) -> EncodedBlock {
+        content.withBytes { block in
+            if compression == .lz4 {
+                // Store compressed only when that saves at least one sector.
+                let limit = Int(sectorAligned(UInt64(block.count))) - PoolGeometry.sectorByteCount + 1
+                if let packed = BlockCompression.compress(block, limitByteCount: limit),
+                   sectorAligned(UInt64(packed.count)) < sectorAligned(UInt64(block.count)) {
+                    return EncodedBlock(stored: .owned(packed), flags: BlockLocation.flagCompressed, checksum: Checksum.xxh3(packed))
+                }
             }
+            return EncodedBlock(stored: content, flags: 0, checksum: Checksum.xxh3(block))
         }
-        let bytes = Array(block)
-        return EncodedBlock(stored: bytes, flags: 0, checksum: Checksum.xxh3(block))
     }
 
     /// Encodes many blocks, on both cores when compressing a large write.
-    func encodeAll(_ blocks: [[UInt8]]) -> [EncodedBlock] {
+    func encodeAll(_ blocks: [BlockBytes]) -> [EncodedBlock] {
         let mode = compression
         if mode == .lz4 && blocks.count >= 16 {
             // Each chunk writes only its own slots of the shared buffer.
             let results = SharedSlots<EncodedBlock>(count: blocks.count)
+            let list = BlockBytesList(items: blocks)
             let chunks = 8
             let per = (blocks.count + chunks - 1) / chunks
             DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
-                let lower = chunk * per, upper = min(blocks.count, lower + per)
+                let lower = chunk * per, upper = min(list.items.count, lower + per)
                 guard lower < upper else { return }
-                for i in lower..<upper { results.set(i, blocks[i].withUnsafeBytes { Engine.encode($0, compression: mode) }) }
+                for i in lower..<upper { results.set(i, Engine.encode(list.items[i], compression: mode)) }
             }
             return results.take()
         }
-        return blocks.map { $0.withUnsafeBytes { Engine.encode($0, compression: mode) } }
+        return blocks.map { Engine.encode($0, compression: mode) }
     }
 
     // MARK: - Reading blocks
@@ -387,14 +431,14 @@ extension Engine {
         let last = (byteOffset + UInt64(data.count) - 1) / bs
         // Build each block's new content: whole blocks straight from `data`, partial ones
         // merged over their current content (read-modify-write).
-        var contents: [[UInt8]] = []
+        var contents: [BlockBytes] = []
         contents.reserveCapacity(Int(last - first + 1))
         for blockIndex in first...last {
             let blockStart = blockIndex * bs
             let lower = max(blockStart, byteOffset), upper = min(blockStart + bs, byteOffset + UInt64(data.count))
             let source = UnsafeRawBufferPointer(rebasing: data[Int(lower - byteOffset)..<Int(upper - byteOffset)])
             if lower == blockStart && upper == blockStart + bs {
-                contents.append(Array(source))
+                contents.append(.borrowed(source))
             } else {
                 var block = [UInt8](repeating: 0, count: blockByteCount)
                 let old = mapLookup(volume.map, blockIndex: blockIndex)
@@ -402,7 +446,7 @@ extension Engine {
                 block.withUnsafeMutableBytes { raw in
                     UnsafeMutableRawBufferPointer(rebasing: raw[Int(lower - blockStart)..<Int(upper - blockStart)]).copyMemory(from: source)
                 }
-                contents.append(block)
+                contents.append(.owned(block))
             }
         }
         try writeBlocks(volume, indexes: Array(first...last), contents: contents, unmapRanges: [])
@@ -410,7 +454,7 @@ extension Engine {
 
     /// Stores `contents[i]` as a new block at logical block `indexes[i]` and journals one
     /// record that also unmaps `unmapRanges`. Admission happens before any change.
-    func writeBlocks(_ volume: VolumeState, indexes: [UInt64], contents: [[UInt8]], unmapRanges: [Range<UInt64>]) throws {
+    func writeBlocks(_ volume: VolumeState, indexes: [UInt64], contents: [BlockBytes], unmapRanges: [Range<UInt64>]) throws {
         let encoded = encodeAll(contents)
         let dataBytes = encoded.reduce(UInt64(0)) { $0 + UInt64($1.allocatedByteCount) }
         let payload = JournalIntent.map(volumeID: 0, unmapRanges: unmapRanges, mappings: []).payloadByteCount + contents.count * 40
@@ -424,18 +468,36 @@ extension Engine {
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.
         reserveBlockIDs(contents.count)
         var batch = WriteBatch()
+        // Whole uncompressed blocks go to disk straight from the caller's buffer, one
+        // pwrite per run that is contiguous both there and in the segment.
+        var directRuns: [(byteOffset: UInt64, bytes: UnsafeRawBufferPointer)] = []
         var mappings: [BlockMapping] = []
         mappings.reserveCapacity(encoded.count)
         for (i, block) in encoded.enumerated() {
-            let offset = allocateExtent(byteCount: block.allocatedByteCount, batch: &batch)
-            var padded = block.stored
-            if padded.count < block.allocatedByteCount { padded.append(contentsOf: repeatElement(0, count: block.allocatedByteCount - padded.count)) }
-            batch.add(padded, at: offset)
+            let alignment = block.flags & BlockLocation.flagCompressed == 0 ? pageAlignment(for: block.allocatedByteCount) : PoolGeometry.sectorByteCount
+            let offset = allocateExtent(byteCount: block.allocatedByteCount, alignment: alignment, batch: &batch)
+            switch block.stored {
+            case .borrowed(let raw) where raw.count == block.allocatedByteCount:
+                if let last = directRuns.last, last.byteOffset + UInt64(last.bytes.count) == offset,
+                   last.bytes.baseAddress! + last.bytes.count == raw.baseAddress! {
+                    directRuns[directRuns.count - 1].bytes = UnsafeRawBufferPointer(start: last.bytes.baseAddress, count: last.bytes.count + raw.count)
+                } else {
+                    directRuns.append((offset, raw))
+                }
+            default:
+                var padded = block.stored.withBytes { Array($0) }
+                if padded.count < block.allocatedByteCount { padded.append(contentsOf: repeatElement(0, count: block.allocatedByteCount - padded.count)) }
+                batch.add(padded, at: offset)
+            }
             let location = BlockLocation(byteOffset: offset, storedByteCount: UInt32(block.stored.count),
                                          flags: block.flags, checksum: block.checksum)
             mappings.append(BlockMapping(blockIndex: indexes[i], blockID: allocateBlockID(), location: location))
         }
         try deviceWrite(batch)
+        for run in directRuns {
+            deviceDirty = true
+            try deviceCall { try device.write(run.bytes, at: run.byteOffset) }
+        }
         try journalAndApply(.map(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
     }
 }

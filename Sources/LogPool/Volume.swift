@@ -127,6 +127,6 @@ extension Engine {
             try journalAndApply(intent)
             return
         }
-        try writeBlocks(volume, indexes: edges.map(\.0), contents: edges.map(\.1), unmapRanges: ranges)
+        try writeBlocks(volume, indexes: edges.map(\.0), contents: edges.map { .owned($0.1) }, unmapRanges: ranges)
     }
 }

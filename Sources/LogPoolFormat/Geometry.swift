@@ -15,8 +15,11 @@ public struct PoolGeometry: Sendable, Equatable {
     public static let journalByteOffset: UInt64 = 8192
     /// Metadata pages (map and block-table tree nodes) are always this size.
     public static let pageByteCount = 4096
-    /// Every segment starts with one header sector.
-    public static let segmentHeaderByteCount = 512
+    /// Every segment starts with its header (one sector, ``SegmentHeaderLayout``) in a
+    /// page of its own, so that the payload starts page aligned: uncompressed blocks and
+    /// metadata pages are then page aligned in the file, and a 4 KiB read or write
+    /// touches one page-cache page, not two.
+    public static let segmentHeaderByteCount = 4096
     public static let blockByteCountRange: ClosedRange<UInt32> = 512...65536
     public static let segmentByteCountMin: UInt32 = 64 * 1024
     public static let segmentByteCountMax: UInt32 = 256 * 1024 * 1024
