@@ -6,7 +6,7 @@ func sampleSuperblock(generation: UInt64 = 7) -> Superblock {
     let geometry = try! PoolGeometry.make(capacityByteCount: 64 << 20, blockByteCount: 4096, segmentByteCount: nil).get()
     return Superblock(
         slotIndex: Int(generation % 2), poolUUID: Array(0..<16), generation: generation, geometry: geometry,
-        compression: .lz4, checkpointByteOffset: geometry.dataAreaByteOffset + 512, checkpointByteCount: 1024,
+        compression: .lz4, checkpointByteOffset: geometry.dataAreaByteOffset + UInt64(PoolGeometry.segmentHeaderByteCount), checkpointByteCount: 1024,
         checkpointChecksum: 0x1234, journalReplayByteOffset: 4096, journalReplaySequence: 99,
         parentChecksum: 0xABCD, flags: Superblock.flagMounted, createdTime: 1_700_000_000)
 }
