@@ -74,6 +74,17 @@ extension Engine {
                 mapSet(&volume.map, blockIndex: m.blockIndex, id: m.blockID)
                 liveBlockCount += 1
             }
+        case .mapRun(let volumeID, let index, let id, let offset, let stored, let checksums):
+            // Same checks and effect as the `map` it stands for; the run's arithmetic is
+            // checked for overflow first so a damaged record cannot wrap around.
+            let count = UInt64(checksums.count)
+            guard index.addingReportingOverflow(count).overflow == false, id.addingReportingOverflow(count).overflow == false,
+                  offset.addingReportingOverflow(count.multipliedReportingOverflow(by: UInt64(stored)).partialValue).overflow == false,
+                  count.multipliedReportingOverflow(by: UInt64(stored)).overflow == false
+            else { throw bad("block run overflows") }
+            let mappings = JournalIntent.runMappings(firstBlockIndex: index, firstBlockID: id, firstByteOffset: offset,
+                                                     storedByteCount: stored, checksums: checksums)
+            try apply(.map(volumeID: volumeID, unmapRanges: [], mappings: mappings), recordByteOffset: recordByteOffset)
         case .relocate(let moves):
             for move in moves {
                 guard move.blockID < blockIDLimit, refcounts[Int(move.blockID)] > 0 else {
@@ -114,6 +125,7 @@ extension Engine {
     private func createBlock(_ id: UInt64, _ location: BlockLocation) {
         while blockIDLimit <= id {
             refcounts.append(0)
+            locations.append(.free)
             blockIDLimit += 1
         }
         setBlockLocation(id, location)

@@ -278,7 +278,7 @@ extension Engine {
     /// Makes room in the journal ring for a record, checkpointing when it is too full.
     func ensureJournalSpace(payloadByteCount: Int) throws {
         let worst = JournalWriter.worstCaseByteCount(payloadByteCount: payloadByteCount)
-        if journal.freeByteCount < worst || journal.usedByteCount > journal.ringByteCount / 2 {
+        if journal.freeByteCount < worst || journal.usedByteCount > journal.ringByteCount / 4 * 3 {
             try checkpoint()
         }
     }
@@ -360,6 +360,25 @@ extension Engine {
     /// `pread` and then checked block by block.
     func read(_ volume: VolumeState, byteOffset: UInt64, into destination: UnsafeMutableRawBufferPointer) throws {
         let bs = UInt64(blockByteCount)
+        // Fast path: exactly one whole block (the common 4 KiB random read): no run list,
+        // no scratch buffer, one pread straight into the caller's buffer.
+        if destination.count == blockByteCount && byteOffset % bs == 0 {
+            let id = mapLookup(volume.map, blockIndex: byteOffset / bs)
+            if id == 0 {
+                destination.initializeMemory(as: UInt8.self, repeating: 0)
+                return
+            }
+            let location = blockLocation(id)
+            if !location.isCompressed && Int(location.storedByteCount) == blockByteCount {
+                try deviceCall { try device.read(into: destination, at: location.byteOffset) }
+                let sum = Checksum.xxh3(UnsafeRawBufferPointer(destination))
+                guard sum == location.checksum else {
+                    throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
+                                            detail: "block id \(id): checksum mismatch: expected \(hex(location.checksum)), found \(hex(sum))")
+                }
+                return
+            }
+        }
         var done = 0
         var scratch: [UInt8] = []
         while done < destination.count {
@@ -498,6 +517,25 @@ extension Engine {
             deviceDirty = true
             try deviceCall { try device.write(run.bytes, at: run.byteOffset) }
         }
-        try journalAndApply(.map(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
+        try journalAndApply(compactIntent(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
+    }
+
+    /// `mapRun` when the mappings are one run (consecutive indexes, ids and locations of
+    /// whole uncompressed blocks), else `map`.
+    func compactIntent(volumeID: UInt64, unmapRanges: [Range<UInt64>], mappings: [BlockMapping]) -> JournalIntent {
+        if unmapRanges.isEmpty, mappings.count >= 2, let first = mappings.first {
+            let stored = first.location.storedByteCount
+            let isRun = mappings.enumerated().allSatisfy { i, m in
+                m.location.flags == 0 && m.location.storedByteCount == stored && Int(stored) == blockByteCount
+                    && m.blockIndex == first.blockIndex + UInt64(i) && m.blockID == first.blockID + UInt64(i)
+                    && m.location.byteOffset == first.location.byteOffset + UInt64(i) * UInt64(stored)
+            }
+            if isRun {
+                return .mapRun(volumeID: volumeID, firstBlockIndex: first.blockIndex, firstBlockID: first.blockID,
+                               firstByteOffset: first.location.byteOffset, storedByteCount: stored,
+                               checksums: mappings.map(\.location.checksum))
+            }
+        }
+        return .map(volumeID: volumeID, unmapRanges: unmapRanges, mappings: mappings)
     }
 }

@@ -38,7 +38,11 @@ extension Engine {
         }
         if dirty != dirtyPageCount { problems.append("dirty page count \(dirtyPageCount), found \(dirty)") }
         var data = [UInt64](repeating: 0, count: segmentStates.count)
+        if locations.count != Int(blockIDLimit) { problems.append("location cache holds \(locations.count) ids, limit \(blockIDLimit)") }
         for id in 1..<Int(blockIDLimit) {
+            if expectedRefcounts[id] > 0 && blockLocationInTable(UInt64(id)) != locations[id] {
+                problems.append("block \(id): location cache differs from the block table")
+            }
             if refcounts[id] != expectedRefcounts[id] {
                 problems.append("block \(id): refcount \(refcounts[id]), rebuilt \(expectedRefcounts[id])")
             }

@@ -97,6 +97,7 @@ extension Engine {
         nextVolumeID = root.nextVolumeID
         blockIDLimit = root.blockIDLimit
         refcounts = [UInt32](repeating: 0, count: Int(blockIDLimit))
+        locations = [BlockLocation](repeating: .free, count: Int(blockIDLimit))
         var cache: [UInt64: (PageKind, TreeNode)] = [:]
         blockTable = Tree(kind: .blockTable, root: try loadNode(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, cache: &cache), height: root.blockTableHeight)
         for record in root.volumes {
@@ -123,7 +124,9 @@ extension Engine {
         var entries: [(UInt64, BlockLocation)] = []
         entries.reserveCapacity(refcounts.count)
         forEachBlockEntry { id, location in
-            if id < blockIDLimit && refcounts[Int(id)] > 0 { entries.append((id, location)) }
+            guard id < blockIDLimit else { return }
+            locations[Int(id)] = location
+            if refcounts[Int(id)] > 0 { entries.append((id, location)) }
         }
         var present = 0
         for (id, location) in entries {
@@ -322,6 +325,13 @@ extension Engine {
         var locations: [BlockLocation] = []
         switch record.intent {
         case .map(_, _, let mappings): locations = mappings.map(\.location)
+        case .mapRun(_, let index, let id, let offset, let stored, let checksums):
+            let count = UInt64(checksums.count)
+            guard count.multipliedReportingOverflow(by: UInt64(stored)).overflow == false,
+                  offset.addingReportingOverflow(count * UInt64(stored)).overflow == false
+            else { return "block run overflows" }
+            locations = JournalIntent.runMappings(firstBlockIndex: index, firstBlockID: id, firstByteOffset: offset,
+                                                  storedByteCount: stored, checksums: checksums).map(\.location)
         case .relocate(let moves): locations = moves.map(\.location)
         default: return nil
         }

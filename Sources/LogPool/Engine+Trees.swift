@@ -185,7 +185,13 @@ extension Engine {
 
     // MARK: - Block table
 
+    @inline(__always)
     func blockLocation(_ id: UInt64) -> BlockLocation {
+        id < UInt64(locations.count) ? locations[Int(id)] : .free
+    }
+
+    /// The entry as the block table's leaf holds it (what the next checkpoint writes).
+    func blockLocationInTable(_ id: UInt64) -> BlockLocation {
         guard let (leaf, index) = leafForReading(blockTable, slot: id) else { return .free }
         let w = index * 3
         let packed = leaf.words[w + 1]
@@ -223,6 +229,7 @@ extension Engine {
         leaf.words[w] = location.byteOffset
         leaf.words[w + 1] = UInt64(location.storedByteCount) | UInt64(location.flags) << 32
         leaf.words[w + 2] = location.checksum
+        locations[Int(id)] = location
     }
 
     /// Ids the block table keeps beyond the live ones: at least a quarter of the live
@@ -237,6 +244,7 @@ extension Engine {
         let limit = idSpaceLimit(forAllocating: count)
         while blockIDLimit < limit {
             refcounts.append(0)
+            locations.append(.free)
             blockIDLimit += 1
         }
         // The table's height always covers the id space (checkpoint invariant C-4).

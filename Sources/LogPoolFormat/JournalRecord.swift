@@ -89,6 +89,22 @@ public enum JournalIntent: Sendable, Equatable {
     /// Unmaps the ranges then maps the blocks: one write, discard or both, applied whole.
     case map(volumeID: UInt64, unmapRanges: [Range<UInt64>], mappings: [BlockMapping])
     case relocate([BlockRelocation])
+    /// A run of whole, uncompressed blocks written together: logical blocks
+    /// `firstBlockIndex...`, ids `firstBlockID...` and locations `firstByteOffset...`
+    /// all consecutive (stride `storedByteCount`), one checksum each. The compact form of
+    /// `map` for sequential writes (8 bytes per block instead of 40).
+    case mapRun(volumeID: UInt64, firstBlockIndex: UInt64, firstBlockID: UInt64, firstByteOffset: UInt64,
+                storedByteCount: UInt32, checksums: [UInt64])
+
+    /// The mappings a `mapRun` stands for.
+    public static func runMappings(firstBlockIndex: UInt64, firstBlockID: UInt64, firstByteOffset: UInt64,
+                                   storedByteCount: UInt32, checksums: [UInt64]) -> [BlockMapping] {
+        checksums.enumerated().map { i, sum in
+            BlockMapping(blockIndex: firstBlockIndex &+ UInt64(i), blockID: firstBlockID &+ UInt64(i),
+                         location: BlockLocation(byteOffset: firstByteOffset &+ UInt64(i) &* UInt64(storedByteCount),
+                                                 storedByteCount: storedByteCount, flags: 0, checksum: sum))
+        }
+    }
 
     public var kindCode: UInt16 {
         switch self {
@@ -101,6 +117,7 @@ public enum JournalIntent: Sendable, Equatable {
         case .resize: 14
         case .map: 20
         case .relocate: 21
+        case .mapRun: 22
         }
     }
 
@@ -116,6 +133,7 @@ public enum JournalIntent: Sendable, Equatable {
         case .resize: 16
         case .map(_, let ranges, let mappings): 16 + ranges.count * 16 + mappings.count * 40
         case .relocate(let moves): 4 + moves.count * 32
+        case .mapRun(_, _, _, _, _, let checksums): 40 + checksums.count * 8
         }
     }
 
@@ -145,6 +163,9 @@ public enum JournalIntent: Sendable, Equatable {
         case .relocate(let moves):
             w.u32(UInt32(moves.count))
             for move in moves { w.u64(move.blockID); encode(move.location, into: &w) }
+        case .mapRun(let volume, let index, let id, let offset, let stored, let checksums):
+            w.u64(volume); w.u64(index); w.u64(id); w.u64(offset); w.u32(stored); w.u32(UInt32(checksums.count))
+            for sum in checksums { w.u64(sum) }
         }
     }
 
@@ -212,6 +233,17 @@ public enum JournalIntent: Sendable, Equatable {
                 moves.append(BlockRelocation(blockID: id, location: try location(&r)))
             }
             return .relocate(moves)
+        case 22:
+            let volume = try r.u64("volume id"), index = try r.u64("first block index")
+            let id = try r.u64("first block id"), offset = try r.u64("first byte offset")
+            let stored = try r.u32("stored size")
+            let count = Int(try r.u32("block count"))
+            try r.require(count * 8, for: "checksums")
+            var checksums: [UInt64] = []
+            checksums.reserveCapacity(count)
+            for _ in 0..<count { checksums.append(try r.u64("checksum")) }
+            return .mapRun(volumeID: volume, firstBlockIndex: index, firstBlockID: id, firstByteOffset: offset,
+                           storedByteCount: stored, checksums: checksums)
         default:
             throw r.error("unknown record kind \(kind)", at: 0)
         }

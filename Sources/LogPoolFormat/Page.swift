@@ -41,8 +41,18 @@ public enum PageLayout {
     }
 
     /// Number of leaf slots a tree of `height` levels (1 = a single leaf) addresses,
-    /// saturating at UInt64.max.
+    /// saturating at UInt64.max. Table lookup: this is on every read's path.
+    @inline(__always)
     public static func capacity(kind: PageKind, height: Int) -> UInt64 {
+        let h = max(height, 1)
+        if h <= heightMax { return kind == .map ? mapCapacities[h] : blockTableCapacities[h] }
+        return computedCapacity(kind: kind, height: h)
+    }
+
+    private static let mapCapacities: [UInt64] = (0...heightMax).map { computedCapacity(kind: .map, height: max($0, 1)) }
+    private static let blockTableCapacities: [UInt64] = (0...heightMax).map { computedCapacity(kind: .blockTable, height: max($0, 1)) }
+
+    private static func computedCapacity(kind: PageKind, height: Int) -> UInt64 {
         var total = UInt64(fanout(kind: kind, level: 0))
         for _ in 1..<max(height, 1) {
             let (product, overflow) = total.multipliedReportingOverflow(by: UInt64(interiorFanout))
