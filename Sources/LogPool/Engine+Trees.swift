@@ -77,19 +77,18 @@ extension Engine {
     /// missing nodes. `slot` must be below the tree's capacity.
     func leafForWriting(_ tree: inout Tree, slot: UInt64) -> (leaf: TreeNode, index: Int) {
         precondition(slot < tree.capacity, "slot \(slot) beyond tree capacity \(tree.capacity)")
-        if tree.root == nil { tree.root = newNode(kind: tree.kind, level: tree.height - 1) } else { makeUnique(&tree.root!, kind: tree.kind) }
-        var node = tree.root!
+        var node = tree.root ?? newNode(kind: tree.kind, level: tree.height - 1)
+        if tree.root != nil { makeUnique(&node, kind: tree.kind) }
+        tree.root = node
         var remainder = slot
         while node.level > 0 {
             let span = tree.span(level: node.level)
             let childIndex = Int(remainder / span)
             remainder %= span
-            if node.children[childIndex] == nil {
-                node.children[childIndex] = newNode(kind: tree.kind, level: node.level - 1)
-            } else {
-                makeUnique(&node.children[childIndex]!, kind: tree.kind)
-            }
-            node = node.children[childIndex]!
+            var child = node.children[childIndex] ?? newNode(kind: tree.kind, level: node.level - 1)
+            if node.children[childIndex] != nil { makeUnique(&child, kind: tree.kind) }
+            node.children[childIndex] = child
+            node = child
         }
         return (node, Int(remainder))
     }
@@ -128,13 +127,15 @@ extension Engine {
     func mapUnmap(_ tree: inout Tree, range: Range<UInt64>) {
         let range = range.clamped(to: 0..<tree.capacity)
         guard !range.isEmpty, tree.root != nil else { return }
-        if range == 0..<tree.capacity {
-            release(tree.root!, kind: .map)
+        if range == 0..<tree.capacity, let root = tree.root {
+            release(root, kind: .map)
             tree.root = nil
             return
         }
-        makeUnique(&tree.root!, kind: .map)
-        unmap(tree.root!, base: 0, range: range, tree: tree)
+        guard var root = tree.root else { return }
+        makeUnique(&root, kind: .map)
+        tree.root = root
+        unmap(root, base: 0, range: range, tree: tree)
     }
 
     private func unmap(_ node: TreeNode, base: UInt64, range: Range<UInt64>, tree: Tree) {
@@ -153,16 +154,17 @@ extension Engine {
         let first = Int((range.lowerBound - base) / span)
         let last = Int((range.upperBound - 1 - base) / span)
         for childIndex in first...last {
-            guard node.children[childIndex] != nil else { continue }
+            guard var child = node.children[childIndex] else { continue }
             let childBase = base + UInt64(childIndex) * span
             let childRange = childBase..<(childBase + span)
             let overlap = range.clamped(to: childRange)
             if overlap == childRange {
-                release(node.children[childIndex]!, kind: .map)
+                release(child, kind: .map)
                 node.children[childIndex] = nil
             } else {
-                makeUnique(&node.children[childIndex]!, kind: .map)
-                unmap(node.children[childIndex]!, base: childBase, range: overlap, tree: tree)
+                makeUnique(&child, kind: .map)
+                node.children[childIndex] = child
+                unmap(child, base: childBase, range: overlap, tree: tree)
             }
         }
     }

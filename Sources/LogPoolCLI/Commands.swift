@@ -86,9 +86,7 @@ struct Create: ParsableCommand {
     @Option(help: "Volume size (a multiple of the block size).") var size: ByteSize
 
     func run() throws {
-        let opened = try Pool.open(at: pool)
-        try opened.createVolume(name: name, size: size.bytes)
-        try opened.close()
+        try withWritablePool(pool) { try $0.createVolume(name: name, size: size.bytes) }
     }
 }
 
@@ -102,11 +100,7 @@ struct List: ParsableCommand {
         defer { try? opened.close() }
         let rows = try opened.list()
         if json { return try printJSON(rows.map(VolumeRow.init)) }
-        var table = [["NAME", "KIND", "SIZE", "ALLOCATED", "EXCLUSIVE", "ORIGIN"]]
-        for r in rows {
-            table.append([r.name, r.kind, formatBytes(r.sizeBytes), formatBytes(r.allocatedBytes), formatBytes(r.exclusiveBytes), r.origin ?? "-"])
-        }
-        printTable(table)
+        printVolumeTable(rows)
     }
 }
 
@@ -117,9 +111,7 @@ struct Snapshot: ParsableCommand {
     @Argument var name: String
 
     func run() throws {
-        let opened = try Pool.open(at: pool)
-        try opened.snapshot(source: source, name: name)
-        try opened.close()
+        try withWritablePool(pool) { try $0.snapshot(source: source, name: name) }
     }
 }
 
@@ -130,9 +122,7 @@ struct Clone: ParsableCommand {
     @Argument var name: String
 
     func run() throws {
-        let opened = try Pool.open(at: pool)
-        try opened.clone(source: source, name: name)
-        try opened.close()
+        try withWritablePool(pool) { try $0.clone(source: source, name: name) }
     }
 }
 
@@ -142,9 +132,7 @@ struct Destroy: ParsableCommand {
     @Argument var name: String
 
     func run() throws {
-        let opened = try Pool.open(at: pool)
-        try opened.delete(name: name)
-        try opened.close()
+        try withWritablePool(pool) { try $0.delete(name: name) }
     }
 }
 
@@ -155,9 +143,7 @@ struct Rename: ParsableCommand {
     @Argument var new: String
 
     func run() throws {
-        let opened = try Pool.open(at: pool)
-        try opened.rename(old, to: new)
-        try opened.close()
+        try withWritablePool(pool) { try $0.rename(old, to: new) }
     }
 }
 
@@ -168,9 +154,7 @@ struct Resize: ParsableCommand {
     @Option(help: "New size (a multiple of the block size).") var size: ByteSize
 
     func run() throws {
-        let opened = try Pool.open(at: pool)
-        try opened.resize(name, size: size.bytes)
-        try opened.close()
+        try withWritablePool(pool) { try $0.resize(name, size: size.bytes) }
     }
 }
 

@@ -34,11 +34,7 @@ struct Demo: ParsableCommand {
         print("disk@1 still reads: \(String(decoding: snapFirst, as: UTF8.self).trimmingCharacters(in: .newlines))")
         print("disk now reads 0x\(String(try disk.read(at: 0, length: 1)[0], radix: 16)) at offset 0")
         print("")
-        var table = [["NAME", "KIND", "SIZE", "ALLOCATED", "EXCLUSIVE", "ORIGIN"]]
-        for r in try pool.list() {
-            table.append([r.name, r.kind, formatBytes(r.sizeBytes), formatBytes(r.allocatedBytes), formatBytes(r.exclusiveBytes), r.origin ?? "-"])
-        }
-        printTable(table)
+        printVolumeTable(try pool.list())
         let s = pool.stats
         print("")
         printTable([

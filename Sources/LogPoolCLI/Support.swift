@@ -96,3 +96,18 @@ func printTable(_ rows: [[String]]) {
         print(line)
     }
 }
+
+/// Opens `path` read-write, runs `body`, and closes (checkpointing) the pool.
+func withWritablePool(_ path: String, _ body: (Pool) throws -> Void) throws {
+    let pool = try Pool.open(at: path)
+    try body(pool)
+    try pool.close()
+}
+
+func printVolumeTable(_ rows: [VolumeInfo]) {
+    var table = [["NAME", "KIND", "SIZE", "ALLOCATED", "EXCLUSIVE", "ORIGIN"]]
+    for r in rows {
+        table.append([r.name, r.kind, formatBytes(r.sizeBytes), formatBytes(r.allocatedBytes), formatBytes(r.exclusiveBytes), r.origin ?? "-"])
+    }
+    printTable(table)
+}

@@ -153,6 +153,7 @@ struct RecordTests {
             BlockMapping(blockIndex: 7, blockID: 11, location: BlockLocation(byteOffset: 1 << 20, storedByteCount: 4096, flags: 0, checksum: 77)),
         ]),
         .relocate([BlockRelocation(blockID: 11, location: BlockLocation(byteOffset: 2 << 20, storedByteCount: 900, flags: 1, checksum: 78))]),
+        .mapRun(volumeID: 3, firstBlockIndex: 10, firstBlockID: 20, firstByteOffset: 4 << 20, storedByteCount: 4096, checksums: [1, 2, 3]),
     ]
 
     @Test("every intent round-trips and a flipped bit is rejected", arguments: RecordTests.intents)
