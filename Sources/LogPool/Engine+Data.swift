@@ -60,10 +60,21 @@ struct WriteBatch {
     private(set) var runs: [(byteOffset: UInt64, bytes: [UInt8])] = []
 
     mutating func add(_ bytes: [UInt8], at byteOffset: UInt64) {
+        bytes.withUnsafeBytes { add($0, paddedTo: $0.count, at: byteOffset) }
+    }
+
+    /// Appends `bytes` followed by zeros up to `paddedByteCount`, copying once.
+    mutating func add(_ bytes: UnsafeRawBufferPointer, paddedTo paddedByteCount: Int, at byteOffset: UInt64) {
+        let padding = paddedByteCount - bytes.count
         if let last = runs.last, last.byteOffset + UInt64(last.bytes.count) == byteOffset, last.bytes.count < 8 << 20 {
             runs[runs.count - 1].bytes.append(contentsOf: bytes)
+            if padding > 0 { runs[runs.count - 1].bytes.append(contentsOf: repeatElement(0, count: padding)) }
         } else {
-            runs.append((byteOffset, bytes))
+            var run = [UInt8]()
+            run.reserveCapacity(max(paddedByteCount, 1 << 20))
+            run.append(contentsOf: bytes)
+            if padding > 0 { run.append(contentsOf: repeatElement(0, count: padding)) }
+            runs.append((byteOffset, run))
         }
     }
 
@@ -504,9 +515,7 @@ extension Engine {
                     directRuns.append((offset, raw))
                 }
             default:
-                var padded = block.stored.withBytes { Array($0) }
-                if padded.count < block.allocatedByteCount { padded.append(contentsOf: repeatElement(0, count: block.allocatedByteCount - padded.count)) }
-                batch.add(padded, at: offset)
+                block.stored.withBytes { batch.add($0, paddedTo: block.allocatedByteCount, at: offset) }
             }
             let location = BlockLocation(byteOffset: offset, storedByteCount: UInt32(block.stored.count),
                                          flags: block.flags, checksum: block.checksum)

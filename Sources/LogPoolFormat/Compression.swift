@@ -6,16 +6,19 @@ public enum BlockCompression {
     /// would not be smaller than `limitByteCount` (the caller's "worth it" threshold).
     public static func compress(_ source: UnsafeRawBufferPointer, limitByteCount: Int) -> [UInt8]? {
         guard source.count > 0, limitByteCount > 0 else { return nil }
-        let bound = Int(LZ4_compressBound(Int32(source.count)))
-        var output = [UInt8](repeating: 0, count: bound)
-        let written = output.withUnsafeMutableBytes { out -> Int32 in
-            LZ4_compress_default(
+        // Output is capped at the caller's limit: LZ4 stops (returns 0) rather than write a
+        // result that would not be stored anyway, and the buffer is never zero-filled.
+        let capacity = limitByteCount - 1
+        guard capacity > 0 else { return nil }
+        var written: Int32 = 0
+        let output = [UInt8](unsafeUninitializedCapacity: capacity) { out, initialized in
+            written = LZ4_compress_default(
                 source.baseAddress!.assumingMemoryBound(to: CChar.self),
-                out.baseAddress!.assumingMemoryBound(to: CChar.self),
-                Int32(source.count), Int32(bound))
+                UnsafeMutableRawPointer(out.baseAddress!).assumingMemoryBound(to: CChar.self),
+                Int32(source.count), Int32(capacity))
+            initialized = max(0, Int(written))
         }
-        guard written > 0, Int(written) < limitByteCount else { return nil }
-        output.removeLast(output.count - Int(written))
+        guard written > 0 else { return nil }
         return output
     }
 
