@@ -38,6 +38,7 @@ extension Engine {
         case .delete(let id):
             guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
             if let root = volume.map.root { release(root, kind: .map) }
+            volume.isDeleted = true
             volumes[id] = nil
             volumeIDsByName[volume.record.name] = nil
         case .rename(let id, let name):

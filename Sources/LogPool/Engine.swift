@@ -5,6 +5,8 @@ import LogPoolFormat
 final class VolumeState {
     var record: VolumeRecord
     var map: Tree
+    /// Set when the volume is deleted, so handles holding this object fail cleanly.
+    var isDeleted = false
 
     init(record: VolumeRecord, map: Tree) {
         self.record = record

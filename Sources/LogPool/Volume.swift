@@ -5,16 +5,21 @@ import LogPoolFormat
 public final class Volume: @unchecked Sendable {
     public let pool: Pool
     let id: UInt64
+    /// The engine's state object for this volume (no lookup per I/O); read only under the
+    /// pool's lock.
+    private let volumeState: VolumeState
 
     init(pool: Pool, id: UInt64) {
         self.pool = pool
         self.id = id
+        guard let state = pool.engine.volumes[id] else { preconditionFailure("Volume handle for unknown id \(id)") }
+        self.volumeState = state
     }
 
     private func state() throws -> VolumeState {
         try pool.engine.checkUsable()
-        guard let volume = pool.engine.volumes[id] else { throw PoolError.notFound("volume id \(id) was deleted") }
-        return volume
+        guard !volumeState.isDeleted else { throw PoolError.notFound("\(volumeState.record.name) was deleted") }
+        return volumeState
     }
 
     public var name: String { (try? pool.locked { try state().record.name }) ?? "" }
