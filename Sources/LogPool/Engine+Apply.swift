@@ -16,6 +16,7 @@ extension Engine {
         case .padding, .wrap:
             return
         case .createVolume(let id, let name, let size, let time):
+            guard id < PoolGeometry.counterMax else { throw bad("volume id \(id) is out of range") }
             guard id >= nextVolumeID else { throw bad("volume id \(id) is not above the last id \(nextVolumeID - 1)") }
             guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }
             guard size % UInt64(blockByteCount) == 0, size <= Pool.volumeSizeMax else { throw bad("volume size \(size) is invalid") }
@@ -26,6 +27,7 @@ extension Engine {
             volumeIDsByName[name] = id
             nextVolumeID = id + 1
         case .branch(let id, let sourceID, let kind, let name, let time):
+            guard id < PoolGeometry.counterMax else { throw bad("volume id \(id) is out of range") }
             guard id >= nextVolumeID else { throw bad("volume id \(id) is not above the last id \(nextVolumeID - 1)") }
             guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }
             guard let source = volumes[sourceID] else { throw bad("source volume id \(sourceID) does not exist") }

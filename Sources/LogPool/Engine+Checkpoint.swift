@@ -48,7 +48,7 @@ extension Engine {
         var batch = WriteBatch()
         var newMeta = metaLiveByteCounts
         for offset in pendingPageReleases { newMeta[segment(of: offset)] -= UInt64(PoolGeometry.pageByteCount) }
-        func writeDirty(_ node: TreeNode, kind: PageKind) {
+        func writeDirty(_ node: TreeNode, kind: PageKind) throws {
             guard node.isDirty else { return }
             var words: [UInt64]
             if node.level > 0 {
@@ -56,7 +56,7 @@ extension Engine {
                 words.reserveCapacity(PageLayout.interiorFanout * 2)
                 for child in node.children {
                     if let child {
-                        writeDirty(child, kind: kind)
+                        try writeDirty(child, kind: kind)
                         words.append(child.disk.byteOffset)
                         words.append(child.disk.checksum)
                     } else {
@@ -68,18 +68,18 @@ extension Engine {
                 words = node.words
             }
             let page = PageLayout.encode(kind: kind, level: node.level, words: words, salt: salt)
-            let offset = allocateExtent(byteCount: PoolGeometry.pageByteCount, alignment: PoolGeometry.pageByteCount, batch: &batch)
+            let offset = try allocateExtent(byteCount: PoolGeometry.pageByteCount, alignment: PoolGeometry.pageByteCount, batch: &batch)
             batch.add(page.bytes, at: offset)
             newMeta[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
             node.disk = PagePointer(byteOffset: offset, checksum: page.checksum)
         }
-        if let root = blockTable.root { writeDirty(root, kind: .blockTable) }
+        if let root = blockTable.root { try writeDirty(root, kind: .blockTable) }
         for volume in volumes.values {
-            if let root = volume.map.root { writeDirty(root, kind: .map) }
+            if let root = volume.map.root { try writeDirty(root, kind: .map) }
         }
         var root = plannedRoot()
         let rootByteCount = root.encodedByteCount
-        let rootOffset = allocateExtent(byteCount: rootByteCount, batch: &batch)
+        let rootOffset = try allocateExtent(byteCount: rootByteCount, batch: &batch)
         if let old = checkpointExtent { newMeta[segment(of: old.byteOffset)] -= sectorAligned(old.byteCount) }
         newMeta[segment(of: rootOffset)] += UInt64(rootByteCount)
         root.segmentLiveByteCounts = zip(dataLiveByteCounts, newMeta).map { $0 + $1 }

@@ -48,6 +48,20 @@ extension Engine {
         return result
     }
 
+    /// Bytes an extent may take once aligned (uncompressed blocks are page aligned).
+    func alignedByteCount(_ location: BlockLocation) -> UInt64 {
+        let alignment = location.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int(location.allocatedByteCount))
+        return location.allocatedByteCount + UInt64(alignment - PoolGeometry.sectorByteCount)
+    }
+
+    /// Usable hole bytes inside `segments`.
+    func usableHoleByteCount(in segments: Set<Int>) -> UInt64 {
+        let unit = UInt64(max(blockByteCount, PoolGeometry.pageByteCount))
+        return holes.reduce(0) { total, hole in
+            segments.contains(segment(of: hole.byteOffset)) ? total + usableByteCount(of: hole, unit: unit) : total
+        }
+    }
+
     /// Marks `nodes` dirty, releasing their durable pages at the next checkpoint.
     private func markDirty(_ nodes: Set<ObjectIdentifier>) {
         func visit(_ node: TreeNode) {
@@ -97,9 +111,10 @@ extension Engine {
             trialVictims.insert(candidate)
             let trialMoving = moving + candidateBlocks
             let trialRewrite = nodesToRewrite(victims: trialVictims, movedIDs: trialMoving.map(\.0))
-            let written = trialMoving.reduce(UInt64(0)) { $0 + $1.1.allocatedByteCount }
+            let written = trialMoving.reduce(UInt64(0)) { $0 + alignedByteCount($1.1) }
                 + UInt64(trialRewrite.count) * UInt64(PoolGeometry.pageByteCount)
-            guard written + fixed <= room else { break }
+            // Holes inside victims are not room: copies must land outside them.
+            guard written + fixed + usableHoleByteCount(in: trialVictims) <= room else { break }
             victims = trialVictims
             moving = trialMoving
             rewrite = trialRewrite
@@ -110,15 +125,26 @@ extension Engine {
             }
         }
         guard let (chosen, toMove, _) = best else { return false }
+        // Copies must never land in a victim (it would then never empty).
+        holes.removeAll { chosen.contains(segment(of: $0.byteOffset)) }
         var index = 0
         while index < toMove.count {
             let chunk = toMove[index..<min(index + 1024, toMove.count)]
+            // Journal room first: a checkpoint between writing copies and journaling them
+            // would see their segment empty and free it while the copies are about to
+            // become the only ones (the relocate record is not applied yet).
+            let payload = JournalIntent.relocate([]).payloadByteCount + chunk.count * 32
+            if journal.freeByteCount < JournalWriter.worstCaseByteCount(payloadByteCount: payload) {
+                try checkpoint()
+                rebuildHoles()
+                holes.removeAll { chosen.contains(segment(of: $0.byteOffset)) }
+            }
             var batch = WriteBatch()
             var moves: [BlockRelocation] = []
             for (id, location) in chunk {
                 let bytes = try deviceCall { try device.read(byteCount: Int(location.allocatedByteCount), at: location.byteOffset) }
                 let alignment = location.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int(location.allocatedByteCount))
-                let offset = allocateExtent(byteCount: Int(location.allocatedByteCount), alignment: alignment, batch: &batch)
+                let offset = try allocateExtent(byteCount: Int(location.allocatedByteCount), alignment: alignment, batch: &batch)
                 batch.add(bytes, at: offset)
                 var moved = location
                 moved.byteOffset = offset
@@ -126,11 +152,7 @@ extension Engine {
                 report.bytesMoved += location.allocatedByteCount
             }
             try deviceWrite(batch)
-            let intent = JournalIntent.relocate(moves)
-            if journal.freeByteCount < JournalWriter.worstCaseByteCount(payloadByteCount: intent.payloadByteCount) {
-                try checkpoint()
-            }
-            try journalAndApply(intent)
+            try journalAndApply(.relocate(moves))
             report.blocksMoved += moves.count
             index += chunk.count
         }

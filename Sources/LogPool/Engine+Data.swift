@@ -98,7 +98,11 @@ extension Engine {
     ///
     /// `alignment` (a power of two, 512...4096): uncompressed blocks and pages ask for page
     /// alignment so they never straddle two page-cache pages; the skipped bytes are dead.
-    func allocateExtent(byteCount: Int, alignment: Int = PoolGeometry.sectorByteCount, batch: inout WriteBatch) -> UInt64 {
+    ///
+    /// Running out here means admission miscounted: rather than trap, the engine is
+    /// poisoned (its in-memory state may be half changed) and `poolFull` is thrown; the
+    /// durable state is untouched and a reopen recovers it.
+    func allocateExtent(byteCount: Int, alignment: Int = PoolGeometry.sectorByteCount, batch: inout WriteBatch) throws -> UInt64 {
         precondition(byteCount % PoolGeometry.sectorByteCount == 0 && UInt64(byteCount) <= geometry.segmentPayloadByteCount)
         let align = UInt64(alignment)
         func aligned(_ offset: UInt64) -> UInt64 { (offset + align - 1) & ~(align - 1) }
@@ -125,7 +129,8 @@ extension Engine {
             openSegment = nil
         }
         guard let next = freeSegments.popLast() else {
-            preconditionFailure("no free segment: admission must have reserved space")
+            poisonCause = "no space left for a \(byteCount)-byte extent that admission had allowed"
+            throw PoolError.poolFull(neededByteCount: UInt64(byteCount), availableByteCount: 0)
         }
         segmentStates[next] = .open
         openSegment = next
@@ -160,16 +165,7 @@ extension Engine {
         let page = UInt64(PoolGeometry.pageByteCount)
         let pageBytes = UInt64(pageCount) * page
         let addedPageBytes = UInt64(addedPageCount) * page
-        func logicalRoom() -> UInt64 {
-            // Metadata as the next checkpoint will leave it: released pages gone, dirty
-            // pages written once.
-            let meta = metaLiveTotal + UInt64(dirtyPageCount) * page - UInt64(pendingPageReleases.count) * page
-                + UInt64(plannedRoot().encodedByteCount)
-                + UInt64(blockTableReservedPageCount(forAllocating: newBlockCount)) * page
-            let payload = UInt64(geometry.segmentCount) * geometry.segmentPayloadByteCount
-            let held = dataLiveTotal + meta + reserveByteCount + overwriteHeadroomByteCount + slack
-            return payload > held ? payload - held : 0
-        }
+        func logicalRoom() -> UInt64 { logicalRoomByteCount(newBlockCount: newBlockCount) }
         func physicalFits() -> Bool {
             appendableByteCount >= grossByteCount + pageBytes + checkpointNeedByteCount + reserveByteCount + slack
         }
@@ -191,6 +187,21 @@ extension Engine {
         }
         if physicalFits() { return }
         throw PoolError.poolFull(neededByteCount: grossByteCount + pageBytes, availableByteCount: appendableByteCount)
+    }
+
+    /// Bytes rule A-1 still allows: payload minus live data, metadata as the next
+    /// checkpoint will leave it (released pages gone, dirty pages written once, the block
+    /// table reserved for the id space after `newBlockCount` more blocks), the reserve,
+    /// the overwrite headroom and slack.
+    func logicalRoomByteCount(newBlockCount: Int) -> UInt64 {
+        let page = UInt64(PoolGeometry.pageByteCount)
+        let slack = UInt64(blockByteCount + PoolGeometry.pageByteCount)
+        let meta = metaLiveTotal + UInt64(dirtyPageCount) * page - UInt64(pendingPageReleases.count) * page
+            + UInt64(plannedRoot().encodedByteCount)
+            + UInt64(blockTableReservedPageCount(forAllocating: newBlockCount)) * page
+        let payload = UInt64(geometry.segmentCount) * geometry.segmentPayloadByteCount
+        let held = dataLiveTotal + meta + reserveByteCount + overwriteHeadroomByteCount + slack
+        return payload > held ? payload - held : 0
     }
 
     /// Room kept so that one atomic unit can always overwrite blocks its volume owns
@@ -446,6 +457,17 @@ extension Engine {
     /// Writes `data` at `byteOffset` of a writable volume, one atomic unit of at most
     /// 1 MiB at a time (each unit is one journal record).
     func write(_ volume: VolumeState, byteOffset: UInt64, data: UnsafeRawBufferPointer) throws {
+        if data.count > Self.atomicUnitByteCount {
+            // A call of several atomic units is admitted whole first (uncompressed sizes,
+            // an upper bound), so it does not half-apply and then report poolFull.
+            let bs = UInt64(blockByteCount)
+            let first = byteOffset / bs, last = (byteOffset + UInt64(data.count) - 1) / bs
+            var newBlocks = 0
+            for blockIndex in first...last where exclusiveBlock(volume.map, blockIndex: blockIndex) == nil { newBlocks += 1 }
+            let needed = UInt64(newBlocks) * bs
+            let room = logicalRoomByteCount(newBlockCount: newBlocks)
+            guard room >= needed else { throw PoolError.poolFull(neededByteCount: needed, availableByteCount: room) }
+        }
         var done = 0
         while done < data.count {
             let take = min(Self.atomicUnitByteCount, data.count - done)
@@ -486,15 +508,25 @@ extension Engine {
     /// record that also unmaps `unmapRanges`. Admission happens before any change.
     func writeBlocks(_ volume: VolumeState, indexes: [UInt64], contents: [BlockBytes], unmapRanges: [Range<UInt64>]) throws {
         let encoded = encodeAll(contents)
-        let dataBytes = encoded.reduce(UInt64(0)) { $0 + UInt64($1.allocatedByteCount) }
+        // Gross bytes as allocation will take them: alignment padding of uncompressed
+        // blocks, and one largest extent lost at each segment end the run may cross.
+        var dataBytes: UInt64 = 0
+        for block in encoded {
+            dataBytes += UInt64(block.allocatedByteCount)
+            if block.flags & BlockLocation.flagCompressed == 0 {
+                dataBytes += UInt64(pageAlignment(for: block.allocatedByteCount) - PoolGeometry.sectorByteCount)
+            }
+        }
+        dataBytes += (dataBytes / geometry.segmentPayloadByteCount + 1) * UInt64(max(blockByteCount, PoolGeometry.pageByteCount))
         let payload = JournalIntent.map(volumeID: 0, unmapRanges: unmapRanges, mappings: []).payloadByteCount + contents.count * 40
         // Unmapping dirties at most the two boundary paths of each range.
         let pages = pagesForWrite(volume.map, indexes: indexes)
         let unmapPages = unmapRanges.count * 2 * volume.map.height
+        // Journal room first: its checkpoint would clean pages the estimate below counts.
+        try ensureJournalSpace(payloadByteCount: payload)
         try ensureSpace(netByteCount: netNewByteCount(volume.map, indexes: indexes, encoded: encoded),
                         grossByteCount: dataBytes, pageCount: pages.written + unmapPages, addedPageCount: pages.added + unmapPages,
                         newBlockCount: netNewBlockCount(volume.map, indexes: indexes))
-        try ensureJournalSpace(payloadByteCount: payload)
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.
         reserveBlockIDs(contents.count)
         var batch = WriteBatch()
@@ -505,7 +537,7 @@ extension Engine {
         mappings.reserveCapacity(encoded.count)
         for (i, block) in encoded.enumerated() {
             let alignment = block.flags & BlockLocation.flagCompressed == 0 ? pageAlignment(for: block.allocatedByteCount) : PoolGeometry.sectorByteCount
-            let offset = allocateExtent(byteCount: block.allocatedByteCount, alignment: alignment, batch: &batch)
+            let offset = try allocateExtent(byteCount: block.allocatedByteCount, alignment: alignment, batch: &batch)
             switch block.stored {
             case .borrowed(let raw) where raw.count == block.allocatedByteCount:
                 if let last = directRuns.last, last.byteOffset + UInt64(last.bytes.count) == offset,

@@ -56,7 +56,7 @@ extension Engine {
             throw PoolError(error)
         }
         let sb = choice.chosen
-        guard size >= sb.geometry.dataAreaEndByteOffset else {
+        guard size >= sb.geometry.capacityByteCount else {
             throw PoolError.corrupt(structure: "pool file", byteOffset: size,
                                     detail: "truncated: file is \(size) bytes, the superblock describes \(sb.geometry.dataAreaEndByteOffset) (capacity \(sb.geometry.capacityByteCount))")
         }
@@ -66,6 +66,11 @@ extension Engine {
         engine.recoveryReport.otherSlotProblem = choice.otherSlotProblem
         engine.recoveryReport.wasMounted = sb.isMounted
         try engine.loadCheckpoint()
+        // The state now equals the durable checkpoint, so its dead extents are holes
+        // . Replay then removes every hole a replayed record wrote into, and the
+        // recovery checkpoint may use the rest: a pool that was nearly full when it
+        // crashed still has room to recover.
+        engine.rebuildHoles()
         try engine.replayJournal()
         engine.liveBlockCount = engine.refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
         engine.rebuildFreeSegmentList()
@@ -282,6 +287,7 @@ extension Engine {
             }
         }
         var applied = 0
+        var written: [(UInt64, UInt64)] = []
         var lastEpoch = superblock.generation
         var endPosition = Int(superblock.journalReplayByteOffset)
         var nextSequence = superblock.journalReplaySequence
@@ -294,6 +300,7 @@ extension Engine {
                 break
             }
             try apply(record.intent, recordByteOffset: PoolGeometry.journalByteOffset + UInt64(offset))
+            written += dataExtents(of: record.intent)
             applied += 1
             lastEpoch = record.epoch
             nextSequence = record.sequence + 1
@@ -307,17 +314,52 @@ extension Engine {
         }
         recoveryReport.replayedRecordCount = applied
         recoveryReport.replayStopReason = stop
+        removeHoles(overlapping: written)
         if lastEpoch > superblock.generation {
             // Chained into the newer slot's epoch: the next commit must go past it, so
             // that records of that epoch beyond the stop point can never be replayed.
             recoveryReport.findings.append("replay continued into epoch \(lastEpoch) of superblock generation \(lastEpoch), whose slot was not chosen")
-            superblock.generation = lastEpoch
-            superblock.slotIndex = Int(lastEpoch % 2)
+            // One more, so the commit lands in the damaged slot of g+1, never over the
+            // only valid one.
+            superblock.generation = lastEpoch + 1
+            superblock.slotIndex = Int((lastEpoch + 1) % 2)
         }
         let head = Int(sectorAligned(UInt64(endPosition))) % ringByteCount
         journal = JournalWriter(ringByteCount: geometry.journalByteCount, salt: salt, head: UInt64(head),
                                 sequence: nextSequence, epoch: superblock.generation)
         _ = usedBytes
+    }
+
+    /// The extents a record's data occupies.
+    private func dataExtents(of intent: JournalIntent) -> [(UInt64, UInt64)] {
+        switch intent {
+        case .map(_, _, let mappings): return mappings.map { ($0.location.byteOffset, $0.location.allocatedByteCount) }
+        case .mapRun(_, _, _, let offset, let stored, let checksums):
+            return [(offset, UInt64(checksums.count) * sectorAligned(UInt64(stored)))]
+        case .relocate(let moves): return moves.map { ($0.location.byteOffset, $0.location.allocatedByteCount) }
+        default: return []
+        }
+    }
+
+    /// Drops every part of a hole that overlaps one of `extents` (sorted sweep).
+    private func removeHoles(overlapping extents: [(UInt64, UInt64)]) {
+        guard !holes.isEmpty, !extents.isEmpty else { return }
+        let taken = extents.sorted { $0.0 < $1.0 }
+        var result: [(byteOffset: UInt64, byteCount: UInt64)] = []
+        var t = 0
+        for hole in holes.sorted(by: { $0.byteOffset < $1.byteOffset }) {
+            var start = hole.byteOffset
+            let end = hole.byteOffset + hole.byteCount
+            while t < taken.count && taken[t].0 + taken[t].1 <= start { t += 1 }
+            var k = t
+            while k < taken.count && taken[k].0 < end && start < end {
+                if taken[k].0 > start { result.append((start, taken[k].0 - start)) }
+                start = max(start, taken[k].0 + taken[k].1)
+                k += 1
+            }
+            if start < end { result.append((start, end - start)) }
+        }
+        holes = result
     }
 
     /// Why a record's data does not verify, or nil when it does (or it has none).

@@ -195,7 +195,16 @@ final class Engine {
     /// block or a page), so fragmentation cannot make the figure a promise it can't keep.
     var usableHoleByteCount: UInt64 {
         let unit = UInt64(max(blockByteCount, PoolGeometry.pageByteCount))
-        return holes.reduce(0) { $0 + ($1.byteCount / unit) * unit }
+        return holes.reduce(0) { $0 + usableByteCount(of: $1, unit: unit) }
+    }
+
+    /// Whole `unit`s that fit in `hole` after aligning its start to a page (an
+    /// uncompressed block or a page cannot use the unaligned head).
+    func usableByteCount(of hole: (byteOffset: UInt64, byteCount: UInt64), unit: UInt64) -> UInt64 {
+        let page = UInt64(PoolGeometry.pageByteCount)
+        let start = (hole.byteOffset + page - 1) & ~(page - 1)
+        let end = hole.byteOffset + hole.byteCount
+        return end > start ? (end - start) / unit * unit : 0
     }
 
     /// Bytes the next checkpoint needs: every dirty page plus the root.

@@ -55,7 +55,7 @@ public struct VolumeInfo: Sendable, Equatable, Codable {
 /// be used from many threads at once. Methods throw ``PoolError`` only.
 public final class Pool: @unchecked Sendable {
     /// Largest volume size accepted (2^50 bytes = 1 PiB).
-    public static let volumeSizeMax: UInt64 = 1 << 50
+    public static let volumeSizeMax: UInt64 = PoolGeometry.volumeByteCountMax
     /// Longest volume name in UTF-8 bytes.
     public static let nameByteCountMax = 255
 
@@ -342,8 +342,19 @@ public final class Pool: @unchecked Sendable {
 extension Engine {
     /// Admission for a change that writes no data: room for its pages and the root.
     func admitMetadataChange(_ intent: JournalIntent, pageCount: Int) throws {
-        try ensureSpace(netByteCount: 0, grossByteCount: 0, pageCount: pageCount, addedPageCount: pageCount)
+        // The checkpoint root (volume table + usage table) must fit one segment.
+        var growth = 0
+        switch intent {
+        case .createVolume(_, let name, _, _), .branch(_, _, _, let name, _): growth = 58 + name.utf8.count
+        case .rename(let id, let name): growth = max(0, name.utf8.count - (volumes[id]?.record.name.utf8.count ?? 0))
+        default: break
+        }
+        let limit = Int(geometry.segmentPayloadByteCount) - PoolGeometry.pageByteCount
+        guard plannedRoot().unpaddedByteCount + growth <= limit else {
+            throw PoolError.invalidArgument("the volume table would outgrow one segment (\(limit) bytes): \(volumes.count) volumes and snapshots; use a pool with larger segments")
+        }
         try ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
+        try ensureSpace(netByteCount: 0, grossByteCount: 0, pageCount: pageCount, addedPageCount: pageCount)
     }
 
     func info(of volume: VolumeState) -> VolumeInfo {

@@ -124,7 +124,11 @@ public struct CheckpointRoot: Sendable, Equatable {
         let declared = try r.u64("size")
         guard declared == UInt64(bytes.count) else { throw r.error("declares \(declared) bytes, superblock says \(bytes.count)", at: 8) }
         let generation = try r.u64("generation")
+        let nextVolumeIDAt = r.position
         let nextVolumeID = try r.u64("next volume id")
+        guard nextVolumeID >= 1, nextVolumeID < PoolGeometry.counterMax else {
+            throw r.error("next volume id \(nextVolumeID) is out of range", at: nextVolumeIDAt)
+        }
         let btRoot = PagePointer(byteOffset: try r.u64("block-table root"), checksum: try r.u64("block-table root checksum"))
         let btHeightAt = r.position
         let btHeight = Int(try r.u32("block-table height"))
@@ -167,6 +171,9 @@ public struct CheckpointRoot: Sendable, Equatable {
                 throw r.error("volume id \(id) is zero, duplicated or not below next id \(nextVolumeID)", at: rowAt)
             }
             guard seenNames.insert(name).inserted else { throw r.error("duplicate volume name \"\(name)\"", at: rowAt) }
+            guard size % UInt64(geometry.blockByteCount) == 0, size <= PoolGeometry.volumeByteCountMax else {
+                throw r.error("volume size \(size) is not a multiple of the block size up to \(PoolGeometry.volumeByteCountMax)", at: rowAt + 16)
+            }
             guard height >= 1, height <= PageLayout.heightMax,
                   PageLayout.capacity(kind: .map, height: height) >= blockCount(size, geometry)
             else { throw r.error("map height \(height) cannot address volume size \(size)", at: rowAt + 10) }

@@ -25,6 +25,11 @@ public struct PoolGeometry: Sendable, Equatable {
     public static let segmentByteCountMax: UInt32 = 256 * 1024 * 1024
     public static let reserveSegmentCountDefault: UInt32 = 2
     public static let capacityByteCountMin: UInt64 = 4 << 20
+    /// Largest volume (2^50 bytes = 1 PiB).
+    public static let volumeByteCountMax: UInt64 = 1 << 50
+    /// Generations, sequences and volume ids stay below this, so `+ 1` never overflows.
+    public static let counterMax: UInt64 = 1 << 62
+    public static let journalByteCountMin: UInt64 = 256 * 1024
 
     public var capacityByteCount: UInt64
     public var blockByteCount: UInt32
@@ -51,9 +56,13 @@ public struct PoolGeometry: Sendable, Equatable {
     /// The default segment size for a pool of `capacityByteCount`: 1/64 of it, a power of
     /// two between 64 KiB and 4 MiB (small pools get small segments so the reserve and
     /// the compactor's slack stay a small fraction).
+    /// Larger pools get larger segments still when their usage table (8 bytes per
+    /// segment in every checkpoint root) would not fit half a segment.
     public static func defaultSegmentByteCount(capacityByteCount: UInt64) -> UInt32 {
         var size: UInt64 = 64 * 1024
         while size * 2 <= capacityByteCount / 64 && size < 4 * 1024 * 1024 { size *= 2 }
+        while (capacityByteCount / size) * 8 + 4096 > (size - UInt64(segmentHeaderByteCount)) / 2
+            && size < UInt64(segmentByteCountMax) { size *= 2 }
         return UInt32(size)
     }
 
@@ -94,6 +103,11 @@ public struct PoolGeometry: Sendable, Equatable {
         let count = (capacityByteCount - dataArea) / UInt64(segment)
         guard count <= UInt64(UInt32.max) else {
             return .failure(.init("pool size \(capacityByteCount) needs more than 2^32 segments; use larger segments"))
+        }
+        // The checkpoint root carries 8 bytes per segment and must fit one segment with
+        // room for the volume table.
+        guard count * 8 + 4096 <= (UInt64(segment) - UInt64(segmentHeaderByteCount)) / 2 else {
+            return .failure(.init("\(count) segments of \(segment) bytes: too many for one segment's checkpoint; use larger segments"))
         }
         return .success(PoolGeometry(
             capacityByteCount: capacityByteCount, blockByteCount: blockByteCount,

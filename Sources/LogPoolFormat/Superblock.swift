@@ -183,6 +183,9 @@ public struct Superblock: Sendable, Equatable {
         let blockByteCount = try r.u32("block size")
         let uuid = try r.raw(16, "pool UUID")
         let generation = try r.u64("generation")
+        guard generation < PoolGeometry.counterMax else {
+            throw fail(SuperblockLayout.generationOffset, "generation \(generation) is beyond \(PoolGeometry.counterMax)")
+        }
         guard generation % 2 == UInt64(slotIndex) else {
             throw fail(SuperblockLayout.generationOffset, "generation \(generation) has the wrong parity for slot \(slotIndex)")
         }
@@ -225,7 +228,13 @@ public struct Superblock: Sendable, Equatable {
         guard journalOffset == PoolGeometry.journalByteOffset else {
             throw fail(SuperblockLayout.journalByteOffsetOffset, "journal offset \(journalOffset), expected \(PoolGeometry.journalByteOffset)")
         }
-        guard journalByteCount >= 64 * 1024, journalByteCount <= 1 << 30, journalByteCount % 4096 == 0 else {
+        guard reserve == PoolGeometry.reserveSegmentCountDefault else {
+            throw fail(SuperblockLayout.reserveSegmentCountOffset, "reserve segment count \(reserve), expected \(PoolGeometry.reserveSegmentCountDefault)")
+        }
+        guard replaySequence < PoolGeometry.counterMax else {
+            throw fail(SuperblockLayout.journalReplaySequenceOffset, "journal replay sequence \(replaySequence) is beyond \(PoolGeometry.counterMax)")
+        }
+        guard journalByteCount >= PoolGeometry.journalByteCountMin, journalByteCount <= 1 << 30, journalByteCount % 4096 == 0 else {
             throw fail(SuperblockLayout.journalByteCountOffset, "journal size \(journalByteCount) is invalid")
         }
         let expectedDataArea = (journalOffset + journalByteCount + 4095) & ~UInt64(4095)
@@ -234,7 +243,7 @@ public struct Superblock: Sendable, Equatable {
         }
         let (segmentsBytes, o1) = UInt64(segmentCount).multipliedReportingOverflow(by: UInt64(segmentByteCount))
         let (end, o2) = dataArea.addingReportingOverflow(segmentsBytes)
-        guard !o1, !o2, segmentCount >= reserve + 4, end <= capacity else {
+        guard !o1, !o2, segmentCount >= reserve + 4, end <= capacity, capacity - end < UInt64(segmentByteCount) else {
             throw fail(SuperblockLayout.segmentCountOffset,
                 "segment count \(segmentCount) of \(segmentByteCount) bytes does not fit capacity \(capacity)")
         }

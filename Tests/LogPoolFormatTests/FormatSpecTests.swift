@@ -221,3 +221,28 @@ struct RecordTests {
 extension JournalIntent: CustomTestStringConvertible {
     public var testDescription: String { "kind \(kindCode)" }
 }
+
+@Suite("Format: values that would overflow later are refused")
+struct OverflowBoundTests {
+    /// Review finding 5: checksummed but absurd figures must be `CorruptionError`s.
+    @Test("absurd superblock figures are rejected even with a valid checksum")
+    func absurdSuperblock() {
+        func patched(_ offset: Int, _ value: UInt64, width: Int) -> [UInt8] {
+            var bytes = sampleSuperblock(generation: 7).encode()
+            withUnsafeBytes(of: value.littleEndian) { for i in 0..<width { bytes[offset + i] = $0[i] } }
+            let sum = Checksum.xxh3(Array(bytes[0..<504]))
+            withUnsafeBytes(of: sum.littleEndian) { for i in 0..<8 { bytes[504 + i] = $0[i] } }
+            return bytes
+        }
+        let cases: [(String, [UInt8])] = [
+            ("generation near 2^64", patched(SuperblockLayout.generationOffset, UInt64.max, width: 8)),
+            ("reserve 0xFFFFFFFF", patched(SuperblockLayout.reserveSegmentCountOffset, 0xFFFF_FFFF, width: 4)),
+            ("replay sequence near 2^64", patched(SuperblockLayout.journalReplaySequenceOffset, UInt64.max - 1, width: 8)),
+            ("capacity far beyond the segments", patched(SuperblockLayout.capacityByteCountOffset, 1 << 50, width: 8)),
+            ("tiny journal", patched(SuperblockLayout.journalByteCountOffset, 64 * 1024, width: 8)),
+        ]
+        for (label, bytes) in cases {
+            #expect(throws: CorruptionError.self, "\(label)") { try Superblock.decode(bytes, slotIndex: 1) }
+        }
+    }
+}
