@@ -236,3 +236,76 @@ struct CrashTests {
         #expect(pool.internalConsistencyProblems() == [])
     }
 }
+
+@Suite("Crash consistency near full")
+struct CrashNearFullTests {
+    /// Goal: crash safety where space reuse happens: holes (R-2), compaction and
+    /// checkpoints forced by admission. Method: fill an 8 MiB pool to poolFull, then
+    /// seeded overwrites, discards, snapshot deletes, syncs and compactions, enumerating
+    /// crash images (C0-C4) at every sync the engine issues.
+    @Test("crash images on a nearly full pool recover to a valid prefix", arguments: [UInt64(31), 33])
+    func nearFull(seed: UInt64) throws {
+        let device = SimulatedDevice(byteCount: 8 << 20)
+        let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10, compression: .none)
+        var model = ReferenceModel()
+        try pool.createVolume(name: "v", size: 7 << 20)
+        model.create("v", size: 7 << 20)
+        var written = 0
+        do {
+            while true {
+                let data = pattern(32 * 1024, seed: UInt8(truncatingIfNeeded: written >> 15))
+                try pool.openVolume(name: "v").write(at: UInt64(written), from: data)
+                model.write("v", at: written, data)
+                written += data.count
+            }
+        } catch PoolError.poolFull {}
+        try pool.snapshot(source: "v", name: "s")
+        model.branch("v", "s", snapshot: true)
+        try pool.sync()
+        let enumerator = CrashEnumerator(seed: seed)
+        enumerator.states = [logical(model)]
+        device.beforeSync = { [unowned enumerator] dev in enumerator.check(dev) }
+        var generator = SeededGenerator(seed: seed)
+        let steps = ProcessInfo.processInfo.environment["LOGPOOL_LONG"] == nil ? 40 : 400
+        for step in 0..<steps {
+            let roll = Int.random(in: 0..<100, using: &generator)
+            let syncsBefore = device.syncCount
+            do {
+                if roll < 70 {
+                    let block = Int.random(in: 0..<(written / 4096), using: &generator)
+                    let data = pattern(4096 * Int.random(in: 1...3, using: &generator), seed: UInt8(truncatingIfNeeded: step))
+                    let offset = min(block * 4096, written - data.count)
+                    enumerator.opLog.append("write \(offset) \(data.count)")
+                    try pool.openVolume(name: "v").write(at: UInt64(offset), from: data)
+                    model.write("v", at: offset, data)
+                } else if roll < 78, model.volumes["s"] != nil {
+                    enumerator.opLog.append("delete s")
+                    try pool.delete(name: "s")
+                    model.delete("s")
+                } else if roll < 85 {
+                    let offset = Int.random(in: 0..<(written / 4096), using: &generator) * 4096
+                    enumerator.opLog.append("discard \(offset)")
+                    try pool.openVolume(name: "v").discard(at: UInt64(offset), length: 8192)
+                    model.discard("v", at: offset, length: 8192)
+                } else if roll < 92 {
+                    enumerator.opLog.append("sync")
+                    try pool.sync()
+                } else {
+                    enumerator.opLog.append("compact")
+                    _ = try pool.compact()
+                }
+            } catch PoolError.poolFull {
+                // Allowed while the snapshot pins the old blocks; nothing changed.
+                enumerator.opLog.append("poolFull")
+            }
+            if device.syncCount > syncsBefore { enumerator.durableIndex = enumerator.states.count - 1 }
+            enumerator.states.append(logical(model))
+            if roll >= 85 && roll < 92 { enumerator.durableIndex = enumerator.states.count - 1 }
+            #expect(pool.internalConsistencyProblems() == [], "seed \(seed) step \(step)")
+        }
+        device.beforeSync = nil
+        print("near-full crash enumeration seed \(seed): \(steps) ops, \(enumerator.checkedImages) crash images, \(enumerator.failures.count) failures")
+        #expect(enumerator.failures.isEmpty, "\(enumerator.failures.joined(separator: "\n"))")
+        #expect(try contents(of: pool) == logical(model))
+    }
+}
