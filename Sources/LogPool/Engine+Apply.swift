@@ -12,6 +12,19 @@ extension Engine {
         func bad(_ detail: String) -> PoolError {
             .corrupt(structure: "journal record", byteOffset: recordByteOffset, detail: detail)
         }
+        func checkName(_ name: String) throws {
+            do { try Pool.validate(name: name) } catch { throw bad("volume name is invalid: \(error)") }
+            let limit = Int(geometry.segmentPayloadByteCount) - PoolGeometry.pageByteCount
+            guard plannedRoot().unpaddedByteCount + 58 + name.utf8.count <= limit else {
+                throw bad("the volume table would outgrow one segment")
+            }
+        }
+        switch intent {
+        case .createVolume(_, let name, _, _), .branch(_, _, _, let name, _), .rename(_, let name):
+            try checkName(name)
+        default:
+            break
+        }
         switch intent {
         case .padding, .wrap:
             return

@@ -9,6 +9,8 @@ public struct CompactionReport: Sendable, Equatable {
     /// Segments that became free (including ones already dead before the pass).
     public var segmentsFreed = 0
     public var bytesFreed: UInt64 = 0
+
+    public init() {}
 }
 
 extension Engine {

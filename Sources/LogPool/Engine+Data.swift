@@ -103,7 +103,11 @@ extension Engine {
     /// poisoned (its in-memory state may be half changed) and `poolFull` is thrown; the
     /// durable state is untouched and a reopen recovers it.
     func allocateExtent(byteCount: Int, alignment: Int = PoolGeometry.sectorByteCount, batch: inout WriteBatch) throws -> UInt64 {
-        precondition(byteCount % PoolGeometry.sectorByteCount == 0 && UInt64(byteCount) <= geometry.segmentPayloadByteCount)
+        precondition(byteCount % PoolGeometry.sectorByteCount == 0, "extents are whole sectors")
+        guard UInt64(byteCount) <= geometry.segmentPayloadByteCount - UInt64(PoolGeometry.pageByteCount) else {
+            poisonCause = "an extent of \(byteCount) bytes does not fit one segment"
+            throw PoolError.invalidArgument("an extent of \(byteCount) bytes does not fit one segment")
+        }
         let align = UInt64(alignment)
         func aligned(_ offset: UInt64) -> UInt64 { (offset + align - 1) & ~(align - 1) }
         if let open = openSegment {

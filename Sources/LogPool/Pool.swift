@@ -109,6 +109,10 @@ public final class Pool: @unchecked Sendable {
     public static func create(on device: BlockDevice, capacity: UInt64, blockSize: Int = 4096,
                               segmentSize: Int? = nil, compression: CompressionMode = .lz4) throws -> Pool {
         let geometry = try makeGeometry(capacity: capacity, blockSize: blockSize, segmentSize: segmentSize)
+        let available = try device.byteCount()
+        guard available >= capacity else {
+            throw PoolError.invalidArgument("the device holds \(available) bytes, fewer than the capacity \(capacity)")
+        }
         let engine = try Engine.format(device: device, geometry: geometry, compression: compression,
                                        uuid: newUUID(), createdTime: Int64(Date().timeIntervalSince1970))
         return Pool(engine: engine, fileDevice: nil, path: nil)

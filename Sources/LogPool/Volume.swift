@@ -53,6 +53,8 @@ public final class Volume: @unchecked Sendable {
     /// Reads `length` bytes at `offset` into a new array.
     public func read(at offset: UInt64, length: Int) throws -> [UInt8] {
         guard length >= 0 else { throw PoolError.outOfRange("negative length \(length)") }
+        // Check the range before allocating: a huge length is an error, not an allocation.
+        try pool.locked { try checkRange(try state(), offset, length) }
         var bytes = [UInt8](repeating: 0, count: length)
         try bytes.withUnsafeMutableBytes { try read(at: offset, into: $0) }
         return bytes

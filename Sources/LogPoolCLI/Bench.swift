@@ -107,10 +107,11 @@ struct Bench: ParsableCommand {
             settle()
             var t0 = now()
             for i in 0..<(total >> 20) {
-                _ = data.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(i << 20)) }
+                let n = data.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(i << 20)) }
+                guard n == data.count else { throw PoolError.io(errno: errno, operation: "baseline pwrite", byteOffset: UInt64(i) << 20) }
             }
             let rawLoopEnd = now()
-            fdatasync(fd)
+            guard fdatasync(fd) == 0 else { throw PoolError.io(errno: errno, operation: "baseline fdatasync", byteOffset: 0) }
             if ProcessInfo.processInfo.environment["LOGPOOL_BENCH_DEBUG"] != nil {
                 FileHandle.standardError.write(Data("raw write loop \(rawLoopEnd - t0) s, sync \(now() - rawLoopEnd) s\n".utf8))
             }
@@ -159,6 +160,7 @@ struct Bench: ParsableCommand {
         }
         let poolRandW = Double(writes) / (now() - t0)
         let rfd = open(rawPath + ".r", O_RDWR | O_CREAT | O_TRUNC, 0o644)
+        guard rfd >= 0 else { throw PoolError.io(errno: errno, operation: "open \(rawPath).r", byteOffset: 0) }
         defer { close(rfd); unlink(rawPath + ".r") }
         ftruncate(rfd, off_t(randomSpan))
         // Allocate the baseline file for real, as a written volume would be.
@@ -215,6 +217,7 @@ struct Bench: ParsableCommand {
         settle()
         t0 = now()
         let copy = open(rawPath + ".copy", O_RDWR | O_CREAT | O_TRUNC, 0o644)
+        guard copy >= 0 else { throw PoolError.io(errno: errno, operation: "open \(rawPath).copy", byteOffset: 0) }
         for i in 0..<(total >> 20) {
             _ = big.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 1 << 20, off_t(i << 20)) }
             _ = big.withUnsafeBytes { pwrite(copy, $0.baseAddress, 1 << 20, off_t(i << 20)) }

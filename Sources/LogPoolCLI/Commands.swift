@@ -165,27 +165,43 @@ struct Write: ParsableCommand {
     @Option(help: "Byte offset in the volume.") var offset: ByteSize = ByteSize(argument: "0")!
     @Option(help: "Read from this file instead of stdin.") var input: String?
 
+    /// A file input is checked against the volume's size before anything is written, so
+    /// an oversized input changes nothing. Stdin's length is unknown in advance: what was
+    /// written before an error stays written (each 1 MiB chunk is atomic).
     func run() throws {
         let handle: FileHandle
+        var inputByteCount: UInt64? = nil
         if let input {
-            guard let h = FileHandle(forReadingAtPath: input) else { throw PoolError.notFound(input) }
+            var info = stat()
+            guard stat(input, &info) == 0 else { throw PoolError.notFound(input) }
+            guard (info.st_mode & S_IFMT) == S_IFREG else { throw PoolError.invalidArgument("\(input) is not a regular file") }
+            guard let h = FileHandle(forReadingAtPath: input) else { throw PoolError.io(errno: errno, operation: "open \(input)", byteOffset: 0) }
             handle = h
+            inputByteCount = UInt64(info.st_size)
         } else {
             handle = FileHandle.standardInput
         }
-        let opened = try Pool.open(at: pool)
-        let volume = try opened.openVolume(name: name)
-        var position = offset.bytes
-        while true {
-            let chunk = try handle.read(upToCount: 1 << 20) ?? Data()
-            if chunk.isEmpty { break }
-            try chunk.withUnsafeBytes { try volume.write(at: position, from: $0) }
-            position += UInt64(chunk.count)
+        var written: UInt64 = 0
+        try withWritablePool(pool) { opened in
+            let volume = try opened.openVolume(name: name)
+            if let count = inputByteCount {
+                let (end, overflow) = offset.bytes.addingReportingOverflow(count)
+                guard !overflow, end <= volume.size else {
+                    throw PoolError.outOfRange("\(count) bytes at offset \(offset.bytes) of \(name), which is \(volume.size) bytes")
+                }
+            }
+            var position = offset.bytes
+            while true {
+                let chunk = try handle.read(upToCount: 1 << 20) ?? Data()
+                if chunk.isEmpty { break }
+                try chunk.withUnsafeBytes { try volume.write(at: position, from: $0) }
+                position += UInt64(chunk.count)
+            }
+            try opened.sync()
+            written = position - offset.bytes
         }
-        try opened.sync()
-        try opened.close()
         var err = StandardError()
-        print("wrote \(position - offset.bytes) bytes to \(name) at offset \(offset.bytes)", to: &err)
+        print("wrote \(written) bytes to \(name) at offset \(offset.bytes)", to: &err)
     }
 }
 
@@ -204,12 +220,19 @@ struct Read: ParsableCommand {
         let size = volume.size
         guard offset.bytes <= size else { throw PoolError.outOfRange("offset \(offset.bytes) beyond \(name)'s size \(size)") }
         let total = length?.bytes ?? (size - offset.bytes)
+        // The whole range is checked before any output file is created or truncated.
+        guard total <= size - offset.bytes else {
+            throw PoolError.outOfRange("\(total) bytes at offset \(offset.bytes) of \(name), which is \(size) bytes")
+        }
         let sink: FileHandle
         if let output {
-            guard FileManager.default.createFile(atPath: output, contents: nil), let h = FileHandle(forWritingAtPath: output) else {
-                throw PoolError.io(errno: errno, operation: "create \(output)", byteOffset: 0)
+            var target = stat(), source = stat()
+            if stat(output, &target) == 0, stat(pool, &source) == 0, target.st_dev == source.st_dev, target.st_ino == source.st_ino {
+                throw PoolError.invalidArgument("--output is the pool file itself")
             }
-            sink = h
+            let fd = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "create \(output)", byteOffset: 0) }
+            sink = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         } else {
             sink = FileHandle.standardOutput
         }
@@ -217,7 +240,7 @@ struct Read: ParsableCommand {
         while done < total {
             let take = Int(min(UInt64(1 << 20), total - done))
             let bytes = try volume.read(at: offset.bytes + done, length: take)
-            sink.write(Data(bytes))
+            try writeOut(Data(bytes), to: sink, what: output ?? "standard output")
             done += UInt64(take)
         }
     }
@@ -228,11 +251,14 @@ struct Compact: ParsableCommand {
     @Argument var pool: String
 
     func run() throws {
-        let opened = try Pool.open(at: pool)
-        let before = opened.stats
-        let report = try opened.compact()
-        let after = opened.stats
-        try opened.close()
+        var before: PoolStats? = nil, after: PoolStats? = nil
+        var report = CompactionReport()
+        try withWritablePool(pool) { opened in
+            before = opened.stats
+            report = try opened.compact()
+            after = opened.stats
+        }
+        guard let before, let after else { return }
         print("compacted \(report.segmentsCompacted) segments: moved \(report.blocksMoved) blocks (\(formatBytes(report.bytesMoved))), rewrote \(report.pagesRewritten) metadata pages")
         print("freed \(report.segmentsFreed) segments (\(formatBytes(report.bytesFreed))); dead \(formatBytes(before.deadBytes)) -> \(formatBytes(after.deadBytes)), free \(formatBytes(before.freeBytes)) -> \(formatBytes(after.freeBytes))")
     }

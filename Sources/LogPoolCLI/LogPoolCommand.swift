@@ -20,7 +20,7 @@ enum Main {
             var command = try LogPoolCommand.parseAsRoot()
             try command.run()
         } catch let error as PoolError {
-            print("logpool: error: \(error)", to: &err)
+            print("logpool: error: \(oneLine(error.description))", to: &err)
             exit(1)
         } catch {
             let code = LogPoolCommand.exitCode(for: error)
@@ -28,8 +28,22 @@ enum Main {
             let message = LogPoolCommand.message(for: error)
                 .split(separator: "\n").first.map(String.init) ?? "\(error)"
             let trimmed = message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message
-            print("logpool: error: \(trimmed)", to: &err)
+            print("logpool: error: \(oneLine(trimmed))", to: &err)
             exit(code.rawValue == 0 ? 1 : code.rawValue)
         }
     }
+}
+
+/// Control characters (a name or path holding a newline) are escaped so an error stays
+/// one line.
+func oneLine(_ message: String) -> String {
+    var result = ""
+    for scalar in message.unicodeScalars {
+        if scalar.properties.generalCategory == .control {
+            result += "\\u{" + String(scalar.value, radix: 16) + "}"
+        } else {
+            result.unicodeScalars.append(scalar)
+        }
+    }
+    return result
 }

@@ -41,15 +41,26 @@ extension CompressionMode: ExpressibleByArgument {
 }
 
 struct StandardError: TextOutputStream {
-    mutating func write(_ string: String) { FileHandle.standardError.write(Data(string.utf8)) }
+    /// A closed or full stderr loses the message; it must not crash the command.
+    mutating func write(_ string: String) { try? FileHandle.standardError.write(contentsOf: Data(string.utf8)) }
+}
+
+/// Writes to `handle`, turning a failure (full disk, closed pipe) into a PoolError instead
+/// of Foundation's trapping `write(_:)`.
+func writeOut(_ data: Data, to handle: FileHandle = .standardOutput, what: String = "standard output") throws {
+    do {
+        try handle.write(contentsOf: data)
+    } catch {
+        throw PoolError.io(errno: (error as NSError).code == 0 ? EIO : Int32((error as NSError).code), operation: "write to \(what)", byteOffset: 0)
+    }
 }
 
 func printJSON<T: Encodable>(_ value: T) throws {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-    let data = try encoder.encode(value)
-    FileHandle.standardOutput.write(data)
-    FileHandle.standardOutput.write(Data("\n".utf8))
+    var data = try encoder.encode(value)
+    data.append(contentsOf: Array("\n".utf8))
+    try writeOut(data)
 }
 
 /// `list --json` rows: `origin` is always present, null when there is none.
@@ -97,10 +108,16 @@ func printTable(_ rows: [[String]]) {
     }
 }
 
-/// Opens `path` read-write, runs `body`, and closes (checkpointing) the pool.
+/// Opens `path` read-write, runs `body`, and closes (checkpointing) the pool, also when
+/// `body` fails, so a refused command leaves the pool cleanly closed.
 func withWritablePool(_ path: String, _ body: (Pool) throws -> Void) throws {
     let pool = try Pool.open(at: path)
-    try body(pool)
+    do {
+        try body(pool)
+    } catch {
+        try? pool.close()
+        throw error
+    }
     try pool.close()
 }
 

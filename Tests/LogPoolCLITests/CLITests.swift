@@ -120,6 +120,33 @@ struct CLITests {
         #expect(range.status != 0 && range.stderr.contains("out of range"))
     }
 
+    @Test("a refused command leaves the pool unchanged and cleanly closed")
+    func refusedCommandsChangeNothing() throws {
+        let pool = temporaryPath("r.pool")
+        try CLI.run(["init", pool, "--size", "16M"])
+        try CLI.run(["create", pool, "v", "--size", "64K"])
+        let before = try JSONSerialization.jsonObject(with: try CLI.run(["info", pool, "--json"]).stdout) as? [String: Any]
+        // Too much input for the volume: refused before anything is written.
+        let big = temporaryPath("big.bin")
+        try Data(repeating: 7, count: 100_000).write(to: URL(fileURLWithPath: big))
+        let write = try CLI.run(["write", pool, "v", "--input", big])
+        #expect(write.status != 0 && write.stderr.contains("out of range"), "\(write.stderr)")
+        #expect(try CLI.run(["read", pool, "v", "--length", "4"]).stdout == Data(count: 4))
+        #expect(try CLI.run(["snapshot", pool, "nope", "s"]).status != 0)
+        #expect(try CLI.run(["create", pool, "a/b", "--size", "4K"]).status != 0)
+        // A read past the end creates no output file.
+        let out = temporaryPath("out.bin")
+        #expect(try CLI.run(["read", pool, "v", "--length", "1M", "--output", out]).status != 0)
+        #expect(!FileManager.default.fileExists(atPath: out))
+        #expect(try CLI.run(["read", pool, "v", "--output", pool]).stderr.contains("pool file itself"))
+        let after = try JSONSerialization.jsonObject(with: try CLI.run(["info", pool, "--json"]).stdout) as? [String: Any]
+        #expect(after?["cleanlyClosed"] as? Bool == true)
+        #expect(after?["usedBytes"] as? Int == before?["usedBytes"] as? Int)
+        // A name with a newline still gives a one-line error.
+        let odd = try CLI.run(["read", pool, "a\nb"])
+        #expect(odd.status != 0 && odd.stderr.split(separator: "\n").count == 1, "\(odd.stderr)")
+    }
+
     @Test("info on files that are not pools says what is wrong")
     func notPools() throws {
         let text = temporaryPath("text.txt")
@@ -127,9 +154,11 @@ struct CLITests {
         let result = try CLI.run(["info", text])
         #expect(result.status != 0)
         #expect(result.stderr.contains("bad magic"), "\(result.stderr)")
-        let empty = temporaryPath("empty")
-        FileManager.default.createFile(atPath: empty, contents: Data())
-        #expect(try CLI.run(["info", empty]).stderr.contains("empty"))
+        let zeroLength = temporaryPath("zero-length.pool")
+        FileManager.default.createFile(atPath: zeroLength, contents: Data())
+        let emptyResult = try CLI.run(["info", zeroLength])
+        #expect(emptyResult.status != 0)
+        #expect(emptyResult.stderr.contains("file is empty"), "\(emptyResult.stderr)")
         let pool = temporaryPath("t.pool")
         try CLI.run(["init", pool, "--size", "16M"])
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: pool))
