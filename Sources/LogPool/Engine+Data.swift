@@ -446,6 +446,11 @@ extension Engine {
                 done += run.count * blockByteCount
                 continue
             }
+            if inBlock == 0 && take == blockByteCount && location.isCompressed {
+                done += try readCompressedRun(volume, firstBlockIndex: blockIndex, first: (id, location),
+                                              into: UnsafeMutableRawBufferPointer(rebasing: destination[done...]))
+                continue
+            }
             if scratch.isEmpty { scratch = [UInt8](repeating: 0, count: blockByteCount) }
             try scratch.withUnsafeMutableBytes { try readBlock(id, into: $0) }
             scratch.withUnsafeBytes { raw in
@@ -454,6 +459,44 @@ extension Engine {
             }
             done += take
         }
+    }
+
+    /// Reads a run of whole compressed blocks that lie back to back in their segment
+    /// (they were written together) with one pread, checks each block's checksum and
+    /// decompresses it into `destination`. Returns the bytes produced (whole blocks).
+    private func readCompressedRun(_ volume: VolumeState, firstBlockIndex: UInt64, first: (UInt64, BlockLocation),
+                                   into destination: UnsafeMutableRawBufferPointer) throws -> Int {
+        var run: [(UInt64, BlockLocation)] = [first]
+        var extentEnd = first.1.byteOffset + first.1.allocatedByteCount
+        var next = firstBlockIndex + 1
+        while (run.count + 1) * blockByteCount <= destination.count, run.count < 256 {
+            let nextID = mapLookup(volume.map, blockIndex: next)
+            guard nextID != 0 else { break }
+            let nextLocation = blockLocation(nextID)
+            guard nextLocation.isCompressed, nextLocation.byteOffset == extentEnd else { break }
+            run.append((nextID, nextLocation))
+            extentEnd += nextLocation.allocatedByteCount
+            next += 1
+        }
+        let start = first.1.byteOffset
+        let stored = try deviceCall { try device.read(byteCount: Int(extentEnd - start), at: start) }
+        try stored.withUnsafeBytes { raw in
+            for (i, (id, location)) in run.enumerated() {
+                let from = Int(location.byteOffset - start)
+                let piece = UnsafeRawBufferPointer(rebasing: raw[from..<from + Int(location.storedByteCount)])
+                let sum = Checksum.xxh3(piece)
+                guard sum == location.checksum else {
+                    throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
+                                            detail: "block id \(id): checksum mismatch: expected \(hex(location.checksum)), found \(hex(sum))")
+                }
+                let target = UnsafeMutableRawBufferPointer(rebasing: destination[(i * blockByteCount)..<((i + 1) * blockByteCount)])
+                guard BlockCompression.decompress(piece, into: target) else {
+                    throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
+                                            detail: "block id \(id): LZ4 data does not expand to \(blockByteCount) bytes")
+                }
+            }
+        }
+        return run.count * blockByteCount
     }
 
     // MARK: - Writing
