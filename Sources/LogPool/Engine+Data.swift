@@ -281,15 +281,21 @@ extension Engine {
         if let root = blockTable.root { visit(root) }
         for volume in volumes.values { if let root = volume.map.root { visit(root) } }
         if let root = checkpointExtent { add(root.byteOffset, sectorAligned(root.byteCount)) }
+        // Holes are trimmed to whole 4 KiB units so a write into one never shares a
+        // physical sector with live data.
+        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
+        func addHole(_ from: UInt64, _ to: UInt64) {
+            let start = (from + unit - 1) & ~(unit - 1), end = to & ~(unit - 1)
+            if end > start { holes.append((start, end - start)) }
+        }
         for s in 0..<segmentStates.count where segmentStates[s] == .used {
             let start = geometry.segmentByteOffset(s)
             var cursor = start + UInt64(PoolGeometry.segmentHeaderByteCount)
             for (offset, count) in extents[s].sorted(by: { $0.0 < $1.0 }) {
-                if offset > cursor { holes.append((cursor, offset - cursor)) }
+                if offset > cursor { addHole(cursor, offset) }
                 cursor = max(cursor, offset + count)
             }
-            let end = start + UInt64(geometry.segmentByteCount)
-            if cursor < end { holes.append((cursor, end - cursor)) }
+            addHole(cursor, start + UInt64(geometry.segmentByteCount))
         }
     }
 

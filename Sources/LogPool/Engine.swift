@@ -161,6 +161,13 @@ final class Engine {
         guard deviceDirty else { return }
         try deviceCall { try device.sync() }
         deviceDirty = false
+        // Later appends start on a fresh 4 KiB boundary: a torn write on a device with
+        // 4 KiB physical sectors then cannot reach bytes this sync made durable.
+        if let open = openSegment {
+            let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
+            let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
+            appendByteOffset = min((appendByteOffset + unit - 1) & ~(unit - 1), end)
+        }
     }
 
     // MARK: - Geometry helpers

@@ -36,7 +36,7 @@ struct JournalWriter {
     /// wrap waste and wrap record, end-of-batch padding).
     static func worstCaseByteCount(payloadByteCount: Int) -> UInt64 {
         let record = UInt64(JournalRecordLayout.headerByteCount + payloadByteCount)
-        return 2 * record + 2 * UInt64(PoolGeometry.sectorByteCount) + UInt64(JournalRecordLayout.headerByteCount)
+        return 2 * record + 2 * UInt64(PoolGeometry.durableAlignmentByteCount) + UInt64(JournalRecordLayout.headerByteCount)
     }
 
     /// Appends a record. Returns a (ring offset, bytes) pair the caller must write first
@@ -63,18 +63,23 @@ struct JournalWriter {
 
     /// Pads to the next sector boundary and hands back the bytes to write; after the
     /// caller's fsync succeeds it calls ``markDurable()``.
+    ///
+    /// The batch ends on a 4 KiB boundary, not just a sector: on a device with 4 KiB
+    /// physical sectors a later batch must not share (and, torn, destroy) a physical
+    /// sector holding records this sync made durable.
     mutating func takeBatch() -> (ringByteOffset: UInt64, bytes: [UInt8])? {
         guard buffer.byteCount > 0 else { return nil }
         let sector = UInt64(PoolGeometry.sectorByteCount)
-        let tail = position % sector
-        if tail != 0 {
-            let remaining = sector - tail
-            if remaining >= UInt64(JournalRecordLayout.headerByteCount) {
-                encode(.padding(byteCount: Int(remaining) - JournalRecordLayout.headerByteCount))
-            } else {
-                buffer.zeros(Int(remaining))
-                usedByteCount += remaining
-            }
+        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
+        var remaining = (unit - position % unit) % unit
+        let toSector = (sector - position % sector) % sector
+        if toSector != 0 && toSector < UInt64(JournalRecordLayout.headerByteCount) {
+            buffer.zeros(Int(toSector))  // readers skip a sector tail too short for a header (J-1)
+            usedByteCount += toSector
+            remaining -= toSector
+        }
+        if remaining > 0 {
+            encode(.padding(byteCount: Int(remaining) - JournalRecordLayout.headerByteCount))
         }
         let batch = (bufferStart, buffer.bytes)
         bufferStart = position % ringByteCount

@@ -10,6 +10,9 @@
 public struct PoolGeometry: Sendable, Equatable {
     public static let formatVersion: UInt16 = 1
     public static let sectorByteCount = 512
+    /// What each fsync's writes are padded or aligned to, so that nothing written after a
+    /// sync shares a 4 KiB physical sector with what the sync made durable.
+    public static let durableAlignmentByteCount = 4096
     public static let superblockByteCount = 512
     public static let superblockSlotByteOffsets: [UInt64] = [0, 4096]
     public static let journalByteOffset: UInt64 = 8192

@@ -98,6 +98,30 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
         return image
     }
 
+    /// The image a device with `physicalSectorByteCount`-byte sectors could hold after
+    /// power loss: as ``image(keeping:)``, and in addition every physical sector that a
+    /// not-fully-kept write covers only partly is garbage (random bytes). That is the
+    /// read-modify-write hazard: bytes next to a write, even synced ones, can be
+    /// destroyed when the write tears.
+    public func image(keeping kept: [Range<Int>?], physicalSectorByteCount: Int,
+                      using generator: inout some RandomNumberGenerator) -> [UInt8] {
+        var result = image(keeping: kept)
+        for (i, write) in pending.enumerated() {
+            let sectors = (write.bytes.count + Self.sectorByteCount - 1) / Self.sectorByteCount
+            let keptRange = i < kept.count ? kept[i] : nil
+            if let range = keptRange, range == 0..<sectors { continue }
+            let start = write.byteOffset, end = write.byteOffset + write.bytes.count
+            for edge in [start, end - 1] {
+                let sectorStart = edge / physicalSectorByteCount * physicalSectorByteCount
+                let sectorEnd = sectorStart + physicalSectorByteCount
+                let coversWhole = start <= sectorStart && end >= sectorEnd
+                guard !coversWhole, sectorEnd <= result.count else { continue }
+                for j in sectorStart..<sectorEnd { result[j] = UInt8.random(in: 0...255, using: &generator) }
+            }
+        }
+        return result
+    }
+
     /// Sectors each pending write spans.
     public var pendingSectorCounts: [Int] {
         pending.map { ($0.bytes.count + Self.sectorByteCount - 1) / Self.sectorByteCount }

@@ -132,6 +132,9 @@ final class CrashEnumerator {
     let seed: UInt64
     var opLog: [String] = []
     var inOp = false
+    /// When set, crash images also garble the partly covered physical sectors of every
+    /// write that did not fully persist (a 4 KiB-sector device's read-modify-write).
+    var physicalSectorByteCount: Int? = nil
 
     init(seed: UInt64) {
         self.seed = seed
@@ -165,6 +168,21 @@ final class CrashEnumerator {
                 }
             }
             result.append(("subset \(k)", device.image(keeping: kept)))
+        }
+        if let physical = physicalSectorByteCount {
+            // Rebuild every image of this point with torn physical sectors garbled. Prefix i
+            // keeps writes 0..<i whole and drops the rest; each dropped write may have torn.
+            var garbled: [(String, [UInt8])] = []
+            for i in 0...n {
+                let kept: [Range<Int>?] = (0..<n).map { $0 < i ? 0..<counts[$0] : nil }
+                garbled.append(("prefix \(i) @\(physical)", device.image(keeping: kept, physicalSectorByteCount: physical, using: &generator)))
+            }
+            for i in 0..<n where counts[i] > 1 {
+                var left: [Range<Int>?] = (0..<i).map { 0..<counts[$0] }
+                left.append(0..<1)
+                garbled.append(("torn-left \(i) @\(physical)", device.image(keeping: left, physicalSectorByteCount: physical, using: &generator)))
+            }
+            return garbled
         }
         return result
     }
@@ -202,6 +220,18 @@ struct CrashTests {
     /// durable one. The seed is in every failure message.
     @Test("every crash image recovers to a prefix that includes every synced op", arguments: [UInt64(1), 2, 3, 4])
     func enumerate(seed: UInt64) throws {
+        try runEnumeration(seed: seed, physicalSectorByteCount: nil)
+    }
+
+    /// The same workloads on a device with 4 KiB physical sectors: a write that tears
+    /// garbles the whole physical sectors it touches only partly. Catches anything
+    /// written after a sync that shares a 4 KiB sector with what the sync made durable.
+    @Test("crash images of a 4 KiB-sector device recover to a valid prefix", arguments: [UInt64(5), 6])
+    func enumerate4K(seed: UInt64) throws {
+        try runEnumeration(seed: seed, physicalSectorByteCount: 4096)
+    }
+
+    func runEnumeration(seed: UInt64, physicalSectorByteCount: Int?) throws {
         let device = SimulatedDevice(byteCount: 8 << 20)
         let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10,
                                    compression: seed % 2 == 0 ? .lz4 : .none)
@@ -212,6 +242,7 @@ struct CrashTests {
         model.create("b", size: 8 * 4096)
         try pool.sync()
         let enumerator = CrashEnumerator(seed: seed)
+        enumerator.physicalSectorByteCount = physicalSectorByteCount
         enumerator.states = [logical(model)]
         device.beforeSync = { [unowned enumerator] dev in enumerator.check(dev) }
         var workload = WorkloadGenerator(seed: seed)
@@ -230,7 +261,7 @@ struct CrashTests {
             if case .checkpoint = op { enumerator.durableIndex = enumerator.states.count - 1 }
         }
         device.beforeSync = nil
-        print("crash enumeration seed \(seed): \(opCount) ops, \(device.syncCount) syncs, \(enumerator.checkedImages) crash images recovered, \(enumerator.failures.count) failures")
+        print("crash enumeration seed \(seed) (sector \(physicalSectorByteCount ?? 512)): \(opCount) ops, \(device.syncCount) syncs, \(enumerator.checkedImages) crash images recovered, \(enumerator.failures.count) failures")
         #expect(enumerator.failures.isEmpty, "\(enumerator.failures.joined(separator: "\n"))")
         #expect(enumerator.checkedImages > 100, "only \(enumerator.checkedImages) crash images checked")
         #expect(pool.internalConsistencyProblems() == [])
