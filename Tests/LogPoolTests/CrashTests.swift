@@ -274,8 +274,8 @@ struct CrashNearFullTests {
     /// checkpoints forced by admission. Method: fill an 8 MiB pool to poolFull, then
     /// seeded overwrites, discards, snapshot deletes, syncs and compactions, enumerating
     /// crash images (C0-C4) at every sync the engine issues.
-    @Test("crash images on a nearly full pool recover to a valid prefix", arguments: [UInt64(31), 33])
-    func nearFull(seed: UInt64) throws {
+    @Test("crash images on a nearly full pool recover to a valid prefix", arguments: [(UInt64(31), 512), (33, 512), (34, 4096)])
+    func nearFull(seed: UInt64, sector: Int) throws {
         let device = SimulatedDevice(byteCount: 8 << 20)
         let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10, compression: .none)
         var model = ReferenceModel()
@@ -294,6 +294,7 @@ struct CrashNearFullTests {
         model.branch("v", "s", snapshot: true)
         try pool.sync()
         let enumerator = CrashEnumerator(seed: seed)
+        enumerator.physicalSectorByteCount = sector == 512 ? nil : sector
         enumerator.states = [logical(model)]
         device.beforeSync = { [unowned enumerator] dev in enumerator.check(dev) }
         var generator = SeededGenerator(seed: seed)
@@ -335,7 +336,7 @@ struct CrashNearFullTests {
             #expect(pool.internalConsistencyProblems() == [], "seed \(seed) step \(step)")
         }
         device.beforeSync = nil
-        print("near-full crash enumeration seed \(seed): \(steps) ops, \(enumerator.checkedImages) crash images, \(enumerator.failures.count) failures")
+         print("near-full crash enumeration seed \(seed) (sector \(sector)): \(steps) ops, \(enumerator.checkedImages) crash images, \(enumerator.failures.count) failures")
         #expect(enumerator.failures.isEmpty, "\(enumerator.failures.joined(separator: "\n"))")
         #expect(try contents(of: pool) == logical(model))
     }
