@@ -16,7 +16,7 @@ extension Engine {
                               segmentLiveByteCounts: metaLiveByteCounts)
     }
 
-    /// Makes everything journaled so far durable: pads the journal tail to a sector,
+    /// Makes everything journaled so far durable: pads the journal tail to 4 KiB,
     /// writes it, one fsync for data and journal together (Specs/COMMIT.md §2).
     func sync() throws {
         try checkUsable()

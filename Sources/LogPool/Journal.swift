@@ -5,7 +5,8 @@ import LogPoolFormat
 /// Records are packed; before a record, a sector tail of fewer than 48 bytes is skipped,
 /// and a record that does not fit before the ring's end is preceded by a `wrap` record
 /// (or, with fewer than 48 bytes left, by nothing: readers wrap there too). Each sync pads
-/// the tail to a sector boundary so a later batch never rewrites a synced sector.
+/// the tail to a 4 KiB boundary so a later batch never shares a physical sector with a
+/// synced one (J-6).
 struct JournalWriter {
     let ringByteCount: UInt64
     let salt: UInt64
@@ -61,7 +62,7 @@ struct JournalWriter {
         return flushed
     }
 
-    /// Pads to the next sector boundary and hands back the bytes to write; after the
+    /// Pads to the next 4 KiB boundary and hands back the bytes to write; after the
     /// caller's fsync succeeds it calls ``markDurable()``.
     ///
     /// The batch ends on a 4 KiB boundary, not just a sector: on a device with 4 KiB

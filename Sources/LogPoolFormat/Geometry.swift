@@ -134,7 +134,7 @@ public struct PoolGeometry: Sendable, Equatable {
     }
 
     /// True when [byteOffset, byteOffset+byteCount) lies in one segment's payload (after
-    /// its header sector) and starts on a sector boundary: the only places records live.
+    /// its header page) and starts on a sector boundary: the only places records live.
     public func isValidExtent(byteOffset: UInt64, byteCount: UInt64) -> Bool {
         guard byteCount > 0, byteOffset % UInt64(Self.sectorByteCount) == 0,
             let segment = segmentIndex(containing: byteOffset)
