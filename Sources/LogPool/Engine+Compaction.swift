@@ -168,7 +168,8 @@ extension Engine {
         return true
     }
 
-    func compactOneSegment() throws -> Bool {
+    /// One batch on behalf of admission (``ensureSpace``).
+    func compactForSpace() throws -> Bool {
         var report = CompactionReport()
         return try compactOneBatch(report: &report)
     }

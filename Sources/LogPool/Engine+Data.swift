@@ -187,7 +187,7 @@ extension Engine {
         var budget = segmentStates.count
         while !physicalFits() && budget > 0 {
             budget -= 1
-            guard try compactOneSegment() else { break }
+            guard try compactForSpace() else { break }
         }
         if physicalFits() { return }
         throw PoolError.poolFull(neededByteCount: grossByteCount + pageBytes, availableByteCount: appendableByteCount)
@@ -363,21 +363,32 @@ extension Engine {
 
     // MARK: - Reading blocks
 
-    /// Reads and checks block `id` into `destination` (exactly one block).
-    func readBlock(_ id: UInt64, into destination: UnsafeMutableRawBufferPointer) throws {
-        let location = blockLocation(id)
-        let stored = try deviceCall { try device.read(byteCount: Int(location.storedByteCount), at: location.byteOffset) }
+    /// Throws `corrupt(data block)` unless `stored` matches block `id`'s checksum (promise 5:
+    /// a bad checksum is an error, never data).
+    func verify(_ stored: UnsafeRawBufferPointer, id: UInt64, location: BlockLocation) throws {
         let sum = Checksum.xxh3(stored)
         guard sum == location.checksum else {
             throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
                                     detail: "block id \(id): checksum mismatch: expected \(hex(location.checksum)), found \(hex(sum))")
         }
+    }
+
+    /// Decompresses verified stored bytes into exactly one block, or throws `corrupt`.
+    func expand(_ stored: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer,
+                id: UInt64, location: BlockLocation) throws {
+        guard BlockCompression.decompress(stored, into: destination) else {
+            throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
+                                    detail: "block id \(id): LZ4 data does not expand to \(destination.count) bytes")
+        }
+    }
+
+    /// Reads and checks block `id` into `destination` (exactly one block).
+    func readBlock(_ id: UInt64, into destination: UnsafeMutableRawBufferPointer) throws {
+        let location = blockLocation(id)
+        let stored = try deviceCall { try device.read(byteCount: Int(location.storedByteCount), at: location.byteOffset) }
+        try stored.withUnsafeBytes { try verify($0, id: id, location: location) }
         if location.isCompressed {
-            let ok = stored.withUnsafeBytes { BlockCompression.decompress($0, into: destination) }
-            guard ok else {
-                throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
-                                        detail: "block id \(id): LZ4 data does not expand to \(destination.count) bytes")
-            }
+            try stored.withUnsafeBytes { try expand($0, into: destination, id: id, location: location) }
         } else {
             guard stored.count == destination.count else {
                 throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
@@ -403,11 +414,7 @@ extension Engine {
             let location = blockLocation(id)
             if !location.isCompressed && Int(location.storedByteCount) == blockByteCount {
                 try deviceCall { try device.read(into: destination, at: location.byteOffset) }
-                let sum = Checksum.xxh3(UnsafeRawBufferPointer(destination))
-                guard sum == location.checksum else {
-                    throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
-                                            detail: "block id \(id): checksum mismatch: expected \(hex(location.checksum)), found \(hex(sum))")
-                }
+                try verify(UnsafeRawBufferPointer(destination), id: id, location: location)
                 return
             }
         }
@@ -443,11 +450,7 @@ extension Engine {
                 try deviceCall { try device.read(into: span, at: location.byteOffset) }
                 for (i, (runID, runLocation)) in run.enumerated() {
                     let piece = UnsafeRawBufferPointer(rebasing: span[(i * blockByteCount)..<((i + 1) * blockByteCount)])
-                    let sum = Checksum.xxh3(piece)
-                    guard sum == runLocation.checksum else {
-                        throw PoolError.corrupt(structure: "data block", byteOffset: runLocation.byteOffset,
-                                                detail: "block id \(runID): checksum mismatch: expected \(hex(runLocation.checksum)), found \(hex(sum))")
-                    }
+                    try verify(piece, id: runID, location: runLocation)
                 }
                 done += run.count * blockByteCount
                 continue
@@ -490,16 +493,9 @@ extension Engine {
             for (i, (id, location)) in run.enumerated() {
                 let from = Int(location.byteOffset - start)
                 let piece = UnsafeRawBufferPointer(rebasing: raw[from..<from + Int(location.storedByteCount)])
-                let sum = Checksum.xxh3(piece)
-                guard sum == location.checksum else {
-                    throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
-                                            detail: "block id \(id): checksum mismatch: expected \(hex(location.checksum)), found \(hex(sum))")
-                }
+                try verify(piece, id: id, location: location)
                 let target = UnsafeMutableRawBufferPointer(rebasing: destination[(i * blockByteCount)..<((i + 1) * blockByteCount)])
-                guard BlockCompression.decompress(piece, into: target) else {
-                    throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
-                                            detail: "block id \(id): LZ4 data does not expand to \(blockByteCount) bytes")
-                }
+                try expand(piece, into: target, id: id, location: location)
             }
         }
         return run.count * blockByteCount
@@ -607,10 +603,7 @@ extension Engine {
             mappings.append(BlockMapping(blockIndex: indexes[i], blockID: allocateBlockID(), location: location))
         }
         try deviceWrite(batch)
-        for run in directRuns {
-            deviceDirty = true
-            try deviceCall { try device.write(run.bytes, at: run.byteOffset) }
-        }
+        for run in directRuns { try deviceWrite(run.bytes, at: run.byteOffset) }
         try journalAndApply(compactIntent(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
     }
 

@@ -291,7 +291,6 @@ extension Engine {
         var lastEpoch = superblock.generation
         var endPosition = Int(superblock.journalReplayByteOffset)
         var nextSequence = superblock.journalReplaySequence
-        var usedBytes = 0
         for (offset, record) in records {
             // Records below `durable` were synced together with their data; later ones may
             // be a torn batch whose data never landed.
@@ -304,13 +303,7 @@ extension Engine {
             applied += 1
             lastEpoch = record.epoch
             nextSequence = record.sequence + 1
-            let end = offset + record.encodedByteCount
-            usedBytes += (end - endPosition + ringByteCount) % ringByteCount
-            endPosition = end
-            if case .wrap = record.intent {
-                usedBytes += ringByteCount - end
-                endPosition = 0
-            }
+            if case .wrap = record.intent { endPosition = 0 } else { endPosition = offset + record.encodedByteCount }
         }
         recoveryReport.replayedRecordCount = applied
         recoveryReport.replayStopReason = stop
@@ -327,7 +320,6 @@ extension Engine {
         let head = Int(sectorAligned(UInt64(endPosition))) % ringByteCount
         journal = JournalWriter(ringByteCount: geometry.journalByteCount, salt: salt, head: UInt64(head),
                                 sequence: nextSequence, epoch: superblock.generation)
-        _ = usedBytes
     }
 
     /// The extents a record's data occupies.

@@ -147,6 +147,10 @@ final class Engine {
 
     /// Writes through the device, poisoning on failure and noting that a sync is due.
     func deviceWrite(_ bytes: [UInt8], at byteOffset: UInt64) throws {
+        try bytes.withUnsafeBytes { try deviceWrite($0, at: byteOffset) }
+    }
+
+    func deviceWrite(_ bytes: UnsafeRawBufferPointer, at byteOffset: UInt64) throws {
         deviceDirty = true
         try deviceCall { try device.write(bytes, at: byteOffset) }
     }

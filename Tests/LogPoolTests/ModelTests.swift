@@ -1,6 +1,6 @@
 import Dispatch
 import Foundation
-import LogPool
+@testable import LogPool
 import LogPoolTesting
 import Testing
 
@@ -94,13 +94,4 @@ struct ModelTests {
         for message in failures.take() where !message.isEmpty { Issue.record(Comment(rawValue: message)) }
         #expect(pool.internalConsistencyProblems() == [])
     }
-}
-
-/// Slots filled in parallel, each by exactly one worker.
-final class SharedSlots<T>: @unchecked Sendable {
-    private var storage: [T?]
-    private let lock = NSLock()
-    init(count: Int) { storage = Array(repeating: nil, count: count) }
-    func set(_ index: Int, _ value: T) { lock.lock(); storage[index] = value; lock.unlock() }
-    func take() -> [T] { lock.lock(); defer { lock.unlock() }; return storage.compactMap { $0 } }
 }

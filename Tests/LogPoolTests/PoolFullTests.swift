@@ -57,18 +57,9 @@ struct PoolFullTests {
     func overwriteOnFullPool(seed: UInt64) throws {
         let (pool, _) = try makePool(capacity: 32 << 20, segmentSize: nil)
         let v = try pool.createVolume(name: "v", size: 64 << 20)
-        var written = 0
-        do {
-            while true {
-                try v.write(at: UInt64(written), from: pattern(32 * 1024, seed: UInt8(truncatingIfNeeded: written >> 15)))
-                written += 32 * 1024
-            }
-        } catch PoolError.poolFull {}
+        var model = try fillUntilPoolFull(v, chunkByteCount: 32 * 1024)
+        let written = model.count
         #expect(written > 4 << 20)
-        var model = [UInt8](repeating: 0, count: written)
-        for chunk in stride(from: 0, to: written, by: 32 * 1024) {
-            model.replaceSubrange(chunk..<chunk + 32 * 1024, with: pattern(32 * 1024, seed: UInt8(truncatingIfNeeded: chunk >> 15)))
-        }
         // Overwrite every owned block many times over: the compactor must keep up.
         var generator = SeededGenerator(seed: seed)
         for round in 0..<(ProcessInfo.processInfo.environment["LOGPOOL_LONG"] == nil ? 4000 : 40000) {
@@ -140,17 +131,8 @@ struct SpaceEdgeCaseTests {
     func recoverNearlyFull(seed: UInt64) throws {
         let (pool, device) = try makePool(capacity: 8 << 20)
         let v = try pool.createVolume(name: "v", size: 64 << 20)
-        var written = 0
-        do {
-            while true {
-                try v.write(at: UInt64(written), from: pattern(16 * 1024, seed: UInt8(truncatingIfNeeded: written >> 14)))
-                written += 16 * 1024
-            }
-        } catch PoolError.poolFull {}
-        var model = [UInt8](repeating: 0, count: written)
-        for chunk in stride(from: 0, to: written, by: 16 * 1024) {
-            model.replaceSubrange(chunk..<chunk + 16 * 1024, with: pattern(16 * 1024, seed: UInt8(truncatingIfNeeded: chunk >> 14)))
-        }
+        var model = try fillUntilPoolFull(v, chunkByteCount: 16 * 1024)
+        let written = model.count
         var generator = SeededGenerator(seed: seed)
         for round in 0..<300 {
             let block = Int.random(in: 0..<(written / 4096), using: &generator)

@@ -34,3 +34,18 @@ func expectPoolError(_ expected: (PoolError) -> Bool, _ comment: Comment? = nil,
         Issue.record("non-PoolError \(error)", sourceLocation: sourceLocation)
     }
 }
+
+/// Writes `chunkByteCount`-byte patterns (seeded by chunk number) from offset 0 until the
+/// pool answers `poolFull`; returns what the volume now holds.
+func fillUntilPoolFull(_ volume: Volume, chunkByteCount: Int) throws -> [UInt8] {
+    var model: [UInt8] = []
+    while true {
+        let data = pattern(chunkByteCount, seed: UInt8(truncatingIfNeeded: model.count / chunkByteCount))
+        do {
+            try volume.write(at: UInt64(model.count), from: data)
+        } catch PoolError.poolFull {
+            return model
+        }
+        model += data
+    }
+}
