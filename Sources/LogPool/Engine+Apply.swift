@@ -79,15 +79,34 @@ extension Engine {
             for range in ranges where range.upperBound > count {
                 throw bad("unmap range \(range) beyond volume \(volumeID)'s \(count) blocks")
             }
+            // Ids in increasing order (what the live path writes) are distinct without a set.
             var newIDs = Set<UInt64>()
-            for m in mappings {
+            var increasing = true
+            for (i, m) in mappings.enumerated() {
                 guard m.blockIndex < count else { throw bad("block index \(m.blockIndex) beyond volume \(volumeID)'s \(count) blocks") }
-                try checkNewBlock(m.blockID, m.location, newIDs: &newIDs, bad)
+                if increasing && i > 0 && m.blockID <= mappings[i - 1].blockID {
+                    increasing = false
+                    newIDs = Set(mappings[..<i].lazy.map(\.blockID))
+                }
+                if increasing {
+                    try checkNewBlock(m.blockID, m.location, newIDs: nil, bad)
+                } else {
+                    try checkNewBlock(m.blockID, m.location, newIDs: &newIDs, bad)
+                }
             }
             for range in ranges { mapUnmap(&volume.map, range: range) }
+            // One descent per leaf, not per block: within this loop nothing shares or
+            // cleans these trees, so a leaf made unique and dirty stays so.
+            var mapLeaf = LeafCursor(), tableLeaf = LeafCursor()
             for m in mappings {
-                createBlock(m.blockID, m.location)
-                mapSet(&volume.map, blockIndex: m.blockIndex, id: m.blockID)
+                createBlock(m.blockID, m.location, cursor: &tableLeaf)
+                let (leaf, index) = mapLeaf.leaf(for: m.blockIndex, fanout: PageLayout.mapLeafFanout) {
+                    leafForWriting(&volume.map, slot: m.blockIndex)
+                }
+                let old = leaf.words[index]
+                leaf.words[index] = m.blockID
+                refcounts[Int(m.blockID)] += 1
+                if old != 0 { dropBlockReference(old) }
                 liveBlockCount += 1
             }
         case .mapRun(let volumeID, let index, let id, let offset, let stored, let checksums):
@@ -126,25 +145,30 @@ extension Engine {
         else { throw bad("block location \(location.byteOffset)+\(location.storedByteCount) is invalid") }
     }
 
-    private func checkNewBlock(_ id: UInt64, _ location: BlockLocation, newIDs: inout Set<UInt64>,
+    /// `newIDs` nil: the caller knows the ids are distinct (strictly increasing).
+    private func checkNewBlock(_ id: UInt64, _ location: BlockLocation, newIDs: UnsafeMutablePointer<Set<UInt64>>?,
                                _ bad: (String) -> PoolError) throws {
         // A block id can never exceed the number of sectors in the pool; the bound keeps a
         // damaged record from making the refcount array huge.
         guard id >= 1, id <= geometry.capacityByteCount / 512 + 1 else { throw bad("block id \(id) is out of range") }
-        guard id >= blockIDLimit || refcounts[Int(id)] == 0, newIDs.insert(id).inserted else {
+        guard id >= blockIDLimit || refcounts[Int(id)] == 0, newIDs?.pointee.insert(id).inserted ?? true else {
             throw bad("new block id \(id) is already in use")
         }
         try checkLocation(location, bad)
     }
 
     /// Enters a new block in the table (refcount still 0; the caller maps it).
-    private func createBlock(_ id: UInt64, _ location: BlockLocation) {
+    private func createBlock(_ id: UInt64, _ location: BlockLocation, cursor: inout LeafCursor) {
         while blockIDLimit <= id {
             refcounts.append(0)
             locations.append(.free)
             blockIDLimit += 1
         }
-        setBlockLocation(id, location)
+        grow(&blockTable, toCover: id + 1)
+        let (leaf, index) = cursor.leaf(for: id, fanout: PageLayout.blockTableLeafFanout) {
+            leafForWriting(&blockTable, slot: id)
+        }
+        storeBlockLocation(id, location, leaf: leaf, index: index)
         dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
         dataLiveTotal += location.allocatedByteCount
         markWritten(location)
@@ -154,5 +178,20 @@ extension Engine {
     private func markWritten(_ location: BlockLocation) {
         let s = segment(of: location.byteOffset)
         if segmentStates[s] == .free { segmentStates[s] = .used }
+    }
+}
+
+/// The last leaf one `apply` descended to for writing, so runs of slots in one leaf cost
+/// one descent. Only valid while nothing shares, cleans or replaces nodes of that tree.
+struct LeafCursor {
+    private var firstSlot: UInt64 = 0
+    private var node: TreeNode? = nil
+
+    mutating func leaf(for slot: UInt64, fanout: Int, descend: () -> (leaf: TreeNode, index: Int)) -> (leaf: TreeNode, index: Int) {
+        if let node, slot >= firstSlot, slot - firstSlot < UInt64(fanout) { return (node, Int(slot - firstSlot)) }
+        let found = descend()
+        node = found.leaf
+        firstSlot = slot - UInt64(found.index)
+        return found
     }
 }

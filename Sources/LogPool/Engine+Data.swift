@@ -602,8 +602,7 @@ extension Engine {
                                          flags: block.flags, checksum: block.checksum)
             mappings.append(BlockMapping(blockIndex: indexes[i], blockID: allocateBlockID(), location: location))
         }
-        try deviceWrite(batch)
-        for run in directRuns { try deviceWrite(run.bytes, at: run.byteOffset) }
+        try deviceWritePayload(batch, direct: directRuns)
         try journalAndApply(compactIntent(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
     }
 

@@ -227,6 +227,12 @@ extension Engine {
     func setBlockLocation(_ id: UInt64, _ location: BlockLocation) {
         grow(&blockTable, toCover: id + 1)
         let (leaf, index) = leafForWriting(&blockTable, slot: id)
+        storeBlockLocation(id, location, leaf: leaf, index: index)
+    }
+
+    /// Writes `location` into slot `index` of the (unique, dirty) block-table leaf, and
+    /// into the flat cache.
+    func storeBlockLocation(_ id: UInt64, _ location: BlockLocation, leaf: TreeNode, index: Int) {
         let w = index * 3
         leaf.words[w] = location.byteOffset
         leaf.words[w + 1] = UInt64(location.storedByteCount) | UInt64(location.flags) << 32

@@ -91,6 +91,10 @@ final class Engine {
 
     /// A device write happened since the last device sync.
     var deviceDirty = false
+    /// Background payload writer (pools on files opened read-write); nil = every write is
+    /// synchronous. `writeBehindPending` is set while writes may be queued in it.
+    private(set) var writeBehind: WriteBehind? = nil
+    var writeBehindPending = false
 
     // Failure state.
     var poisonCause: String? = nil
@@ -136,8 +140,15 @@ final class Engine {
 
     /// Runs a device call and poisons the engine if it fails (STYLE §4: after a failed
     /// write or fsync nothing is retried; reopen and recover).
+    ///
+    /// Queued write-behind payloads reach the device first, so the device sees every
+    /// operation in program order.
     func deviceCall<T>(_ body: () throws -> T) throws -> T {
         do {
+            if writeBehindPending, let writeBehind {
+                try writeBehind.drain()
+                writeBehindPending = false
+            }
             return try body()
         } catch let error as PoolError {
             poisonCause = error.description
@@ -159,6 +170,48 @@ final class Engine {
         deviceDirty = true
         try deviceCall { try batch.write(to: device) }
     }
+
+    /// Block payloads of one write: queued to the write-behind thread when there is one
+    /// and the payload is large (the direct runs are copied, they borrow the caller's
+    /// buffer), else written now. Small payloads gain nothing from the overlap and would
+    /// pay a thread hand-off each.
+    func deviceWritePayload(_ batch: WriteBatch, direct: [(byteOffset: UInt64, bytes: UnsafeRawBufferPointer)]) throws {
+        let byteCount = batch.runs.reduce(0) { $0 + $1.bytes.count } + direct.reduce(0) { $0 + $1.bytes.count }
+        guard let writeBehind, byteCount >= WriteBehind.minimumByteCount else {
+            try deviceWrite(batch)
+            for run in direct { try deviceWrite(run.bytes, at: run.byteOffset) }
+            return
+        }
+        deviceDirty = true
+        writeBehindPending = true
+        do {
+            for run in batch.runs { try writeBehind.enqueue(run.bytes, at: run.byteOffset) }
+            for run in direct { try writeBehind.enqueue(copying: run.bytes, at: run.byteOffset) }
+        } catch let error as PoolError {
+            poisonCause = error.description
+            throw error
+        }
+    }
+
+    /// Starts the write-behind thread (``Pool`` does for files opened read-write).
+    func enableWriteBehind() {
+        guard !readOnly, writeBehind == nil else { return }
+        writeBehind = WriteBehind(device: device)
+    }
+
+    /// Lets queued payloads reach the device and stops the thread; before the device is
+    /// closed or dropped. A write failure found here poisons the engine.
+    func stopWriteBehind() {
+        guard let writeBehind else { return }
+        if writeBehindPending {
+            do { try writeBehind.drain() } catch { poisonCause = poisonCause ?? "\(error)" }
+            writeBehindPending = false
+        }
+        writeBehind.shutdown()
+        self.writeBehind = nil
+    }
+
+    deinit { writeBehind?.shutdown() }
 
     /// fdatasync, skipped when nothing was written since the last one.
     func deviceSync() throws {

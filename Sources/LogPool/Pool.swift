@@ -68,6 +68,7 @@ public final class Pool: @unchecked Sendable {
         self.engine = engine
         self.fileDevice = fileDevice
         self.path = path
+        if fileDevice != nil { engine.enableWriteBehind() }
     }
 
     deinit {
@@ -169,6 +170,7 @@ public final class Pool: @unchecked Sendable {
             guard !engine.isClosed else { return }
             defer {
                 engine.isClosed = true
+                engine.stopWriteBehind()
                 fileDevice?.closeDescriptor()
             }
             if !engine.readOnly && engine.poisonCause == nil {
@@ -183,6 +185,7 @@ public final class Pool: @unchecked Sendable {
     public func abandonForBenchmark() throws {
         locked {
             engine.isClosed = true
+            engine.stopWriteBehind()
             fileDevice?.closeDescriptor()
         }
     }

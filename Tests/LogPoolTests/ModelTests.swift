@@ -10,12 +10,16 @@ struct ModelTests {
     /// every reopen. Method: seeded random operations (writes of many sizes and
     /// alignments, discards, snapshots, clones, deletes, renames, resizes, syncs,
     /// checkpoints, compactions), with clean close + open and crash-after-sync + open at
-    /// random points; strict mode checks the engine's invariants after every op.
+    /// random points; strict mode checks the engine's invariants after every op. Seeds 105
+    /// and 106 run with the write-behind thread on (as file pools do), so reads right
+    /// after queued writes and syncs racing the thread are covered too.
     @Test("random operations match the reference model, across reopen and crash", arguments: [UInt64(101), 102, 103, 104, 105, 106])
     func randomOps(seed: UInt64) throws {
         var device = SimulatedDevice(byteCount: 8 << 20)
         var pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: seed % 3 == 0 ? 512 : 4096,
                                    segmentSize: 64 << 10, compression: seed % 2 == 0 ? .lz4 : .none)
+        let writeBehind = seed >= 105
+        if writeBehind { pool.engine.enableWriteBehind() }
         var model = ReferenceModel()
         let blockSize = seed % 3 == 0 ? 512 : 4096
         try pool.createVolume(name: "a", size: UInt64(32 * blockSize))
@@ -50,9 +54,11 @@ struct ModelTests {
             case 0:
                 try pool.close()
                 (pool, device) = try reopen(device)
+                if writeBehind { pool.engine.enableWriteBehind() }
             case 1:
                 try pool.sync()
                 (pool, device) = try reopen(device, image: device.durable)
+                if writeBehind { pool.engine.enableWriteBehind() }
             case 2:
                 _ = try pool.compact()
             default:
