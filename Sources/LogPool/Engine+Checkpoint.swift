@@ -42,7 +42,7 @@ extension Engine {
         try checkWritable()
         try sync()
         if journal.nextSequence == superblock.journalReplaySequence && dirtyPageCount == 0
-            && pendingPageReleases.isEmpty && checkpointExtent != nil {
+            && pendingPageReleases.isEmpty && checkpointExtent != nil && !rootNeedsRewrite {
             return try commitSuperblockOnly(mounted: mounted)
         }
         var batch = WriteBatch()
@@ -83,6 +83,9 @@ extension Engine {
         if let old = checkpointExtent { newMeta[segment(of: old.byteOffset)] -= sectorAligned(old.byteCount) }
         newMeta[segment(of: rootOffset)] += UInt64(rootByteCount)
         root.segmentLiveByteCounts = zip(dataLiveByteCounts, newMeta).map { $0 + $1 }
+        for (s, delta) in testUsageSkew where s < root.segmentLiveByteCounts.count {
+            root.segmentLiveByteCounts[s] = UInt64(max(0, Int64(root.segmentLiveByteCounts[s]) + delta))
+        }
         let encodedRoot = root.encode(salt: salt)
         batch.add(encodedRoot.bytes, at: rootOffset)
         try deviceWrite(batch)
@@ -117,6 +120,7 @@ extension Engine {
         }
         rebuildFreeSegmentList()
         checkpointCount += 1
+        rootNeedsRewrite = false
     }
 
     /// Nothing changed since the last checkpoint (no journal record, no dirty page): the

@@ -151,6 +151,7 @@ extension Engine {
             let rebuilt = dataLiveByteCounts[s] + metaLiveByteCounts[s]
             if rebuilt != root.segmentLiveByteCounts[s] {
                 recoveryReport.findings.append("segment \(s): checkpoint stored \(root.segmentLiveByteCounts[s]) live bytes, rebuilt \(rebuilt)")
+                rootNeedsRewrite = true
             }
             segmentStates[s] = rebuilt == 0 ? .free : .used
         }
@@ -232,6 +233,13 @@ extension Engine {
         // the older slot because the newer one is damaged, nothing synced under the newer
         // one is lost. A record of any other epoch ends replay (J-4).
         var epoch = superblock.generation
+        var stopped = false
+        func stopAt(_ ringOffset: Int, _ sequence: UInt64, torn: Bool) {
+            stopped = true
+            recoveryReport.replayStopRingOffset = ringOffset
+            recoveryReport.replayStopSequence = sequence
+            recoveryReport.replayStopWasTorn = torn
+        }
         scan: while consumed < ringByteCount {
             let inSector = position % PoolGeometry.sectorByteCount
             if inSector != 0 && PoolGeometry.sectorByteCount - inSector < header {
@@ -252,19 +260,23 @@ extension Engine {
                 }.get()
             } catch {
                 stop = "no valid record at ring offset \(position) (\(error.detail))"
+                stopAt(position, expected, torn: false)
                 break scan
             }
             guard decodedHeader.epoch == epoch || decodedHeader.epoch == epoch + 1 else {
                 stop = "record at ring offset \(position) is from epoch \(decodedHeader.epoch), not \(epoch)"
+                stopAt(position, expected, torn: false)
                 break scan
             }
             guard decodedHeader.sequence == expected else {
                 stop = "record at ring offset \(position) has sequence \(decodedHeader.sequence), expected \(expected)"
+                stopAt(position, expected, torn: false)
                 break scan
             }
             let size = header + decodedHeader.payloadByteCount
             guard size <= ringByteCount - position else {
                 stop = "record at ring offset \(position) runs past the ring's end"
+                stopAt(position, expected, torn: true)
                 break scan
             }
             let record: JournalRecord
@@ -273,6 +285,7 @@ extension Engine {
                 record = try JournalRecord.decode(recordBytes, salt: salt, byteOffset: fileOffset)
             } catch {
                 stop = "torn or damaged record at ring offset \(position) (\(error.detail))"
+                stopAt(position, expected, torn: true)
                 break scan
             }
             records.append((position, record))
@@ -296,6 +309,7 @@ extension Engine {
             // be a torn batch whose data never landed.
             if record.sequence >= durable, let failure = try dataFailure(record) {
                 stop = "record \(record.sequence) at ring offset \(offset): \(failure)"
+                stopAt(offset, record.sequence, torn: true)
                 break
             }
             try apply(record.intent, recordByteOffset: PoolGeometry.journalByteOffset + UInt64(offset))
@@ -307,6 +321,8 @@ extension Engine {
         }
         recoveryReport.replayedRecordCount = applied
         recoveryReport.replayStopReason = stop
+        recoveryReport.highestDurableSequence = durable
+        if !stopped { stopAt(position % ringByteCount, expected, torn: false) }
         removeHoles(overlapping: written)
         if lastEpoch > superblock.generation {
             // Chained into the newer slot's epoch: the next commit must go past it, so

@@ -103,6 +103,15 @@ final class Engine {
     /// What open found and did (superblock choice, replay stop, usage mismatches).
     var recoveryReport = RecoveryReport()
 
+    /// The durable root's stored segment usage differs from the rebuilt figures, so the
+    /// next checkpoint writes a new root even when nothing else changed (repair).
+    var rootNeedsRewrite = false
+
+    /// Test-only hook: per-segment amounts added to the live byte counts the next
+    /// checkpoints store, to make leaks (+) and accounting errors (-) on purpose for the
+    /// checker's tests. Empty in every real use.
+    var testUsageSkew: [Int: Int64] = [:]
+
     /// Figures kept for `stats` and tests.
     var checkpointCount = 0
     var compactionMovedByteCount: UInt64 = 0
@@ -291,6 +300,15 @@ public struct RecoveryReport: Sendable, Equatable {
     public var replayedRecordCount = 0
     /// Why replay stopped (end of log, torn record, data checksum, ...).
     public var replayStopReason = ""
+    /// Ring offset where replay stopped and the sequence it expected there.
+    public var replayStopRingOffset = 0
+    public var replayStopSequence: UInt64 = 0
+    /// True when a record of the expected epoch and sequence was there but was torn or
+    /// its data failed its checksum (a torn tail), false at a plain end of the journal.
+    public var replayStopWasTorn = false
+    /// The highest `durableSequence` any replayed record carried: records below it had
+    /// been synced when it was written.
+    public var highestDurableSequence: UInt64 = 0
     /// Problems found comparing stored with rebuilt figures; each was repaired in memory.
     public var findings: [String] = []
     /// True when the pool was not cleanly closed.

@@ -167,4 +167,41 @@ struct CLITests {
         let truncated = try CLI.run(["info", pool])
         #expect(truncated.status != 0 && truncated.stderr.contains("truncated"), "\(truncated.stderr)")
     }
+
+    /// Goal: verify and scrub follow fsck's exit statuses (0 clean, 1 repaired, 4 errors
+    /// left, 8 could not check) and print one line per finding plus a summary.
+    @Test("verify and scrub: exit 0 clean, 4 damaged, 1 after --repair, 8 when they cannot check")
+    func verifyAndScrub() throws {
+        let pool = temporaryPath("v.pool")
+        #expect(try CLI.run(["init", pool, "--size", "16M", "--compression", "none"]).status == 0)
+        #expect(try CLI.run(["create", pool, "disk", "--size", "1M"]).status == 0)
+        #expect(try CLI.run(["write", pool, "disk"], stdin: Data((0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 13) })).status == 0)
+        let clean = try CLI.run(["verify", pool])
+        #expect(clean.status == 0 && clean.text.contains("verify: ") && clean.text.contains("0 errors"), "\(clean.text)\(clean.stderr)")
+        let scrub = try CLI.run(["scrub", pool, "--json"])
+        #expect(scrub.status == 0)
+        let object = try JSONSerialization.jsonObject(with: scrub.stdout) as? [String: Any]
+        let report = object?["report"] as? [String: Any]
+        #expect(object?["status"] as? Int == 0 && object?["errorCount"] as? Int == 0)
+        #expect((report?["scrubbedByteCount"] as? Int ?? 0) >= 100_000 && report?["findings"] is [Any])
+
+        // Damage the older superblock slot (A after an even number of commits or B).
+        let handle = try #require(FileHandle(forUpdatingAtPath: pool))
+        let chosen = (report?["chosenSlot"] as? String) == "A" ? 0 : 1
+        let other = UInt64(4096 * (1 - chosen))
+        try handle.seek(toOffset: other + 64)
+        try handle.write(contentsOf: Data([0xFF, 0x00, 0xFF]))
+        try handle.close()
+        let damaged = try CLI.run(["verify", pool])
+        #expect(damaged.status == 4 && damaged.text.contains("superblock-damaged"), "\(damaged.text)")
+        let repaired = try CLI.run(["verify", pool, "--repair"])
+        #expect(repaired.status == 1 && repaired.text.contains("repair: fixed: superblock-damaged"), "\(repaired.text)")
+        #expect(try CLI.run(["verify", pool]).status == 0)
+
+        let notPool = temporaryPath("not.pool")
+        FileManager.default.createFile(atPath: notPool, contents: Data(repeating: 7, count: 100_000))
+        let refused = try CLI.run(["verify", notPool])
+        #expect(refused.status == 8 && refused.stderr.hasPrefix("logpool: error: could not check"), "\(refused.stderr)")
+        #expect(try CLI.run(["scrub", temporaryPath("missing.pool")]).status == 8)
+    }
 }

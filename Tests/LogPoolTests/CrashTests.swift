@@ -194,6 +194,12 @@ final class CrashEnumerator {
             checkedImages += 1
             let recoveredDevice = SimulatedDevice(image: image)
             do {
+                // The checker on the crash image itself (read-only): a crash may tear a
+                // superblock slot or the journal tail, which repair fixes; nothing it
+                // finds may be unrepairable.
+                let before = try Pool.verify(on: SimulatedDevice(image: image))
+                let lasting = before.problems.filter { $0.severity == .error && !$0.repairable }
+                if !lasting.isEmpty { failures.append("seed \(seed) \(label): verify before recovery: \(lasting.prefix(3))") }
                 let pool = try Pool.open(on: recoveredDevice)
                 let got = try contents(of: pool)
                 if !candidates.contains(where: { $0 == got }) {
@@ -202,6 +208,9 @@ final class CrashEnumerator {
                 let problems = pool.internalConsistencyProblems()
                 if !problems.isEmpty { failures.append("seed \(seed) \(label): invariants: \(problems.prefix(3))") }
                 if !pool.recoveryReport.findings.isEmpty { failures.append("seed \(seed) \(label): findings \(pool.recoveryReport.findings.prefix(3))") }
+                // After recovery's checkpoint the durable state scrubs clean, warnings included.
+                let after = try Pool.verify(on: SimulatedDevice(image: recoveredDevice.currentImage), scrubData: true)
+                if !after.problems.isEmpty { failures.append("seed \(seed) \(label): verify after recovery: \(after.problems.prefix(3))") }
                 // Recovery is idempotent and the pool stays usable.
                 let again = try Pool.open(on: SimulatedDevice(image: recoveredDevice.currentImage))
                 if try contents(of: again) != got { failures.append("seed \(seed) \(label): second open differs") }

@@ -53,10 +53,14 @@ struct ModelTests {
             switch Int.random(in: 0..<40, using: &rng) {
             case 0:
                 try pool.close()
+                let report = try Pool.verify(on: SimulatedDevice(image: device.currentImage), scrubData: true)
+                #expect(report.problems.isEmpty, "seed \(seed) step \(step): verify after close: \(report.problems.prefix(3))")
                 (pool, device) = try reopen(device)
                 if writeBehind { pool.engine.enableWriteBehind() }
             case 1:
                 try pool.sync()
+                let report = try Pool.verify(on: SimulatedDevice(image: device.durable), scrubData: true)
+                #expect(report.isClean, "seed \(seed) step \(step): verify after sync: \(report.problems.prefix(3))")
                 (pool, device) = try reopen(device, image: device.durable)
                 if writeBehind { pool.engine.enableWriteBehind() }
             case 2:

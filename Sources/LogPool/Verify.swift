@@ -1,0 +1,660 @@
+import Foundation
+import LogPoolFormat
+
+// MARK: - Report types
+
+/// How bad a finding is. Only errors make a pool unhealthy (exit status 1 or 4).
+public enum FindingSeverity: String, Codable, Sendable {
+    /// Damage or inconsistency.
+    case error
+    /// Worth knowing, harmless to data (a torn journal tail after a crash, a damaged
+    /// segment header).
+    case warning
+    /// Normal state described (the previous superblock generation in the other slot).
+    case info
+}
+
+/// A volume or snapshot that reads a damaged block, and where.
+public struct BlockOwner: Codable, Sendable, Equatable {
+    public var volume: String
+    /// Offset of the block inside that volume.
+    public var byteOffset: UInt64
+}
+
+/// One thing `verify` found. `code` is stable (tests and scripts match on it);
+/// `structure`, `byteOffset` (in the pool file) and `detail` say what and where.
+public struct Finding: Codable, Sendable, Equatable, CustomStringConvertible {
+    public var severity: FindingSeverity
+    public var code: String
+    public var structure: String
+    public var byteOffset: UInt64?
+    public var detail: String
+    /// Whether `--repair` can fix it without losing user data.
+    public var repairable: Bool
+    /// For damaged data blocks: every volume and snapshot that reads it.
+    public var owners: [BlockOwner]
+
+    public var description: String {
+        var line = "\(severity.rawValue): \(code): \(structure)"
+        if let byteOffset { line += " at byte offset \(byteOffset)" }
+        line += ": \(detail)"
+        if !owners.isEmpty {
+            line += " (owners: " + owners.map { "\($0.volume) @ \($0.byteOffset)" }.joined(separator: ", ") + ")"
+        }
+        if severity != .info { line += repairable ? " [repairable]" : " [not repairable]" }
+        return line
+    }
+}
+
+/// What `verify` (and `scrub`) found, with the figures it checked.
+public struct VerifyReport: Codable, Sendable {
+    public var findings: [Finding] = []
+    public var scrubbed = false
+    /// "A" or "B" and its generation; empty when no slot is valid.
+    public var chosenSlot = ""
+    public var generation: UInt64 = 0
+    public var cleanlyClosed = false
+    public var replayedRecordCount = 0
+    public var replayStop = ""
+    public var pageCount = 0
+    public var volumeCount = 0
+    public var referencedBlockCount = 0
+    /// Segments whose stored live bytes exceed the rebuilt figure (space nothing uses),
+    /// and the bytes involved: qcow2's "leaks".
+    public var leakedSegmentCount = 0
+    public var leakedByteCount: UInt64 = 0
+    /// Segments whose stored live bytes are below the rebuilt figure (referenced data the
+    /// stored accounting does not cover): qcow2's refcount "errors".
+    public var accountingErrorSegmentCount = 0
+    public var accountingErrorByteCount: UInt64 = 0
+    public var damagedBlockCount = 0
+    /// Bytes of data blocks and pages read and checksummed, and how long it took.
+    public var scrubbedByteCount: UInt64 = 0
+    public var seconds = 0.0
+
+    public var errorCount: Int { findings.filter { $0.severity == .error }.count }
+    public var warningCount: Int { findings.filter { $0.severity == .warning }.count }
+    public var isClean: Bool { errorCount == 0 }
+    /// fsck's convention without a repair: 0 clean, 4 errors.
+    public var exitStatus: Int32 { isClean ? 0 : 4 }
+
+    /// Findings that are errors or warnings (info lines describe normal state).
+    public var problems: [Finding] { findings.filter { $0.severity != .info } }
+}
+
+/// Progress of a scrub: bytes read so far of the total it will read.
+public struct ScrubProgress: Sendable {
+    public var doneByteCount: UInt64
+    public var totalByteCount: UInt64
+    public var seconds: Double
+}
+
+/// What `repair` did: the report before, the one after, and each change it made.
+public struct RepairReport: Codable, Sendable {
+    public var before: VerifyReport
+    public var after: VerifyReport
+    public var changes: [String]
+
+    /// fsck's convention: 0 clean, 1 errors found and all repaired, 4 errors left.
+    public var exitStatus: Int32 { before.isClean ? 0 : (after.isClean ? 1 : 4) }
+}
+
+// MARK: - Public entry points
+
+extension Pool {
+    /// Checks the pool file at `path` without trusting the engine's state and without
+    /// writing: opens it with a shared lock (so it works on a pool that was not cleanly
+    /// closed, and refuses one a writer holds), checks both superblock slots, the
+    /// checkpoint and every page, the journal, block references, space accounting and the
+    /// volume table; with `scrubData` also reads every live data block and checks its
+    /// checksum. Every finding is reported, not only the first.
+    ///
+    /// Throws only when it cannot check at all: no such file, I/O error, in use, or not a
+    /// LogPool pool (bad magic in both slots).
+    public static func verify(at path: String, scrubData: Bool = false,
+                              progress: ((ScrubProgress) -> Void)? = nil) throws -> VerifyReport {
+        let device = try FileDevice(path: path, mode: .readOnly)
+        defer { device.closeDescriptor() }
+        return try verify(on: device, scrubData: scrubData, progress: progress)
+    }
+
+    /// ``verify(at:scrubData:progress:)`` on any device (tests use an in-memory one).
+    public static func verify(on device: BlockDevice, scrubData: Bool = false,
+                              progress: ((ScrubProgress) -> Void)? = nil) throws -> VerifyReport {
+        var checker = Checker(device: device)
+        return try checker.run(scrubData: scrubData, progress: progress)
+    }
+
+    /// Verifies, then rebuilds what is derived and repairable through the normal commit
+    /// protocol: opening read-write replays the journal, rebuilds refcounts and segment
+    /// usage and commits a new checkpoint to the older slot (which rewrites a damaged or
+    /// stale slot and moves the journal start past a torn tail); closing commits once
+    /// more, so both slots are valid. Damaged data blocks are never dropped: they stay
+    /// reported and reading them keeps failing with a checksum error.
+    public static func repair(at path: String, scrubData: Bool = false,
+                              progress: ((ScrubProgress) -> Void)? = nil) throws -> RepairReport {
+        let before = try verify(at: path, scrubData: scrubData, progress: progress)
+        return try repair(before: before, scrubData: scrubData,
+                          open: { try Pool.open(at: path) },
+                          verify: { try verify(at: path, scrubData: scrubData, progress: progress) })
+    }
+
+    /// ``repair(at:scrubData:progress:)`` on any device.
+    public static func repair(on device: BlockDevice, scrubData: Bool = false) throws -> RepairReport {
+        let before = try verify(on: device, scrubData: scrubData)
+        return try repair(before: before, scrubData: scrubData,
+                          open: { try Pool.open(on: device) },
+                          verify: { try verify(on: device, scrubData: scrubData) })
+    }
+
+    private static func repair(before: VerifyReport, scrubData: Bool, open: () throws -> Pool,
+                               verify: () throws -> VerifyReport) throws -> RepairReport {
+        guard before.problems.contains(where: \.repairable) else {
+            return RepairReport(before: before, after: before, changes: [])
+        }
+        var changes: [String] = []
+        do {
+            let pool = try open()
+            let recovery = pool.recoveryReport
+            try pool.close()
+            changes.append("committed generations \(recovery.generation + 1) and later through the normal protocol (journal replayed: \(recovery.replayedRecordCount) records; \(recovery.replayStopReason))")
+            changes += recovery.findings.map { "rebuilt: \($0)" }
+        } catch let error as PoolError {
+            changes.append("could not open the pool read-write to repair it: \(error)")
+            return RepairReport(before: before, after: before, changes: changes)
+        }
+        let after = try verify()
+        for finding in before.problems where !after.problems.contains(finding) {
+            changes.append("fixed: \(finding.code): \(finding.structure): \(finding.detail)")
+        }
+        return RepairReport(before: before, after: after, changes: changes)
+    }
+}
+
+// MARK: - The checker
+
+/// The one consistency checker (Specs/VERIFY.md). It decodes the durable structures
+/// itself, tolerating damage so that it can report every finding; the journal is judged
+/// by a read-only, in-memory open of the engine (the same replay recovery runs), whose
+/// resulting state is then checked against the trees and scrubbed.
+struct Checker {
+    let device: BlockDevice
+    var report = VerifyReport()
+
+    init(device: BlockDevice) {
+        self.device = device
+    }
+
+    private mutating func add(_ severity: FindingSeverity, _ code: String, _ structure: String, _ byteOffset: UInt64?,
+                              _ detail: String, repairable: Bool = false, owners: [BlockOwner] = []) {
+        report.findings.append(Finding(severity: severity, code: code, structure: structure, byteOffset: byteOffset,
+                                       detail: detail, repairable: repairable, owners: owners))
+    }
+
+    /// A page as decoded by the checker.
+    private struct CheckedPage {
+        var kind: PageKind
+        var level: Int
+        var checksum: UInt64
+        var words: [UInt64]
+        var references = 1
+    }
+
+    mutating func run(scrubData: Bool, progress: ((ScrubProgress) -> Void)?) throws -> VerifyReport {
+        let start = Date()
+        report.scrubbed = scrubData
+        try check(scrubData: scrubData, progress: progress)
+        report.seconds = Date().timeIntervalSince(start)
+        return report
+    }
+
+    private mutating func check(scrubData: Bool, progress: ((ScrubProgress) -> Void)?) throws {
+        guard let sb = try checkSuperblocks() else { return }
+        guard let root = try checkCheckpointRoot(sb) else { return }
+        var pages: [UInt64: CheckedPage] = [:]
+        try loadPages(sb, root, into: &pages)
+        let referenced = checkVolumeTable(sb, root, pages)
+        let entries = checkBlockTable(sb, root, pages, referenced: referenced)
+        let rebuilt = checkExtentsAndUsage(sb, root, pages, entries: entries)
+        try checkSegmentHeaders(sb, rebuilt: rebuilt)
+        let engine = checkJournal(sb)
+        if scrubData {
+            try scrub(sb, engine: engine, pages: pages, entries: entries, progress: progress)
+        }
+    }
+
+    // MARK: Superblocks
+
+    private mutating func checkSuperblocks() throws -> Superblock? {
+        let size = try device.byteCount()
+        let slotsEnd = PoolGeometry.superblockSlotByteOffsets[1] + UInt64(PoolGeometry.superblockByteCount)
+        guard size >= slotsEnd else {
+            let first = size == 0 ? [] : try device.read(byteCount: min(Int(size), 8), at: 0)
+            guard first == SuperblockLayout.magic else {
+                throw PoolError.corrupt(structure: "superblock", byteOffset: 0, detail: "not a LogPool pool (bad magic; file is \(size) bytes)")
+            }
+            add(.error, "truncated", "pool file", size, "file is \(size) bytes, the superblock slots need \(slotsEnd)")
+            return nil
+        }
+        var slots: [Result<Superblock, CorruptionError>] = []
+        for index in 0..<2 {
+            let bytes = try device.read(byteCount: PoolGeometry.superblockByteCount, at: PoolGeometry.superblockSlotByteOffsets[index])
+            slots.append(Result { () throws(CorruptionError) in try Superblock.decode(bytes, slotIndex: index) })
+        }
+        let choice: SuperblockChoice
+        do {
+            choice = try chooseSuperblock(slots[0], slots[1])
+        } catch {
+            if error.detail.hasPrefix("not a LogPool pool") { throw PoolError(error) }
+            for (index, slot) in slots.enumerated() {
+                if case .failure(let e) = slot {
+                    add(.error, "superblock-damaged", Superblock.structureName(slotIndex: index),
+                        PoolGeometry.superblockSlotByteOffsets[index], e.detail)
+                }
+            }
+            if case .success = slots[0], case .success = slots[1] {
+                add(.error, "superblock-foreign", "superblock", 0, error.detail)
+            }
+            add(.error, "no-valid-superblock", "superblock", 0, "no slot can be used; nothing else can be checked")
+            return nil
+        }
+        let sb = choice.chosen
+        let other = 1 - sb.slotIndex
+        let otherName = Superblock.structureName(slotIndex: other)
+        report.chosenSlot = sb.slotIndex == 0 ? "A" : "B"
+        report.generation = sb.generation
+        report.cleanlyClosed = !sb.isMounted
+        add(.info, "superblock-chosen", Superblock.structureName(slotIndex: sb.slotIndex),
+            PoolGeometry.superblockSlotByteOffsets[sb.slotIndex], "chosen: generation \(sb.generation)")
+        switch slots[other] {
+        case .failure(let e):
+            add(.error, "superblock-damaged", otherName, PoolGeometry.superblockSlotByteOffsets[other], e.detail, repairable: true)
+        case .success(let o):
+            if let problem = choice.otherSlotProblem {
+                add(.error, "superblock-stale", otherName, PoolGeometry.superblockSlotByteOffsets[other], problem, repairable: true)
+            } else {
+                add(.info, "superblock-previous", otherName, PoolGeometry.superblockSlotByteOffsets[other],
+                    "valid: generation \(o.generation), the parent of the chosen slot")
+            }
+        }
+        guard size >= sb.geometry.capacityByteCount else {
+            add(.error, "truncated", "pool file", size, "file is \(size) bytes, the superblock describes \(sb.geometry.capacityByteCount)")
+            return nil
+        }
+        return sb
+    }
+
+    // MARK: Checkpoint and pages
+
+    private mutating func checkCheckpointRoot(_ sb: Superblock) throws -> CheckpointRoot? {
+        let bytes = try device.read(byteCount: Int(sb.checkpointByteCount), at: sb.checkpointByteOffset)
+        do {
+            let root = try CheckpointRoot.decode(bytes, expectedChecksum: sb.checkpointChecksum, salt: sb.poolSalt,
+                                                 byteOffset: sb.checkpointByteOffset, geometry: sb.geometry)
+            guard root.blockIDLimit <= sb.geometry.capacityByteCount / 512 + 1 else {
+                add(.error, "checkpoint-damaged", "checkpoint", sb.checkpointByteOffset,
+                    "block id limit \(root.blockIDLimit) exceeds what the pool can hold")
+                return nil
+            }
+            report.volumeCount = root.volumes.count
+            return root
+        } catch {
+            add(.error, "checkpoint-damaged", error.structure, error.byteOffset, error.detail)
+            add(.error, "not-checked", "pool", nil, "the checkpoint root is unreadable: pages, blocks and journal were not checked")
+            return nil
+        }
+    }
+
+    /// Reads and decodes every page reachable from the root, each once, reporting every
+    /// unreadable page (its subtree is then unknown) and every sharing violation (P-2/P-3).
+    private mutating func loadPages(_ sb: Superblock, _ root: CheckpointRoot, into pages: inout [UInt64: CheckedPage]) throws {
+        var trees: [(PagePointer, PageKind, Int, String)] = [(root.blockTableRoot, .blockTable, root.blockTableHeight - 1, "the block table")]
+        for volume in root.volumes { trees.append((volume.mapRoot, .map, volume.mapHeight - 1, "volume \(volume.name)")) }
+        for (pointer, kind, level, owner) in trees {
+            try visit(pointer, kind: kind, level: level, owner: owner, sb: sb, pages: &pages)
+        }
+        report.pageCount = pages.count
+    }
+
+    private mutating func visit(_ pointer: PagePointer, kind: PageKind, level: Int, owner: String, sb: Superblock,
+                                pages: inout [UInt64: CheckedPage]) throws {
+        guard !pointer.isNone else { return }
+        let name = kind == .map ? "map page" : "block-table page"
+        if var seen = pages[pointer.byteOffset] {
+            seen.references += 1
+            pages[pointer.byteOffset] = seen
+            if seen.kind != kind || seen.level != level || seen.checksum != pointer.checksum {
+                add(.error, "page-shared-wrongly", name, pointer.byteOffset,
+                    "referenced (from \(owner)) as \(kind) level \(level), already seen as \(seen.kind) level \(seen.level)")
+            } else if kind == .blockTable {
+                add(.error, "page-shared-wrongly", name, pointer.byteOffset, "block-table page has two parents")
+            }
+            return
+        }
+        guard sb.geometry.isValidExtent(byteOffset: pointer.byteOffset, byteCount: UInt64(PoolGeometry.pageByteCount)) else {
+            add(.error, "page-pointer-invalid", name, pointer.byteOffset, "pointer (from \(owner)) is outside every segment")
+            return
+        }
+        let bytes = try device.read(byteCount: PoolGeometry.pageByteCount, at: pointer.byteOffset)
+        report.scrubbedByteCount += UInt64(bytes.count)
+        let words: [UInt64]
+        do {
+            words = try PageLayout.decode(bytes, kind: kind, level: level, expectedChecksum: pointer.checksum,
+                                          salt: sb.poolSalt, byteOffset: pointer.byteOffset)
+        } catch {
+            add(.error, "page-damaged", name, pointer.byteOffset,
+                "\(error.detail) (byte offset \(error.byteOffset); in \(owner); its subtree is unreadable)")
+            return
+        }
+        pages[pointer.byteOffset] = CheckedPage(kind: kind, level: level, checksum: pointer.checksum, words: words)
+        guard level > 0 else { return }
+        for i in 0..<PageLayout.interiorFanout {
+            try visit(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]), kind: kind, level: level - 1,
+                      owner: owner, sb: sb, pages: &pages)
+        }
+    }
+
+    /// Calls `body(slot, word index)` for every leaf slot of the tree under `pointer`
+    /// (only pages that decoded), with the leaf's words.
+    private func forEachLeaf(_ pointer: PagePointer, kind: PageKind, level: Int, base: UInt64,
+                             pages: [UInt64: CheckedPage], _ body: (UInt64, [UInt64]) -> Void) {
+        guard !pointer.isNone, let page = pages[pointer.byteOffset], page.kind == kind, page.level == level else { return }
+        if level == 0 { return body(base, page.words) }
+        let span = PageLayout.capacity(kind: kind, height: level)
+        for i in 0..<PageLayout.interiorFanout {
+            forEachLeaf(PagePointer(byteOffset: page.words[2 * i], checksum: page.words[2 * i + 1]), kind: kind,
+                        level: level - 1, base: base + UInt64(i) * span, pages: pages, body)
+        }
+    }
+
+    // MARK: Volume table and references
+
+    /// Checks names, ids, origins and sizes against the maps; returns every block id a
+    /// map names, with its count of distinct leaves (the derived refcount).
+    private mutating func checkVolumeTable(_ sb: Superblock, _ root: CheckpointRoot, _ pages: [UInt64: CheckedPage]) -> [UInt64: UInt32] {
+        var names: Set<String> = [], ids: Set<UInt64> = []
+        for volume in root.volumes {
+            if !names.insert(volume.name).inserted {
+                add(.error, "volume-table", "checkpoint", sb.checkpointByteOffset, "volume name \"\(volume.name)\" appears twice")
+            }
+            if !ids.insert(volume.id).inserted || volume.id == 0 || volume.id >= root.nextVolumeID {
+                add(.error, "volume-table", "checkpoint", sb.checkpointByteOffset,
+                    "volume \"\(volume.name)\" has id \(volume.id): duplicate, zero or not below the next id \(root.nextVolumeID)")
+            }
+            if volume.originID != 0 && volume.originID >= root.nextVolumeID {
+                add(.error, "volume-table", "checkpoint", sb.checkpointByteOffset,
+                    "volume \"\(volume.name)\" names origin id \(volume.originID), which was never allocated")
+            }
+            let blockCount = volume.sizeByteCount / UInt64(sb.geometry.blockByteCount)
+            var beyond = 0
+            forEachLeaf(volume.mapRoot, kind: .map, level: volume.mapHeight - 1, base: 0, pages: pages) { base, words in
+                for (slot, id) in words.enumerated() where id != 0 && base + UInt64(slot) >= blockCount { beyond += 1 }
+            }
+            if beyond > 0 {
+                add(.error, "volume-table", "map of \(volume.name)", volume.mapRoot.byteOffset,
+                    "\(beyond) blocks mapped beyond the volume's size of \(volume.sizeByteCount) bytes")
+            }
+        }
+        // Refcounts: distinct leaves naming each id (shared leaves count once).
+        var refcounts: [UInt64: UInt32] = [:]
+        for page in pages.values where page.kind == .map && page.level == 0 {
+            for id in page.words where id != 0 { refcounts[id, default: 0] += 1 }
+        }
+        report.referencedBlockCount = refcounts.count
+        return refcounts
+    }
+
+    /// Every referenced id must have a valid block-table entry below the id limit.
+    /// Returns the entries of the referenced ids.
+    private mutating func checkBlockTable(_ sb: Superblock, _ root: CheckpointRoot, _ pages: [UInt64: CheckedPage],
+                                          referenced: [UInt64: UInt32]) -> [UInt64: BlockLocation] {
+        var entries: [UInt64: BlockLocation] = [:]
+        let fanout = UInt64(PageLayout.blockTableLeafFanout)
+        forEachLeaf(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, base: 0, pages: pages) { base, words in
+            for slot in 0..<Int(fanout) where referenced[base + UInt64(slot)] != nil {
+                let w = slot * 3
+                entries[base + UInt64(slot)] = BlockLocation(byteOffset: words[w], storedByteCount: UInt32(truncatingIfNeeded: words[w + 1]),
+                                                             flags: UInt32(truncatingIfNeeded: words[w + 1] >> 32), checksum: words[w + 2])
+            }
+        }
+        var missing: [UInt64] = [], invalid: [UInt64] = []
+        for id in referenced.keys.sorted() {
+            guard id < root.blockIDLimit, let location = entries[id] else { missing.append(id); continue }
+            guard location.storedByteCount > 0, location.storedByteCount <= sb.geometry.blockByteCount,
+                  location.flags & ~BlockLocation.flagCompressed == 0,
+                  sb.geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
+            else { invalid.append(id); entries[id] = nil; continue }
+        }
+        if !missing.isEmpty {
+            add(.error, "block-missing", "block table", sb.checkpointByteOffset,
+                "\(missing.count) block ids named by maps have no entry (unreadable page or beyond the id limit \(root.blockIDLimit)), first: \(missing.prefix(5).map(String.init).joined(separator: ", "))")
+        }
+        if !invalid.isEmpty {
+            add(.error, "block-entry-invalid", "block table", sb.checkpointByteOffset,
+                "\(invalid.count) referenced block ids have an invalid location, first: \(invalid.prefix(5).map(String.init).joined(separator: ", "))")
+        }
+        return entries
+    }
+
+    /// No two referenced things overlap; per-segment live bytes rebuilt equal the stored
+    /// ones (leaks and accounting errors counted apart); the reserve is free.
+    /// Returns the rebuilt live bytes per segment.
+    private mutating func checkExtentsAndUsage(_ sb: Superblock, _ root: CheckpointRoot, _ pages: [UInt64: CheckedPage],
+                                               entries: [UInt64: BlockLocation]) -> [UInt64] {
+        let geometry = sb.geometry
+        var extents: [(start: UInt64, count: UInt64, what: String)] = []
+        extents.reserveCapacity(entries.count + pages.count + 1)
+        for (id, location) in entries { extents.append((location.byteOffset, location.allocatedByteCount, "block \(id)")) }
+        for offset in pages.keys { extents.append((offset, UInt64(PoolGeometry.pageByteCount), "page")) }
+        extents.append((sb.checkpointByteOffset, sectorAligned(sb.checkpointByteCount), "checkpoint root"))
+        extents.sort { $0.start < $1.start }
+        var overlaps = 0
+        var firstOverlap = ""
+        for i in 1..<max(extents.count, 1) where extents[i].start < extents[i - 1].start + extents[i - 1].count {
+            overlaps += 1
+            if firstOverlap.isEmpty {
+                firstOverlap = "\(extents[i - 1].what) at \(extents[i - 1].start) and \(extents[i].what) at \(extents[i].start)"
+            }
+        }
+        if overlaps > 0 {
+            add(.error, "extent-overlap", "block table", sb.checkpointByteOffset,
+                "\(overlaps) pairs of referenced extents share bytes, first: \(firstOverlap)")
+        }
+        var rebuilt = [UInt64](repeating: 0, count: Int(geometry.segmentCount))
+        for extent in extents {
+            if let s = geometry.segmentIndex(containing: extent.start) { rebuilt[s] += extent.count }
+        }
+        for s in 0..<rebuilt.count where rebuilt[s] != root.segmentLiveByteCounts[s] {
+            let stored = root.segmentLiveByteCounts[s]
+            let offset = geometry.segmentByteOffset(s)
+            if stored > rebuilt[s] {
+                report.leakedSegmentCount += 1
+                report.leakedByteCount += stored - rebuilt[s]
+                add(.error, "leak", "segment usage", offset,
+                    "segment \(s): stored \(stored) live bytes, rebuilt \(rebuilt[s]): \(stored - rebuilt[s]) bytes counted that nothing references",
+                    repairable: true)
+            } else {
+                report.accountingErrorSegmentCount += 1
+                report.accountingErrorByteCount += rebuilt[s] - stored
+                add(.error, "accounting-error", "segment usage", offset,
+                    "segment \(s): stored \(stored) live bytes, rebuilt \(rebuilt[s])\(stored == 0 ? " (free in the stored table but referenced)" : ""): \(rebuilt[s] - stored) referenced bytes not counted",
+                    repairable: true)
+            }
+        }
+        let free = rebuilt.filter { $0 == 0 }.count
+        if free < Int(geometry.reserveSegmentCount) {
+            add(.warning, "reserve-short", "segment usage", nil,
+                "\(free) free segments, the reserve is \(geometry.reserveSegmentCount): the next checkpoint may need compaction first")
+        }
+        return rebuilt
+    }
+
+    /// The header of every segment holding referenced bytes names this pool and index.
+    private mutating func checkSegmentHeaders(_ sb: Superblock, rebuilt: [UInt64]) throws {
+        for s in 0..<Int(sb.geometry.segmentCount) where rebuilt[s] > 0 {
+            let offset = sb.geometry.segmentByteOffset(s)
+            let bytes = try device.read(byteCount: SegmentHeaderLayout.byteCount, at: offset)
+            if bytes.allSatisfy({ $0 == 0 }) {
+                // Headers are written unsynced with the segment's first data: a crash can
+                // keep the data (its record and checksum are what count) and lose this.
+                add(.info, "segment-header-missing", "segment header", offset,
+                    "segment \(s) holds referenced data but its header sector is zero (not written before a crash, or zeroed)")
+                continue
+            }
+            do {
+                let header = try SegmentHeader.decode(bytes, byteOffset: offset)
+                if header.poolUUID != sb.poolUUID || header.segmentIndex != UInt32(s) {
+                    add(.warning, "segment-header", "segment header", offset,
+                        "names segment \(header.segmentIndex) of pool \(header.poolUUID == sb.poolUUID ? "this pool" : "another pool"), expected segment \(s)")
+                }
+            } catch {
+                add(.warning, "segment-header", "segment header", offset,
+                    "\(error.detail) (the header only identifies the segment to offline tools; data is checked by its own checksums)")
+            }
+        }
+    }
+
+    // MARK: Journal
+
+    /// Replays the journal as recovery would, read-only and in memory, and judges where
+    /// it stopped: a torn tail (a crash during a sync: normal, repairable) versus damage
+    /// inside synced space (a later record proves the lost ones had been synced).
+    private mutating func checkJournal(_ sb: Superblock) -> Engine? {
+        let engine: Engine
+        do {
+            engine = try Engine.open(device: device, readOnly: true)
+        } catch {
+            // The checkpoint findings above say why; report that the journal went unchecked.
+            add(.error, "journal-not-checked", "journal", PoolGeometry.journalByteOffset,
+                "recovery cannot load this pool: \(error)")
+            return nil
+        }
+        let recovery = engine.recoveryReport
+        report.replayedRecordCount = recovery.replayedRecordCount
+        report.replayStop = recovery.replayStopReason
+        let stopOffset = PoolGeometry.journalByteOffset + UInt64(recovery.replayStopRingOffset)
+        if let lost = laterSyncedRecord(sb, after: recovery) {
+            add(.error, "journal-synced-damage", "journal record", stopOffset,
+                "replay stops at sequence \(recovery.replayStopSequence) (\(recovery.replayStopReason)), but record \(lost.sequence) at byte offset \(lost.byteOffset) was written after records up to \(lost.durable - 1) had been synced: synced changes from sequence \(recovery.replayStopSequence) on cannot be replayed")
+        } else if recovery.replayStopWasTorn {
+            add(.warning, "journal-torn-tail", "journal record", stopOffset,
+                "torn tail (a crash during a sync): \(recovery.replayStopReason); the \(recovery.replayedRecordCount) records before it replay",
+                repairable: true)
+        }
+        for finding in recovery.findings where !finding.hasPrefix("segment ") {
+            add(.info, "recovery", "journal", nil, finding)
+        }
+        let problems = engine.checkInvariants()
+        for problem in problems.prefix(20) {
+            add(.error, "state-inconsistent", "recovered state", nil, problem)
+        }
+        return engine
+    }
+
+    /// A valid record past the replay stop, of the replayed epochs, with a higher
+    /// sequence and a durable mark above the stop: proof the stop is inside synced space.
+    private func laterSyncedRecord(_ sb: Superblock, after recovery: RecoveryReport) -> (sequence: UInt64, byteOffset: UInt64, durable: UInt64)? {
+        let ring = Int(sb.geometry.journalByteCount)
+        let sector = PoolGeometry.sectorByteCount
+        let header = JournalRecordLayout.headerByteCount
+        guard let bytes = try? device.read(byteCount: ring, at: PoolGeometry.journalByteOffset) else { return nil }
+        var position = (recovery.replayStopRingOffset / sector + 1) * sector
+        var scanned = 0
+        while scanned < ring {
+            let at = position % ring
+            position = at + sector
+            scanned += sector
+            guard ring - at >= header else { continue }
+            let fileOffset = PoolGeometry.journalByteOffset + UInt64(at)
+            let decoded = bytes.withUnsafeBytes { raw in
+                Result { () throws(CorruptionError) in try JournalRecord.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[at...]), byteOffset: fileOffset) }
+            }
+            guard case .success(let h) = decoded, h.epoch >= sb.generation, h.epoch <= sb.generation + 2,
+                  h.sequence > recovery.replayStopSequence, h.payloadByteCount <= ring - at - header,
+                  let record = try? JournalRecord.decode(Array(bytes[at..<at + header + h.payloadByteCount]), salt: sb.poolSalt, byteOffset: fileOffset),
+                  record.durableSequence > recovery.replayStopSequence
+            else { continue }
+            return (record.sequence, fileOffset, record.durableSequence)
+        }
+        return nil
+    }
+
+    // MARK: Scrub
+
+    /// Reads every live data block (of the recovered state when recovery could load the
+    /// pool, else of the checkpoint) in file order, in large reads, and checks each one's
+    /// XXH3; reports each damaged block with every owner.
+    private mutating func scrub(_ sb: Superblock, engine: Engine?, pages: [UInt64: CheckedPage],
+                                entries: [UInt64: BlockLocation], progress: ((ScrubProgress) -> Void)?) throws {
+        var blocks: [(id: UInt64, location: BlockLocation)] = []
+        if let engine {
+            for id in 1..<Int(engine.blockIDLimit) where engine.refcounts[id] > 0 {
+                blocks.append((UInt64(id), engine.locations[id]))
+            }
+        } else {
+            blocks = entries.map { ($0.key, $0.value) }
+        }
+        blocks.sort { $0.location.byteOffset < $1.location.byteOffset }
+        let total = blocks.reduce(UInt64(0)) { $0 + UInt64($1.location.storedByteCount) }
+        let started = Date()
+        var done: UInt64 = 0
+        var lastReport = started
+        var damaged: [UInt64: (BlockLocation, String)] = [:]
+        let windowLimit = 1 << 20
+        var buffer = [UInt8](repeating: 0, count: windowLimit + 65536)
+        var i = 0
+        while i < blocks.count {
+            // One read covering consecutive blocks up to 1 MiB.
+            let first = blocks[i].location.byteOffset
+            var j = i
+            var end = first
+            while j < blocks.count, blocks[j].location.byteOffset >= end || j == i,
+                  blocks[j].location.byteOffset + blocks[j].location.allocatedByteCount - first <= UInt64(windowLimit) || j == i {
+                end = max(end, blocks[j].location.byteOffset + UInt64(blocks[j].location.storedByteCount))
+                j += 1
+            }
+            let length = Int(end - first)
+            try buffer.withUnsafeMutableBytes { raw in
+                try device.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]), at: first)
+            }
+            for k in i..<j {
+                let location = blocks[k].location
+                let start = Int(location.byteOffset - first)
+                let sum = buffer.withUnsafeBytes { Checksum.xxh3(UnsafeRawBufferPointer(rebasing: $0[start..<start + Int(location.storedByteCount)])) }
+                if sum != location.checksum {
+                    damaged[blocks[k].id] = (location, "checksum mismatch: expected \(hex(location.checksum)), found \(hex(sum))")
+                } else if location.isCompressed {
+                    var out = [UInt8](repeating: 0, count: Int(sb.geometry.blockByteCount))
+                    let ok = buffer.withUnsafeBytes { raw in
+                        out.withUnsafeMutableBytes { BlockCompression.decompress(UnsafeRawBufferPointer(rebasing: raw[start..<start + Int(location.storedByteCount)]), into: $0) }
+                    }
+                    if !ok { damaged[blocks[k].id] = (location, "checksum matches but the LZ4 data does not expand to one block") }
+                }
+                done += UInt64(location.storedByteCount)
+            }
+            i = j
+            if let progress, Date().timeIntervalSince(lastReport) >= 0.5 {
+                lastReport = Date()
+                progress(ScrubProgress(doneByteCount: done, totalByteCount: total, seconds: lastReport.timeIntervalSince(started)))
+            }
+        }
+        report.scrubbedByteCount += done
+        progress?(ScrubProgress(doneByteCount: done, totalByteCount: total, seconds: Date().timeIntervalSince(started)))
+        guard !damaged.isEmpty else { return }
+        report.damagedBlockCount = damaged.count
+        // Owners: every volume and snapshot whose map names a damaged id.
+        var owners: [UInt64: [BlockOwner]] = [:]
+        let blockSize = UInt64(sb.geometry.blockByteCount)
+        if let engine {
+            for volume in engine.volumes.values.sorted(by: { $0.record.name < $1.record.name }) {
+                engine.forEachMapped(volume.map) { index, id in
+                    if damaged[id] != nil { owners[id, default: []].append(BlockOwner(volume: volume.record.name, byteOffset: index * blockSize)) }
+                }
+            }
+        }
+        for (id, (location, detail)) in damaged.sorted(by: { $0.value.0.byteOffset < $1.value.0.byteOffset }) {
+            add(.error, "data-damaged", location.isCompressed ? "compressed data block" : "data block", location.byteOffset,
+                "block id \(id): \(detail)", owners: owners[id] ?? [])
+        }
+    }
+}

@@ -1,0 +1,102 @@
+import ArgumentParser
+import Foundation
+import LogPool
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `logpool verify` and `logpool scrub`: the consistency checker (Specs/VERIFY.md).
+/// Exit status as fsck: 0 clean, 1 errors found and all repaired, 4 errors left,
+/// 8 could not check (not a pool, I/O error, in use).
+/// The arguments verify and scrub share.
+struct CheckOptions: ParsableArguments {
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Flag(help: "Rebuild derived state and commit a new checkpoint, then check again.") var repair = false
+    @Flag(help: "One JSON object with the findings and counts.") var json = false
+}
+
+struct VerifyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify",
+        abstract: "Check a pool's metadata without writing (exit 0 clean, 1 repaired, 4 errors left, 8 could not check).")
+    @OptionGroup var options: CheckOptions
+
+    func run() throws { checkAndExit(options, scrub: false) }
+}
+
+struct ScrubCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "scrub",
+        abstract: "Check everything verify does and read every live data block (exit 0 clean, 1 repaired, 4 errors left, 8 could not check).")
+    @OptionGroup var options: CheckOptions
+
+    func run() throws { checkAndExit(options, scrub: true) }
+}
+
+/// Runs the check (and repair), prints the findings and exits with the fsck-like status.
+func checkAndExit(_ options: CheckOptions, scrub: Bool) -> Never {
+    let (pool, repair, json) = (options.pool, options.repair, options.json)
+    var err = StandardError()
+    let onTerminal = isatty(STDERR_FILENO) == 1 && !json
+    let progress: ((ScrubProgress) -> Void)? = scrub && onTerminal ? { p in
+        let rate = p.seconds > 0 ? Double(p.doneByteCount) / p.seconds : 0
+        let eta = rate > 0 ? Double(p.totalByteCount - min(p.doneByteCount, p.totalByteCount)) / rate : 0
+        print(String(format: "\rscrub: %@ of %@, %@/s, ETA %.0f s   ", formatBytes(p.doneByteCount), formatBytes(p.totalByteCount),
+                     formatBytes(UInt64(rate)), eta), terminator: "", to: &err)
+    } : nil
+    let before: VerifyReport, after: VerifyReport
+    var changes: [String] = []
+    var status: Int32
+    do {
+        if repair {
+            let result = try Pool.repair(at: pool, scrubData: scrub, progress: progress)
+            (before, after, changes) = (result.before, result.after, result.changes)
+            status = result.exitStatus
+        } else {
+            before = try Pool.verify(at: pool, scrubData: scrub, progress: progress)
+            after = before
+            status = before.exitStatus
+        }
+    } catch {
+        if progress != nil { print("", to: &err) }
+        print("logpool: error: could not check \(oneLine(pool)): \(oneLine("\(error)"))", to: &err)
+        exit(8)
+    }
+    if progress != nil { print("", to: &err) }
+    if json {
+        struct Output: Encodable {
+            var pool: String
+            var status: Int32
+            var report: VerifyReport
+            var errorCount: Int
+            var warningCount: Int
+            var repaired: Bool
+            var changes: [String]
+            var before: VerifyReport?
+        }
+        let out = Output(pool: pool, status: status, report: after, errorCount: after.errorCount, warningCount: after.warningCount,
+                         repaired: repair, changes: changes, before: repair ? before : nil)
+        do { try printJSON(out) } catch { exit(8) }
+        exit(status)
+    }
+    var lines: [String] = []
+    let shown = repair ? before : after
+    for finding in shown.findings { lines.append(oneLine(finding.description)) }
+    if repair {
+        for change in changes { lines.append("repair: " + oneLine(change)) }
+        for finding in after.problems { lines.append("left: " + oneLine(finding.description)) }
+    }
+    let what = scrub ? "scrub" : "verify"
+    var summary = "\(what): \(oneLine(pool)): slot \(after.chosenSlot) generation \(after.generation), \(after.volumeCount) volumes, \(after.pageCount) pages, \(after.referencedBlockCount) blocks, \(after.replayedRecordCount) journal records replayed"
+    summary += "; \(after.errorCount) errors (\(after.leakedSegmentCount) leaks, \(after.accountingErrorSegmentCount) accounting errors, \(after.damagedBlockCount) damaged blocks), \(after.warningCount) warnings"
+    if repair { summary += "; before repair \(before.errorCount) errors" }
+    if scrub {
+        let rate = after.seconds > 0 ? Double(after.scrubbedByteCount) / after.seconds : 0
+        summary += String(format: "; read %@ in %.2f s (%@/s)", formatBytes(after.scrubbedByteCount), after.seconds, formatBytes(UInt64(rate)))
+    }
+    lines.append(summary)
+    let text = lines.joined(separator: "\n") + "\n"
+    do { try writeOut(Data(text.utf8)) } catch { exit(8) }
+    exit(status)
+}

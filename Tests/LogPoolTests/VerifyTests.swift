@@ -1,0 +1,241 @@
+import Foundation
+@testable import LogPool
+import LogPoolFormat
+import LogPoolTesting
+import Testing
+
+/// A small pool with a volume, a snapshot of it and a diverged clone, cleanly closed.
+/// `v` and `s` share every block of the first 64 KiB; `c` rewrote its first block.
+private func fixture(compression: CompressionMode = .none) throws -> (device: SimulatedDevice, blockSize: UInt64) {
+    let (pool, device) = try makePool(capacity: 8 << 20, compression: compression)
+    let v = try pool.createVolume(name: "v", size: 1 << 20)
+    try v.write(at: 0, from: pattern(256 << 10, seed: 1))
+    try pool.snapshot(source: "v", name: "s")
+    let c = try pool.clone(source: "s", name: "c")
+    try c.write(at: 0, from: pattern(4096, seed: 9))
+    try pool.close()
+    return (device, 4096)
+}
+
+private func verify(_ image: [UInt8], scrub: Bool = true) throws -> VerifyReport {
+    try Pool.verify(on: SimulatedDevice(image: image), scrubData: scrub)
+}
+
+private func problems(_ report: VerifyReport) -> [String] {
+    report.problems.map(\.code)
+}
+
+/// Opens `image` read-only to find where things are (the checker itself never does).
+private func locate<T>(_ image: [UInt8], _ body: (Engine) throws -> T) throws -> T {
+    let pool = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
+    return try body(pool.engine)
+}
+
+private func blockLocation(_ engine: Engine, volume name: String, blockIndex: UInt64) -> BlockLocation {
+    let volume = engine.volumes[engine.volumeIDsByName[name]!]!
+    return engine.blockLocation(engine.mapLookup(volume.map, blockIndex: blockIndex))
+}
+
+private func flip(_ image: inout [UInt8], _ offset: UInt64, bit: Int = 0) {
+    image[Int(offset)] ^= UInt8(1 << bit)
+}
+
+/// Journal records from the replay start, in ring order: (file offset, header).
+private func journalRecords(_ image: [UInt8]) throws -> [(offset: UInt64, header: JournalRecord.Header)] {
+    let sb = try locate(image) { $0.superblock }
+    var records: [(UInt64, JournalRecord.Header)] = []
+    var ring = Int(sb.journalReplayByteOffset)
+    let ringBytes = Int(sb.geometry.journalByteCount)
+    while ring + JournalRecordLayout.headerByteCount <= ringBytes {
+        let offset = PoolGeometry.journalByteOffset + UInt64(ring)
+        let header = try? image.withUnsafeBytes { raw in
+            try JournalRecord.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[Int(offset)...]), byteOffset: offset)
+        }
+        guard let header, header.epoch >= sb.generation else { break }
+        records.append((offset, header))
+        ring += JournalRecordLayout.headerByteCount + header.payloadByteCount
+        if ring % PoolGeometry.sectorByteCount != 0 && PoolGeometry.sectorByteCount - ring % PoolGeometry.sectorByteCount < JournalRecordLayout.headerByteCount {
+            ring += PoolGeometry.sectorByteCount - ring % PoolGeometry.sectorByteCount
+        }
+    }
+    return records
+}
+
+@Suite("Verify, scrub and repair")
+struct VerifyTests {
+    @Test("a healthy pool verifies and scrubs clean, with every figure filled in")
+    func clean() throws {
+        let (device, _) = try fixture()
+        let report = try verify(device.currentImage)
+        #expect(report.isClean && report.warningCount == 0, "\(report.problems)")
+        #expect(report.volumeCount == 3 && report.referencedBlockCount == 65 && report.pageCount >= 4)
+        #expect(report.findings.contains { $0.code == "superblock-chosen" } && report.findings.contains { $0.code == "superblock-previous" })
+        #expect(report.scrubbedByteCount >= 65 * 4096 && report.exitStatus == 0)
+    }
+
+    /// Goal: one damaged slot is found, named, and rewritten by repair; both damaged is
+    /// reported as unrepairable. Method: flip one byte in each slot in turn.
+    @Test("a damaged superblock slot is reported and repaired; both slots damaged is not repairable")
+    func superblockSlots() throws {
+        let (device, _) = try fixture()
+        let clean = device.currentImage
+        for slot in 0..<2 {
+            var image = clean
+            flip(&image, PoolGeometry.superblockSlotByteOffsets[slot] + 100)
+            let report = try verify(image)
+            let damaged = report.problems.filter { $0.code == "superblock-damaged" }
+            #expect(damaged.count == 1 && damaged[0].structure == Superblock.structureName(slotIndex: slot), "\(report.problems)")
+            #expect(damaged.first?.byteOffset == PoolGeometry.superblockSlotByteOffsets[slot] && damaged.first?.repairable == true)
+            let repairDevice = SimulatedDevice(image: image)
+            let repaired = try Pool.repair(on: repairDevice)
+            #expect(repaired.exitStatus == 1 && repaired.after.isClean, "slot \(slot): \(repaired.after.problems)")
+            #expect(repaired.changes.contains { $0.hasPrefix("fixed: superblock-damaged") })
+            #expect(try verify(repairDevice.currentImage).problems.isEmpty)
+        }
+        var both = clean
+        flip(&both, 100)
+        flip(&both, 4096 + 100)
+        let report = try verify(both)
+        #expect(problems(report).contains("no-valid-superblock") && report.exitStatus == 4)
+        let repaired = try Pool.repair(on: SimulatedDevice(image: both))
+        #expect(repaired.exitStatus == 4)
+    }
+
+    /// Goal: no single-bit flip anywhere in either slot goes unnoticed.
+    @Test("every single-bit flip of a superblock slot is detected")
+    func everySuperblockBit() throws {
+        let (pool, device) = try makePool(capacity: 4 << 20)
+        try pool.close()
+        let image = device.currentImage
+        // One device, flipped and restored in place: the checker reads `current`.
+        let probe = SimulatedDevice(image: image)
+        for slot in 0..<2 {
+            let base = Int(PoolGeometry.superblockSlotByteOffsets[slot])
+            for byte in 0..<PoolGeometry.superblockByteCount {
+                for bit in 0..<8 {
+                    let flipped = [image[base + byte] ^ UInt8(1 << bit)]
+                    try probe.write(flipped, at: UInt64(base + byte))
+                    let report = try Pool.verify(on: probe)
+                    guard !report.isClean else {
+                        Issue.record("slot \(slot) byte \(byte) bit \(bit): flip not detected")
+                        return
+                    }
+                    try probe.write([image[base + byte]], at: UInt64(base + byte))
+                }
+            }
+        }
+    }
+
+    /// Goal: a damaged checkpoint page is named with its offset and is not "repaired" by
+    /// dropping what it held.
+    @Test("a damaged map page is reported with its offset and left for the operator")
+    func checkpointPage() throws {
+        let (device, _) = try fixture()
+        var image = device.currentImage
+        let page = try locate(image) { engine in engine.volumes[engine.volumeIDsByName["c"]!]!.map.root!.disk.byteOffset }
+        flip(&image, page + 200)
+        let report = try verify(image)
+        let found = report.problems.first { $0.code == "page-damaged" }
+        #expect(found?.structure == "map page" && found?.byteOffset == page && found?.repairable == false, "\(report.problems)")
+        #expect(found?.detail.contains("volume c") == true)
+        let repaired = try Pool.repair(on: SimulatedDevice(image: image))
+        #expect(repaired.exitStatus == 4 && repaired.after.problems.contains { $0.code == "page-damaged" })
+    }
+
+    /// Goal: a damaged data block is found by scrub (not by verify, which reads no
+    /// data), with every owner, and repair keeps it reported.
+    @Test("a damaged data block is reported with every owner, for both plain and compressed blocks",
+          arguments: [CompressionMode.none, .lz4])
+    func dataBlock(compression: CompressionMode) throws {
+        let (device, blockSize) = try fixture(compression: compression)
+        var image = device.currentImage
+        let location = try locate(image) { blockLocation($0, volume: "v", blockIndex: 3) }
+        #expect(location.isCompressed == (compression == .lz4))
+        flip(&image, location.byteOffset + 7, bit: 3)
+        #expect(try verify(image, scrub: false).isClean)
+        let report = try verify(image)
+        let found = report.problems.filter { $0.code == "data-damaged" }
+        #expect(found.count == 1 && report.damagedBlockCount == 1, "\(report.problems)")
+        #expect(found.first?.structure == (compression == .lz4 ? "compressed data block" : "data block"))
+        #expect(found.first?.byteOffset == location.byteOffset)
+        // v, its snapshot s and the clone c (which rewrote only block 0) all read it.
+        let owners = found.first?.owners ?? []
+        #expect(owners == ["c", "s", "v"].map { BlockOwner(volume: $0, byteOffset: 3 * blockSize) })
+        let repairDevice = SimulatedDevice(image: image)
+        let repaired = try Pool.repair(on: repairDevice, scrubData: true)
+        #expect(repaired.exitStatus == 4 && repaired.after.damagedBlockCount == 1)
+        let pool = try Pool.open(on: repairDevice)
+        expectPoolError({ if case .corrupt = $0 { true } else { false } }) { _ = try pool.openVolume(name: "v").read(at: 3 * blockSize, length: 4096) }
+    }
+
+    /// Goal: a torn journal tail is a repairable warning; damage inside synced journal
+    /// space is an error that names the records that cannot be replayed.
+    @Test("journal: a torn tail is a warning that repair clears; damage inside synced space is an error")
+    func journal() throws {
+        let (pool, device) = try makePool(capacity: 8 << 20)
+        let v = try pool.createVolume(name: "v", size: 1 << 20)
+        try pool.checkpoint()
+        try v.write(at: 0, from: pattern(8192, seed: 1))
+        try pool.sync()
+        try v.write(at: 65536, from: pattern(8192, seed: 2))
+        try pool.sync()
+        let image = device.currentImage
+        let records = try journalRecords(image).filter { $0.header.kind != 1 }
+        #expect(records.count == 2)
+        guard records.count == 2 else { return }
+        #expect(try verify(image).problems.isEmpty)
+
+        var tail = image
+        flip(&tail, records[1].offset + UInt64(JournalRecordLayout.headerByteCount) + 3)
+        let torn = try verify(tail)
+        #expect(problems(torn) == ["journal-torn-tail"] && torn.isClean, "\(torn.problems)")
+        let cleanCount = try verify(image).replayedRecordCount
+        #expect(torn.replayedRecordCount >= 1 && torn.replayedRecordCount < cleanCount, "\(torn.replayStop)")
+        #expect(torn.problems.first?.byteOffset == records[1].offset)
+        let tailDevice = SimulatedDevice(image: tail)
+        let repaired = try Pool.repair(on: tailDevice)
+        #expect(repaired.after.problems.isEmpty && repaired.exitStatus == 0, "\(repaired.after.problems)")
+
+        var synced = image
+        flip(&synced, records[0].offset + UInt64(JournalRecordLayout.headerByteCount) + 3)
+        let lost = try verify(synced)
+        let found = lost.problems.first { $0.code == "journal-synced-damage" }
+        #expect(found?.byteOffset == records[0].offset && found?.repairable == false && lost.exitStatus == 4, "\(lost.problems)")
+    }
+
+    /// Goal: a segment header's damage is reported (data is protected by its own
+    /// checksums, so it is a warning).
+    @Test("a damaged segment header is a warning naming the segment")
+    func segmentHeader() throws {
+        let (device, _) = try fixture()
+        var image = device.currentImage
+        let (offset, geometry) = try locate(image) { engine in (blockLocation(engine, volume: "v", blockIndex: 0).byteOffset, engine.geometry) }
+        let segment = geometry.segmentByteOffset(geometry.segmentIndex(containing: offset)!)
+        flip(&image, segment + 30)
+        let report = try verify(image)
+        #expect(problems(report) == ["segment-header"] && report.problems.first?.byteOffset == segment, "\(report.problems)")
+        #expect(report.isClean)
+    }
+
+    /// Goal: leaks (stored above the truth) and accounting errors (stored below) are
+    /// counted apart, with the right bytes, and repair rebuilds them.
+    @Test("leaks and accounting errors made on purpose are counted apart and repaired")
+    func leaksAndErrors() throws {
+        let (pool, device) = try makePool(capacity: 8 << 20)
+        let v = try pool.createVolume(name: "v", size: 1 << 20)
+        try v.write(at: 0, from: pattern(256 << 10, seed: 4))
+        let used = (0..<pool.engine.segmentStates.count).filter { pool.engine.dataLiveByteCounts[$0] > 0 }
+        #expect(used.count >= 2)
+        pool.engine.testUsageSkew = [used[0]: 8192, used[1]: -4096, used[1] + 40: 512]
+        try pool.checkpoint()
+        let image = device.currentImage
+        let report = try verify(image)
+        #expect(report.leakedSegmentCount == 2 && report.leakedByteCount == 8192 + 512, "\(report.problems)")
+        #expect(report.accountingErrorSegmentCount == 1 && report.accountingErrorByteCount == 4096)
+        #expect(Set(problems(report)) == ["leak", "accounting-error"] && report.exitStatus == 4, "\(report.problems)")
+        let repairDevice = SimulatedDevice(image: image)
+        let repaired = try Pool.repair(on: repairDevice)
+        #expect(repaired.exitStatus == 1 && repaired.after.problems.isEmpty, "\(repaired.after.problems)")
+        #expect(repaired.changes.filter { $0.hasPrefix("fixed: leak") }.count == 2)
+    }
+}
