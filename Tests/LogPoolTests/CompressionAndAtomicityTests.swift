@@ -3,7 +3,7 @@ import LogPool
 import LogPoolTesting
 import Testing
 
-@Suite("Compression and atomic writes")
+@Suite("Compression and atomic writes", .strictVerify)
 struct CompressionAndAtomicityTests {
     @Test("a block is stored compressed only when that saves a sector")
     func compressionRule() throws {

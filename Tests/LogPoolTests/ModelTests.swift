@@ -4,7 +4,7 @@ import Foundation
 import LogPoolTesting
 import Testing
 
-@Suite("Randomized model")
+@Suite("Randomized model", .strictVerify)
 struct ModelTests {
     /// Goal: the engine equals a plain in-memory model after every operation and after
     /// every reopen. Method: seeded random operations (writes of many sizes and

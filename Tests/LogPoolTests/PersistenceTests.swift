@@ -40,7 +40,7 @@ func expectMatches(_ pool: Pool, _ model: ReferenceModel, sourceLocation: Source
     }
 }
 
-@Suite("Persistence")
+@Suite("Persistence", .strictVerify)
 struct PersistenceTests {
     @Test("everything survives close and open")
     func closeAndOpen() throws {

@@ -3,7 +3,7 @@ import LogPoolTesting
 import Testing
 import Foundation
 
-@Suite("Pool full")
+@Suite("Pool full", .strictVerify)
 struct PoolFullTests {
     @Test("filling a pool ends in poolFull with nothing changed; deleting a snapshot frees space")
     func fillThenDelete() throws {
@@ -97,7 +97,7 @@ struct PoolFullTests {
     }
 }
 
-@Suite("Space edge cases from review")
+@Suite("Space edge cases from review", .strictVerify)
 struct SpaceEdgeCaseTests {
     /// Goal: a compaction moving thousands of blocks (relocate records exceeding the
     /// 256 KiB ring across its batches) keeps every block. Method: 512-byte blocks, half

@@ -2,7 +2,7 @@ import LogPool
 import LogPoolTesting
 import Testing
 
-@Suite("Volume semantics")
+@Suite("Volume semantics", .strictVerify)
 struct SemanticsTests {
     @Test("unwritten ranges read as zeros")
     func sparseZeros() throws {

@@ -1,3 +1,4 @@
+import Foundation
 import LogPool
 import LogPoolTesting
 import Testing
@@ -7,6 +8,7 @@ import Testing
 func makePool(capacity: Int = 8 << 20, blockSize: Int = 4096, segmentSize: Int? = 64 << 10,
               compression: CompressionMode = .none) throws -> (Pool, SimulatedDevice) {
     let device = SimulatedDevice(byteCount: capacity)
+    StrictVerify.register(device)
     let pool = try Pool.create(on: device, capacity: UInt64(capacity), blockSize: blockSize,
                                segmentSize: segmentSize, compression: compression)
     return (pool, device)
@@ -48,4 +50,40 @@ func fillUntilPoolFull(_ volume: Volume, chunkByteCount: Int) throws -> [UInt8] 
         }
         model += data
     }
+}
+
+/// Strict mode: a suite with `.strictVerify` runs the checker on every pool that
+/// `makePool` created during each of its tests, once the test is over. The device image
+/// at that moment is what a crash there would leave (every write done, the unsynced
+/// journal tail lost), so nothing the checker finds may be unrepairable; and once the
+/// pool is closed, nothing may be found at all.
+struct StrictVerify: TestTrait, SuiteTrait, TestScoping {
+    var isRecursive: Bool { true }
+
+    final class Registry: @unchecked Sendable {
+        private let lock = NSLock()
+        private var devices: [SimulatedDevice] = []
+        func add(_ device: SimulatedDevice) { lock.withLock { devices.append(device) } }
+        var all: [SimulatedDevice] { lock.withLock { devices } }
+    }
+
+    @TaskLocal static var current: Registry?
+
+    static func register(_ device: SimulatedDevice) { current?.add(device) }
+
+    func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
+        guard testCase != nil else { return try await function() }
+        let registry = Registry()
+        try await StrictVerify.$current.withValue(registry) { try await function() }
+        for (i, device) in registry.all.enumerated() {
+            let report = try Pool.verify(on: SimulatedDevice(image: device.currentImage), scrubData: true)
+            let lasting = report.problems.filter { $0.severity == .error && !$0.repairable }
+            #expect(lasting.isEmpty, "strict verify of pool \(i) after \(test.name): \(lasting.prefix(3))")
+        }
+    }
+}
+
+extension Trait where Self == StrictVerify {
+    /// Verify (and scrub) every pool the test made, after the test.
+    static var strictVerify: StrictVerify { StrictVerify() }
 }

@@ -4,7 +4,7 @@ import Testing
 
 /// The write-behind thread (Specs/COMMIT.md §2.1) must not change what the device sees
 /// nor hide a failed write.
-@Suite("Write-behind")
+@Suite("Write-behind", .strictVerify)
 struct WriteBehindTests {
     /// Goal: a payload write that fails on the background thread is never lost silently.
     /// Method: fail the first device write after enabling write-behind; the failure must
