@@ -238,4 +238,112 @@ struct VerifyTests {
         #expect(repaired.exitStatus == 1 && repaired.after.problems.isEmpty, "\(repaired.after.problems)")
         #expect(repaired.changes.filter { $0.hasPrefix("fixed: leak") }.count == 2)
     }
+
+    enum Damage: String, CaseIterable, Sendable {
+        case bitFlip, zeroSector, garbage
+    }
+
+    enum Place: String, CaseIterable, Sendable {
+        case olderSlot, newerSlot, mapPage, syncedJournalRecord, journalTail, segmentHeader, dataBlock, compressedDataBlock
+    }
+
+    /// Applies `damage` to the byte at `offset` (a flip) or to its whole sector.
+    private func damage(_ image: inout [UInt8], _ damage: Damage, at offset: UInt64, seed: UInt64) {
+        let sector = Int(offset) / 512 * 512
+        switch damage {
+        case .bitFlip: image[Int(offset)] ^= 0x10
+        case .zeroSector: image.replaceSubrange(sector..<sector + 512, with: repeatElement(0, count: 512))
+        case .garbage:
+            var generator = SeededGenerator(seed: seed)
+            image.replaceSubrange(sector..<sector + 512, with: (0..<512).map { _ in UInt8.random(in: 0...255, using: &generator) })
+        }
+    }
+
+    /// Goal: the damage matrix of the issue: each structure x (bit flip, zeroed sector,
+    /// garbage sector) gives the exact finding (code, structure, offset, owners), exit
+    /// status, and repair fixes what is repairable. Where a damage is indistinguishable
+    /// from a legitimate crash state the expected result says so (Specs/VERIFY.md).
+    @Test("damage matrix: every structure x bit flip, zeroed sector, garbage",
+          arguments: Place.allCases, Damage.allCases)
+    func matrix(place: Place, kind: Damage) throws {
+        let seed = UInt64(place.hashValue & 0xFFFF) ^ UInt64(kind.hashValue & 0xFF)
+        var image: [UInt8]
+        var offset: UInt64
+        var expected: [String]
+        var expectedOffset: UInt64? = nil
+        var structure: String? = nil
+        var repairedStatus: Int32
+        switch place {
+        case .olderSlot, .newerSlot:
+            image = try fixture().device.currentImage
+            let chosen = try verify(image, scrub: false).chosenSlot == "A" ? 0 : 1
+            let slot = place == .newerSlot ? chosen : 1 - chosen
+            offset = PoolGeometry.superblockSlotByteOffsets[slot] + 72
+            expected = ["superblock-damaged"]
+            expectedOffset = PoolGeometry.superblockSlotByteOffsets[slot]
+            structure = Superblock.structureName(slotIndex: slot)
+            repairedStatus = 1
+        case .mapPage:
+            image = try fixture().device.currentImage
+            offset = try locate(image) { $0.volumes[$0.volumeIDsByName["c"]!]!.map.root!.disk.byteOffset } + 1000
+            expected = ["page-damaged", "journal-not-checked"]
+            expectedOffset = offset - 1000
+            structure = "map page"
+            repairedStatus = 4
+        case .syncedJournalRecord, .journalTail:
+            let (pool, device) = try makePool()
+            let v = try pool.createVolume(name: "v", size: 1 << 20)
+            try pool.checkpoint()
+            try v.write(at: 0, from: pattern(8192, seed: 1))
+            try pool.sync()
+            try v.write(at: 65536, from: pattern(8192, seed: 2))
+            try pool.sync()
+            image = device.currentImage
+            let records = try journalRecords(image).filter { $0.header.kind != 1 }
+            try #require(records.count == 2)
+            let record = records[place == .syncedJournalRecord ? 0 : 1]
+            offset = record.offset + UInt64(JournalRecordLayout.headerByteCount) + 5
+            expectedOffset = record.offset
+            if place == .syncedJournalRecord {
+                expected = ["journal-synced-damage"]
+                repairedStatus = 4
+            } else {
+                // A flip leaves a decodable header with a bad checksum: a torn tail. A
+                // zeroed or garbage sector holds no record at all: the same bytes as a
+                // crash before the last batch was written, so nothing to report.
+                expected = kind == .bitFlip ? ["journal-torn-tail"] : []
+                repairedStatus = 0
+            }
+        case .segmentHeader:
+            image = try fixture().device.currentImage
+            let (block, geometry) = try locate(image) { (blockLocation($0, volume: "v", blockIndex: 0).byteOffset, $0.geometry) }
+            offset = geometry.segmentByteOffset(geometry.segmentIndex(containing: block)!) + 40
+            expected = kind == .zeroSector ? [] : ["segment-header"]
+            expectedOffset = offset - 40
+            repairedStatus = 0
+        case .dataBlock, .compressedDataBlock:
+            image = try fixture(compression: place == .dataBlock ? .none : .lz4).device.currentImage
+            offset = try locate(image) { blockLocation($0, volume: "s", blockIndex: 5).byteOffset } + 3
+            expected = ["data-damaged"]
+            expectedOffset = offset - 3
+            structure = place == .dataBlock ? "data block" : "compressed data block"
+            repairedStatus = 4
+        }
+        damage(&image, kind, at: offset, seed: seed)
+        let report = try verify(image)
+        let context = "\(place) \(kind): \(report.problems)"
+        #expect(problems(report) == expected, "\(context)")
+        if let first = report.problems.first(where: { $0.code == expected.first }) {
+            if let expectedOffset { #expect(first.byteOffset == expectedOffset, "\(context)") }
+            if let structure { #expect(first.structure == structure, "\(context)") }
+            if first.code == "data-damaged" {
+                #expect(first.owners.map(\.volume) == ["c", "s", "v"] && first.owners.allSatisfy { $0.byteOffset == 5 * 4096 }, "\(context)")
+            }
+        }
+        #expect(report.exitStatus == (report.isClean ? 0 : 4))
+        let repaired = try Pool.repair(on: SimulatedDevice(image: image), scrubData: true)
+        #expect(repaired.exitStatus == (expected.isEmpty || !report.problems.contains { $0.severity == .error } ? 0 : repairedStatus),
+                "\(context) after repair: \(repaired.after.problems)")
+        if repairedStatus != 4 { #expect(repaired.after.problems.filter { $0.severity == .error }.isEmpty, "\(context)") }
+    }
 }
