@@ -191,6 +191,12 @@ struct Checker {
                                        detail: detail, repairable: repairable, owners: owners))
     }
 
+    /// Derived refcounts by id, and ids named by maps beyond the id limit.
+    private struct BlockReferences {
+        var refcounts: [UInt32]
+        var beyondLimit: [UInt64]
+    }
+
     /// A page as decoded by the checker.
     private struct CheckedPage {
         var kind: PageKind
@@ -213,8 +219,8 @@ struct Checker {
         guard let root = try checkCheckpointRoot(sb) else { return }
         var pages: [UInt64: CheckedPage] = [:]
         try loadPages(sb, root, into: &pages)
-        let referenced = checkVolumeTable(sb, root, pages)
-        let entries = checkBlockTable(sb, root, pages, referenced: referenced)
+        let references = checkVolumeTable(sb, root, pages)
+        let entries = checkBlockTable(sb, root, pages, references: references)
         let rebuilt = checkExtentsAndUsage(sb, root, pages, entries: entries)
         try checkSegmentHeaders(sb, rebuilt: rebuilt)
         let engine = checkJournal(sb)
@@ -371,7 +377,7 @@ struct Checker {
 
     /// Checks names, ids, origins and sizes against the maps; returns every block id a
     /// map names, with its count of distinct leaves (the derived refcount).
-    private mutating func checkVolumeTable(_ sb: Superblock, _ root: CheckpointRoot, _ pages: [UInt64: CheckedPage]) -> [UInt64: UInt32] {
+    private mutating func checkVolumeTable(_ sb: Superblock, _ root: CheckpointRoot, _ pages: [UInt64: CheckedPage]) -> BlockReferences {
         var names: Set<String> = [], ids: Set<UInt64> = []
         for volume in root.volumes {
             if !names.insert(volume.name).inserted {
@@ -395,35 +401,47 @@ struct Checker {
                     "\(beyond) blocks mapped beyond the volume's size of \(volume.sizeByteCount) bytes")
             }
         }
-        // Refcounts: distinct leaves naming each id (shared leaves count once).
-        var refcounts: [UInt64: UInt32] = [:]
+        // Refcounts: distinct leaves naming each id (shared leaves count once), by id
+        // below the limit (bounded by the pool's size, FORMAT C-5); ids at or above it
+        // are collected apart.
+        var refcounts = [UInt32](repeating: 0, count: Int(root.blockIDLimit))
+        var beyondLimit: [UInt64] = []
         for page in pages.values where page.kind == .map && page.level == 0 {
-            for id in page.words where id != 0 { refcounts[id, default: 0] += 1 }
+            for id in page.words where id != 0 {
+                if id < root.blockIDLimit { refcounts[Int(id)] += 1 } else { beyondLimit.append(id) }
+            }
         }
-        report.referencedBlockCount = refcounts.count
-        return refcounts
+        report.referencedBlockCount = refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) } + Set(beyondLimit).count
+        return BlockReferences(refcounts: refcounts, beyondLimit: beyondLimit)
     }
 
     /// Every referenced id must have a valid block-table entry below the id limit.
-    /// Returns the entries of the referenced ids.
+    /// Returns the entries of the referenced ids that are valid, indexed by id (others
+    /// hold a zero-length location).
     private mutating func checkBlockTable(_ sb: Superblock, _ root: CheckpointRoot, _ pages: [UInt64: CheckedPage],
-                                          referenced: [UInt64: UInt32]) -> [UInt64: BlockLocation] {
-        var entries: [UInt64: BlockLocation] = [:]
-        let fanout = UInt64(PageLayout.blockTableLeafFanout)
+                                          references: BlockReferences) -> [BlockLocation] {
+        let absent = BlockLocation(byteOffset: 0, storedByteCount: 0, flags: 0, checksum: 0)
+        var entries = [BlockLocation](repeating: absent, count: references.refcounts.count)
+        var present = [Bool](repeating: false, count: references.refcounts.count)
+        let fanout = PageLayout.blockTableLeafFanout
         forEachLeaf(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, base: 0, pages: pages) { base, words in
-            for slot in 0..<Int(fanout) where referenced[base + UInt64(slot)] != nil {
+            for slot in 0..<fanout {
+                let id = Int(base) + slot
+                guard id < entries.count, references.refcounts[id] > 0 else { continue }
                 let w = slot * 3
-                entries[base + UInt64(slot)] = BlockLocation(byteOffset: words[w], storedByteCount: UInt32(truncatingIfNeeded: words[w + 1]),
-                                                             flags: UInt32(truncatingIfNeeded: words[w + 1] >> 32), checksum: words[w + 2])
+                entries[id] = BlockLocation(byteOffset: words[w], storedByteCount: UInt32(truncatingIfNeeded: words[w + 1]),
+                                            flags: UInt32(truncatingIfNeeded: words[w + 1] >> 32), checksum: words[w + 2])
+                present[id] = true
             }
         }
-        var missing: [UInt64] = [], invalid: [UInt64] = []
-        for id in referenced.keys.sorted() {
-            guard id < root.blockIDLimit, let location = entries[id] else { missing.append(id); continue }
+        var missing: [UInt64] = Array(Set(references.beyondLimit)).sorted(), invalid: [UInt64] = []
+        for id in 1..<max(entries.count, 1) where references.refcounts[id] > 0 {
+            guard present[id] else { missing.append(UInt64(id)); continue }
+            let location = entries[id]
             guard location.storedByteCount > 0, location.storedByteCount <= sb.geometry.blockByteCount,
                   location.flags & ~BlockLocation.flagCompressed == 0,
                   sb.geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
-            else { invalid.append(id); entries[id] = nil; continue }
+            else { invalid.append(UInt64(id)); entries[id] = absent; continue }
         }
         if !missing.isEmpty {
             add(.error, "block-missing", "block table", sb.checkpointByteOffset,
@@ -440,21 +458,25 @@ struct Checker {
     /// ones (leaks and accounting errors counted apart); the reserve is free.
     /// Returns the rebuilt live bytes per segment.
     private mutating func checkExtentsAndUsage(_ sb: Superblock, _ root: CheckpointRoot, _ pages: [UInt64: CheckedPage],
-                                               entries: [UInt64: BlockLocation]) -> [UInt64] {
+                                               entries: [BlockLocation]) -> [UInt64] {
         let geometry = sb.geometry
-        var extents: [(start: UInt64, count: UInt64, what: String)] = []
+        // `id` 0 marks a page, UInt64.max the root (block ids are neither).
+        var extents: [(start: UInt64, count: UInt64, id: UInt64)] = []
         extents.reserveCapacity(entries.count + pages.count + 1)
-        for (id, location) in entries { extents.append((location.byteOffset, location.allocatedByteCount, "block \(id)")) }
-        for offset in pages.keys { extents.append((offset, UInt64(PoolGeometry.pageByteCount), "page")) }
-        extents.append((sb.checkpointByteOffset, sectorAligned(sb.checkpointByteCount), "checkpoint root"))
+        for (id, location) in entries.enumerated() where location.storedByteCount > 0 {
+            extents.append((location.byteOffset, location.allocatedByteCount, UInt64(id)))
+        }
+        for offset in pages.keys { extents.append((offset, UInt64(PoolGeometry.pageByteCount), 0)) }
+        extents.append((sb.checkpointByteOffset, sectorAligned(sb.checkpointByteCount), .max))
         extents.sort { $0.start < $1.start }
+        func what(_ e: (start: UInt64, count: UInt64, id: UInt64)) -> String {
+            (e.id == 0 ? "page" : e.id == .max ? "checkpoint root" : "block \(e.id)") + " at \(e.start)"
+        }
         var overlaps = 0
         var firstOverlap = ""
         for i in 1..<max(extents.count, 1) where extents[i].start < extents[i - 1].start + extents[i - 1].count {
             overlaps += 1
-            if firstOverlap.isEmpty {
-                firstOverlap = "\(extents[i - 1].what) at \(extents[i - 1].start) and \(extents[i].what) at \(extents[i].start)"
-            }
+            if firstOverlap.isEmpty { firstOverlap = "\(what(extents[i - 1])) and \(what(extents[i]))" }
         }
         if overlaps > 0 {
             add(.error, "extent-overlap", "block table", sb.checkpointByteOffset,
@@ -592,61 +614,41 @@ struct Checker {
     /// pool, else of the checkpoint) in file order, in large reads, and checks each one's
     /// XXH3; reports each damaged block with every owner.
     private mutating func scrub(_ sb: Superblock, engine: Engine?, pages: [UInt64: CheckedPage],
-                                entries: [UInt64: BlockLocation], progress: ((ScrubProgress) -> Void)?) throws {
+                                entries: [BlockLocation], progress: ((ScrubProgress) -> Void)?) throws {
         var blocks: [(id: UInt64, location: BlockLocation)] = []
         if let engine {
             for id in 1..<Int(engine.blockIDLimit) where engine.refcounts[id] > 0 {
                 blocks.append((UInt64(id), engine.locations[id]))
             }
         } else {
-            blocks = entries.map { ($0.key, $0.value) }
+            for (id, location) in entries.enumerated() where location.storedByteCount > 0 { blocks.append((UInt64(id), location)) }
         }
         blocks.sort { $0.location.byteOffset < $1.location.byteOffset }
-        let total = blocks.reduce(UInt64(0)) { $0 + UInt64($1.location.storedByteCount) }
-        let started = Date()
-        var done: UInt64 = 0
-        var lastReport = started
-        var damaged: [UInt64: (BlockLocation, String)] = [:]
-        let windowLimit = 1 << 20
-        var buffer = [UInt8](repeating: 0, count: windowLimit + 65536)
+        // Windows of consecutive blocks, one read of at most 4 MiB each.
+        var windows: [Range<Int>] = []
         var i = 0
         while i < blocks.count {
-            // One read covering consecutive blocks up to 1 MiB.
             let first = blocks[i].location.byteOffset
-            var j = i
-            var end = first
-            while j < blocks.count, blocks[j].location.byteOffset >= end || j == i,
-                  blocks[j].location.byteOffset + blocks[j].location.allocatedByteCount - first <= UInt64(windowLimit) || j == i {
-                end = max(end, blocks[j].location.byteOffset + UInt64(blocks[j].location.storedByteCount))
+            var j = i + 1
+            var end = first + UInt64(blocks[i].location.storedByteCount)
+            while j < blocks.count, blocks[j].location.byteOffset >= end,
+                  blocks[j].location.byteOffset + UInt64(blocks[j].location.storedByteCount) - first <= UInt64(ScrubWork.windowLimit) {
+                end = blocks[j].location.byteOffset + UInt64(blocks[j].location.storedByteCount)
                 j += 1
             }
-            let length = Int(end - first)
-            try buffer.withUnsafeMutableBytes { raw in
-                try device.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]), at: first)
-            }
-            for k in i..<j {
-                let location = blocks[k].location
-                let start = Int(location.byteOffset - first)
-                let sum = buffer.withUnsafeBytes { Checksum.xxh3(UnsafeRawBufferPointer(rebasing: $0[start..<start + Int(location.storedByteCount)])) }
-                if sum != location.checksum {
-                    damaged[blocks[k].id] = (location, "checksum mismatch: expected \(hex(location.checksum)), found \(hex(sum))")
-                } else if location.isCompressed {
-                    var out = [UInt8](repeating: 0, count: Int(sb.geometry.blockByteCount))
-                    let ok = buffer.withUnsafeBytes { raw in
-                        out.withUnsafeMutableBytes { BlockCompression.decompress(UnsafeRawBufferPointer(rebasing: raw[start..<start + Int(location.storedByteCount)]), into: $0) }
-                    }
-                    if !ok { damaged[blocks[k].id] = (location, "checksum matches but the LZ4 data does not expand to one block") }
-                }
-                done += UInt64(location.storedByteCount)
-            }
+            windows.append(i..<j)
             i = j
-            if let progress, Date().timeIntervalSince(lastReport) >= 0.5 {
-                lastReport = Date()
-                progress(ScrubProgress(doneByteCount: done, totalByteCount: total, seconds: lastReport.timeIntervalSince(started)))
-            }
         }
-        report.scrubbedByteCount += done
-        progress?(ScrubProgress(doneByteCount: done, totalByteCount: total, seconds: Date().timeIntervalSince(started)))
+        let total = blocks.reduce(UInt64(0)) { $0 + UInt64($1.location.storedByteCount) }
+        let work = ScrubWork(device: device, blocks: blocks, windows: windows, blockByteCount: Int(sb.geometry.blockByteCount),
+                             total: total, progress: progress)
+        // Several readers: checksums overlap reads, and the disk sees a queue of them.
+        let workers = max(4, ProcessInfo.processInfo.activeProcessorCount)
+        DispatchQueue.concurrentPerform(iterations: workers) { _ in work.run() }
+        if let error = work.failure { throw error }
+        report.scrubbedByteCount += work.doneByteCount
+        progress?(ScrubProgress(doneByteCount: work.doneByteCount, totalByteCount: total, seconds: work.seconds))
+        let damaged = work.damaged
         guard !damaged.isEmpty else { return }
         report.damagedBlockCount = damaged.count
         // Owners: every volume and snapshot whose map names a damaged id.
@@ -662,6 +664,90 @@ struct Checker {
         for (id, (location, detail)) in damaged.sorted(by: { $0.value.0.byteOffset < $1.value.0.byteOffset }) {
             add(.error, "data-damaged", location.isCompressed ? "compressed data block" : "data block", location.byteOffset,
                 "block id \(id): \(detail)", owners: owners[id] ?? [])
+        }
+    }
+}
+
+/// The data reads of a scrub, shared by its worker threads: each claims the next window
+/// in file order, reads it with one call into its own buffer and checks every block in
+/// it. Device reads must be safe from several threads (FileDevice's preads are).
+private final class ScrubWork: @unchecked Sendable {
+    static let windowLimit = 4 << 20
+
+    private let device: BlockDevice
+    private let blocks: [(id: UInt64, location: BlockLocation)]
+    private let windows: [Range<Int>]
+    private let blockByteCount: Int
+    private let total: UInt64
+    private let progress: ((ScrubProgress) -> Void)?
+    private let started = Date()
+    private let lock = NSLock()
+    // Guarded by `lock`.
+    private var next = 0
+    private var lastReport = Date()
+    private(set) var doneByteCount: UInt64 = 0
+    private(set) var damaged: [UInt64: (BlockLocation, String)] = [:]
+    private(set) var failure: (any Error)? = nil
+
+    init(device: BlockDevice, blocks: [(id: UInt64, location: BlockLocation)], windows: [Range<Int>], blockByteCount: Int,
+         total: UInt64, progress: ((ScrubProgress) -> Void)?) {
+        self.device = device
+        self.blocks = blocks
+        self.windows = windows
+        self.blockByteCount = blockByteCount
+        self.total = total
+        self.progress = progress
+    }
+
+    var seconds: Double { Date().timeIntervalSince(started) }
+
+    func run() {
+        var buffer = [UInt8](repeating: 0, count: Self.windowLimit + 65536)
+        var expanded = [UInt8](repeating: 0, count: blockByteCount)
+        while true {
+            let claimed: Int? = lock.withLock {
+                guard next < windows.count, failure == nil else { return nil }
+                next += 1
+                return next - 1
+            }
+            guard let w = claimed else { return }
+            let range = windows[w]
+            let first = blocks[range.lowerBound].location.byteOffset
+            let last = blocks[range.upperBound - 1].location
+            let length = Int(last.byteOffset + UInt64(last.storedByteCount) - first)
+            do {
+                try buffer.withUnsafeMutableBytes { raw in
+                    try device.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]), at: first)
+                }
+            } catch {
+                lock.withLock { if failure == nil { failure = error } }
+                return
+            }
+            var found: [(UInt64, BlockLocation, String)] = []
+            var bytes: UInt64 = 0
+            for k in range {
+                let location = blocks[k].location
+                let start = Int(location.byteOffset - first)
+                let stored = start..<start + Int(location.storedByteCount)
+                let sum = buffer.withUnsafeBytes { Checksum.xxh3(UnsafeRawBufferPointer(rebasing: $0[stored])) }
+                if sum != location.checksum {
+                    found.append((blocks[k].id, location, "checksum mismatch: expected \(hex(location.checksum)), found \(hex(sum))"))
+                } else if location.isCompressed {
+                    let ok = buffer.withUnsafeBytes { raw in
+                        expanded.withUnsafeMutableBytes { BlockCompression.decompress(UnsafeRawBufferPointer(rebasing: raw[stored]), into: $0) }
+                    }
+                    if !ok { found.append((blocks[k].id, location, "checksum matches but the LZ4 data does not expand to one block")) }
+                }
+                bytes += UInt64(location.storedByteCount)
+            }
+            lock.withLock {
+                doneByteCount += bytes
+                for (id, location, detail) in found { damaged[id] = (location, detail) }
+                if let progress, Date().timeIntervalSince(lastReport) >= 0.5 {
+                    lastReport = Date()
+                    progress(ScrubProgress(doneByteCount: doneByteCount, totalByteCount: total, seconds: seconds))
+                }
+            }
         }
     }
 }
