@@ -562,6 +562,8 @@ struct Checker {
         report.replayedRecordCount = recovery.replayedRecordCount
         report.replayStop = recovery.replayStopReason
         let stopOffset = PoolGeometry.journalByteOffset + UInt64(recovery.replayStopRingOffset)
+        add(.info, "journal-replay", "journal", PoolGeometry.journalByteOffset + sb.journalReplayByteOffset,
+            "replay starts at sequence \(sb.journalReplaySequence), applies \(recovery.replayedRecordCount) records and stops at byte offset \(stopOffset): \(recovery.replayStopReason)")
         if let lost = laterSyncedRecord(sb, after: recovery) {
             add(.error, "journal-synced-damage", "journal record", stopOffset,
                 "replay stops at sequence \(recovery.replayStopSequence) (\(recovery.replayStopReason)), but record \(lost.sequence) at byte offset \(lost.byteOffset) was written after records up to \(lost.durable - 1) had been synced: synced changes from sequence \(recovery.replayStopSequence) on cannot be replayed")
