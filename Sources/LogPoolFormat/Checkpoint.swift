@@ -185,6 +185,14 @@ public struct CheckpointRoot: Sendable, Equatable {
         try r.require(segmentCount * 8, for: "segment usage table")
         usage.reserveCapacity(segmentCount)
         for _ in 0..<segmentCount { usage.append(try r.u64("segment usage")) }
+        // Exactly the encoder's length: zero padding to 8 bytes before a sector boundary.
+        let end = r.position
+        guard sectorAligned(UInt64(end + 8)) == UInt64(bytes.count) else {
+            throw r.error("\(bytes.count) bytes, but the contents end at \(end): only zero padding up to the next sector may follow", at: end)
+        }
+        if let nonzero = bytes[end..<(bytes.count - 8)].firstIndex(where: { $0 != 0 }) {
+            throw r.error("padding byte is not zero", at: nonzero)
+        }
         return CheckpointRoot(generation: generation, nextVolumeID: nextVolumeID, blockTableRoot: btRoot,
                               blockTableHeight: btHeight, blockIDLimit: blockIDLimit, volumes: volumes,
                               segmentLiveByteCounts: usage)

@@ -173,6 +173,9 @@ public struct SegmentHeader: Sendable, Equatable {
         let index = try r.u32("segment index")
         guard try r.u32("reserved") == 0 else { throw r.error("reserved bytes are not zero") }
         let generation = try r.u64("generation")
+        if let nonzero = bytes[r.position..<SegmentHeaderLayout.checksumOffset].firstIndex(where: { $0 != 0 }) {
+            throw r.error("reserved byte is not zero", at: nonzero)
+        }
         return SegmentHeader(poolUUID: uuid, segmentIndex: index, generation: generation)
     }
 }

@@ -196,6 +196,37 @@ struct RecordTests {
         var damaged = encoded.bytes
         damaged[80] ^= 0x10
         #expect(throws: CorruptionError.self) { try CheckpointRoot.decode(damaged, expectedChecksum: encoded.checksum, salt: 9, byteOffset: 0, geometry: geometry) }
+
+        // Found by the checkpoint-root fuzzer (strict mode): nonzero padding and a root
+        // longer than its encoding passed when their checksum was valid.
+        func resealed(_ bytes: [UInt8]) -> ([UInt8], UInt64) {
+            var body = Array(bytes.dropLast(8))
+            let sum = Checksum.xxh3(body, seed: 9)
+            withUnsafeBytes(of: sum.littleEndian) { body += $0 }
+            return (body, sum)
+        }
+        var padded = encoded.bytes
+        padded[padded.count - 9] = 1
+        let (nonzeroPadding, sum1) = resealed(padded)
+        #expect(throws: CorruptionError.self) { try CheckpointRoot.decode(nonzeroPadding, expectedChecksum: sum1, salt: 9, byteOffset: 0, geometry: geometry) }
+        var longer = Array(encoded.bytes.dropLast(8)) + [UInt8](repeating: 0, count: 512) + [UInt8](repeating: 0, count: 8)
+        let longerCount = UInt64(longer.count)
+        longer.withUnsafeMutableBytes { $0.storeBytes(of: longerCount.littleEndian, toByteOffset: 8, as: UInt64.self) }
+        let (tooLong, sum2) = resealed(longer)
+        #expect(throws: CorruptionError.self) { try CheckpointRoot.decode(tooLong, expectedChecksum: sum2, salt: 9, byteOffset: 0, geometry: geometry) }
+    }
+
+    /// Found by the segment-header fuzzer (strict mode): bytes in the reserved area passed
+    /// when the checksum was recomputed over them.
+    @Test("a segment header with nonzero reserved bytes is rejected")
+    func segmentHeaderReserved() throws {
+        let header = SegmentHeader(poolUUID: Array(0..<16), segmentIndex: 5, generation: 7)
+        var bytes = header.encode()
+        #expect(try SegmentHeader.decode(bytes, byteOffset: 0) == header)
+        bytes[100] = 0xC5
+        let sum = Checksum.xxh3(bytes[0..<SegmentHeaderLayout.checksumOffset])
+        bytes.withUnsafeMutableBytes { $0.storeBytes(of: sum.littleEndian, toByteOffset: SegmentHeaderLayout.checksumOffset, as: UInt64.self) }
+        #expect(throws: CorruptionError.self) { try SegmentHeader.decode(bytes, byteOffset: 0) }
     }
 
     /// Goal: decoders never trap on any bytes. Method: seeded random buffers of many
