@@ -174,9 +174,9 @@ public struct CheckpointRoot: Sendable, Equatable {
             guard size % UInt64(geometry.blockByteCount) == 0, size <= PoolGeometry.volumeByteCountMax else {
                 throw r.error("volume size \(size) is not a multiple of the block size up to \(PoolGeometry.volumeByteCountMax)", at: rowAt + 16)
             }
-            guard height >= 1, height <= PageLayout.heightMax,
+            guard height >= 1, height <= mapHeightMax(geometry),
                   PageLayout.capacity(kind: .map, height: height) >= blockCount(size, geometry)
-            else { throw r.error("map height \(height) cannot address volume size \(size)", at: rowAt + 10) }
+            else { throw r.error("map height \(height) cannot address volume size \(size), or exceeds \(mapHeightMax(geometry)) (the height of the largest volume)", at: rowAt + 10) }
             try checkPointer(root, geometry: geometry, &r, what: "map root of volume \(id)")
             volumes.append(VolumeRecord(id: id, kind: kind, name: name, sizeByteCount: size, createdTime: created,
                                         originID: origin, mapRoot: root, mapHeight: height))
@@ -196,6 +196,13 @@ public struct CheckpointRoot: Sendable, Equatable {
         return CheckpointRoot(generation: generation, nextVolumeID: nextVolumeID, blockTableRoot: btRoot,
                               blockTableHeight: btHeight, blockIDLimit: blockIDLimit, volumes: volumes,
                               segmentLiveByteCounts: usage)
+    }
+
+    /// The height a map of the largest volume (2^50 bytes) needs: maps only grow as far
+    /// as their volume's size needs, and the bound keeps every slot index of a map
+    /// (fanout x span) inside 64 bits (C-2).
+    public static func mapHeightMax(_ geometry: PoolGeometry) -> Int {
+        PageLayout.height(kind: .map, coveringSlotCount: PoolGeometry.volumeByteCountMax / UInt64(geometry.blockByteCount))
     }
 
     private static func blockCount(_ size: UInt64, _ geometry: PoolGeometry) -> UInt64 {

@@ -216,6 +216,27 @@ struct RecordTests {
         #expect(throws: CorruptionError.self) { try CheckpointRoot.decode(tooLong, expectedChecksum: sum2, salt: 9, byteOffset: 0, geometry: geometry) }
     }
 
+    /// Found reading the checker for overflow: a map of height 8 (accepted before, since
+    /// its capacity covers any size) made tree walks compute slot indexes past 2^64.
+    @Test("a volume row whose map is taller than the largest volume needs is rejected")
+    func mapHeightBound() throws {
+        let geometry = try PoolGeometry.make(capacityByteCount: 64 << 20, blockByteCount: 512, segmentByteCount: nil).get()
+        func root(height: Int) -> CheckpointRoot {
+            CheckpointRoot(generation: 3, nextVolumeID: 2, blockTableRoot: .none, blockTableHeight: 1, blockIDLimit: 1,
+                           volumes: [VolumeRecord(id: 1, kind: .volume, name: "v", sizeByteCount: 8192, createdTime: 1, originID: 0,
+                                                  mapRoot: .none, mapHeight: height)],
+                           segmentLiveByteCounts: [UInt64](repeating: 0, count: Int(geometry.segmentCount)))
+        }
+        let highest = CheckpointRoot.mapHeightMax(geometry)
+        #expect(highest == 6)
+        let ok = root(height: highest).encode(salt: 9)
+        #expect(throws: Never.self) { try CheckpointRoot.decode(ok.bytes, expectedChecksum: ok.checksum, salt: 9, byteOffset: 0, geometry: geometry) }
+        for height in [highest + 1, PageLayout.heightMax] {
+            let tall = root(height: height).encode(salt: 9)
+            #expect(throws: CorruptionError.self) { try CheckpointRoot.decode(tall.bytes, expectedChecksum: tall.checksum, salt: 9, byteOffset: 0, geometry: geometry) }
+        }
+    }
+
     /// Found by the segment-header fuzzer (strict mode): bytes in the reserved area passed
     /// when the checksum was recomputed over them.
     @Test("a segment header with nonzero reserved bytes is rejected")
