@@ -96,7 +96,7 @@ public struct RepairReport: Codable, Sendable {
     public var changes: [String]
 
     /// fsck's convention: 0 clean, 1 errors found and all repaired, 4 errors left.
-    public var exitStatus: Int32 { before.isClean ? 0 : (after.isClean ? 1 : 4) }
+    public var exitStatus: Int32 { after.isClean ? (before.isClean ? 0 : 1) : 4 }
 }
 
 // MARK: - Public entry points
@@ -152,6 +152,12 @@ extension Pool {
         guard before.problems.contains(where: \.repairable) else {
             return RepairReport(before: before, after: before, changes: [])
         }
+        // Opening read-write commits a checkpoint at the replay stop: with synced records
+        // after it, that would discard them. That is the operator's call, not repair's.
+        if before.problems.contains(where: { $0.code == "journal-synced-damage" }) {
+            return RepairReport(before: before, after: before, changes: [
+                "not repaired: the journal is damaged inside synced space, and committing would discard the synced records after the damage; copy the pool file, then open it read-write to accept that loss"])
+        }
         var changes: [String] = []
         do {
             let pool = try open()
@@ -159,12 +165,19 @@ extension Pool {
             try pool.close()
             changes.append("committed generations \(recovery.generation + 1) and later through the normal protocol (journal replayed: \(recovery.replayedRecordCount) records; \(recovery.replayStopReason))")
             changes += recovery.findings.map { "rebuilt: \($0)" }
+        } catch PoolError.inUse(let detail) {
+            throw PoolError.inUse(detail)
         } catch let error as PoolError {
             changes.append("could not open the pool read-write to repair it: \(error)")
             return RepairReport(before: before, after: before, changes: changes)
         }
         let after = try verify()
-        for finding in before.problems where !after.problems.contains(finding) {
+        // A finding is the same one when its code, structure and offset match (details
+        // such as counts may change with the commit).
+        func same(_ a: Finding, _ b: Finding) -> Bool {
+            a.code == b.code && a.structure == b.structure && a.byteOffset == b.byteOffset
+        }
+        for finding in before.problems where finding.repairable && !after.problems.contains(where: { same($0, finding) }) {
             changes.append("fixed: \(finding.code): \(finding.structure): \(finding.detail)")
         }
         return RepairReport(before: before, after: after, changes: changes)
@@ -360,16 +373,25 @@ struct Checker {
         }
     }
 
-    /// Calls `body(slot, word index)` for every leaf slot of the tree under `pointer`
-    /// (only pages that decoded), with the leaf's words.
+    /// Calls `body(first slot, words)` for every decoded leaf of the tree under `pointer`,
+    /// each page once: a page met twice within one tree (a DAG, which P-3 allows only
+    /// between trees) is counted in `revisits` and not walked again, so a crafted graph of
+    /// shared pages cannot make the walk exponential. Slot arithmetic saturates.
     private func forEachLeaf(_ pointer: PagePointer, kind: PageKind, level: Int, base: UInt64,
-                             pages: [UInt64: CheckedPage], _ body: (UInt64, [UInt64]) -> Void) {
+                             pages: [UInt64: CheckedPage], visited: inout Set<UInt64>, revisits: inout Int,
+                             _ body: (UInt64, [UInt64]) -> Void) {
         guard !pointer.isNone, let page = pages[pointer.byteOffset], page.kind == kind, page.level == level else { return }
+        guard visited.insert(pointer.byteOffset).inserted else {
+            revisits += 1
+            return
+        }
         if level == 0 { return body(base, page.words) }
         let span = PageLayout.capacity(kind: kind, height: level)
         for i in 0..<PageLayout.interiorFanout {
-            forEachLeaf(PagePointer(byteOffset: page.words[2 * i], checksum: page.words[2 * i + 1]), kind: kind,
-                        level: level - 1, base: base + UInt64(i) * span, pages: pages, body)
+            let (offset, overflow1) = UInt64(i).multipliedReportingOverflow(by: span)
+            let (childBase, overflow2) = base.addingReportingOverflow(offset)
+            forEachLeaf(PagePointer(byteOffset: page.words[2 * i], checksum: page.words[2 * i + 1]), kind: kind, level: level - 1,
+                        base: overflow1 || overflow2 ? .max : childBase, pages: pages, visited: &visited, revisits: &revisits, body)
         }
     }
 
@@ -393,8 +415,16 @@ struct Checker {
             }
             let blockCount = volume.sizeByteCount / UInt64(sb.geometry.blockByteCount)
             var beyond = 0
-            forEachLeaf(volume.mapRoot, kind: .map, level: volume.mapHeight - 1, base: 0, pages: pages) { base, words in
-                for (slot, id) in words.enumerated() where id != 0 && base + UInt64(slot) >= blockCount { beyond += 1 }
+            var visited = Set<UInt64>(), revisits = 0
+            forEachLeaf(volume.mapRoot, kind: .map, level: volume.mapHeight - 1, base: 0, pages: pages,
+                        visited: &visited, revisits: &revisits) { base, words in
+                for (slot, id) in words.enumerated() where id != 0 && (base >= blockCount || UInt64(slot) >= blockCount - base) {
+                    beyond += 1
+                }
+            }
+            if revisits > 0 {
+                add(.error, "page-shared-wrongly", "map of \(volume.name)", volume.mapRoot.byteOffset,
+                    "\(revisits) references to pages already reached within this one map (a page may be shared between volumes, not within one)")
             }
             if beyond > 0 {
                 add(.error, "volume-table", "map of \(volume.name)", volume.mapRoot.byteOffset,
@@ -408,7 +438,7 @@ struct Checker {
         var beyondLimit: [UInt64] = []
         for page in pages.values where page.kind == .map && page.level == 0 {
             for id in page.words where id != 0 {
-                if id < root.blockIDLimit { refcounts[Int(id)] += 1 } else { beyondLimit.append(id) }
+                if id < root.blockIDLimit { refcounts[Int(id)] &+= 1 } else { beyondLimit.append(id) }
             }
         }
         report.referencedBlockCount = refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) } + Set(beyondLimit).count
@@ -424,7 +454,10 @@ struct Checker {
         var entries = [BlockLocation](repeating: absent, count: references.refcounts.count)
         var present = [Bool](repeating: false, count: references.refcounts.count)
         let fanout = PageLayout.blockTableLeafFanout
-        forEachLeaf(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, base: 0, pages: pages) { base, words in
+        var visited = Set<UInt64>(), revisits = 0
+        forEachLeaf(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, base: 0, pages: pages,
+                    visited: &visited, revisits: &revisits) { base, words in
+            guard base < UInt64(entries.count) else { return }
             for slot in 0..<fanout {
                 let id = Int(base) + slot
                 guard id < entries.count, references.refcounts[id] > 0 else { continue }
@@ -491,12 +524,18 @@ struct Checker {
         let unreadable = report.findings.filter { $0.code == "page-damaged" || $0.code == "page-pointer-invalid" }.count
         if unreadable > 0 {
             add(.info, "usage-not-checked", "segment usage", nil,
-                "not compared with the stored figures: \(unreadable) pages are unreadable, so what they reference is unknown")
+                "leaks not checked: \(unreadable) pages are unreadable, so the rebuilt figures miss what they reference")
         }
-        for s in 0..<rebuilt.count where unreadable == 0 && rebuilt[s] != root.segmentLiveByteCounts[s] {
+        for s in 0..<rebuilt.count where rebuilt[s] != root.segmentLiveByteCounts[s] {
             let stored = root.segmentLiveByteCounts[s]
             let offset = geometry.segmentByteOffset(s)
-            if stored > rebuilt[s] {
+            if stored > UInt64(geometry.segmentByteCount) {
+                add(.error, "usage-invalid", "segment usage", offset,
+                    "segment \(s): stored \(stored) live bytes, more than the segment's \(geometry.segmentByteCount)", repairable: true)
+            } else if stored > rebuilt[s] {
+                // Unreadable pages can only make the rebuilt figure too low: no leak is
+                // certain then, but an accounting error still is.
+                guard unreadable == 0 else { continue }
                 report.leakedSegmentCount += 1
                 report.leakedByteCount += stored - rebuilt[s]
                 add(.error, "leak", "segment usage", offset,
@@ -579,6 +618,9 @@ struct Checker {
         for problem in problems.prefix(20) {
             add(.error, "state-inconsistent", "recovered state", nil, problem)
         }
+        if problems.count > 20 {
+            add(.error, "state-inconsistent", "recovered state", nil, "and \(problems.count - 20) more inconsistencies of the same kind")
+        }
         return engine
     }
 
@@ -588,7 +630,9 @@ struct Checker {
         let ring = Int(sb.geometry.journalByteCount)
         let sector = PoolGeometry.sectorByteCount
         let header = JournalRecordLayout.headerByteCount
-        guard let bytes = try? device.read(byteCount: ring, at: PoolGeometry.journalByteOffset) else { return nil }
+        // The ring is read in 1 MiB windows (it may be large); a candidate record is read
+        // whole only when its header decodes.
+        var window: (start: Int, bytes: [UInt8]) = (0, [])
         var position = (recovery.replayStopRingOffset / sector + 1) * sector
         var scanned = 0
         while scanned < ring {
@@ -596,13 +640,23 @@ struct Checker {
             position = at + sector
             scanned += sector
             guard ring - at >= header else { continue }
+            if at < window.start || at + header > window.start + window.bytes.count {
+                guard let bytes = try? device.read(byteCount: min(1 << 20, ring - at), at: PoolGeometry.journalByteOffset + UInt64(at)) else { return nil }
+                window = (at, bytes)
+            }
+            let local = at - window.start
+            let magic = window.bytes.withUnsafeBytes { $0.loadLE(UInt32.self, at: local) }
+            guard magic == JournalRecordLayout.magic else { continue }
             let fileOffset = PoolGeometry.journalByteOffset + UInt64(at)
-            let decoded = bytes.withUnsafeBytes { raw in
-                Result { () throws(CorruptionError) in try JournalRecord.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[at...]), byteOffset: fileOffset) }
+            let decoded = window.bytes.withUnsafeBytes { raw in
+                Result { () throws(CorruptionError) in
+                    try JournalRecord.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[local..<local + header]), byteOffset: fileOffset)
+                }
             }
             guard case .success(let h) = decoded, h.epoch >= sb.generation, h.epoch <= sb.generation + 2,
                   h.sequence > recovery.replayStopSequence, h.payloadByteCount <= ring - at - header,
-                  let record = try? JournalRecord.decode(Array(bytes[at..<at + header + h.payloadByteCount]), salt: sb.poolSalt, byteOffset: fileOffset),
+                  let bytes = try? device.read(byteCount: header + h.payloadByteCount, at: fileOffset),
+                  let record = try? JournalRecord.decode(bytes, salt: sb.poolSalt, byteOffset: fileOffset),
                   record.durableSequence > recovery.replayStopSequence
             else { continue }
             return (record.sequence, fileOffset, record.durableSequence)
@@ -644,9 +698,18 @@ struct Checker {
         let total = blocks.reduce(UInt64(0)) { $0 + UInt64($1.location.storedByteCount) }
         let work = ScrubWork(device: device, blocks: blocks, windows: windows, blockByteCount: Int(sb.geometry.blockByteCount),
                              total: total, progress: progress)
-        // Several readers: checksums overlap reads, and the disk sees a queue of them.
-        let workers = max(4, ProcessInfo.processInfo.activeProcessorCount)
-        DispatchQueue.concurrentPerform(iterations: workers) { _ in work.run() }
+        // Four reader threads (not a Dispatch pool, which runs one per core): checksums
+        // overlap reads, and the disk sees several requests at once.
+        let group = DispatchGroup()
+        for _ in 0..<ScrubWork.readerCount {
+            group.enter()
+            let thread = Thread {
+                work.run()
+                group.leave()
+            }
+            thread.start()
+        }
+        group.wait()
         if let error = work.failure { throw error }
         report.scrubbedByteCount += work.doneByteCount
         progress?(ScrubProgress(doneByteCount: work.doneByteCount, totalByteCount: total, seconds: work.seconds))
@@ -675,6 +738,7 @@ struct Checker {
 /// it. Device reads must be safe from several threads (FileDevice's preads are).
 private final class ScrubWork: @unchecked Sendable {
     static let windowLimit = 4 << 20
+    static let readerCount = 4
 
     private let device: BlockDevice
     private let blocks: [(id: UInt64, location: BlockLocation)]
@@ -717,17 +781,31 @@ private final class ScrubWork: @unchecked Sendable {
             let first = blocks[range.lowerBound].location.byteOffset
             let last = blocks[range.upperBound - 1].location
             let length = Int(last.byteOffset + UInt64(last.storedByteCount) - first)
+            var found: [(UInt64, BlockLocation, String)] = []
+            var bytes: UInt64 = 0
+            var unreadable = Set<Int>()
             do {
                 try buffer.withUnsafeMutableBytes { raw in
                     try device.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]), at: first)
                 }
             } catch {
-                lock.withLock { if failure == nil { failure = error } }
-                return
+                // A bad sector is what scrub is for: read the window's blocks one by one
+                // and report the ones that fail, with the rest checked as usual.
+                for k in range {
+                    let location = blocks[k].location
+                    let start = Int(location.byteOffset - first)
+                    do {
+                        try buffer.withUnsafeMutableBytes { raw in
+                            try device.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[start..<start + Int(location.storedByteCount)]),
+                                            at: location.byteOffset)
+                        }
+                    } catch {
+                        unreadable.insert(k)
+                        found.append((blocks[k].id, location, "read failed: \(error)"))
+                    }
+                }
             }
-            var found: [(UInt64, BlockLocation, String)] = []
-            var bytes: UInt64 = 0
-            for k in range {
+            for k in range where !unreadable.contains(k) {
                 let location = blocks[k].location
                 let start = Int(location.byteOffset - first)
                 let stored = start..<start + Int(location.storedByteCount)

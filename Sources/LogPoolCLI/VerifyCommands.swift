@@ -61,6 +61,10 @@ func checkAndExit(_ options: CheckOptions, scrub: Bool) -> Never {
     } catch {
         if progress != nil { print("", to: &err) }
         print("logpool: error: could not check \(oneLine(pool)): \(oneLine("\(error)"))", to: &err)
+        if json {
+            struct Failure: Encodable { var pool: String; var status: Int32; var error: String }
+            try? printJSON(Failure(pool: pool, status: 8, error: "\(error)"))
+        }
         exit(8)
     }
     if progress != nil { print("", to: &err) }

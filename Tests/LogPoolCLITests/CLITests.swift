@@ -198,6 +198,15 @@ struct CLITests {
         #expect(repaired.status == 1 && repaired.text.contains("repair: fixed: superblock-damaged"), "\(repaired.text)")
         #expect(try CLI.run(["verify", pool]).status == 0)
 
+        // A writer holds the pool (an exclusive flock, as Pool.open takes): exit 8.
+        let holder = open(pool, O_RDWR)
+        #expect(holder >= 0 && flock(holder, LOCK_EX | LOCK_NB) == 0)
+        let busy = try CLI.run(["verify", pool, "--json"])
+        #expect(busy.status == 8 && busy.stderr.contains("in use"), "\(busy.stderr)")
+        let busyObject = try JSONSerialization.jsonObject(with: busy.stdout) as? [String: Any]
+        #expect(busyObject?["status"] as? Int == 8)
+        close(holder)
+
         let notPool = temporaryPath("not.pool")
         FileManager.default.createFile(atPath: notPool, contents: Data(repeating: 7, count: 100_000))
         let refused = try CLI.run(["verify", notPool])

@@ -201,6 +201,14 @@ struct VerifyTests {
         let lost = try verify(synced)
         let found = lost.problems.first { $0.code == "journal-synced-damage" }
         #expect(found?.byteOffset == records[0].offset && found?.repairable == false && lost.exitStatus == 4, "\(lost.problems)")
+        // With a repairable finding beside it, repair still must not commit past the
+        // damage (that would discard the synced records after it).
+        let chosen = lost.chosenSlot == "A" ? 0 : 1
+        flip(&synced, PoolGeometry.superblockSlotByteOffsets[1 - chosen] + 100)
+        let refusingDevice = SimulatedDevice(image: synced)
+        let refused = try Pool.repair(on: refusingDevice)
+        #expect(refused.exitStatus == 4 && refused.changes.first?.hasPrefix("not repaired") == true, "\(refused.changes)")
+        #expect(refusingDevice.writeCount == 0 && refusingDevice.currentImage == synced)
     }
 
     /// Goal: a segment header's damage is reported (data is protected by its own
@@ -266,13 +274,15 @@ struct VerifyTests {
     @Test("damage matrix: every structure x bit flip, zeroed sector, garbage",
           arguments: Place.allCases, Damage.allCases)
     func matrix(place: Place, kind: Damage) throws {
-        let seed = UInt64(place.hashValue & 0xFFFF) ^ UInt64(kind.hashValue & 0xFF)
+        // Stable across processes (hashValue is not): the names' bytes.
+        let seed = (place.rawValue + kind.rawValue).utf8.reduce(UInt64(0)) { $0 &* 31 &+ UInt64($1) }
         var image: [UInt8]
         var offset: UInt64
         var expected: [String]
         var expectedOffset: UInt64? = nil
         var structure: String? = nil
         var repairedStatus: Int32
+        var verifyStatus: Int32 = 4
         switch place {
         case .olderSlot, .newerSlot:
             image = try fixture().device.currentImage
@@ -313,6 +323,7 @@ struct VerifyTests {
                 // crash before the last batch was written, so nothing to report.
                 expected = kind == .bitFlip ? ["journal-torn-tail"] : []
                 repairedStatus = 0
+                verifyStatus = 0
             }
         case .segmentHeader:
             image = try fixture().device.currentImage
@@ -321,6 +332,7 @@ struct VerifyTests {
             expected = kind == .zeroSector ? [] : ["segment-header"]
             expectedOffset = offset - 40
             repairedStatus = 0
+            verifyStatus = 0
         case .dataBlock, .compressedDataBlock:
             image = try fixture(compression: place == .dataBlock ? .none : .lz4).device.currentImage
             offset = try locate(image) { blockLocation($0, volume: "s", blockIndex: 5).byteOffset } + 3
@@ -340,10 +352,25 @@ struct VerifyTests {
                 #expect(first.owners.map(\.volume) == ["c", "s", "v"] && first.owners.allSatisfy { $0.byteOffset == 5 * 4096 }, "\(context)")
             }
         }
-        #expect(report.exitStatus == (report.isClean ? 0 : 4))
+        #expect(report.exitStatus == verifyStatus, "\(context)")
         let repaired = try Pool.repair(on: SimulatedDevice(image: image), scrubData: true)
-        #expect(repaired.exitStatus == (expected.isEmpty || !report.problems.contains { $0.severity == .error } ? 0 : repairedStatus),
-                "\(context) after repair: \(repaired.after.problems)")
+        #expect(repaired.exitStatus == repairedStatus, "\(context) after repair: \(repaired.after.problems) \(repaired.changes)")
         if repairedStatus != 4 { #expect(repaired.after.problems.filter { $0.severity == .error }.isEmpty, "\(context)") }
+    }
+
+    /// Goal: verify and scrub never write, even on a crashed pool that recovery would
+    /// change. Method: count device writes while checking a crash image.
+    @Test("verify and scrub never write, even on a crashed pool")
+    func neverWrites() throws {
+        let (pool, device) = try makePool()
+        let v = try pool.createVolume(name: "v", size: 1 << 20)
+        try v.write(at: 0, from: pattern(20000, seed: 3))
+        try pool.sync()
+        try v.write(at: 40000, from: pattern(9000, seed: 4))
+        let crashed = device.currentImage
+        let probe = SimulatedDevice(image: crashed)
+        let report = try Pool.verify(on: probe, scrubData: true)
+        #expect(report.replayedRecordCount > 0 && !report.cleanlyClosed)
+        #expect(probe.writeCount == 0 && probe.syncCount == 0 && probe.currentImage == crashed)
     }
 }
