@@ -75,9 +75,27 @@ extension Engine {
         engine.liveBlockCount = engine.refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
         engine.rebuildFreeSegmentList()
         if !readOnly {
+            try engine.repairSegmentHeaders()
             try engine.checkpoint(mounted: true)
         }
         return engine
+    }
+
+    /// Segments that replayed records wrote into were opened in the crashed epoch, so
+    /// their header sector may be lost or, on a 4 KiB-sector device, garbled by a torn
+    /// write. Their data is protected by its own checksums; the header only identifies
+    /// the segment to offline tools. Rewrite the damaged ones before the recovery
+    /// checkpoint's sync makes them durable: the header has its 4 KiB page to itself,
+    /// so nothing any state references shares the rewritten sector (Specs/COMMIT.md §4).
+    func repairSegmentHeaders() throws {
+        for s in replayWrittenSegments.sorted() {
+            let offset = geometry.segmentByteOffset(s)
+            let bytes = try deviceCall { try device.read(byteCount: SegmentHeaderLayout.byteCount, at: offset) }
+            if let header = try? SegmentHeader.decode(bytes, byteOffset: offset),
+               header.poolUUID == superblock.poolUUID, header.segmentIndex == UInt32(s) { continue }
+            try deviceWrite(SegmentHeader(poolUUID: superblock.poolUUID, segmentIndex: UInt32(s), generation: superblock.generation).encode(), at: offset)
+            recoveryReport.rewrittenSegmentHeaders += 1
+        }
     }
 
     private func corrupt(_ structure: String, _ offset: UInt64, _ detail: String) -> PoolError {
@@ -324,6 +342,7 @@ extension Engine {
         recoveryReport.highestDurableSequence = durable
         if !stopped { stopAt(position % ringByteCount, expected, torn: false) }
         removeHoles(overlapping: written)
+        replayWrittenSegments = Set(written.compactMap { geometry.segmentIndex(containing: $0.0) })
         if lastEpoch > superblock.generation {
             // Chained into the newer slot's epoch: the next commit must go past it, so
             // that records of that epoch beyond the stop point can never be replayed.

@@ -103,6 +103,9 @@ final class Engine {
     /// What open found and did (superblock choice, replay stop, usage mismatches).
     var recoveryReport = RecoveryReport()
 
+    /// Segments that journal replay wrote into (their headers are checked at open).
+    var replayWrittenSegments = Set<Int>()
+
     /// The durable root's stored segment usage differs from the rebuilt figures, so the
     /// next checkpoint writes a new root even when nothing else changed (repair).
     var rootNeedsRewrite = false
@@ -309,6 +312,8 @@ public struct RecoveryReport: Sendable, Equatable {
     /// The highest `durableSequence` any replayed record carried: records below it had
     /// been synced when it was written.
     public var highestDurableSequence: UInt64 = 0
+    /// Segment headers a read-write open rewrote (lost or garbled by the crash).
+    public var rewrittenSegmentHeaders = 0
     /// Problems found comparing stored with rebuilt figures; each was repaired in memory.
     public var findings: [String] = []
     /// True when the pool was not cleanly closed.

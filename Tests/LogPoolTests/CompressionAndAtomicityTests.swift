@@ -41,16 +41,17 @@ struct CompressionAndAtomicityTests {
         var new = old
         let data = pattern(1 << 20, seed: 9)
         new.replaceSubrange(1234..<(1234 + (1 << 20)), with: data)
-        let enumerator = CrashEnumerator(seed: seed)
         var expectedOld = ReferenceModel(), expectedNew = ReferenceModel()
         expectedOld.volumes["v"] = .init(bytes: old, isSnapshot: false, origin: nil)
         expectedNew.volumes["v"] = .init(bytes: new, isSnapshot: false, origin: nil)
-        enumerator.states = [logical(expectedOld), logical(expectedNew)]
-        device.beforeSync = { [unowned enumerator] dev in enumerator.check(dev) }
+        let simulator = CrashSimulator(seed: seed, workload: "atomic-1m", initial: expectedOld)
+        simulator.opFinished("write 1 MiB at 1234", model: expectedNew)
+        simulator.attach(to: device)
         try v.write(at: 1234, from: data)
         try pool.sync()
         device.beforeSync = nil
-        #expect(enumerator.failures.isEmpty, "\(enumerator.failures.joined(separator: "\n"))")
-        #expect(enumerator.checkedImages >= 5)
+        let figures = simulator.figures
+        #expect(figures.violations.isEmpty, "\(figures.violations.map(\.description).joined(separator: "\n"))")
+        #expect(figures.uniqueTotal >= 5)
     }
 }
