@@ -80,6 +80,13 @@ public struct CrashFigures: Codable, Sendable {
     public var violations: [CrashViolation] = []
     public var violationCounts: [String: Int] = [:]
 
+    public init() {}
+
+    // Open times are summarized (percentiles), not listed, in JSON.
+    private enum CodingKeys: String, CodingKey {
+        case crashPoints, generated, unique, recovered, replayedRecordsMax, violations, violationCounts
+    }
+
     public var generatedTotal: Int { generated.values.reduce(0, +) }
     public var uniqueTotal: Int { unique.values.reduce(0, +) }
 
@@ -135,6 +142,8 @@ public final class CrashSimulator {
     private var durableIndex = 0
     public private(set) var opLog: [String] = []
     private var seenImages = Set<UInt64>()
+    /// In replay mode (`only` set): the crash image of that state, for writing to a file.
+    public private(set) var lastImage: [UInt8]? = nil
 
     public init(seed: UInt64, workload: String, physicalSectorByteCount: Int = 512, samples: Int = 3,
                 initial model: ReferenceModel) {
@@ -180,48 +189,69 @@ public final class CrashSimulator {
         let point = device.syncCount + 1
         if let only, only.point != point { return }
         guard figures.violations.count < violationLimit else { return }
-        for (id, image) in states(of: device, point: point) {
+        for (id, patches) in states(of: device, point: point) {
             figures.generated[id.crashClass.rawValue, default: 0] += 1
-            let key = Checksum.xxh3(image)
-            guard seenImages.insert(key).inserted || only != nil else { continue }
+            guard seenImages.insert(key(patches)).inserted || only != nil else { continue }
             figures.unique[id.crashClass.rawValue, default: 0] += 1
-            check(id, image, device: device)
+            check(id, patches, device: device)
         }
     }
 
+    /// A crash state as patches over the durable image: (byte offset, bytes), applied in
+    /// order. Building one costs what the crash keeps, not the image size.
+    typealias Patches = [(byteOffset: Int, bytes: [UInt8])]
+
     /// Every state of this crash point, by class (C0–C3 exhaustive, C4/C5 sampled).
-    private func states(of device: SimulatedDevice, point: Int) -> [(CrashStateID, [UInt8])] {
+    private func states(of device: SimulatedDevice, point: Int) -> [(CrashStateID, Patches)] {
+        let pending = device.pending
         let counts = device.pendingSectorCounts
         let n = counts.count
-        var result: [(CrashStateID, [UInt8])] = []
-        func add(_ crashClass: CrashClass, _ index: Int, _ build: (inout SeededGenerator) -> [UInt8]) {
+        var result: [(CrashStateID, Patches)] = []
+        func add(_ crashClass: CrashClass, _ index: Int, _ build: (inout SeededGenerator) -> Patches) {
             let id = CrashStateID(seed: seed, workload: workload, point: point, crashClass: crashClass, index: index)
             if let only, only != id { return }
             var generator = id.generator
             result.append((id, build(&generator)))
         }
         func whole(_ i: Int) -> Range<Int> { 0..<counts[i] }
-        // Keeping `kept`, as this device's physical sectors allow.
-        func image(_ kept: [Range<Int>?], _ generator: inout SeededGenerator) -> [UInt8] {
-            physicalSectorByteCount > 512
-                ? device.image(keeping: kept, physicalSectorByteCount: physicalSectorByteCount, using: &generator)
-                : device.image(keeping: kept)
+        // The sectors `kept` of each pending write; on a device with larger physical
+        // sectors, the partly covered physical sectors of each write that did not persist
+        // whole are garbage (read-modify-write), even bytes an earlier sync made durable.
+        func patches(_ kept: [Range<Int>?], _ generator: inout SeededGenerator) -> Patches {
+            var result: Patches = []
+            for (i, write) in pending.enumerated() {
+                guard i < kept.count, let range = kept[i], !range.isEmpty else { continue }
+                let lower = min(range.lowerBound * 512, write.bytes.count), upper = min(range.upperBound * 512, write.bytes.count)
+                if lower < upper { result.append((write.byteOffset + lower, Array(write.bytes[lower..<upper]))) }
+            }
+            guard physicalSectorByteCount > 512 else { return result }
+            let physical = physicalSectorByteCount
+            for (i, write) in pending.enumerated() {
+                if i < kept.count, let range = kept[i], range == whole(i) { continue }
+                let start = write.byteOffset, end = write.byteOffset + write.bytes.count
+                for edge in [start, end - 1] {
+                    let sectorStart = edge / physical * physical
+                    guard !(start <= sectorStart && end >= sectorStart + physical), sectorStart + physical <= device.durable.count else { continue }
+                    result.append((sectorStart, (0..<physical).map { _ in UInt8.random(in: 0...255, using: &generator) }))
+                }
+            }
+            return result
         }
-        add(.none, 0) { image([], &$0) }
+        add(.none, 0) { patches([], &$0) }
         for i in 0..<n {
-            add(.prefix, i) { image((0...i).map(whole), &$0) }
+            add(.prefix, i) { patches((0...i).map(whole), &$0) }
         }
         var torn = 0
         for i in 0..<n where counts[i] > 1 {
             for s in 1..<min(counts[i], tornLimit + 1) {
-                add(.torn, torn) { image((0..<i).map(whole) + [0..<s], &$0) }
+                add(.torn, torn) { patches((0..<i).map(whole) + [0..<s], &$0) }
                 torn += 1
-                add(.torn, torn) { image((0..<i).map(whole) + [(counts[i] - s)..<counts[i]], &$0) }
+                add(.torn, torn) { patches((0..<i).map(whole) + [(counts[i] - s)..<counts[i]], &$0) }
                 torn += 1
             }
         }
         for i in 0..<n where n > 1 {
-            add(.omitOne, i) { image((0..<n).map { $0 == i ? nil : whole($0) }, &$0) }
+            add(.omitOne, i) { patches((0..<n).map { $0 == i ? nil : whole($0) }, &$0) }
         }
         guard n > 0 else { return result }
         for k in 0..<samples {
@@ -235,37 +265,49 @@ public final class CrashSimulator {
                         return min(a, b)..<max(a, b)
                     }
                 }
-                return image(kept, &generator)
+                return patches(kept, &generator)
             }
             add(.garbage, k) { generator in
                 let kept: [Range<Int>?] = counts.map { c in Bool.random(using: &generator) ? 0..<c : 0..<Int.random(in: 0...c, using: &generator) }
-                var bytes = image(kept, &generator)
+                var result = patches(kept, &generator)
                 // Lost sectors of the writes that did not persist whole: zeros or random.
-                for (i, write) in device.pending.enumerated() {
+                for (i, write) in pending.enumerated() {
                     let keptSectors = kept[i] ?? 0..<0
                     for sector in 0..<counts[i] where !keptSectors.contains(sector) && Int.random(in: 0..<4, using: &generator) == 0 {
                         let start = write.byteOffset + sector * 512
-                        let end = min(start + 512, bytes.count)
                         let zero = Bool.random(using: &generator)
-                        for j in start..<end { bytes[j] = zero ? 0 : UInt8.random(in: 0...255, using: &generator) }
+                        result.append((start, (0..<512).map { _ in zero ? 0 : UInt8.random(in: 0...255, using: &generator) }))
                     }
                 }
-                return bytes
+                return result
             }
         }
         return result
     }
 
+    /// A key for deduplication: the patches' offsets and bytes (the choice vector).
+    private func key(_ patches: Patches) -> UInt64 {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(patches.reduce(0) { $0 + $1.bytes.count + 8 })
+        for patch in patches {
+            withUnsafeBytes(of: UInt64(patch.byteOffset).littleEndian) { bytes += $0 }
+            bytes += patch.bytes
+        }
+        return Checksum.xxh3(bytes)
+    }
+
     // MARK: Checking one state
 
-    private func check(_ id: CrashStateID, _ image: [UInt8], device: SimulatedDevice) {
+    private func check(_ id: CrashStateID, _ patches: Patches, device: SimulatedDevice) {
         let candidates = Array(states[durableIndex...])
         let durableGeneration = newestGeneration(device.durable)
+        let crashed = OverlayDevice(base: device.durable, patches: patches)
+        lastImage = only == nil ? nil : crashed.image
         do {
-            let before = try Pool.verify(on: SimulatedDevice(image: image))
+            let before = try Pool.verify(on: crashed)
             let lasting = before.problems.filter { $0.severity == .error && !$0.repairable }
             if !lasting.isEmpty { violation(id, "verify-before", "\(lasting.prefix(3))") }
-            let recoveredDevice = SimulatedDevice(image: image)
+            let recoveredDevice = crashed.fork()
             let started = Date()
             let pool = try Pool.open(on: recoveredDevice)
             figures.openMilliseconds.append(Date().timeIntervalSince(started) * 1000)
@@ -281,9 +323,9 @@ public final class CrashSimulator {
             let problems = pool.internalConsistencyProblems()
             if !problems.isEmpty { violation(id, "invariants", "\(problems.prefix(3))") }
             if !pool.recoveryReport.findings.isEmpty { violation(id, "invariants", "recovery findings \(pool.recoveryReport.findings.prefix(3))") }
-            let after = try Pool.verify(on: SimulatedDevice(image: recoveredDevice.currentImage), scrubData: true)
+            let after = try Pool.verify(on: recoveredDevice.fork(), scrubData: true)
             if !after.problems.isEmpty { violation(id, "verify-after", "\(after.problems.prefix(3))") }
-            let again = try Pool.open(on: SimulatedDevice(image: recoveredDevice.currentImage))
+            let again = try Pool.open(on: recoveredDevice.fork())
             if try contents(of: again) != got { violation(id, "idempotence", "a second open reads different contents") }
         } catch {
             violation(id, "open", "\(error); last ops: \(opLog.suffix(6))")
