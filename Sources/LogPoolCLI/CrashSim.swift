@@ -46,6 +46,24 @@ struct CrashSim: ParsableCommand {
             let sector = workloads % 2 == 0 ? 512 : 4096
             let simulator = try CrashWorkloads.random(seed: next, opCount: opCount, physicalSectorByteCount: sector, samples: samples)
             figures.merge(simulator.figures)
+            // C8/C9: the same workload with one write, then one sync, failing at points
+            // drawn from the seed (an I/O-error loop over sampled k).
+            var faultGenerator = SeededGenerator(seed: next ^ 0xFA17)
+            for fault in [CrashWorkloads.Fault.writeError, .fsyncError] {
+                for _ in 0..<(long ? 8 : 2) {
+                    let k = Int.random(in: 1...(fault == .writeError ? 200 : 40), using: &faultGenerator)
+                    let outcome = try CrashWorkloads.fault(fault, at: k, seed: next, opCount: opCount)
+                    guard outcome.fired else { continue }
+                    figures.generated[fault.rawValue, default: 0] += 1
+                    figures.unique[fault.rawValue, default: 0] += 1
+                    let id = CrashStateID(seed: next, workload: "\(fault.rawValue)@\(k)", point: 1, crashClass: .none, index: 0)
+                    for violation in outcome.violations {
+                        let invariant = String(violation.prefix(while: { $0 != ":" }))
+                        figures.violationCounts[invariant, default: 0] += 1
+                        figures.violations.append(CrashViolation(state: id, invariant: invariant, detail: violation))
+                    }
+                }
+            }
             workloads += 1
             if !json {
                 print("workload \(workloads): seed \(next) sector \(sector): \(simulator.figures.uniqueTotal) unique states, \(simulator.figures.violationCounts.values.reduce(0, +)) violations", to: &err)
@@ -69,7 +87,7 @@ struct CrashSim: ParsableCommand {
     private func printFigures(_ out: Output) {
         let f = out.figures
         func count(_ dictionary: [String: Int]) -> String {
-            CrashClass.allCases.map { "\($0.rawValue) \(dictionary[$0.rawValue] ?? 0)" }.joined(separator: "  ")
+            (CrashClass.allCases.map(\.rawValue) + ["fsync-eio", "write-err"]).map { "\($0) \(dictionary[$0] ?? 0)" }.joined(separator: "  ")
         }
         var lines = [
             "crashsim v1 seed=\(out.seed) mode=\(out.mode) geometry=test(8M pool, 4K blocks, 64K segments) sectors=512,4096",
@@ -79,7 +97,7 @@ struct CrashSim: ParsableCommand {
             "  unique:    \(count(f.unique))",
             String(format: "recovery ok %d   open p50 %.2f ms  p99 %.2f ms  max %.2f ms   replayed records max %d",
                    f.recovered, out.openMillisecondsP50, out.openMillisecondsP99, out.openMillisecondsMax, f.replayedRecordsMax),
-            "violations \(f.violationCounts.values.reduce(0, +)): " + ["open", "prefix", "generation", "invariants", "verify-before", "verify-after", "idempotence"]
+            "violations \(f.violationCounts.values.reduce(0, +)): " + ["open", "prefix", "generation", "invariants", "verify-before", "verify-after", "idempotence", "fail-stop"]
                 .map { "\($0) \(f.violationCounts[$0] ?? 0)" }.joined(separator: "  "),
             String(format: "time %.0f s   %.0f states/s (budget %.0f s)", out.seconds, out.statesPerSecond, budget),
         ]

@@ -65,6 +65,12 @@ public struct CrashViolation: Codable, Sendable, CustomStringConvertible {
     public var invariant: String
     public var detail: String
 
+    public init(state: CrashStateID, invariant: String, detail: String) {
+        self.state = state
+        self.invariant = invariant
+        self.detail = detail
+    }
+
     public var description: String { "\(state) [\(invariant)] \(detail)" }
 }
 

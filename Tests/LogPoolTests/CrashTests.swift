@@ -22,6 +22,21 @@ struct CrashTests {
         try runEnumeration(seed: seed, physicalSectorByteCount: 4096)
     }
 
+    /// Goal: C8/C9. A failed write or fsync surfaces as `io`, the handle fails stop, and
+    /// the durable image reopens to a state from the last durable op on, verify clean.
+    @Test("a failed write or fsync at any of several points fails stop and recovers", arguments: [UInt64(7), 8])
+    func ioFaults(seed: UInt64) throws {
+        var fired = 0
+        for k in [1, 2, 5, 13, 40, 90] {
+            for fault in [CrashWorkloads.Fault.writeError, .fsyncError] {
+                let outcome = try CrashWorkloads.fault(fault, at: fault == .fsyncError ? max(1, k / 4) : k, seed: seed, opCount: 60)
+                if outcome.fired { fired += 1 }
+                #expect(outcome.violations.isEmpty, "seed \(seed) \(fault) at \(k): \(outcome.violations)")
+            }
+        }
+        #expect(fired >= 8, "only \(fired) faults fired")
+    }
+
     func runEnumeration(seed: UInt64, physicalSectorByteCount: Int?) throws {
         let opCount = ProcessInfo.processInfo.environment["LOGPOOL_LONG"] == nil ? 60 : 600
         let simulator = try CrashWorkloads.random(seed: seed, opCount: opCount, physicalSectorByteCount: physicalSectorByteCount ?? 512)
