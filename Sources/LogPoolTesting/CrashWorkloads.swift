@@ -8,13 +8,9 @@ public enum CrashWorkloads {
     /// sector size of the simulated device).
     public static func randomName(physicalSectorByteCount: Int) -> String { "random-\(physicalSectorByteCount)" }
 
-    /// Seeded random operations (writes of many sizes and alignments, discards,
-    /// snapshots, clones, deletes, renames, resizes, syncs, checkpoints) on the 8 MiB test
-    /// geometry (4 KiB blocks, 64 KiB segments; LZ4 for even seeds), with crash states
-    /// enumerated at every sync after the pool is made. Returns the simulator with its
-    /// figures. `only` restricts the run to one state (replay).
-    public static func random(seed: UInt64, opCount: Int, physicalSectorByteCount: Int, samples: Int = 3,
-                              only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
+    /// The test geometry (8 MiB pool, 4 KiB blocks, 64 KiB segments; LZ4 for even seeds)
+    /// with volumes "a" (16 blocks) and "b" (8 blocks), synced, and the matching model.
+    static func testPool(seed: UInt64) throws -> (SimulatedDevice, Pool, ReferenceModel) {
         let device = SimulatedDevice(byteCount: 8 << 20)
         let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10,
                                    compression: seed % 2 == 0 ? .lz4 : .none)
@@ -24,6 +20,17 @@ public enum CrashWorkloads {
         try pool.createVolume(name: "b", size: 8 * 4096)
         model.create("b", size: 8 * 4096)
         try pool.sync()
+        return (device, pool, model)
+    }
+
+    /// Seeded random operations (writes of many sizes and alignments, discards,
+    /// snapshots, clones, deletes, renames, resizes, syncs, checkpoints) on the 8 MiB test
+    /// geometry (4 KiB blocks, 64 KiB segments; LZ4 for even seeds), with crash states
+    /// enumerated at every sync after the pool is made. Returns the simulator with its
+    /// figures. `only` restricts the run to one state (replay).
+    public static func random(seed: UInt64, opCount: Int, physicalSectorByteCount: Int, samples: Int = 3,
+                              only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
+        var (device, pool, model) = try testPool(seed: seed)
         let simulator = CrashSimulator(seed: seed, workload: randomName(physicalSectorByteCount: physicalSectorByteCount),
                                        physicalSectorByteCount: physicalSectorByteCount, samples: samples, initial: model)
         simulator.only = only
@@ -71,15 +78,7 @@ public enum CrashWorkloads {
     /// opens to a model state from the last durable op on; verify and scrub find nothing
     /// after that recovery.
     public static func fault(_ fault: Fault, at k: Int, seed: UInt64, opCount: Int) throws -> FaultOutcome {
-        let device = SimulatedDevice(byteCount: 8 << 20)
-        let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10,
-                                   compression: seed % 2 == 0 ? .lz4 : .none)
-        var model = ReferenceModel()
-        try pool.createVolume(name: "a", size: 16 * 4096)
-        model.create("a", size: 16 * 4096)
-        try pool.createVolume(name: "b", size: 8 * 4096)
-        model.create("b", size: 8 * 4096)
-        try pool.sync()
+        var (device, pool, model) = try testPool(seed: seed)
         var states = [logical(model)]
         var durableIndex = 0
         switch fault {
