@@ -41,34 +41,24 @@ struct CrashSim: ParsableCommand {
         var workloads = 0
         var err = StandardError()
         var next = seed
+        // Workloads are independent (their own devices and pools): run one per core at a
+        // time and merge their figures in seed order.
+        let width = max(1, ProcessInfo.processInfo.activeProcessorCount)
         while Date().timeIntervalSince(started) < budget {
-            // Alternate 512- and 4096-byte physical sectors; compression follows the seed.
-            let sector = workloads % 2 == 0 ? 512 : 4096
-            let simulator = try CrashWorkloads.random(seed: next, opCount: opCount, physicalSectorByteCount: sector, samples: samples)
-            figures.merge(simulator.figures)
-            // C8/C9: the same workload with one write, then one sync, failing at points
-            // drawn from the seed (an I/O-error loop over sampled k).
-            var faultGenerator = SeededGenerator(seed: next ^ 0xFA17)
-            for fault in [CrashWorkloads.Fault.writeError, .fsyncError] {
-                for _ in 0..<(long ? 8 : 2) {
-                    let k = Int.random(in: 1...(fault == .writeError ? 200 : 40), using: &faultGenerator)
-                    let outcome = try CrashWorkloads.fault(fault, at: k, seed: next, opCount: opCount)
-                    guard outcome.fired else { continue }
-                    figures.generated[fault.rawValue, default: 0] += 1
-                    figures.unique[fault.rawValue, default: 0] += 1
-                    let id = CrashStateID(seed: next, workload: "\(fault.rawValue)@\(k)", point: 1, crashClass: .none, index: 0)
-                    for violation in outcome.violations {
-                        let invariant = String(violation.prefix(while: { $0 != ":" }))
-                        figures.violationCounts[invariant, default: 0] += 1
-                        figures.violations.append(CrashViolation(state: id, invariant: invariant, detail: violation))
-                    }
+            let batch = (0..<width).map { j in (seed: next &+ UInt64(j), sector: (workloads + j) % 2 == 0 ? 512 : 4096) }
+            let results = SharedResults(count: batch.count)
+            DispatchQueue.concurrentPerform(iterations: batch.count) { j in
+                results.set(j, Result { try runWorkload(seed: batch[j].seed, sector: batch[j].sector, opCount: opCount, samples: samples) })
+            }
+            for (j, result) in results.all.enumerated() {
+                let workloadFigures = try result.get()
+                figures.merge(workloadFigures)
+                workloads += 1
+                if !json {
+                    print("workload \(workloads): seed \(batch[j].seed) sector \(batch[j].sector): \(workloadFigures.uniqueTotal) unique states, \(workloadFigures.violationCounts.values.reduce(0, +)) violations", to: &err)
                 }
             }
-            workloads += 1
-            if !json {
-                print("workload \(workloads): seed \(next) sector \(sector): \(simulator.figures.uniqueTotal) unique states, \(simulator.figures.violationCounts.values.reduce(0, +)) violations", to: &err)
-            }
-            next &+= 1
+            next &+= UInt64(batch.count)
             if !figures.violations.isEmpty { break }
         }
         let seconds = Date().timeIntervalSince(started)
@@ -82,6 +72,31 @@ struct CrashSim: ParsableCommand {
             printFigures(out)
         }
         if !figures.violations.isEmpty { throw ExitCode(1) }
+    }
+
+    /// One workload: its crash states (C0-C5) and, on the same seed, C8/C9 runs with one
+    /// write, then one sync, failing at points drawn from the seed (an I/O-error loop
+    /// over sampled k).
+    private func runWorkload(seed: UInt64, sector: Int, opCount: Int, samples: Int) throws -> CrashFigures {
+        let simulator = try CrashWorkloads.random(seed: seed, opCount: opCount, physicalSectorByteCount: sector, samples: samples)
+        var figures = simulator.figures
+        var faultGenerator = SeededGenerator(seed: seed ^ 0xFA17)
+        for fault in [CrashWorkloads.Fault.writeError, .fsyncError] {
+            for _ in 0..<(long ? 8 : 2) {
+                let k = Int.random(in: 1...(fault == .writeError ? 200 : 40), using: &faultGenerator)
+                let outcome = try CrashWorkloads.fault(fault, at: k, seed: seed, opCount: opCount)
+                guard outcome.fired else { continue }
+                figures.generated[fault.rawValue, default: 0] += 1
+                figures.unique[fault.rawValue, default: 0] += 1
+                let id = CrashStateID(seed: seed, workload: "\(fault.rawValue)@\(k)", point: 1, crashClass: .none, index: 0)
+                for violation in outcome.violations {
+                    let invariant = String(violation.prefix(while: { $0 != ":" }))
+                    figures.violationCounts[invariant, default: 0] += 1
+                    figures.violations.append(CrashViolation(state: id, invariant: invariant, detail: violation))
+                }
+            }
+        }
+        return figures
     }
 
     private func printFigures(_ out: Output) {
@@ -132,4 +147,14 @@ struct CrashSim: ParsableCommand {
         print("crash image written to \(imagePath)")
         if !found.isEmpty { throw ExitCode(1) }
     }
+}
+
+/// Results of concurrent workloads, each slot written by exactly one worker and read
+/// after all have finished.
+private final class SharedResults: @unchecked Sendable {
+    private let lock = NSLock()
+    private var slots: [Result<CrashFigures, any Error>?]
+    init(count: Int) { slots = Array(repeating: nil, count: count) }
+    func set(_ index: Int, _ value: Result<CrashFigures, any Error>) { lock.withLock { slots[index] = value } }
+    var all: [Result<CrashFigures, any Error>] { lock.withLock { slots.compactMap { $0 } } }
 }

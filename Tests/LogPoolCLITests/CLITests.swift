@@ -213,4 +213,27 @@ struct CLITests {
         #expect(refused.status == 8 && refused.stderr.hasPrefix("logpool: error: could not check"), "\(refused.stderr)")
         #expect(try CLI.run(["scrub", temporaryPath("missing.pool")]).status == 8)
     }
+
+    /// Goal: crashsim runs, reports its figures as JSON, and replays a state by id.
+    @Test("crashsim: a short run reports figures and a state replays by id")
+    func crashsim() throws {
+        let run = try CLI.run(["crashsim", "--budget", "1", "--ops", "8", "--json"])
+        #expect(run.status == 0, "\(run.stderr)")
+        let object = try JSONSerialization.jsonObject(with: run.stdout) as? [String: Any]
+        let figures = object?["figures"] as? [String: Any]
+        #expect((object?["workloads"] as? Int ?? 0) >= 1 && (figures?["crashPoints"] as? Int ?? 0) >= 1, "\(run.text)")
+        let directory = temporaryPath("replay")
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: CLI.binary)
+        process.arguments = ["crashsim", "--replay", "v1:3:random-512:5:prefix:0"]
+        process.currentDirectoryURL = URL(fileURLWithPath: directory)
+        process.standardOutput = Pipe()
+        try process.run()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        #expect(FileManager.default.fileExists(atPath: directory + "/crashsim-3-5-prefix-0.img"))
+        let bad = try CLI.run(["crashsim", "--replay", "v1:3:nonsense"])
+        #expect(bad.status != 0 && bad.stderr.hasPrefix("logpool: error:"), "\(bad.stderr)")
+    }
 }
