@@ -339,7 +339,6 @@ extension Engine {
         }
         recoveryReport.replayedRecordCount = applied
         recoveryReport.replayStopReason = stop
-        recoveryReport.highestDurableSequence = durable
         if !stopped { stopAt(position % ringByteCount, expected, torn: false) }
         removeHoles(overlapping: written)
         replayWrittenSegments = Set(written.compactMap { geometry.segmentIndex(containing: $0.0) })

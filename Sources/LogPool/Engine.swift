@@ -309,9 +309,6 @@ public struct RecoveryReport: Sendable, Equatable {
     /// True when a record of the expected epoch and sequence was there but was torn or
     /// its data failed its checksum (a torn tail), false at a plain end of the journal.
     public var replayStopWasTorn = false
-    /// The highest `durableSequence` any replayed record carried: records below it had
-    /// been synced when it was written.
-    public var highestDurableSequence: UInt64 = 0
     /// Segment headers a read-write open rewrote (lost or garbled by the crash).
     public var rewrittenSegmentHeaders = 0
     /// Problems found comparing stored with rebuilt figures; each was repaired in memory.

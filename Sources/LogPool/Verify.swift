@@ -216,7 +216,6 @@ struct Checker {
         var level: Int
         var checksum: UInt64
         var words: [UInt64]
-        var references = 1
     }
 
     mutating func run(scrubData: Bool, progress: ((ScrubProgress) -> Void)?) throws -> VerifyReport {
@@ -339,9 +338,7 @@ struct Checker {
                                 pages: inout [UInt64: CheckedPage]) throws {
         guard !pointer.isNone else { return }
         let name = kind == .map ? "map page" : "block-table page"
-        if var seen = pages[pointer.byteOffset] {
-            seen.references += 1
-            pages[pointer.byteOffset] = seen
+        if let seen = pages[pointer.byteOffset] {
             if seen.kind != kind || seen.level != level || seen.checksum != pointer.checksum {
                 add(.error, "page-shared-wrongly", name, pointer.byteOffset,
                     "referenced (from \(owner)) as \(kind) level \(level), already seen as \(seen.kind) level \(seen.level)")

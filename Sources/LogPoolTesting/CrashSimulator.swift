@@ -122,7 +122,7 @@ public struct CrashFigures: Codable, Sendable {
 /// engine's derived figures are consistent; a second open changes nothing; the
 /// generation never goes back.
 ///
-/// Use: attach to the workload's device (`device.beforeSync`), call ``opFinished(_:)``
+/// Use: attach to the workload's device (`device.beforeSync`), call ``opFinished(_:model:)``
 /// after every op with the model, and ``madeDurable()`` when an op's sync completed.
 public final class CrashSimulator {
     public let seed: UInt64
@@ -171,13 +171,10 @@ public final class CrashSimulator {
         states.append(logical(model))
     }
 
-    /// Everything up to the newest recorded state is durable (a sync completed).
+    /// Everything up to the newest recorded state is durable: call it after an op that
+    /// synced, and also before ``opFinished(_:model:)`` of an op during which a sync
+    /// completed (then everything before that op is durable).
     public func madeDurable() {
-        durableIndex = states.count - 1
-    }
-
-    /// Everything before the op in progress is durable (a sync inside it completed).
-    public func madeDurableBeforeCurrentOp() {
         durableIndex = states.count - 1
     }
 

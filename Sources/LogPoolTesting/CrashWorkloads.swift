@@ -43,7 +43,7 @@ public enum CrashWorkloads {
             let syncsBefore = device.syncCount
             try apply(op, to: pool, model: &model)
             // A sync inside this op made everything before it durable.
-            if device.syncCount > syncsBefore { simulator.madeDurableBeforeCurrentOp() }
+            if device.syncCount > syncsBefore { simulator.madeDurable() }
             simulator.opFinished(op.description, model: model)
             if case .sync = op { simulator.madeDurable() }
             if case .checkpoint = op { simulator.madeDurable() }

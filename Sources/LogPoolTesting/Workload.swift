@@ -36,12 +36,12 @@ public struct WorkloadGenerator: Sendable {
     public init(seed: UInt64) { generator = SeededGenerator(seed: seed) }
 
     public mutating func next(_ model: ReferenceModel) -> Op {
-        let writable = model.volumes.filter { !$0.value.isSnapshot }.keys.sorted()
+        let writable = model.volumes.filter { !$0.value.isSnapshot }.sorted { $0.key < $1.key }
         let all = model.volumes.keys.sorted()
         counter += 1
         let roll = Int.random(in: 0..<100, using: &generator)
-        if let v = writable.randomElement(using: &generator), roll < 45 {
-            let size = model.volumes[v]!.bytes.count
+        if let (v, entry) = writable.randomElement(using: &generator), roll < 45 {
+            let size = entry.bytes.count
             let length = [1, 100, 4096, 5000, 3 * 4096, 64 * 1024].randomElement(using: &generator)!
             let clamped = min(length, size)
             let offset = Int.random(in: 0...(size - clamped), using: &generator)
@@ -49,8 +49,8 @@ public struct WorkloadGenerator: Sendable {
             let data = (0..<clamped).map { _ in UInt8.random(in: 0...255, using: &generator) }
             return .write(v, min(aligned, size - clamped), data)
         }
-        if let v = writable.randomElement(using: &generator), roll < 52 {
-            let size = model.volumes[v]!.bytes.count
+        if let (v, entry) = writable.randomElement(using: &generator), roll < 52 {
+            let size = entry.bytes.count
             let offset = Int.random(in: 0..<size, using: &generator)
             return .discard(v, offset, Int.random(in: 1...(size - offset), using: &generator))
         }
@@ -63,7 +63,7 @@ public struct WorkloadGenerator: Sendable {
         if roll < 65, let n = all.randomElement(using: &generator) {
             return .rename(n, "r\(counter)")
         }
-        if roll < 70, let v = writable.randomElement(using: &generator) {
+        if roll < 70, let (v, _) = writable.randomElement(using: &generator) {
             return .resize(v, Int.random(in: 1...24, using: &generator) * blockSize)
         }
         if roll < 90 { return .sync }

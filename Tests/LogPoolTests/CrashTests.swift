@@ -109,7 +109,7 @@ struct CrashNearFullTests {
                 // Allowed while the snapshot pins the old blocks; nothing changed.
                 label += " (poolFull)"
             }
-            if device.syncCount > syncsBefore { simulator.madeDurableBeforeCurrentOp() }
+            if device.syncCount > syncsBefore { simulator.madeDurable() }
             simulator.opFinished(label, model: model)
             if roll >= 85 && roll < 92 { simulator.madeDurable() }
             #expect(pool.internalConsistencyProblems() == [], "seed \(seed) step \(step)")
