@@ -26,6 +26,7 @@ extension Engine {
         }
         try deviceSync()
         journal.markDurable()
+        unsyncedDataByteCount = 0
     }
 
     /// Writes a checkpoint and commits it with the older superblock slot

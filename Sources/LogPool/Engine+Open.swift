@@ -30,7 +30,13 @@ extension Engine {
     /// Opens the pool on `device`: chooses a superblock slot, loads its checkpoint,
     /// replays the journal and, when writable, commits a fresh checkpoint so the pool
     /// continues from a clean, new epoch (Specs/COMMIT.md §4). Never traps on any bytes.
-    static func open(device: BlockDevice, readOnly: Bool) throws -> Engine {
+    ///
+    /// A mounted (crashed) pool whose replay stops inside synced space (a later record
+    /// proves the lost ones were synced: media damage or a misdirected write, never a
+    /// crash) is `corrupt(journal record)`, not silently truncated like a torn tail.
+    /// `salvage` (verify's read-only look) replays up to the damage instead, so the
+    /// checker can report it with everything else.
+    static func open(device: BlockDevice, readOnly: Bool, salvage: Bool = false) throws -> Engine {
         let size = try device.byteCount()
         let slotsEnd = PoolGeometry.superblockSlotByteOffsets[1] + UInt64(PoolGeometry.superblockByteCount)
         guard size > 0 else {
@@ -72,11 +78,24 @@ extension Engine {
         // crashed still has room to recover.
         engine.rebuildHoles()
         try engine.replayJournal()
+        if !salvage, sb.isMounted, engine.recoveryReport.replayStopKind != .endOfRing,
+           let lost = engine.laterSyncedRecord() {
+            let report = engine.recoveryReport
+            throw PoolError.corrupt(
+                structure: "journal record", byteOffset: PoolGeometry.journalByteOffset + UInt64(report.replayStopRingOffset),
+                detail: "replay stops at sequence \(report.replayStopSequence) (\(report.replayStopReason)), but record \(lost.sequence) at byte offset \(lost.byteOffset) was written after records up to \(lost.durable - 1) had been synced: synced changes are damaged, not a torn tail")
+        }
         engine.liveBlockCount = engine.refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
         engine.rebuildFreeSegmentList()
         if !readOnly {
             try engine.repairSegmentHeaders()
             try engine.checkpoint(mounted: true)
+            if choice.otherSlotProblem != nil {
+                // The other slot was damaged or stale (a misdirected or lost slot write,
+                // media damage): the commit above may have landed over the stale one's
+                // partner, so commit once more; then both slots are valid and chained.
+                try engine.checkpoint(mounted: true)
+            }
         }
         return engine
     }
@@ -279,22 +298,26 @@ extension Engine {
             } catch {
                 stop = "no valid record at ring offset \(position) (\(error.detail))"
                 stopAt(position, expected, torn: false)
+                recoveryReport.replayStopKind = headerBytes.allSatisfy { $0 == 0 } ? .cleanEnd : .tornHeader
                 break scan
             }
             guard decodedHeader.epoch == epoch || decodedHeader.epoch == epoch + 1 else {
                 stop = "record at ring offset \(position) is from epoch \(decodedHeader.epoch), not \(epoch)"
                 stopAt(position, expected, torn: false)
+                recoveryReport.replayStopKind = .staleLap
                 break scan
             }
             guard decodedHeader.sequence == expected else {
                 stop = "record at ring offset \(position) has sequence \(decodedHeader.sequence), expected \(expected)"
                 stopAt(position, expected, torn: false)
+                recoveryReport.replayStopKind = decodedHeader.sequence < expected ? .staleLap : .sequenceGap
                 break scan
             }
             let size = header + decodedHeader.payloadByteCount
             guard size <= ringByteCount - position else {
                 stop = "record at ring offset \(position) runs past the ring's end"
                 stopAt(position, expected, torn: true)
+                recoveryReport.replayStopKind = .pastRingEnd
                 break scan
             }
             let record: JournalRecord
@@ -304,6 +327,7 @@ extension Engine {
             } catch {
                 stop = "torn or damaged record at ring offset \(position) (\(error.detail))"
                 stopAt(position, expected, torn: true)
+                recoveryReport.replayStopKind = .badRecordChecksum
                 break scan
             }
             records.append((position, record))
@@ -328,18 +352,24 @@ extension Engine {
             if record.sequence >= durable, let failure = try dataFailure(record) {
                 stop = "record \(record.sequence) at ring offset \(offset): \(failure)"
                 stopAt(offset, record.sequence, torn: true)
+                recoveryReport.replayStopKind = .badDataChecksum
+                if case .relocate = record.intent { recoveryReport.discardedRelocate = true }
                 break
             }
             try apply(record.intent, recordByteOffset: PoolGeometry.journalByteOffset + UInt64(offset))
             written += dataExtents(of: record.intent)
             applied += 1
+            if case .relocate = record.intent { recoveryReport.replayedRelocateCount += 1 }
             lastEpoch = record.epoch
             nextSequence = record.sequence + 1
             if case .wrap = record.intent { endPosition = 0 } else { endPosition = offset + record.encodedByteCount }
         }
         recoveryReport.replayedRecordCount = applied
         recoveryReport.replayStopReason = stop
-        if !stopped { stopAt(position % ringByteCount, expected, torn: false) }
+        if !stopped {
+            stopAt(position % ringByteCount, expected, torn: false)
+            recoveryReport.replayStopKind = .endOfRing
+        }
         removeHoles(overlapping: written)
         replayWrittenSegments = Set(written.compactMap { geometry.segmentIndex(containing: $0.0) })
         if lastEpoch > superblock.generation {
@@ -354,6 +384,50 @@ extension Engine {
         let head = Int(sectorAligned(UInt64(endPosition))) % ringByteCount
         journal = JournalWriter(ringByteCount: geometry.journalByteCount, salt: salt, head: UInt64(head),
                                 sequence: nextSequence, epoch: superblock.generation)
+    }
+
+    /// A valid record past the replay stop, of the replayed epochs, with a higher
+    /// sequence and a durable mark above the stop: proof the stop is inside synced space
+    /// (a record's `durableSequence` says every earlier record had been synced when it
+    /// was written). Reads the ring in 1 MiB windows from the stop point round to it.
+    func laterSyncedRecord() -> (sequence: UInt64, byteOffset: UInt64, durable: UInt64)? {
+        let recovery = recoveryReport
+        let generation = recovery.generation
+        let ring = Int(geometry.journalByteCount)
+        let sector = PoolGeometry.sectorByteCount
+        let header = JournalRecordLayout.headerByteCount
+        // The ring is read in 1 MiB windows (it may be large); a candidate record is read
+        // whole only when its header decodes.
+        var window: (start: Int, bytes: [UInt8]) = (0, [])
+        var position = (recovery.replayStopRingOffset / sector + 1) * sector
+        var scanned = 0
+        while scanned < ring {
+            let at = position % ring
+            position = at + sector
+            scanned += sector
+            guard ring - at >= header else { continue }
+            if at < window.start || at + header > window.start + window.bytes.count {
+                guard let bytes = try? device.read(byteCount: min(1 << 20, ring - at), at: PoolGeometry.journalByteOffset + UInt64(at)) else { return nil }
+                window = (at, bytes)
+            }
+            let local = at - window.start
+            let magic = window.bytes.withUnsafeBytes { $0.loadLE(UInt32.self, at: local) }
+            guard magic == JournalRecordLayout.magic else { continue }
+            let fileOffset = PoolGeometry.journalByteOffset + UInt64(at)
+            let decoded = window.bytes.withUnsafeBytes { raw in
+                Result { () throws(CorruptionError) in
+                    try JournalRecord.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[local..<local + header]), byteOffset: fileOffset)
+                }
+            }
+            guard case .success(let h) = decoded, h.epoch >= generation, h.epoch <= generation + 2,
+                  h.sequence > recovery.replayStopSequence, h.payloadByteCount <= ring - at - header,
+                  let bytes = try? device.read(byteCount: header + h.payloadByteCount, at: fileOffset),
+                  let record = try? JournalRecord.decode(bytes, salt: salt, byteOffset: fileOffset),
+                  record.durableSequence > recovery.replayStopSequence
+            else { continue }
+            return (record.sequence, fileOffset, record.durableSequence)
+        }
+        return nil
     }
 
     /// The extents a record's data occupies.

@@ -105,6 +105,8 @@ final class Engine {
 
     /// Segments that journal replay wrote into (their headers are checked at open).
     var replayWrittenSegments = Set<Int>()
+    /// Data bytes journaled since the last completed sync (the J-7 batch bound).
+    var unsyncedDataByteCount: UInt64 = 0
 
     /// The durable root's stored segment usage differs from the rebuilt figures, so the
     /// next checkpoint writes a new root even when nothing else changed (repair).
@@ -293,6 +295,26 @@ final class Engine {
 }
 
 /// What open found and did.
+/// Why journal replay stopped (Specs/FORMAT.md J-4).
+public enum ReplayStopKind: String, Sendable, Equatable, CaseIterable {
+    /// Zeros where the next record would start: nothing was written there.
+    case cleanEnd = "clean-end"
+    /// Non-zero bytes that are not a record header (a torn or garbled header).
+    case tornHeader = "torn-header"
+    /// A valid header of another epoch (a record of an earlier lap).
+    case staleLap = "stale-lap"
+    /// A valid header of this epoch with the wrong sequence.
+    case sequenceGap = "sequence-gap"
+    /// A header whose record would run past the end of the ring.
+    case pastRingEnd = "past-ring-end"
+    /// A header whose record fails its checksum (torn payload).
+    case badRecordChecksum = "bad-record-checksum"
+    /// A whole record whose data fails its checksum (its data was torn).
+    case badDataChecksum = "bad-data-checksum"
+    /// Every byte of the ring was consumed.
+    case endOfRing = "end-of-ring"
+}
+
 public struct RecoveryReport: Sendable, Equatable {
     /// The superblock slot chosen (0 = A, 1 = B) and its generation.
     public var chosenSlot = 0
@@ -309,6 +331,12 @@ public struct RecoveryReport: Sendable, Equatable {
     /// True when a record of the expected epoch and sequence was there but was torn or
     /// its data failed its checksum (a torn tail), false at a plain end of the journal.
     public var replayStopWasTorn = false
+    /// Why replay stopped, as a kind (coverage marks of the crash simulator).
+    public var replayStopKind: ReplayStopKind = .cleanEnd
+    /// `relocate` (compaction move) records replayed; and whether replay stopped at one
+    /// whose copies did not verify (the move is discarded, the blocks stay put).
+    public var replayedRelocateCount = 0
+    public var discardedRelocate = false
     /// Segment headers a read-write open rewrote (lost or garbled by the crash).
     public var rewrittenSegmentHeaders = 0
     /// Problems found comparing stored with rebuilt figures; each was repaired in memory.

@@ -18,6 +18,8 @@ struct JournalWriter {
     private(set) var nextSequence: UInt64
     /// Every record below this sequence is durable.
     private(set) var durableSequence: UInt64
+    /// `usedByteCount` when the last sync completed.
+    private var durableUsedByteCount: UInt64 = 0
     var epoch: UInt64
 
     init(ringByteCount: UInt64, salt: UInt64, head: UInt64, sequence: UInt64, epoch: UInt64) {
@@ -32,6 +34,10 @@ struct JournalWriter {
     var position: UInt64 { bufferStart + UInt64(buffer.byteCount) }
     var hasPendingBytes: Bool { buffer.byteCount > 0 }
     var freeByteCount: UInt64 { ringByteCount - usedByteCount }
+    /// Ring bytes appended since the last completed sync (the batch a crash could tear).
+    var unsyncedByteCount: UInt64 { usedByteCount - durableUsedByteCount }
+    /// The bound on `unsyncedByteCount` after which the engine syncs on its own (J-7).
+    var maxBatchByteCount: UInt64 { ringByteCount / 8 }
 
     /// Worst-case ring bytes one record of `payloadByteCount` can consume (sector skip,
     /// wrap waste and wrap record, end-of-batch padding).
@@ -106,6 +112,7 @@ struct JournalWriter {
 
     mutating func markDurable() {
         durableSequence = nextSequence
+        durableUsedByteCount = usedByteCount
     }
 
     /// After a checkpoint commits, replay starts at `position` (sector aligned, nothing
@@ -113,6 +120,7 @@ struct JournalWriter {
     mutating func resetAfterCheckpoint(epoch: UInt64) {
         precondition(buffer.byteCount == 0, "checkpoint with unwritten journal bytes")
         usedByteCount = 0
+        durableUsedByteCount = 0
         self.epoch = epoch
         durableSequence = nextSequence
     }

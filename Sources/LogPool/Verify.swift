@@ -204,6 +204,18 @@ struct Checker {
                                        detail: detail, repairable: repairable, owners: owners))
     }
 
+    /// Reads `count` bytes of `structure`; an I/O error (an unreadable sector) becomes an
+    /// `unreadable` error finding and nil, so the check goes on with everything else.
+    private mutating func read(_ count: Int, at offset: UInt64, _ structure: String,
+                               severity: FindingSeverity = .error) throws -> [UInt8]? {
+        do {
+            return try device.read(byteCount: count, at: offset)
+        } catch PoolError.io(let code, let operation, let at) {
+            add(severity, "unreadable", structure, at, "\(operation) failed with errno \(code) (\(count) bytes from byte offset \(offset))")
+            return nil
+        }
+    }
+
     /// Derived refcounts by id, and ids named by maps beyond the id limit.
     private struct BlockReferences {
         var refcounts: [UInt32]
@@ -256,7 +268,11 @@ struct Checker {
         }
         var slots: [Result<Superblock, CorruptionError>] = []
         for index in 0..<2 {
-            let bytes = try device.read(byteCount: PoolGeometry.superblockByteCount, at: PoolGeometry.superblockSlotByteOffsets[index])
+            let offset = PoolGeometry.superblockSlotByteOffsets[index]
+            guard let bytes = try read(PoolGeometry.superblockByteCount, at: offset, "superblock slot \(index == 0 ? "A" : "B")") else {
+                slots.append(.failure(CorruptionError("superblock", at: offset, "slot \(index == 0 ? "A" : "B") is unreadable")))
+                continue
+            }
             slots.append(Result { () throws(CorruptionError) in try Superblock.decode(bytes, slotIndex: index) })
         }
         let choice: SuperblockChoice
@@ -305,7 +321,7 @@ struct Checker {
     // MARK: Checkpoint and pages
 
     private mutating func checkCheckpointRoot(_ sb: Superblock) throws -> CheckpointRoot? {
-        let bytes = try device.read(byteCount: Int(sb.checkpointByteCount), at: sb.checkpointByteOffset)
+        guard let bytes = try read(Int(sb.checkpointByteCount), at: sb.checkpointByteOffset, "checkpoint root") else { return nil }
         do {
             let root = try CheckpointRoot.decode(bytes, expectedChecksum: sb.checkpointChecksum, salt: sb.poolSalt,
                                                  byteOffset: sb.checkpointByteOffset, geometry: sb.geometry)
@@ -351,7 +367,13 @@ struct Checker {
             add(.error, "page-pointer-invalid", name, pointer.byteOffset, "pointer (from \(owner)) is outside every segment")
             return
         }
-        let bytes = try device.read(byteCount: PoolGeometry.pageByteCount, at: pointer.byteOffset)
+        let bytes: [UInt8]
+        do {
+            bytes = try device.read(byteCount: PoolGeometry.pageByteCount, at: pointer.byteOffset)
+        } catch PoolError.io(let code, _, _) {
+            add(.error, "page-damaged", name, pointer.byteOffset, "unreadable, errno \(code) (in \(owner); its subtree is unchecked)")
+            return
+        }
         report.scrubbedByteCount += UInt64(bytes.count)
         let words: [UInt64]
         do {
@@ -558,7 +580,9 @@ struct Checker {
     private mutating func checkSegmentHeaders(_ sb: Superblock, rebuilt: [UInt64]) throws {
         for s in 0..<Int(sb.geometry.segmentCount) where rebuilt[s] > 0 {
             let offset = sb.geometry.segmentByteOffset(s)
-            let bytes = try device.read(byteCount: SegmentHeaderLayout.byteCount, at: offset)
+            // An unreadable header is a warning, like a damaged one: data is checked by its
+            // own checksums, the header only identifies the segment to offline tools.
+            guard let bytes = try read(SegmentHeaderLayout.byteCount, at: offset, "segment header", severity: .warning) else { continue }
             if bytes.allSatisfy({ $0 == 0 }) {
                 // Headers are written unsynced with the segment's first data: a crash can
                 // keep the data (its record and checksum are what count) and lose this.
@@ -587,7 +611,7 @@ struct Checker {
     private mutating func checkJournal(_ sb: Superblock) -> Engine? {
         let engine: Engine
         do {
-            engine = try Engine.open(device: device, readOnly: true)
+            engine = try Engine.open(device: device, readOnly: true, salvage: true)
         } catch {
             // The checkpoint findings above say why; report that the journal went unchecked.
             add(.error, "journal-not-checked", "journal", PoolGeometry.journalByteOffset,
@@ -600,7 +624,7 @@ struct Checker {
         let stopOffset = PoolGeometry.journalByteOffset + UInt64(recovery.replayStopRingOffset)
         add(.info, "journal-replay", "journal", PoolGeometry.journalByteOffset + sb.journalReplayByteOffset,
             "replay starts at sequence \(sb.journalReplaySequence), applies \(recovery.replayedRecordCount) records and stops at byte offset \(stopOffset): \(recovery.replayStopReason)")
-        if let lost = laterSyncedRecord(sb, after: recovery) {
+        if let lost = engine.laterSyncedRecord() {
             add(.error, "journal-synced-damage", "journal record", stopOffset,
                 "replay stops at sequence \(recovery.replayStopSequence) (\(recovery.replayStopReason)), but record \(lost.sequence) at byte offset \(lost.byteOffset) was written after records up to \(lost.durable - 1) had been synced: synced changes from sequence \(recovery.replayStopSequence) on cannot be replayed")
         } else if recovery.replayStopWasTorn {
@@ -619,46 +643,6 @@ struct Checker {
             add(.error, "state-inconsistent", "recovered state", nil, "and \(problems.count - 20) more inconsistencies of the same kind")
         }
         return engine
-    }
-
-    /// A valid record past the replay stop, of the replayed epochs, with a higher
-    /// sequence and a durable mark above the stop: proof the stop is inside synced space.
-    private func laterSyncedRecord(_ sb: Superblock, after recovery: RecoveryReport) -> (sequence: UInt64, byteOffset: UInt64, durable: UInt64)? {
-        let ring = Int(sb.geometry.journalByteCount)
-        let sector = PoolGeometry.sectorByteCount
-        let header = JournalRecordLayout.headerByteCount
-        // The ring is read in 1 MiB windows (it may be large); a candidate record is read
-        // whole only when its header decodes.
-        var window: (start: Int, bytes: [UInt8]) = (0, [])
-        var position = (recovery.replayStopRingOffset / sector + 1) * sector
-        var scanned = 0
-        while scanned < ring {
-            let at = position % ring
-            position = at + sector
-            scanned += sector
-            guard ring - at >= header else { continue }
-            if at < window.start || at + header > window.start + window.bytes.count {
-                guard let bytes = try? device.read(byteCount: min(1 << 20, ring - at), at: PoolGeometry.journalByteOffset + UInt64(at)) else { return nil }
-                window = (at, bytes)
-            }
-            let local = at - window.start
-            let magic = window.bytes.withUnsafeBytes { $0.loadLE(UInt32.self, at: local) }
-            guard magic == JournalRecordLayout.magic else { continue }
-            let fileOffset = PoolGeometry.journalByteOffset + UInt64(at)
-            let decoded = window.bytes.withUnsafeBytes { raw in
-                Result { () throws(CorruptionError) in
-                    try JournalRecord.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[local..<local + header]), byteOffset: fileOffset)
-                }
-            }
-            guard case .success(let h) = decoded, h.epoch >= sb.generation, h.epoch <= sb.generation + 2,
-                  h.sequence > recovery.replayStopSequence, h.payloadByteCount <= ring - at - header,
-                  let bytes = try? device.read(byteCount: header + h.payloadByteCount, at: fileOffset),
-                  let record = try? JournalRecord.decode(bytes, salt: sb.poolSalt, byteOffset: fileOffset),
-                  record.durableSequence > recovery.replayStopSequence
-            else { continue }
-            return (record.sequence, fileOffset, record.durableSequence)
-        }
-        return nil
     }
 
     // MARK: Scrub

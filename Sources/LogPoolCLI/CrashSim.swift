@@ -41,21 +41,29 @@ struct CrashSim: ParsableCommand {
         var workloads = 0
         var err = StandardError()
         var next = seed
-        // Workloads are independent (their own devices and pools): run one per core at a
-        // time and merge their figures in seed order.
+        // Workloads are independent (their own devices and pools): run batches of four
+        // per core (GCD hands them out as cores free up, so a slow near-full workload
+        // does not idle the other core) and merge their figures in seed order.
         let width = max(1, ProcessInfo.processInfo.activeProcessorCount)
         while Date().timeIntervalSince(started) < budget {
-            let batch = (0..<width).map { j in (seed: next &+ UInt64(j), sector: (workloads + j) % 2 == 0 ? 512 : 4096) }
+            // Every fourth workload is the near-full one (space reuse, poolFull).
+            let batch = (0..<(4 * width)).map { j in
+                (seed: next &+ UInt64(j), sector: (workloads + j) % 8 < 4 ? 512 : 4096, nearFull: (workloads + j) % 4 == 3)
+            }
             let results = SharedResults(count: batch.count)
             DispatchQueue.concurrentPerform(iterations: batch.count) { j in
-                results.set(j, Result { try runWorkload(seed: batch[j].seed, sector: batch[j].sector, opCount: opCount, samples: samples) })
+                results.set(j, Result {
+                    batch[j].nearFull
+                        ? try CrashWorkloads.nearFull(seed: batch[j].seed, steps: opCount, physicalSectorByteCount: batch[j].sector, samples: samples).figures
+                        : try runWorkload(seed: batch[j].seed, sector: batch[j].sector, opCount: opCount, samples: samples)
+                })
             }
             for (j, result) in results.all.enumerated() {
                 let workloadFigures = try result.get()
                 figures.merge(workloadFigures)
                 workloads += 1
                 if !json {
-                    print("workload \(workloads): seed \(batch[j].seed) sector \(batch[j].sector): \(workloadFigures.uniqueTotal) unique states, \(workloadFigures.violationCounts.values.reduce(0, +)) violations", to: &err)
+                    print("workload \(workloads): \(batch[j].nearFull ? "near-full" : "random") seed \(batch[j].seed) sector \(batch[j].sector): \(workloadFigures.uniqueTotal) unique states, \(workloadFigures.violationCounts.values.reduce(0, +)) violations", to: &err)
                 }
             }
             next &+= UInt64(batch.count)
@@ -102,7 +110,7 @@ struct CrashSim: ParsableCommand {
     private func printFigures(_ out: Output) {
         let f = out.figures
         func count(_ dictionary: [String: Int]) -> String {
-            (CrashClass.allCases.map(\.rawValue) + ["fsync-eio", "write-err"]).map { "\($0) \(dictionary[$0] ?? 0)" }.joined(separator: "  ")
+            CrashClass.allCases.map { "\($0.rawValue) \(dictionary[$0.rawValue] ?? 0)" }.joined(separator: "  ")
         }
         var lines = [
             "crashsim v1 seed=\(out.seed) mode=\(out.mode) geometry=test(8M pool, 4K blocks, 64K segments) sectors=512,4096",
@@ -110,10 +118,14 @@ struct CrashSim: ParsableCommand {
             "states generated \(f.generatedTotal)   unique \(f.uniqueTotal)",
             "  generated: \(count(f.generated))",
             "  unique:    \(count(f.unique))",
-            String(format: "recovery ok %d   open p50 %.2f ms  p99 %.2f ms  max %.2f ms   replayed records max %d",
-                   f.recovered, out.openMillisecondsP50, out.openMillisecondsP99, out.openMillisecondsMax, f.replayedRecordsMax),
-            "violations \(f.violationCounts.values.reduce(0, +)): " + ["open", "prefix", "generation", "invariants", "verify-before", "verify-after", "idempotence", "fail-stop"]
+            "recovery ok \(f.outcomes["ok"] ?? 0)   corrupt reported (C6/C7) \(f.outcomes["corrupt-reported"] ?? 0)   newest synced batch lost to damage (C6/C7, unprovable) \(f.outcomes["lost-last-synced-batch"] ?? 0)",
+            String(format: "  open p50 %.2f ms  p99 %.2f ms  max %.2f ms   replayed records max %d",
+                   out.openMillisecondsP50, out.openMillisecondsP99, out.openMillisecondsMax, f.replayedRecordsMax),
+            "violations \(f.violationCounts.values.reduce(0, +)): " + ["open", "prefix", "durability", "silent-wrong-data", "generation", "invariants", "verify-before", "verify-after", "idempotence", "fail-stop"]
                 .map { "\($0) \(f.violationCounts[$0] ?? 0)" }.joined(separator: "  "),
+            "coverage marks \(CrashFigures.requiredMarks.filter { (f.marks[$0] ?? 0) > 0 }.count)/\(CrashFigures.requiredMarks.count) hit: "
+                + f.marks.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: "  "),
+            "  never hit: " + CrashFigures.requiredMarks.filter { (f.marks[$0] ?? 0) == 0 }.joined(separator: " "),
             String(format: "time %.0f s   %.0f states/s (budget %.0f s)", out.seconds, out.statesPerSecond, budget),
         ]
         for v in f.violations {
@@ -124,12 +136,17 @@ struct CrashSim: ParsableCommand {
     }
 
     private func replayState(_ text: String) throws {
-        guard let id = CrashStateID(text), id.workload.hasPrefix("random-"), let sector = Int(id.workload.dropFirst(7)),
-              sector == 512 || sector == 4096
-        else { throw PoolError.invalidArgument("not a crash state id: \(text) (expected v1:seed:random-512|random-4096:point:class:index)") }
+        guard let id = CrashStateID(text), let dash = id.workload.lastIndex(of: "-"),
+              let sector = Int(id.workload[id.workload.index(after: dash)...]), sector == 512 || sector == 4096,
+              ["random", "near-full"].contains(id.workload[..<dash])
+        else { throw PoolError.invalidArgument("not a crash state id: \(text) (expected v1:seed:random-512|random-4096|near-full-512|near-full-4096:point:class:index)") }
         var found: [CrashViolation] = []
-        let simulator = try CrashWorkloads.random(seed: id.seed, opCount: ops ?? 100_000, physicalSectorByteCount: sector,
-                                                  samples: max(3, id.index + 1), only: id) { found.append($0) }
+        let samples = max(3, id.index + 1)
+        let simulator = id.workload.hasPrefix("random")
+            ? try CrashWorkloads.random(seed: id.seed, opCount: ops ?? 100_000, physicalSectorByteCount: sector,
+                                        samples: samples, only: id) { found.append($0) }
+            : try CrashWorkloads.nearFull(seed: id.seed, steps: ops ?? 100_000, physicalSectorByteCount: sector,
+                                          samples: samples, only: id) { found.append($0) }
         guard simulator.figures.generatedTotal > 0 else {
             throw PoolError.notFound("crash state \(id): the workload never reached that crash point or index")
         }

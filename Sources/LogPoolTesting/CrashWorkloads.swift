@@ -56,6 +56,109 @@ public enum CrashWorkloads {
         return simulator
     }
 
+    /// The workload name an id carries for the near-full workload.
+    public static func nearFullName(physicalSectorByteCount: Int) -> String { "near-full-\(physicalSectorByteCount)" }
+
+    /// Crash safety where space is reused (holes, compaction, checkpoints forced by
+    /// admission, `poolFull`): an 8 MiB pool is filled until `poolFull`, a snapshot pins
+    /// it, then `steps` seeded overwrites, snapshot deletes, discards, syncs and
+    /// compactions run with crash states enumerated at every sync. An op that throws
+    /// `poolFull` must change nothing (invariant 10: the model is not changed, and the
+    /// next state must still match).
+    public static func nearFull(seed: UInt64, steps: Int, physicalSectorByteCount: Int, samples: Int = 3,
+                                only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
+        let device = SimulatedDevice(byteCount: 8 << 20)
+        let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10, compression: .none)
+        var model = ReferenceModel()
+        try pool.createVolume(name: "v", size: 7 << 20)
+        model.create("v", size: 7 << 20)
+        var written = 0
+        do {
+            while true {
+                let data = pattern(32 * 1024, seed: UInt64(written >> 15))
+                try pool.openVolume(name: "v").write(at: UInt64(written), from: data)
+                model.write("v", at: written, data)
+                written += data.count
+            }
+        } catch PoolError.poolFull {}
+        try pool.snapshot(source: "v", name: "s")
+        model.branch("v", "s", snapshot: true)
+        // A checkpoint, so the crash states start from a state the model knows in full
+        // (the fill's journal batches are history the simulator never saw).
+        try pool.checkpoint()
+        let simulator = CrashSimulator(seed: seed, workload: nearFullName(physicalSectorByteCount: physicalSectorByteCount),
+                                       physicalSectorByteCount: physicalSectorByteCount, samples: samples, initial: model)
+        simulator.only = only
+        simulator.onViolation = onViolation
+        simulator.scrubEvery = 8
+        simulator.attach(to: device)
+        defer { device.beforeSync = nil }
+        var generator = SeededGenerator(seed: seed)
+        let reserve = pool.stats.freeSegmentCount
+        for step in 0..<steps {
+            let roll = Int.random(in: 0..<100, using: &generator)
+            let syncsBefore = device.syncCount
+            let generationBefore = pool.stats.generation
+            let nearlyFull = pool.stats.freeSegmentCount <= reserve + 1
+            var label = ""
+            do {
+                if roll < 70 {
+                    let block = Int.random(in: 0..<(written / 4096), using: &generator)
+                    let data = pattern(4096 * Int.random(in: 1...3, using: &generator), seed: seed &* 1000 &+ UInt64(step))
+                    let offset = min(block * 4096, written - data.count)
+                    label = "write(v, \(offset), \(data.count))"
+                    try pool.openVolume(name: "v").write(at: UInt64(offset), from: data)
+                    model.write("v", at: offset, data)
+                } else if roll < 78, model.volumes["s"] != nil {
+                    label = "delete(s)"
+                    try pool.delete(name: "s")
+                    model.delete("s")
+                } else if roll < 85 {
+                    let offset = Int.random(in: 0..<(written / 4096), using: &generator) * 4096
+                    label = "discard(v, \(offset), 8192)"
+                    try pool.openVolume(name: "v").discard(at: UInt64(offset), length: 8192)
+                    model.discard("v", at: offset, length: 8192)
+                } else if roll < 92 {
+                    label = "sync"
+                    try pool.sync()
+                } else {
+                    label = "compact"
+                    _ = try pool.compact()
+                }
+            } catch PoolError.poolFull {
+                // Allowed while the snapshot pins the old blocks; nothing may change.
+                label += " (poolFull)"
+                simulator.mark("pool-full")
+            }
+            if roll < 85, pool.stats.generation > generationBefore, nearlyFull { simulator.mark("checkpoint-on-full-pool") }
+            if device.syncCount > syncsBefore { simulator.madeDurable() }
+            simulator.opFinished(label, model: model)
+            if roll >= 85 && roll < 92 { simulator.madeDurable() }
+            let problems = pool.internalConsistencyProblems()
+            if !problems.isEmpty {
+                throw PoolError.invalidArgument("near-full seed \(seed) step \(step): the live pool is inconsistent: \(problems.prefix(3))")
+            }
+            if let only, device.syncCount >= only.point { break }
+        }
+        if only == nil, try contents(of: pool) != logical(model) {
+            throw PoolError.invalidArgument("near-full seed \(seed): the live pool does not read back as the model")
+        }
+        return simulator
+    }
+
+    /// Deterministic, block-distinct test data: every 8-byte word names the seed and its
+    /// position, so no two writes of different seeds (or offsets) share a block.
+    static func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var i = 0
+        while i < count {
+            let word = (seed &* 0x9E37_79B9_7F4A_7C15) ^ UInt64(i)
+            for b in 0..<min(8, count - i) { bytes[i + b] = UInt8(truncatingIfNeeded: word >> (8 * UInt64(b))) }
+            i += 8
+        }
+        return bytes
+    }
+
     /// Which device call a fault run fails.
     public enum Fault: String, Sendable {
         /// C9: the k-th write returns EIO.

@@ -9,6 +9,8 @@ public final class OverlayDevice: BlockDevice {
     public static let sectorByteCount = 512
     private let base: [UInt8]
     private var sectors: [Int: [UInt8]] = [:]
+    /// 512-byte sectors whose reads fail with EIO (media damage, class C7).
+    public var unreadableSectors: Set<Int> = []
     public private(set) var writeCount = 0
     public private(set) var syncCount = 0
 
@@ -22,6 +24,7 @@ public final class OverlayDevice: BlockDevice {
     public func fork() -> OverlayDevice {
         let copy = OverlayDevice(base: base)
         copy.sectors = sectors
+        copy.unreadableSectors = unreadableSectors
         return copy
     }
 
@@ -41,6 +44,10 @@ public final class OverlayDevice: BlockDevice {
         let start = Int(byteOffset)
         guard byteOffset <= UInt64(base.count), buffer.count <= base.count - start else {
             throw PoolError.io(errno: 5, operation: "read past the end of an overlay device", byteOffset: byteOffset)
+        }
+        if !unreadableSectors.isEmpty, buffer.count > 0,
+           let bad = unreadableSectors.first(where: { $0 >= start / Self.sectorByteCount && $0 <= (start + buffer.count - 1) / Self.sectorByteCount }) {
+            throw PoolError.io(errno: 5, operation: "read of an unreadable sector (simulated media error)", byteOffset: UInt64(bad * Self.sectorByteCount))
         }
         var done = 0
         while done < buffer.count {
@@ -71,6 +78,11 @@ public final class OverlayDevice: BlockDevice {
             throw PoolError.io(errno: 28, operation: "write past the end of an overlay device", byteOffset: byteOffset)
         }
         writeCount += 1
+        if !unreadableSectors.isEmpty, bytes.count > 0 {
+            // A rewritten sector is remapped by the drive and reads again.
+            let first = Int(byteOffset) / Self.sectorByteCount, last = (Int(byteOffset) + bytes.count - 1) / Self.sectorByteCount
+            unreadableSectors = unreadableSectors.filter { $0 < first || $0 > last }
+        }
         store(Array(bytes)[...], at: Int(byteOffset))
     }
 

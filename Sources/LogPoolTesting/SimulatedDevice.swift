@@ -12,8 +12,21 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
     public private(set) var pending: [(byteOffset: Int, bytes: [UInt8])] = []
     public private(set) var syncCount = 0
     public private(set) var writeCount = 0
-    /// When set, the write with this ordinal (1-based, counted from creation) fails with EIO.
+    /// When set, the write with this ordinal (1-based, counted from creation) fails.
     public var failWriteAt: Int? = nil
+    /// The errno of the failing write: EIO (5) or ENOSPC (28, a full file system under a
+    /// sparse pool file).
+    public var failWriteErrno: Int32 = 5
+    /// When set, the failing write first stores this many of its bytes (a short write:
+    /// `pwrite` returned a count, then the retry for the rest failed).
+    public var failWriteShortByteCount: Int? = nil
+    /// When true, every write from `failWriteAt` on fails (the disk stays full), not just
+    /// that one.
+    public var failWritePersistent = false
+    /// Every 512-byte sector any write has touched, in first-touch order (the media
+    /// damage class picks its targets here: damage to never-written space is invisible).
+    public private(set) var touchedSectors: [Int] = []
+    private var touched = Set<Int>()
     /// When set, the sync with this ordinal fails with EIO and drops all pending writes.
     public var failSyncAt: Int? = nil
 
@@ -40,15 +53,26 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
 
     public func write(_ bytes: UnsafeRawBufferPointer, at byteOffset: UInt64) throws {
         writeCount += 1
-        if let failAt = failWriteAt, writeCount == failAt {
-            throw PoolError.io(errno: 5, operation: "simulated write failure", byteOffset: byteOffset)
-        }
         let start = Int(byteOffset)
         precondition(start + bytes.count <= current.count, "write past the device end")
+        if let failAt = failWriteAt, writeCount == failAt || (failWritePersistent && writeCount > failAt) {
+            if writeCount == failAt, let short = failWriteShortByteCount, short > 0 {
+                store(UnsafeRawBufferPointer(rebasing: bytes[0..<min(short, bytes.count)]), at: start)
+            }
+            throw PoolError.io(errno: failWriteErrno, operation: "simulated write failure", byteOffset: byteOffset)
+        }
+        store(bytes, at: start)
+    }
+
+    private func store(_ bytes: UnsafeRawBufferPointer, at start: Int) {
         current.withUnsafeMutableBytes { raw in
             UnsafeMutableRawBufferPointer(rebasing: raw[start..<start + bytes.count]).copyMemory(from: bytes)
         }
         pending.append((start, Array(bytes)))
+        guard !bytes.isEmpty else { return }
+        for sector in (start / Self.sectorByteCount)...((start + bytes.count - 1) / Self.sectorByteCount) where touched.insert(sector).inserted {
+            touchedSectors.append(sector)
+        }
     }
 
     /// Called at the start of every sync, before the pending writes become durable: the
