@@ -590,11 +590,11 @@ extension Engine {
         let payload = JournalIntent.map(volumeID: 0, unmapRanges: unmapRanges, mappings: []).payloadByteCount + contents.count * 40
         // Unmapping dirties at most the two boundary paths of each range.
         let pages = pagesForWrite(volume.map, indexes: indexes)
-        let unmapPages = unmapRanges.count * 2 * volume.map.height
+        let unmapPages = unmapPageCounts(volume.map, ranges: unmapRanges)
         // Journal room first: its checkpoint would clean pages the estimate below counts.
         try ensureJournalSpace(payloadByteCount: payload)
         try ensureSpace(netByteCount: netNewByteCount(volume.map, indexes: indexes, encoded: encoded),
-                        grossByteCount: dataBytes, pageCount: pages.written + unmapPages, addedPageCount: pages.added + unmapPages,
+                        grossByteCount: dataBytes, pageCount: pages.written + unmapPages.written, addedPageCount: pages.added + unmapPages.added,
                         newBlockCount: netNewBlockCount(volume.map, indexes: indexes))
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.
         reserveBlockIDs(contents.count)

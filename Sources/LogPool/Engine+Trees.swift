@@ -341,6 +341,38 @@ extension Engine {
         return (count, added)
     }
 
+    /// Pages unmapping `ranges` of `map` writes at the next checkpoint and how many of
+    /// them are copies (pages shared with another map, copied on write): only the two
+    /// boundary paths of each range change (a subtree wholly inside a range is dropped
+    /// by clearing its parent's pointer), and an unmapped path changes nothing. So a
+    /// discard on a volume that owns its pages adds no page, and a full pool still
+    /// accepts it (Specs/COMMIT.md §5.1).
+    func unmapPageCounts(_ map: Tree, ranges: [Range<UInt64>]) -> (written: Int, added: Int) {
+        var written = 0, added = 0
+        var seen = Set<ObjectIdentifier>()
+        for range in ranges where !range.isEmpty {
+            for slot in Set([range.lowerBound, range.upperBound - 1]) where slot < map.capacity {
+                var node = map.root
+                var remainder = slot
+                var level = map.height - 1
+                var copying = false
+                while let current = node {
+                    if current.parentCount > 1 { copying = true }
+                    if (copying || !current.isDirty) && seen.insert(ObjectIdentifier(current)).inserted {
+                        written += 1
+                        if copying { added += 1 }
+                    }
+                    if level == 0 { break }
+                    let span = map.span(level: level)
+                    node = current.children[Int(remainder / span)]
+                    remainder %= span
+                    level -= 1
+                }
+            }
+        }
+        return (written, added)
+    }
+
     /// The ids the next `count` calls of ``allocateBlockID()`` will return after
     /// ``reserveBlockIDs(_:)`` (computed without changing anything).
     func peekBlockIDs(_ count: Int) -> [UInt64] {

@@ -348,7 +348,7 @@ public final class Pool: @unchecked Sendable {
 
 extension Engine {
     /// Admission for a change that writes no data: room for its pages and the root.
-    func admitMetadataChange(_ intent: JournalIntent, pageCount: Int) throws {
+    func admitMetadataChange(_ intent: JournalIntent, pageCount: Int, addedPageCount: Int? = nil) throws {
         // The checkpoint root (volume table + usage table) must fit one segment.
         var growth = 0
         switch intent {
@@ -361,7 +361,7 @@ extension Engine {
             throw PoolError.invalidArgument("the volume table would outgrow one segment (\(limit) bytes): \(volumes.count) volumes and snapshots; use a pool with larger segments")
         }
         try ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
-        try ensureSpace(netByteCount: 0, grossByteCount: 0, pageCount: pageCount, addedPageCount: pageCount)
+        try ensureSpace(netByteCount: 0, grossByteCount: 0, pageCount: pageCount, addedPageCount: addedPageCount ?? pageCount)
     }
 
     func info(of volume: VolumeState) -> VolumeInfo {

@@ -46,6 +46,16 @@ public struct Finding: Codable, Sendable, Equatable, CustomStringConvertible {
     }
 }
 
+/// A byte range the durable state references: what recovery may read, so nothing may
+/// overwrite it before a newer state is durable (the crash harness's write-time check
+/// W1, Specs/CRASHSIM.md).
+public struct ReferencedExtent: Sendable, Equatable {
+    public var byteOffset: UInt64
+    public var byteCount: UInt64
+    /// "checkpoint root", "page", "block" or "journal".
+    public var structure: String
+}
+
 /// What `verify` (and `scrub`) found, with the figures it checked.
 public struct VerifyReport: Codable, Sendable {
     public var findings: [Finding] = []
@@ -123,6 +133,17 @@ extension Pool {
                               progress: ((ScrubProgress) -> Void)? = nil) throws -> VerifyReport {
         var checker = Checker(device: device)
         return try checker.run(scrubData: scrubData, progress: progress)
+    }
+
+    /// Every byte range the newest valid slot's state references (root, pages, blocks,
+    /// the journal from its replay start to where replay stops), read-only. Empty when no
+    /// slot is valid. For the crash harness's "never overwrite what a durable state
+    /// references" check (Specs/CRASHSIM.md, W1).
+    public static func referencedExtents(on device: BlockDevice) throws -> [ReferencedExtent] {
+        var checker = Checker(device: device)
+        checker.collectExtents = true
+        _ = try checker.run(scrubData: false, progress: nil)
+        return checker.extents
     }
 
     /// Verifies, then rebuilds what is derived and repairable through the normal commit
@@ -230,6 +251,10 @@ struct Checker {
         var words: [UInt64]
     }
 
+    /// Filled by ``check`` when `collectExtents` is set.
+    var collectExtents = false
+    var extents: [ReferencedExtent] = []
+
     mutating func run(scrubData: Bool, progress: ((ScrubProgress) -> Void)?) throws -> VerifyReport {
         let start = Date()
         report.scrubbed = scrubData
@@ -248,8 +273,36 @@ struct Checker {
         let rebuilt = checkExtentsAndUsage(sb, root, pages, entries: entries)
         try checkSegmentHeaders(sb, rebuilt: rebuilt)
         let engine = checkJournal(sb)
+        if collectExtents { collect(sb, pages: pages, entries: entries, engine: engine) }
         if scrubData {
             try scrub(sb, engine: engine, pages: pages, entries: entries, progress: progress)
+        }
+    }
+
+    /// What the chosen slot's state references: its root, every page of its checkpoint
+    /// (open loads them all), every block its block table names and every block live
+    /// after replay, and the journal from the replay start to where replay stops.
+    private mutating func collect(_ sb: Superblock, pages: [UInt64: CheckedPage], entries: [BlockLocation], engine: Engine?) {
+        extents.append(ReferencedExtent(byteOffset: sb.checkpointByteOffset, byteCount: UInt64(sb.checkpointByteCount), structure: "checkpoint root"))
+        for offset in pages.keys { extents.append(ReferencedExtent(byteOffset: offset, byteCount: UInt64(PoolGeometry.pageByteCount), structure: "page")) }
+        for location in entries where location.storedByteCount > 0 {
+            extents.append(ReferencedExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount, structure: "block"))
+        }
+        guard let engine else { return }
+        for id in 1..<max(1, Int(engine.blockIDLimit)) where engine.refcounts[id] > 0 {
+            let location = engine.locations[id]
+            extents.append(ReferencedExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount, structure: "block"))
+        }
+        let ring = sb.geometry.journalByteCount
+        let start = sb.journalReplayByteOffset, stop = UInt64(engine.recoveryReport.replayStopRingOffset)
+        let journal = PoolGeometry.journalByteOffset
+        if engine.recoveryReport.replayStopKind == .endOfRing {
+            extents.append(ReferencedExtent(byteOffset: journal, byteCount: ring, structure: "journal"))
+        } else if stop >= start {
+            if stop > start { extents.append(ReferencedExtent(byteOffset: journal + start, byteCount: stop - start, structure: "journal")) }
+        } else {
+            extents.append(ReferencedExtent(byteOffset: journal + start, byteCount: ring - start, structure: "journal"))
+            if stop > 0 { extents.append(ReferencedExtent(byteOffset: journal, byteCount: stop, structure: "journal")) }
         }
     }
 

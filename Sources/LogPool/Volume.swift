@@ -130,7 +130,8 @@ extension Engine {
         let ranges = firstWhole < endWhole ? [firstWhole..<endWhole] : []
         if edges.isEmpty {
             let intent = JournalIntent.map(volumeID: volume.record.id, unmapRanges: ranges, mappings: [])
-            try admitMetadataChange(intent, pageCount: 2 * volume.map.height + 2)
+            let pages = unmapPageCounts(volume.map, ranges: ranges)
+            try admitMetadataChange(intent, pageCount: pages.written, addedPageCount: pages.added)
             try journalAndApply(intent)
             return
         }

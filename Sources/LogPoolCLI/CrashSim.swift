@@ -88,22 +88,7 @@ struct CrashSim: ParsableCommand {
     private func runWorkload(seed: UInt64, sector: Int, opCount: Int, samples: Int) throws -> CrashFigures {
         let simulator = try CrashWorkloads.random(seed: seed, opCount: opCount, physicalSectorByteCount: sector, samples: samples)
         var figures = simulator.figures
-        var faultGenerator = SeededGenerator(seed: seed ^ 0xFA17)
-        for fault in [CrashWorkloads.Fault.writeError, .fsyncError] {
-            for _ in 0..<(long ? 8 : 2) {
-                let k = Int.random(in: 1...(fault == .writeError ? 200 : 40), using: &faultGenerator)
-                let outcome = try CrashWorkloads.fault(fault, at: k, seed: seed, opCount: opCount)
-                guard outcome.fired else { continue }
-                figures.generated[fault.rawValue, default: 0] += 1
-                figures.unique[fault.rawValue, default: 0] += 1
-                let id = CrashStateID(seed: seed, workload: "\(fault.rawValue)@\(k)", point: 1, crashClass: .none, index: 0)
-                for violation in outcome.violations {
-                    let invariant = String(violation.prefix(while: { $0 != ":" }))
-                    figures.violationCounts[invariant, default: 0] += 1
-                    figures.violations.append(CrashViolation(state: id, invariant: invariant, detail: violation))
-                }
-            }
-        }
+        figures.merge(try CrashWorkloads.faultRuns(seed: seed, opCount: opCount, perKind: long ? 8 : 2))
         return figures
     }
 
@@ -114,7 +99,8 @@ struct CrashSim: ParsableCommand {
         }
         var lines = [
             "crashsim v1 seed=\(out.seed) mode=\(out.mode) geometry=test(8M pool, 4K blocks, 64K segments) sectors=512,4096",
-            "workloads \(out.workloads) (random, \(out.ops / max(out.workloads, 1)) ops each)   ops \(out.ops)   crash points \(f.crashPoints)",
+            "workloads \(out.workloads) (3 random : 1 near-full, \(out.ops / max(out.workloads, 1)) ops each)   ops \(out.ops)   crash points \(f.crashPoints)",
+            "  C8/C9 fault runs: \(long ? 8 : 2) per fault kind per random workload (EIO write, short write + ENOSPC, ENOSPC from then on, fsync EIO)",
             "states generated \(f.generatedTotal)   unique \(f.uniqueTotal)",
             "  generated: \(count(f.generated))",
             "  unique:    \(count(f.unique))",
@@ -122,6 +108,8 @@ struct CrashSim: ParsableCommand {
             String(format: "  open p50 %.2f ms  p99 %.2f ms  max %.2f ms   replayed records max %d",
                    out.openMillisecondsP50, out.openMillisecondsP99, out.openMillisecondsMax, f.replayedRecordsMax),
             "violations \(f.violationCounts.values.reduce(0, +)): " + ["open", "prefix", "durability", "silent-wrong-data", "generation", "invariants", "verify-before", "verify-after", "idempotence", "fail-stop"]
+                .map { "\($0) \(f.violationCounts[$0] ?? 0)" }.joined(separator: "  "),
+            "  write-time (W1-W4, \(f.checkedWrites) writes checked): " + ["overwrite-durable", "rewrite-synced-sector", "pointer-before-pointee", "slot"]
                 .map { "\($0) \(f.violationCounts[$0] ?? 0)" }.joined(separator: "  "),
             "coverage marks \(CrashFigures.requiredMarks.filter { (f.marks[$0] ?? 0) > 0 }.count)/\(CrashFigures.requiredMarks.count) hit: "
                 + f.marks.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: "  "),
@@ -140,6 +128,20 @@ struct CrashSim: ParsableCommand {
               let sector = Int(id.workload[id.workload.index(after: dash)...]), sector == 512 || sector == 4096,
               ["random", "near-full"].contains(id.workload[..<dash])
         else { throw PoolError.invalidArgument("not a crash state id: \(text) (expected v1:seed:random-512|random-4096|near-full-512|near-full-4096:point:class:index)") }
+        if let fault = CrashWorkloads.Fault(crashClass: id.crashClass, index: id.index) {
+            // C8/C9: the workload re-run with its point-th sync or write failing.
+            let outcome = try CrashWorkloads.fault(fault, at: id.point, seed: id.seed, opCount: ops ?? 100_000)
+            guard outcome.fired else {
+                throw PoolError.notFound("crash state \(id): the workload never reached call \(id.point)")
+            }
+            print("state \(id) (\(fault.rawValue) at call \(id.point)): \(outcome.violations.isEmpty ? "all invariants hold" : "\(outcome.violations.count) violations")")
+            for v in outcome.violations { print("VIOLATION \(v)") }
+            if !outcome.violations.isEmpty { throw ExitCode(1) }
+            return
+        }
+        guard !id.crashClass.isFault else {
+            throw PoolError.invalidArgument("crash state \(id): class \(id.crashClass.rawValue) has no variant \(id.index)")
+        }
         var found: [CrashViolation] = []
         let samples = max(3, id.index + 1)
         let simulator = id.workload.hasPrefix("random")

@@ -31,6 +31,8 @@ public enum CrashClass: String, CaseIterable, Codable, Sendable {
     /// Classes whose damage is outside the crash model: a typed `corrupt`/`io` error is
     /// an allowed outcome, silent wrong or older data is not.
     public var isDamage: Bool { self == .misdirect || self == .media }
+    /// Classes made by re-running the workload with a failing call (C8, C9).
+    public var isFault: Bool { self == .fsyncEIO || self == .writeErr }
 }
 
 /// The name of one crash state, `v1:seed:workload:point:class:index`: the workload's
@@ -98,6 +100,8 @@ public struct CrashFigures: Codable, Sendable {
     /// Open times in milliseconds of the recovered states.
     public var openMilliseconds: [Double] = []
     public var replayedRecordsMax = 0
+    /// Writes the write-time checks (W1-W4) looked at.
+    public var checkedWrites = 0
     public var violations: [CrashViolation] = []
     public var violationCounts: [String: Int] = [:]
     /// Recovery outcomes: `ok`, `corrupt-reported` (a typed error in a C6/C7 state).
@@ -109,7 +113,7 @@ public struct CrashFigures: Codable, Sendable {
 
     // Open times are summarized (percentiles), not listed, in JSON.
     private enum CodingKeys: String, CodingKey {
-        case crashPoints, generated, unique, recovered, replayedRecordsMax, violations, violationCounts, outcomes, marks
+        case crashPoints, generated, unique, recovered, replayedRecordsMax, checkedWrites, violations, violationCounts, outcomes, marks
     }
 
     /// The marks a long run must hit (§3.8).
@@ -117,7 +121,7 @@ public struct CrashFigures: Codable, Sendable {
         "slot-A-chosen", "slot-B-chosen", "damaged-slot-reported",
         "replay-stop:clean-end", "replay-stop:torn-header", "replay-stop:stale-lap", "replay-stop:sequence-gap",
         "replay-stop:bad-record-checksum", "replay-stop:bad-data-checksum",
-        "usage-rebuilt", "relocate-replayed", "relocate-discarded", "segment-header-rewritten",
+        "relocate-replayed", "relocate-discarded", "segment-header-rewritten",
         "journal-synced-damage-reported", "damage-reported-on-read",
         "checkpoint-on-full-pool", "pool-full", "fsync-eio-fail-stop", "write-err-fail-stop",
     ]
@@ -140,6 +144,7 @@ public struct CrashFigures: Codable, Sendable {
         recovered += other.recovered
         openMilliseconds += other.openMilliseconds
         replayedRecordsMax = max(replayedRecordsMax, other.replayedRecordsMax)
+        checkedWrites += other.checkedWrites
         violations += other.violations
         for (k, v) in other.violationCounts { violationCounts[k, default: 0] += v }
         for (k, v) in other.outcomes { outcomes[k, default: 0] += v }
@@ -247,9 +252,28 @@ public final class CrashSimulator {
     }
 
     /// Hooks the simulator into `device`'s syncs.
+    /// and its writes (the write-time checks W1-W4, ``WriteChecks``).
     public func attach(to device: SimulatedDevice) {
         device.beforeSync = { [unowned self] device in self.crashPoint(device) }
+        let checks = WriteChecks(physicalSectorByteCount: physicalSectorByteCount)
+        checks.onViolation = { [unowned self, unowned device] check, detail in
+            let id = CrashStateID(seed: seed, workload: workload, point: device.syncCount + 1, crashClass: .none, index: 0)
+            violation(id, check, "\(detail); last ops: \(opLog.suffix(4))")
+        }
+        checks.attach(to: device)
+        writeChecks = checks
     }
+
+    /// Detaches from `device` (its hooks are cleared).
+    public func detach(from device: SimulatedDevice) {
+        figures.checkedWrites = writeChecks?.checkedWrites ?? figures.checkedWrites
+        device.beforeSync = nil
+        device.beforeWrite = nil
+        device.afterSync = nil
+        writeChecks = nil
+    }
+
+    private var writeChecks: WriteChecks? = nil
 
     /// Records that `op` completed and the model now holds its effect.
     public func opFinished(_ op: String, model: ReferenceModel) {
@@ -613,17 +637,7 @@ public final class CrashSimulator {
     }
 
     /// The valid superblock of `image` with the highest generation.
-    private func durableSuperblock(_ image: [UInt8]) -> Superblock? {
-        var newest: Superblock? = nil
-        for slot in 0..<2 {
-            let offset = Int(PoolGeometry.superblockSlotByteOffsets[slot])
-            guard image.count >= offset + PoolGeometry.superblockByteCount,
-                  let sb = try? Superblock.decode(Array(image[offset..<offset + PoolGeometry.superblockByteCount]), slotIndex: slot)
-            else { continue }
-            if sb.generation > newest?.generation ?? 0 { newest = sb }
-        }
-        return newest
-    }
+    private func durableSuperblock(_ image: [UInt8]) -> Superblock? { WriteChecks.newestSlot(image) }
 
     /// The highest generation of a valid slot in `image` (0 when none).
     private func newestGeneration(_ image: [UInt8]) -> UInt64 { durableSuperblock(image)?.generation ?? 0 }

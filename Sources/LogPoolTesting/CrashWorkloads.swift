@@ -36,7 +36,7 @@ public enum CrashWorkloads {
         simulator.only = only
         simulator.onViolation = onViolation
         simulator.attach(to: device)
-        defer { device.beforeSync = nil }
+        defer { simulator.detach(from: device) }
         var workload = WorkloadGenerator(seed: seed)
         for _ in 0..<opCount {
             let op = workload.next(model)
@@ -92,14 +92,14 @@ public enum CrashWorkloads {
         simulator.onViolation = onViolation
         simulator.scrubEvery = 8
         simulator.attach(to: device)
-        defer { device.beforeSync = nil }
+        defer { simulator.detach(from: device) }
         var generator = SeededGenerator(seed: seed)
-        let reserve = pool.stats.freeSegmentCount
         for step in 0..<steps {
             let roll = Int.random(in: 0..<100, using: &generator)
             let syncsBefore = device.syncCount
             let generationBefore = pool.stats.generation
-            let nearlyFull = pool.stats.freeSegmentCount <= reserve + 1
+            let stats = pool.stats
+            let nearlyFull = stats.freeBytes < stats.capacityBytes / 10
             var label = ""
             do {
                 if roll < 70 {
@@ -126,11 +126,16 @@ public enum CrashWorkloads {
                     _ = try pool.compact()
                 }
             } catch PoolError.poolFull {
-                // Allowed while the snapshot pins the old blocks; nothing may change.
+                // Allowed while the snapshot pins the old blocks; nothing may change
+                // (invariant 10: the pool still reads as the model before the op).
                 label += " (poolFull)"
                 simulator.mark("pool-full")
+                if try CrashSimulator.digest(contents(of: pool)) != CrashSimulator.digest(logical(model)) {
+                    throw PoolError.invalidArgument("near-full seed \(seed) step \(step): \(label) changed the pool")
+                }
             }
-            if roll < 85, pool.stats.generation > generationBefore, nearlyFull { simulator.mark("checkpoint-on-full-pool") }
+            // A checkpoint ran (forced by admission, or by a compaction) on a full pool.
+            if pool.stats.generation > generationBefore, nearlyFull { simulator.mark("checkpoint-on-full-pool") }
             if device.syncCount > syncsBefore { simulator.madeDurable() }
             simulator.opFinished(label, model: model)
             if roll >= 85 && roll < 92 { simulator.madeDurable() }
@@ -159,12 +164,56 @@ public enum CrashWorkloads {
         return bytes
     }
 
-    /// Which device call a fault run fails.
-    public enum Fault: String, Sendable {
-        /// C9: the k-th write returns EIO.
-        case writeError = "write-err"
+    /// Which device call a fault run fails, and how.
+    public enum Fault: String, CaseIterable, Sendable {
+        /// C9 index 0: the k-th write returns EIO.
+        case writeError = "write-eio"
+        /// C9 index 1: the k-th write stores part of its bytes (a short `pwrite`), then
+        /// the rest fails with ENOSPC.
+        case shortWrite = "write-short-enospc"
+        /// C9 index 2: every write from the k-th on fails with ENOSPC (the file system
+        /// under a sparse pool file is full).
+        case noSpace = "write-enospc"
         /// C8: the k-th sync returns EIO and the epoch's writes are lost (fsyncgate).
         case fsyncError = "fsync-eio"
+
+        public var crashClass: CrashClass { self == .fsyncError ? .fsyncEIO : .writeErr }
+        public var index: Int { self == .shortWrite ? 1 : self == .noSpace ? 2 : 0 }
+
+        public init?(crashClass: CrashClass, index: Int) {
+            guard let fault = Fault.allCases.first(where: { $0.crashClass == crashClass && $0.index == index }) else { return nil }
+            self = fault
+        }
+    }
+
+    /// The C8/C9 runs of one random workload (an I/O-error loop over k drawn from the
+    /// seed): `perKind` runs of each fault. Ids are `v1:seed:random-512:k:class:variant`.
+    public static func faultRuns(seed: UInt64, opCount: Int, perKind: Int) throws -> CrashFigures {
+        var figures = CrashFigures()
+        var generator = SeededGenerator(seed: seed ^ 0xFA17)
+        var seen = Set<CrashStateID>()
+        for fault in Fault.allCases {
+            for _ in 0..<perKind {
+                // A random workload issues about one write per op and one sync per three.
+                let k = Int.random(in: 1...max(1, fault == .fsyncError ? opCount / 3 : opCount), using: &generator)
+                let id = CrashStateID(seed: seed, workload: randomName(physicalSectorByteCount: 512), point: k,
+                                      crashClass: fault.crashClass, index: fault.index)
+                figures.generated[fault.crashClass.rawValue, default: 0] += 1
+                guard seen.insert(id).inserted else { continue }
+                let outcome = try self.fault(fault, at: k, seed: seed, opCount: opCount)
+                guard outcome.fired else { continue }
+                figures.unique[fault.crashClass.rawValue, default: 0] += 1
+                if outcome.violations.isEmpty {
+                    figures.mark(fault == .fsyncError ? "fsync-eio-fail-stop" : "write-err-fail-stop")
+                }
+                for violation in outcome.violations {
+                    let invariant = String(violation.prefix(while: { $0 != ":" }))
+                    figures.violationCounts[invariant, default: 0] += 1
+                    figures.violations.append(CrashViolation(state: id, invariant: invariant, detail: violation))
+                }
+            }
+        }
+        return figures
     }
 
     /// The outcome of one fault run.
@@ -185,8 +234,18 @@ public enum CrashWorkloads {
         var states = [logical(model)]
         var durableIndex = 0
         switch fault {
-        case .writeError: device.failWriteAt = device.writeCount + k
-        case .fsyncError: device.failSyncAt = device.syncCount + k
+        case .writeError:
+            device.failWriteAt = device.writeCount + k
+        case .shortWrite:
+            device.failWriteAt = device.writeCount + k
+            device.failWriteErrno = 28
+            device.failWriteShortByteCount = 512 * (1 + k % 8)
+        case .noSpace:
+            device.failWriteAt = device.writeCount + k
+            device.failWriteErrno = 28
+            device.failWritePersistent = true
+        case .fsyncError:
+            device.failSyncAt = device.syncCount + k
         }
         var workload = WorkloadGenerator(seed: seed)
         var violations: [String] = []

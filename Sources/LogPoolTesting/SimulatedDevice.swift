@@ -55,6 +55,7 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
         writeCount += 1
         let start = Int(byteOffset)
         precondition(start + bytes.count <= current.count, "write past the device end")
+        beforeWrite?(self, start, bytes)
         if let failAt = failWriteAt, writeCount == failAt || (failWritePersistent && writeCount > failAt) {
             if writeCount == failAt, let short = failWriteShortByteCount, short > 0 {
                 store(UnsafeRawBufferPointer(rebasing: bytes[0..<min(short, bytes.count)]), at: start)
@@ -78,6 +79,10 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
     /// Called at the start of every sync, before the pending writes become durable: the
     /// crash enumerator builds its images here.
     public var beforeSync: ((SimulatedDevice) -> Void)? = nil
+    /// Called with every write before it lands (the write-time checks W1-W4).
+    public var beforeWrite: ((SimulatedDevice, Int, UnsafeRawBufferPointer) -> Void)? = nil
+    /// Called after every successful sync, when `durable` holds the new image.
+    public var afterSync: ((SimulatedDevice) -> Void)? = nil
 
     public func sync() throws {
         beforeSync?(self)
@@ -92,6 +97,7 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
             durable.replaceSubrange(write.byteOffset..<write.byteOffset + write.bytes.count, with: write.bytes)
         }
         pending.removeAll()
+        afterSync?(self)
     }
 
     /// Sectors each pending write spans.

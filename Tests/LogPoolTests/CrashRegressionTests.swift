@@ -119,3 +119,64 @@ struct CrashRegressionTests {
         return try #require(best)
     }
 }
+
+/// The write-time checks must be able to fail: writes that break each rule, made
+/// directly on the device under a live pool.
+@Suite("Write-time checks")
+struct WriteChecksTests {
+    func put(_ device: SimulatedDevice, _ bytes: [UInt8], at offset: some BinaryInteger) throws {
+        try bytes.withUnsafeBytes { try device.write($0, at: UInt64(offset)) }
+    }
+
+    func setUp() throws -> (Pool, SimulatedDevice, WriteChecks, () -> [String]) {
+        let (pool, device) = try makePool()
+        _ = try populate(pool)
+        try pool.checkpoint()
+        try pool.openVolume(name: "v").write(at: 8192, from: pattern(8192, seed: 3))
+        try pool.sync()
+        let checks = WriteChecks(physicalSectorByteCount: 512)
+        var found: [String] = []
+        checks.onViolation = { check, _ in found.append(check) }
+        checks.attach(to: device)
+        return (pool, device, checks, { found })
+    }
+
+    @Test("W1/W2: writing over referenced pages, blocks or synced journal is caught at the write")
+    func overwriteDurable() throws {
+        let (_, device, _, found) = try setUp()
+        let extents = try Pool.referencedExtents(on: OverlayDevice(base: device.durable))
+        let page = try #require(extents.first { $0.structure == "page" })
+        let block = try #require(extents.first { $0.structure == "block" })
+        let journal = try #require(extents.first { $0.structure == "journal" })
+        try put(device, [UInt8](repeating: 0xAB, count: 4096), at: page.byteOffset)
+        #expect(found() == ["overwrite-durable"])
+        try put(device, [UInt8](repeating: 0xAB, count: 100), at: block.byteOffset + 10)
+        #expect(found().last == "rewrite-synced-sector")
+        try put(device, [UInt8](repeating: 0, count: 512), at: journal.byteOffset)
+        #expect(found().count == 3 && found().last == "rewrite-synced-sector")
+    }
+
+    @Test("W3/W4: a slot written over the chosen one, out of order, or unchained is caught")
+    func slotDiscipline() throws {
+        let (pool, device, _, found) = try setUp()
+        let chosen = pool.recoveryReport.chosenSlot
+        _ = chosen
+        let image = device.durable
+        // The newest slot (after populate's checkpoints), rewritten in place: W4.
+        let slots = PoolGeometry.superblockSlotByteOffsets.map { Int($0) }
+        let newest = try (0..<2).max { a, b in
+            try Superblock.decode(Array(image[slots[a]..<slots[a] + 512]), slotIndex: a).generation
+                < Superblock.decode(Array(image[slots[b]..<slots[b] + 512]), slotIndex: b).generation
+        }!
+        try put(device, Array(image[slots[newest]..<slots[newest] + 512]), at: UInt64(slots[newest]))
+        #expect(found() == ["slot"])
+        // A pending write, then a slot write: W3.
+        try put(device, [UInt8](repeating: 1, count: 512), at: UInt64(device.durable.count - 512))
+        var other = try Superblock.decode(Array(image[slots[1 - newest]..<slots[1 - newest] + 512]), slotIndex: 1 - newest)
+        other.generation += 2
+        try put(device, other.encode(), at: UInt64(slots[1 - newest]))
+        #expect(found().contains("pointer-before-pointee"))
+        // That slot's parent is not the chosen slot's checksum: W4 again.
+        #expect(found().filter { $0 == "slot" }.count == 2, "\(found())")
+    }
+}
