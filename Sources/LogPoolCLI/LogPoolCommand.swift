@@ -7,7 +7,7 @@ struct LogPoolCommand: ParsableCommand {
         commandName: "logpool",
         abstract: "A crash-safe, log-structured, copy-on-write block pool.",
         subcommands: [Init.self, Info.self, Create.self, List.self, Snapshot.self, Clone.self, Destroy.self,
-                      Rename.self, Resize.self, Write.self, Read.self, Compact.self, VerifyCommand.self, ScrubCommand.self, CrashSim.self,
+                      Rename.self, Resize.self, Write.self, Read.self, Compact.self, VerifyCommand.self, ScrubCommand.self, CrashSim.self, Torture.self, TortureChild.self,
                       Demo.self, Bench.self])
 }
 

@@ -35,6 +35,14 @@ public struct WorkloadGenerator: Sendable {
 
     public init(seed: UInt64) { generator = SeededGenerator(seed: seed) }
 
+    /// A name no volume of `model` has (a workload continuing on a pool that earlier
+    /// workloads named, as in `logpool torture`, must not collide).
+    private func fresh(_ prefix: String, _ model: ReferenceModel) -> String {
+        var name = "\(prefix)\(counter)"
+        while model.volumes[name] != nil { name += "x" }
+        return name
+    }
+
     public mutating func next(_ model: ReferenceModel) -> Op {
         let writable = model.volumes.filter { !$0.value.isSnapshot }.sorted { $0.key < $1.key }
         let all = model.volumes.keys.sorted()
@@ -55,13 +63,13 @@ public struct WorkloadGenerator: Sendable {
             return .discard(v, offset, Int.random(in: 1...(size - offset), using: &generator))
         }
         if let s = all.randomElement(using: &generator), roll < 58, all.count < 6 {
-            return Bool.random(using: &generator) ? .snapshot(s, "s\(counter)") : .clone(s, "c\(counter)")
+            return Bool.random(using: &generator) ? .snapshot(s, fresh("s", model)) : .clone(s, fresh("c", model))
         }
         if roll < 62, all.count > 2, let n = all.randomElement(using: &generator) {
             return .delete(n)
         }
         if roll < 65, let n = all.randomElement(using: &generator) {
-            return .rename(n, "r\(counter)")
+            return .rename(n, fresh("r", model))
         }
         if roll < 70, let (v, _) = writable.randomElement(using: &generator) {
             return .resize(v, Int.random(in: 1...24, using: &generator) * blockSize)
@@ -69,6 +77,27 @@ public struct WorkloadGenerator: Sendable {
         if roll < 90 { return .sync }
         return .checkpoint
     }
+}
+
+/// Applies `op` to the model alone (what the pool should then hold).
+public func apply(_ op: Op, to model: inout ReferenceModel) {
+    switch op {
+    case .write(let v, let o, let d): model.write(v, at: o, d)
+    case .discard(let v, let o, let n): model.discard(v, at: o, length: n)
+    case .snapshot(let s, let n): model.branch(s, n, snapshot: true)
+    case .clone(let s, let n): model.branch(s, n, snapshot: false)
+    case .delete(let n): model.delete(n)
+    case .rename(let a, let b): model.rename(a, to: b)
+    case .resize(let v, let n): model.resize(v, size: n)
+    case .sync, .checkpoint: break
+    }
+}
+
+/// A model holding exactly `contents` (what ``contents(of:)`` read from a pool).
+public func model(of contents: [String: ReferenceModel.Entry]) -> ReferenceModel {
+    var model = ReferenceModel()
+    model.volumes = contents
+    return model
 }
 
 /// Runs `op` on the pool and, when it succeeds, on the model.

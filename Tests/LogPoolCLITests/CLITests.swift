@@ -235,5 +235,18 @@ struct CLITests {
         #expect(FileManager.default.fileExists(atPath: directory + "/crashsim-3-5-prefix-0.img"))
         let bad = try CLI.run(["crashsim", "--replay", "v1:3:nonsense"])
         #expect(bad.status != 0 && bad.stderr.hasPrefix("logpool: error:"), "\(bad.stderr)")
+        // A C9 id (short write, then ENOSPC, at the 5th write) replays too.
+        let fault = try CLI.run(["crashsim", "--replay", "v1:3:random-512:5:write-err:1"])
+        #expect(fault.status == 0 && fault.text.contains("all invariants hold"), "\(fault.text)")
+    }
+
+    /// Goal: torture kills its child and checks every recovery; figures as JSON.
+    @Test("torture: children killed with SIGKILL, every recovery checked")
+    func torture() throws {
+        let run = try CLI.run(["torture", "--seconds", "2", "--dir", temporaryPath(""), "--json"])
+        #expect(run.status == 0, "\(run.text)")
+        let object = try JSONSerialization.jsonObject(with: run.stdout) as? [String: Any]
+        #expect((object?["iterations"] as? Int ?? 0) >= 2 && (object?["violations"] as? [Any])?.isEmpty == true, "\(run.text)")
+        #expect((object?["opsStarted"] as? Int ?? 0) > 0, "\(run.text)")
     }
 }
