@@ -54,7 +54,8 @@ struct CrashSim: ParsableCommand {
             DispatchQueue.concurrentPerform(iterations: batch.count) { j in
                 results.set(j, Result {
                     batch[j].nearFull
-                        ? try CrashWorkloads.nearFull(seed: batch[j].seed, steps: opCount, physicalSectorByteCount: batch[j].sector, samples: samples).figures
+                        ? try CrashWorkloads.nearFull(seed: batch[j].seed, steps: opCount, physicalSectorByteCount: batch[j].sector,
+                                                      samples: samples, compoundEvery: compoundEvery * 4).figures
                         : try runWorkload(seed: batch[j].seed, sector: batch[j].sector, opCount: opCount, samples: samples)
                 })
             }
@@ -86,11 +87,15 @@ struct CrashSim: ParsableCommand {
     /// write, then one sync, failing at points drawn from the seed (an I/O-error loop
     /// over sampled k).
     private func runWorkload(seed: UInt64, sector: Int, opCount: Int, samples: Int) throws -> CrashFigures {
-        let simulator = try CrashWorkloads.random(seed: seed, opCount: opCount, physicalSectorByteCount: sector, samples: samples)
+        let simulator = try CrashWorkloads.random(seed: seed, opCount: opCount, physicalSectorByteCount: sector, samples: samples,
+                                                  compoundEvery: compoundEvery)
         var figures = simulator.figures
         figures.merge(try CrashWorkloads.faultRuns(seed: seed, opCount: opCount, perKind: long ? 8 : 2))
         return figures
     }
+
+    /// C10/C11 run from one recovered state in this many (near-full: four times fewer).
+    var compoundEvery: Int { long ? 24 : 400 }
 
     private func printFigures(_ out: Output) {
         let f = out.figures
@@ -146,9 +151,9 @@ struct CrashSim: ParsableCommand {
         let samples = max(3, id.index + 1)
         let simulator = id.workload.hasPrefix("random")
             ? try CrashWorkloads.random(seed: id.seed, opCount: ops ?? 100_000, physicalSectorByteCount: sector,
-                                        samples: samples, only: id) { found.append($0) }
+                                        samples: samples, compoundEvery: compoundEvery, only: id) { found.append($0) }
             : try CrashWorkloads.nearFull(seed: id.seed, steps: ops ?? 100_000, physicalSectorByteCount: sector,
-                                          samples: samples, only: id) { found.append($0) }
+                                          samples: samples, compoundEvery: compoundEvery * 4, only: id) { found.append($0) }
         guard simulator.figures.generatedTotal > 0 else {
             throw PoolError.notFound("crash state \(id): the workload never reached that crash point or index")
         }

@@ -119,7 +119,7 @@ struct Torture: ParsableCommand {
         // seed and the state it starts from).
         var model = LogPoolTesting.model(of: state)
         var states = [state]
-        var workload = WorkloadGenerator(seed: seed)
+        var workload = WorkloadGenerator(seed: seed, weights: .swarm(seed: seed))
         for _ in 0..<started {
             let op = workload.next(model)
             apply(op, to: &model)
@@ -165,13 +165,12 @@ struct TortureChild: ParsableCommand {
         }
         let pool = try Pool.open(at: self.pool)
         var model = LogPoolTesting.model(of: try contents(of: pool))
-        var workload = WorkloadGenerator(seed: seed)
+        var workload = WorkloadGenerator(seed: seed, weights: .swarm(seed: seed))
         for k in 1...max(1, ops) {
             let op = workload.next(model)
             note("B \(k)")
             try apply(op, to: pool, model: &model)
-            if case .sync = op { note("S \(k)") }
-            if case .checkpoint = op { note("S \(k)") }
+            if op.isDurabilityPoint { note("S \(k)") }
         }
         try pool.close()
     }

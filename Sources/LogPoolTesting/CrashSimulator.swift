@@ -22,6 +22,12 @@ public enum CrashClass: String, CaseIterable, Codable, Sendable {
     /// C7: a prefix of the epoch, then one bit flipped or one physical sector unreadable
     /// in a sector some write touched (or a superblock slot).
     case media
+    /// C10: the recovery of a crash state, itself crashed at each of its own syncs
+    /// (C0-C5 over recovery's writes); every re-recovery must reach the same state.
+    case recoveryCrash = "recovery-crash"
+    /// C11: the recovered pool runs more ops (writes, a checkpoint, a compaction) with
+    /// C0-C5 crash states at every sync; nothing synced before the first crash is lost.
+    case secondCrash = "second-crash"
     /// C8: the workload re-run with its `point`-th sync failing (EIO, epoch dropped).
     case fsyncEIO = "fsync-eio"
     /// C9: the workload re-run with its `point`-th write failing; index 0: EIO once,
@@ -67,10 +73,13 @@ public struct CrashStateID: Hashable, Codable, Sendable, CustomStringConvertible
     }
 
     /// A generator seeded from the id alone.
-    var generator: SeededGenerator {
+    var generator: SeededGenerator { SeededGenerator(seed: hash) }
+
+    /// FNV-1a of the id's text: the state's own randomness, independent of any other.
+    var hash: UInt64 {
         var hash: UInt64 = 0xCBF2_9CE4_8422_2325
         for byte in description.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
-        return SeededGenerator(seed: hash)
+        return hash
     }
 }
 
@@ -173,6 +182,12 @@ public final class CrashSimulator {
     /// C2 tears per write: both ends at s = 1…limit sectors (all of them when the write is
     /// shorter).
     public var tornLimit = 4
+    /// Build C6/C7 states (off in the nested simulators of C10/C11, which keep to the
+    /// crash model).
+    public var damageClasses = true
+    /// Run C10 and C11 from one recovered C0-C5 state in this many (0: never); states
+    /// are picked by a hash of their id, so a replayed id repeats its compound checks.
+    public var compoundEvery = 0
     /// Scrub (read every live block through verify) after one recovery in this many;
     /// reading the pool back through the engine already checks every block's checksum,
     /// so big pools scrub a sample.
@@ -413,7 +428,7 @@ public final class CrashSimulator {
             }
         }
         let geometry = durableSuperblock(device.durable)?.geometry
-        for k in 0..<samples {
+        for k in 0..<(damageClasses ? samples : 0) {
             // C6: every write whole except one, which landed elsewhere in its region.
             if let geometry {
                 addDamaged(.misdirect, k) { generator in
@@ -542,6 +557,9 @@ public final class CrashSimulator {
             if !after.problems.isEmpty { violation(id, "verify-after", "\(after.problems.prefix(3))") }
             let again = try Pool.open(on: recoveredDevice.fork())
             if try !Self.equal(contents(of: again), got) { violation(id, "idempotence", "a second open reads different contents") }
+            if compoundEvery > 0, id.hash % UInt64(compoundEvery) == 0 || only == id {
+                compound(id, crashed: crashed, recovered: recoveredDevice, got: got)
+            }
         } catch {
             violation(id, "open", "\(error); last ops: \(opLog.suffix(6))")
         }
@@ -622,6 +640,69 @@ public final class CrashSimulator {
             }
         }
         return "no difference"
+    }
+
+    /// C10 and C11 from one recovered state.
+    private func compound(_ id: CrashStateID, crashed: OverlayDevice, recovered: OverlayDevice, got: [String: ReferenceModel.Entry]) {
+        func nested(_ crashClass: CrashClass, _ device: SimulatedDevice, model: ReferenceModel) -> CrashSimulator {
+            let simulator = CrashSimulator(seed: seed, workload: "\(workload)/\(id.point).\(id.crashClass.rawValue).\(id.index)/\(crashClass.rawValue)",
+                                           physicalSectorByteCount: physicalSectorByteCount, samples: 2, initial: model)
+            simulator.damageClasses = false
+            simulator.scrubEvery = scrubEvery
+            simulator.attach(to: device)
+            return simulator
+        }
+        func fold(_ crashClass: CrashClass, _ simulator: CrashSimulator) {
+            figures.generated[crashClass.rawValue, default: 0] += simulator.figures.generatedTotal
+            figures.unique[crashClass.rawValue, default: 0] += simulator.figures.uniqueTotal
+            figures.recovered += simulator.figures.recovered
+            figures.checkedWrites += simulator.figures.checkedWrites
+            for (k, v) in simulator.figures.outcomes { figures.outcomes[k, default: 0] += v }
+            for (k, v) in simulator.figures.marks { figures.marks[k, default: 0] += v }
+            for v in simulator.figures.violations {
+                violation(id, crashClass.rawValue, "\(v.state) [\(v.invariant)] \(v.detail)")
+            }
+        }
+        // C10: recovery itself crashed at each of its syncs; every crash state of it must
+        // recover to `got`, what the uninterrupted recovery read.
+        let recoveryDevice = SimulatedDevice(image: crashed.image)
+        let recovery = nested(.recoveryCrash, recoveryDevice, model: LogPoolTesting.model(of: got))
+        do {
+            let pool = try Pool.open(on: recoveryDevice)
+            if try !Self.equal(contents(of: pool), got) { violation(id, CrashClass.recoveryCrash.rawValue, "recovery on a simulated device read differently") }
+        } catch {
+            violation(id, CrashClass.recoveryCrash.rawValue, "recovery on a simulated device failed: \(error)")
+        }
+        recovery.detach(from: recoveryDevice)
+        fold(.recoveryCrash, recovery)
+        // C11: the recovered pool keeps working through a second crash: more ops with a
+        // checkpoint and a compaction, crash states at every sync.
+        let secondDevice = SimulatedDevice(image: recovered.image)
+        var model = LogPoolTesting.model(of: got)
+        let second = nested(.secondCrash, secondDevice, model: model)
+        do {
+            let pool = try Pool.open(on: secondDevice)
+            var workload = WorkloadGenerator(seed: id.hash)
+            // Six random ops, a checkpoint, four more, a compaction, a sync; each random op
+            // is drawn from the model as it is then, so it is valid.
+            let shape: [Op?] = Array(repeating: nil, count: 6) + [.checkpoint] + Array(repeating: nil, count: 4) + [.compact, .sync]
+            for planned in shape {
+                let op = planned ?? workload.next(model)
+                let syncsBefore = secondDevice.syncCount
+                do {
+                    try apply(op, to: pool, model: &model)
+                } catch PoolError.poolFull {
+                    continue  // nothing changed (checked by the near-full workload)
+                }
+                if secondDevice.syncCount > syncsBefore { second.madeDurable() }
+                second.opFinished(op.description, model: model)
+                if op.isDurabilityPoint { second.madeDurable() }
+            }
+        } catch {
+            violation(id, CrashClass.secondCrash.rawValue, "the recovered pool failed to keep working: \(error)")
+        }
+        second.detach(from: secondDevice)
+        fold(.secondCrash, second)
     }
 
     /// Coverage marks of one recovery.

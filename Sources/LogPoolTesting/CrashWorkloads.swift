@@ -28,16 +28,17 @@ public enum CrashWorkloads {
     /// geometry (4 KiB blocks, 64 KiB segments; LZ4 for even seeds), with crash states
     /// enumerated at every sync after the pool is made. Returns the simulator with its
     /// figures. `only` restricts the run to one state (replay).
-    public static func random(seed: UInt64, opCount: Int, physicalSectorByteCount: Int, samples: Int = 3,
+    public static func random(seed: UInt64, opCount: Int, physicalSectorByteCount: Int, samples: Int = 3, compoundEvery: Int = 0,
                               only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
         var (device, pool, model) = try testPool(seed: seed)
         let simulator = CrashSimulator(seed: seed, workload: randomName(physicalSectorByteCount: physicalSectorByteCount),
                                        physicalSectorByteCount: physicalSectorByteCount, samples: samples, initial: model)
         simulator.only = only
         simulator.onViolation = onViolation
+        simulator.compoundEvery = compoundEvery
         simulator.attach(to: device)
         defer { simulator.detach(from: device) }
-        var workload = WorkloadGenerator(seed: seed)
+        var workload = WorkloadGenerator(seed: seed, weights: .swarm(seed: seed))
         for _ in 0..<opCount {
             let op = workload.next(model)
             let syncsBefore = device.syncCount
@@ -45,8 +46,7 @@ public enum CrashWorkloads {
             // A sync inside this op made everything before it durable.
             if device.syncCount > syncsBefore { simulator.madeDurable() }
             simulator.opFinished(op.description, model: model)
-            if case .sync = op { simulator.madeDurable() }
-            if case .checkpoint = op { simulator.madeDurable() }
+            if op.isDurabilityPoint { simulator.madeDurable() }
             if let only, device.syncCount >= only.point { break }
         }
         let problems = pool.internalConsistencyProblems()
@@ -65,7 +65,7 @@ public enum CrashWorkloads {
     /// compactions run with crash states enumerated at every sync. An op that throws
     /// `poolFull` must change nothing (invariant 10: the model is not changed, and the
     /// next state must still match).
-    public static func nearFull(seed: UInt64, steps: Int, physicalSectorByteCount: Int, samples: Int = 3,
+    public static func nearFull(seed: UInt64, steps: Int, physicalSectorByteCount: Int, samples: Int = 3, compoundEvery: Int = 0,
                                 only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
         let device = SimulatedDevice(byteCount: 8 << 20)
         let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10, compression: .none)
@@ -91,6 +91,7 @@ public enum CrashWorkloads {
         simulator.only = only
         simulator.onViolation = onViolation
         simulator.scrubEvery = 8
+        simulator.compoundEvery = compoundEvery
         simulator.attach(to: device)
         defer { simulator.detach(from: device) }
         var generator = SeededGenerator(seed: seed)
@@ -247,7 +248,7 @@ public enum CrashWorkloads {
         case .fsyncError:
             device.failSyncAt = device.syncCount + k
         }
-        var workload = WorkloadGenerator(seed: seed)
+        var workload = WorkloadGenerator(seed: seed, weights: .swarm(seed: seed))
         var violations: [String] = []
         var failedOp: String? = nil
         for _ in 0..<opCount {
@@ -265,8 +266,7 @@ public enum CrashWorkloads {
             }
             if device.syncCount > syncsBefore { durableIndex = states.count - 1 }
             states.append(logical(model))
-            if case .sync = op { durableIndex = states.count - 1 }
-            if case .checkpoint = op { durableIndex = states.count - 1 }
+            if op.isDurabilityPoint { durableIndex = states.count - 1 }
         }
         guard let failedOp else { return FaultOutcome(fired: false, violations: violations) }
         // Fail-stop: nothing may be retried on this handle.

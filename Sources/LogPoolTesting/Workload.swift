@@ -11,6 +11,15 @@ public enum Op: CustomStringConvertible, Sendable {
     case resize(String, Int)
     case sync
     case checkpoint
+    case compact
+
+    /// Ops whose success means everything before them is durable.
+    public var isDurabilityPoint: Bool {
+        switch self {
+        case .sync, .checkpoint, .compact: true
+        default: false
+        }
+    }
 
     public var description: String {
         switch self {
@@ -23,7 +32,37 @@ public enum Op: CustomStringConvertible, Sendable {
         case .resize(let v, let n): "resize(\(v), \(n))"
         case .sync: "sync"
         case .checkpoint: "checkpoint"
+        case .compact: "compact"
         }
+    }
+}
+
+/// Relative weights of the kinds of op a workload draws.
+public struct OpWeights: Sendable, CustomStringConvertible {
+    public var write = 45, discard = 7, branch = 6, delete = 4, rename = 3, resize = 5, sync = 20, checkpoint = 8, compact = 2
+
+    public init() {}
+
+    /// Weights drawn from the seed (swarm testing: each workload stresses a different
+    /// mix, as VOPR draws its fault probabilities). Writes and syncs never drop to zero.
+    public static func swarm(seed: UInt64) -> OpWeights {
+        var generator = SeededGenerator(seed: seed ^ 0x5_7A2B)
+        func draw(_ choices: [Int]) -> Int { choices[Int.random(in: 0..<choices.count, using: &generator)] }
+        var weights = OpWeights()
+        weights.write = draw([10, 20, 40, 80])
+        weights.discard = draw([0, 2, 5, 10, 20])
+        weights.branch = draw([0, 2, 5, 10])
+        weights.delete = draw([0, 2, 5, 10])
+        weights.rename = draw([0, 2, 5])
+        weights.resize = draw([0, 2, 5, 10])
+        weights.sync = draw([5, 10, 20, 40])
+        weights.checkpoint = draw([0, 2, 5, 10])
+        weights.compact = draw([0, 1, 3])
+        return weights
+    }
+
+    public var description: String {
+        "write \(write) discard \(discard) branch \(branch) delete \(delete) rename \(rename) resize \(resize) sync \(sync) checkpoint \(checkpoint) compact \(compact)"
     }
 }
 
@@ -32,8 +71,12 @@ public struct WorkloadGenerator: Sendable {
     var generator: SeededGenerator
     var counter = 0
     let blockSize = 4096
+    public let weights: OpWeights
 
-    public init(seed: UInt64) { generator = SeededGenerator(seed: seed) }
+    public init(seed: UInt64, weights: OpWeights = OpWeights()) {
+        generator = SeededGenerator(seed: seed)
+        self.weights = weights
+    }
 
     /// A name no volume of `model` has (a workload continuing on a pool that earlier
     /// workloads named, as in `logpool torture`, must not collide).
@@ -47,8 +90,18 @@ public struct WorkloadGenerator: Sendable {
         let writable = model.volumes.filter { !$0.value.isSnapshot }.sorted { $0.key < $1.key }
         let all = model.volumes.keys.sorted()
         counter += 1
-        let roll = Int.random(in: 0..<100, using: &generator)
-        if let (v, entry) = writable.randomElement(using: &generator), roll < 45 {
+        let w = weights
+        let kinds: [(Int, Int)] = [(0, w.write), (1, w.discard), (2, w.branch), (3, w.delete), (4, w.rename),
+                                   (5, w.resize), (6, w.sync), (7, w.checkpoint), (8, w.compact)]
+        var roll = Int.random(in: 0..<max(1, kinds.reduce(0) { $0 + $1.1 }), using: &generator)
+        var kind = 6
+        for (k, weight) in kinds {
+            if roll < weight { kind = k; break }
+            roll -= weight
+        }
+        switch kind {
+        case 0:
+            guard let (v, entry) = writable.randomElement(using: &generator) else { return .sync }
             let size = entry.bytes.count
             let length = [1, 100, 4096, 5000, 3 * 4096, 64 * 1024].randomElement(using: &generator)!
             let clamped = min(length, size)
@@ -56,26 +109,27 @@ public struct WorkloadGenerator: Sendable {
             let aligned = Bool.random(using: &generator) ? offset / blockSize * blockSize : offset
             let data = (0..<clamped).map { _ in UInt8.random(in: 0...255, using: &generator) }
             return .write(v, min(aligned, size - clamped), data)
-        }
-        if let (v, entry) = writable.randomElement(using: &generator), roll < 52 {
+        case 1:
+            guard let (v, entry) = writable.randomElement(using: &generator) else { return .sync }
             let size = entry.bytes.count
             let offset = Int.random(in: 0..<size, using: &generator)
             return .discard(v, offset, Int.random(in: 1...(size - offset), using: &generator))
-        }
-        if let s = all.randomElement(using: &generator), roll < 58, all.count < 6 {
+        case 2:
+            guard all.count < 6, let s = all.randomElement(using: &generator) else { return .sync }
             return Bool.random(using: &generator) ? .snapshot(s, fresh("s", model)) : .clone(s, fresh("c", model))
-        }
-        if roll < 62, all.count > 2, let n = all.randomElement(using: &generator) {
+        case 3:
+            guard all.count > 2, let n = all.randomElement(using: &generator) else { return .sync }
             return .delete(n)
-        }
-        if roll < 65, let n = all.randomElement(using: &generator) {
+        case 4:
+            guard let n = all.randomElement(using: &generator) else { return .sync }
             return .rename(n, fresh("r", model))
-        }
-        if roll < 70, let (v, _) = writable.randomElement(using: &generator) {
+        case 5:
+            guard let (v, _) = writable.randomElement(using: &generator) else { return .sync }
             return .resize(v, Int.random(in: 1...24, using: &generator) * blockSize)
+        case 7: return .checkpoint
+        case 8: return .compact
+        default: return .sync
         }
-        if roll < 90 { return .sync }
-        return .checkpoint
     }
 }
 
@@ -89,7 +143,7 @@ public func apply(_ op: Op, to model: inout ReferenceModel) {
     case .delete(let n): model.delete(n)
     case .rename(let a, let b): model.rename(a, to: b)
     case .resize(let v, let n): model.resize(v, size: n)
-    case .sync, .checkpoint: break
+    case .sync, .checkpoint, .compact: break
     }
 }
 
@@ -128,6 +182,8 @@ public func apply(_ op: Op, to pool: Pool, model: inout ReferenceModel) throws {
         try pool.sync()
     case .checkpoint:
         try pool.checkpoint()
+    case .compact:
+        _ = try pool.compact()
     }
 }
 
