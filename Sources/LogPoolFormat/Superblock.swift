@@ -307,7 +307,7 @@ public func chooseSuperblock(
         return SuperblockChoice(chosen: b, otherSlotProblem: e.description)
     case (.failure(let ea), .failure(let eb)):
         if ea.detail.hasPrefix("bad magic"), eb.detail.hasPrefix("bad magic") {
-            throw CorruptionError("superblock", at: 0, "not a LogPool pool (bad magic in both slots)")
+            throw CorruptionError("superblock", at: 0, "not a LogPool pool (bad magic in both slots; if it was one, both superblock slots are destroyed)")
         }
         throw CorruptionError("superblock", at: ea.byteOffset, "no valid slot: slot A: \(ea.detail); slot B: \(eb.detail)")
     }
