@@ -21,7 +21,8 @@ struct CrashSim: ParsableCommand {
         var seed: UInt64
         var mode: String
         var workloads: Int
-        var ops: Int
+        var workloadKinds: [String: Int]
+        var opsPerRandomWorkload: Int
         var seconds: Double
         var statesPerSecond: Double
         var figures: CrashFigures
@@ -38,40 +39,63 @@ struct CrashSim: ParsableCommand {
         let samples = long ? 16 : 3
         let started = Date()
         var figures = CrashFigures()
-        var workloads = 0
+        var counts: [String: Int] = [:]
         var err = StandardError()
+        // Bounded-exhaustive sequences first (§3.7): every seq-1 and a seeded sample of
+        // seq-2 in the smoke run; with --long every seq-1 and seq-2 at both sector sizes
+        // and a sample of seq-3.
+        var jobs: [Job] = []
+        let choices = UInt64(CrashWorkloads.choicesPerStep)
+        var sampler = SeededGenerator(seed: seed ^ 0x5E0)
+        func sample(_ count: Int, of total: UInt64) -> [UInt64] {
+            var picked = Set<UInt64>()
+            while picked.count < min(count, Int(total)) { picked.insert(UInt64.random(in: 0..<total, using: &sampler)) }
+            return picked.sorted()
+        }
+        for sector in long ? [512, 4096] : [512] {
+            jobs += (0..<choices).map { Job.sequence(index: $0, length: 1, sector: sector) }
+            let seq2 = long ? Array(0..<choices * choices) : sample(200, of: choices * choices)
+            jobs += seq2.map { Job.sequence(index: $0, length: 2, sector: sector) }
+        }
+        if long { jobs += sample(2000, of: choices * choices * choices).map { Job.sequence(index: $0, length: 3, sector: 4096) } }
+        // Then seeded random workloads until the budget is spent: three random to one
+        // near-full, alternating sector sizes.
         var next = seed
-        // Workloads are independent (their own devices and pools): run batches of four
-        // per core (GCD hands them out as cores free up, so a slow near-full workload
-        // does not idle the other core) and merge their figures in seed order.
-        let width = max(1, ProcessInfo.processInfo.activeProcessorCount)
-        while Date().timeIntervalSince(started) < budget {
-            // Every fourth workload is the near-full one (space reuse, poolFull).
-            let batch = (0..<(4 * width)).map { j in
-                (seed: next &+ UInt64(j), sector: (workloads + j) % 8 < 4 ? 512 : 4096, nearFull: (workloads + j) % 4 == 3)
+        var generated = 0
+        func moreJobs(_ count: Int) -> [Job] {
+            (0..<count).map { _ in
+                defer { next &+= 1; generated += 1 }
+                let sector = generated % 8 < 4 ? 512 : 4096
+                return generated % 4 == 3 ? .nearFull(seed: next, sector: sector) : .random(seed: next, sector: sector)
             }
+        }
+        // Workloads are independent (their own devices and pools): run batches of four
+        // per core (GCD hands them out as cores free up, so a slow workload does not idle
+        // the other core) and merge their figures in order.
+        let width = max(1, ProcessInfo.processInfo.activeProcessorCount)
+        var workloads = 0
+        while Date().timeIntervalSince(started) < budget {
+            let batchSize = jobs.isEmpty ? 4 * width : min(jobs.count, 32 * width)
+            let batch = jobs.isEmpty ? moreJobs(batchSize) : Array(jobs.prefix(batchSize))
+            jobs.removeFirst(min(jobs.count, batchSize))
             let results = SharedResults(count: batch.count)
             DispatchQueue.concurrentPerform(iterations: batch.count) { j in
-                results.set(j, Result {
-                    batch[j].nearFull
-                        ? try CrashWorkloads.nearFull(seed: batch[j].seed, steps: opCount, physicalSectorByteCount: batch[j].sector,
-                                                      samples: samples, compoundEvery: compoundEvery * 4).figures
-                        : try runWorkload(seed: batch[j].seed, sector: batch[j].sector, opCount: opCount, samples: samples)
-                })
+                results.set(j, Result { try run(batch[j], opCount: opCount, samples: samples) })
             }
             for (j, result) in results.all.enumerated() {
                 let workloadFigures = try result.get()
                 figures.merge(workloadFigures)
                 workloads += 1
-                if !json {
-                    print("workload \(workloads): \(batch[j].nearFull ? "near-full" : "random") seed \(batch[j].seed) sector \(batch[j].sector): \(workloadFigures.uniqueTotal) unique states, \(workloadFigures.violationCounts.values.reduce(0, +)) violations", to: &err)
+                counts[batch[j].kind, default: 0] += 1
+                if !json && (batch[j].kind == "random" || batch[j].kind == "near-full" || workloadFigures.violationCounts.values.reduce(0, +) > 0) {
+                    print("workload \(workloads): \(batch[j]): \(workloadFigures.uniqueTotal) unique states, \(workloadFigures.violationCounts.values.reduce(0, +)) violations", to: &err)
                 }
             }
-            next &+= UInt64(batch.count)
             if !figures.violations.isEmpty { break }
         }
         let seconds = Date().timeIntervalSince(started)
-        let out = Output(seed: seed, mode: long ? "long" : "smoke", workloads: workloads, ops: workloads * opCount, seconds: seconds,
+        let out = Output(seed: seed, mode: long ? "long" : "smoke", workloads: workloads, workloadKinds: counts,
+                         opsPerRandomWorkload: opCount, seconds: seconds,
                          statesPerSecond: Double(figures.uniqueTotal) / max(seconds, 0.001), figures: figures,
                          openMillisecondsP50: figures.percentile(0.5), openMillisecondsP99: figures.percentile(0.99),
                          openMillisecondsMax: figures.percentile(1))
@@ -81,6 +105,42 @@ struct CrashSim: ParsableCommand {
             printFigures(out)
         }
         if !figures.violations.isEmpty { throw ExitCode(1) }
+    }
+
+    /// One workload of the run.
+    enum Job: CustomStringConvertible {
+        case sequence(index: UInt64, length: Int, sector: Int)
+        case random(seed: UInt64, sector: Int)
+        case nearFull(seed: UInt64, sector: Int)
+
+        var kind: String {
+            switch self {
+            case .sequence(_, let length, _): "seq-\(length)"
+            case .random: "random"
+            case .nearFull: "near-full"
+            }
+        }
+
+        var description: String {
+            switch self {
+            case .sequence(let index, let length, let sector):
+                "seq-\(length) #\(index) sector \(sector) \(CrashWorkloads.sequenceSteps(index: index, length: length))"
+            case .random(let seed, let sector): "random seed \(seed) sector \(sector)"
+            case .nearFull(let seed, let sector): "near-full seed \(seed) sector \(sector)"
+            }
+        }
+    }
+
+    private func run(_ job: Job, opCount: Int, samples: Int) throws -> CrashFigures {
+        switch job {
+        case .sequence(let index, let length, let sector):
+            return try CrashWorkloads.sequence(index: index, length: length, physicalSectorByteCount: sector, samples: samples).figures
+        case .random(let seed, let sector):
+            return try runWorkload(seed: seed, sector: sector, opCount: opCount, samples: samples)
+        case .nearFull(let seed, let sector):
+            return try CrashWorkloads.nearFull(seed: seed, steps: opCount, physicalSectorByteCount: sector,
+                                               samples: samples, compoundEvery: compoundEvery * 4).figures
+        }
     }
 
     /// One workload: its crash states (C0-C5) and, on the same seed, C8/C9 runs with one
@@ -104,7 +164,8 @@ struct CrashSim: ParsableCommand {
         }
         var lines = [
             "crashsim v1 seed=\(out.seed) mode=\(out.mode) geometry=test(8M pool, 4K blocks, 64K segments) sectors=512,4096",
-            "workloads \(out.workloads) (3 random : 1 near-full, \(out.ops / max(out.workloads, 1)) ops each)   ops \(out.ops)   crash points \(f.crashPoints)",
+            "workloads \(out.workloads) (" + ["seq-1", "seq-2", "seq-3", "random", "near-full"].map { "\($0) \(out.workloadKinds[$0] ?? 0)" }.joined(separator: ", ")
+                + "; \(out.opsPerRandomWorkload) ops per random and near-full workload)   crash points \(f.crashPoints)",
             "  C8/C9 fault runs: \(long ? 8 : 2) per fault kind per random workload (EIO write, short write + ENOSPC, ENOSPC from then on, fsync EIO)",
             "states generated \(f.generatedTotal)   unique \(f.uniqueTotal)",
             "  generated: \(count(f.generated))",
@@ -131,8 +192,8 @@ struct CrashSim: ParsableCommand {
     private func replayState(_ text: String) throws {
         guard let id = CrashStateID(text), let dash = id.workload.lastIndex(of: "-"),
               let sector = Int(id.workload[id.workload.index(after: dash)...]), sector == 512 || sector == 4096,
-              ["random", "near-full"].contains(id.workload[..<dash])
-        else { throw PoolError.invalidArgument("not a crash state id: \(text) (expected v1:seed:random-512|random-4096|near-full-512|near-full-4096:point:class:index)") }
+              ["random", "near-full", "seq1", "seq2", "seq3"].contains(id.workload[..<dash])
+        else { throw PoolError.invalidArgument("not a crash state id: \(text) (expected v1:SEED:WORKLOAD-SECTOR:POINT:CLASS:INDEX, WORKLOAD one of random, near-full, seq1, seq2, seq3, SECTOR 512 or 4096)") }
         if let fault = CrashWorkloads.Fault(crashClass: id.crashClass, index: id.index) {
             // C8/C9: the workload re-run with its point-th sync or write failing.
             let outcome = try CrashWorkloads.fault(fault, at: id.point, seed: id.seed, opCount: ops ?? 100_000)
@@ -149,7 +210,10 @@ struct CrashSim: ParsableCommand {
         }
         var found: [CrashViolation] = []
         let samples = max(3, id.index + 1)
-        let simulator = id.workload.hasPrefix("random")
+        let simulator = id.workload.hasPrefix("seq")
+            ? try CrashWorkloads.sequence(index: id.seed, length: Int(String(id.workload.dropFirst(3).prefix(1))) ?? 1,
+                                          physicalSectorByteCount: sector, samples: samples, only: id) { found.append($0) }
+            : id.workload.hasPrefix("random")
             ? try CrashWorkloads.random(seed: id.seed, opCount: ops ?? 100_000, physicalSectorByteCount: sector,
                                         samples: samples, compoundEvery: compoundEvery, only: id) { found.append($0) }
             : try CrashWorkloads.nearFull(seed: id.seed, steps: ops ?? 100_000, physicalSectorByteCount: sector,

@@ -56,6 +56,111 @@ public enum CrashWorkloads {
         return simulator
     }
 
+    // MARK: Bounded-exhaustive sequences
+
+    /// The core ops of the bounded-exhaustive workloads (§3.7), each on two volumes of
+    /// four blocks ("a", "b"; "b" may be renamed to "b2" and back). An op that does not
+    /// apply to the state it meets (deleting a snapshot when there is none) is a no-op.
+    public static let coreOps = ["write-aligned", "write-unaligned", "overwrite", "discard", "snapshot", "clone",
+                                 "delete-snapshot", "delete-volume", "resize-grow", "resize-shrink", "rename", "compact"]
+    /// What follows each op: nothing, a sync or a checkpoint.
+    public static let followers = ["", "sync", "checkpoint"]
+    /// Choices per step: core op × follower.
+    public static var choicesPerStep: Int { coreOps.count * followers.count }
+
+    /// The workload name of a sequence of `length` steps.
+    public static func sequenceName(length: Int, physicalSectorByteCount: Int) -> String {
+        "seq\(length)-\(physicalSectorByteCount)"
+    }
+
+    /// The steps of sequence `index` (its digits in base `choicesPerStep`, first step
+    /// lowest), as "op" or "op+sync".
+    public static func sequenceSteps(index: UInt64, length: Int) -> [String] {
+        var rest = index
+        return (0..<length).map { _ in
+            let choice = Int(rest % UInt64(choicesPerStep))
+            rest /= UInt64(choicesPerStep)
+            let follower = followers[choice / coreOps.count]
+            return coreOps[choice % coreOps.count] + (follower.isEmpty ? "" : "+" + follower)
+        }
+    }
+
+    /// Bounded-exhaustive workload `index` of `length` steps (seq-1, seq-2, seq-3 of
+    /// CRASH-TESTING §3.7): a pool with "a" and "b" (4 blocks each, written and synced)
+    /// and a snapshot "s0" of "b", then each step's op and its follower, with crash
+    /// states enumerated at every sync. The id's seed is the sequence index.
+    public static func sequence(index: UInt64, length: Int, physicalSectorByteCount: Int, samples: Int = 3,
+                                only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
+        let device = SimulatedDevice(byteCount: 8 << 20)
+        let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10,
+                                   compression: index % 2 == 0 ? .none : .lz4)
+        var model = ReferenceModel()
+        for name in ["a", "b"] {
+            try pool.createVolume(name: name, size: 4 * 4096)
+            model.create(name, size: 4 * 4096)
+            let data = pattern(4 * 4096, seed: name == "a" ? 1 : 2)
+            try pool.openVolume(name: name).write(at: 0, from: data)
+            model.write(name, at: 0, data)
+        }
+        try pool.snapshot(source: "b", name: "s0")
+        model.branch("b", "s0", snapshot: true)
+        // A checkpoint: the setup's batch is history the simulator never saw, so it must
+        // not be the newest synced batch (media damage to it would be unprovable, J-7).
+        try pool.checkpoint()
+        let simulator = CrashSimulator(seed: index, workload: sequenceName(length: length, physicalSectorByteCount: physicalSectorByteCount),
+                                       physicalSectorByteCount: physicalSectorByteCount, samples: samples, initial: model)
+        simulator.only = only
+        simulator.onViolation = onViolation
+        simulator.attach(to: device)
+        defer { simulator.detach(from: device) }
+        var counter = 0
+        for step in sequenceSteps(index: index, length: length) {
+            let parts = step.split(separator: "+").map(String.init)
+            counter += 1
+            var ops: [Op] = []
+            if let op = coreOp(parts[0], model: model, counter: counter) { ops.append(op) }
+            if parts.count > 1 { ops.append(parts[1] == "sync" ? .sync : .checkpoint) }
+            for op in ops {
+                let syncsBefore = device.syncCount
+                try apply(op, to: pool, model: &model)
+                if device.syncCount > syncsBefore { simulator.madeDurable() }
+                simulator.opFinished(op.description, model: model)
+                if op.isDurabilityPoint { simulator.madeDurable() }
+            }
+            if let only, device.syncCount >= only.point { break }
+        }
+        let problems = pool.internalConsistencyProblems()
+        if !problems.isEmpty {
+            throw PoolError.invalidArgument("sequence \(index) (\(sequenceSteps(index: index, length: length))): the live pool is inconsistent: \(problems.prefix(3))")
+        }
+        return simulator
+    }
+
+    /// The concrete op for a core op name in the current model state, or nil when it
+    /// does not apply.
+    static func coreOp(_ name: String, model: ReferenceModel, counter: Int) -> Op? {
+        let b = model.volumes["b"] != nil ? "b" : model.volumes["b2"] != nil ? "b2" : nil
+        let size = model.volumes["a"]?.bytes.count ?? 0
+        let snapshots = model.volumes.filter { $0.value.isSnapshot }.keys.sorted()
+        let clones = model.volumes.keys.filter { $0.hasPrefix("c") }.sorted()
+        let data = pattern(8192, seed: UInt64(counter) &* 7919)
+        switch name {
+        case "write-aligned": return size >= 8192 ? .write("a", 4096, Array(data[0..<4096])) : nil
+        case "write-unaligned": return size >= 12288 ? .write("a", 4096 + 2000, Array(data[0..<4096])) : nil
+        case "overwrite": return size >= 8192 ? .write("a", 0, data) : nil
+        case "discard": return size >= 16384 ? .discard("a", 8192, 8192) : size > 0 ? .discard("a", 0, size) : nil
+        case "snapshot": return model.volumes.count < 6 ? .snapshot("a", "s\(counter)") : nil
+        case "clone": return model.volumes.count < 6 ? .clone("a", "c\(counter)") : nil
+        case "delete-snapshot": return snapshots.last.map { .delete($0) }
+        case "delete-volume": return (clones.last ?? b).map { .delete($0) }
+        case "resize-grow": return size < 8 * 4096 ? .resize("a", size + 4096) : nil
+        case "resize-shrink": return size > 4096 ? .resize("a", size - 4096) : nil
+        case "rename": return b.map { .rename($0, $0 == "b" ? "b2" : "b") }
+        case "compact": return .compact
+        default: return nil
+        }
+    }
+
     /// The workload name an id carries for the near-full workload.
     public static func nearFullName(physicalSectorByteCount: Int) -> String { "near-full-\(physicalSectorByteCount)" }
 
