@@ -150,6 +150,12 @@ struct CrashSim: ParsableCommand {
         let simulator = try CrashWorkloads.random(seed: seed, opCount: opCount, physicalSectorByteCount: sector, samples: samples,
                                                   compoundEvery: compoundEvery)
         var figures = simulator.figures
+        if let first = simulator.figures.violations.first {
+            // Shrink to a minimal op list that still fails the same invariant (§3.8).
+            let small = CrashWorkloads.shrink(simulator.ops, seed: seed, physicalSectorByteCount: sector,
+                                              invariant: first.invariant, seconds: 60)
+            figures.reproducers.append("seed \(seed) sector \(sector), [\(first.invariant)]: \(simulator.ops.count) ops shrunk to \(small.count): \(small.map(\.description).joined(separator: "; "))")
+        }
         figures.merge(try CrashWorkloads.faultRuns(seed: seed, opCount: opCount, perKind: long ? 8 : 2))
         return figures
     }
@@ -186,6 +192,7 @@ struct CrashSim: ParsableCommand {
             lines.append("VIOLATION \(v)")
             lines.append("  replay: logpool crashsim --replay \(v.state)")
         }
+        for r in f.reproducers { lines.append("MINIMAL WORKLOAD (on the random workloads' test pool) \(r)") }
         print(lines.joined(separator: "\n"))
     }
 

@@ -117,12 +117,14 @@ public struct CrashFigures: Codable, Sendable {
     public var outcomes: [String: Int] = [:]
     /// Coverage marks (§3.8): named recovery and workload events, with hit counts.
     public var marks: [String: Int] = [:]
+    /// Minimal reproducers of failing workloads (shrunk op lists), one line each.
+    public var reproducers: [String] = []
 
     public init() {}
 
     // Open times are summarized (percentiles), not listed, in JSON.
     private enum CodingKeys: String, CodingKey {
-        case crashPoints, generated, unique, recovered, replayedRecordsMax, checkedWrites, violations, violationCounts, outcomes, marks
+        case crashPoints, generated, unique, recovered, replayedRecordsMax, checkedWrites, violations, violationCounts, outcomes, marks, reproducers
     }
 
     /// The marks a long run must hit (§3.8).
@@ -158,6 +160,7 @@ public struct CrashFigures: Codable, Sendable {
         for (k, v) in other.violationCounts { violationCounts[k, default: 0] += v }
         for (k, v) in other.outcomes { outcomes[k, default: 0] += v }
         for (k, v) in other.marks { marks[k, default: 0] += v }
+        reproducers += other.reproducers
     }
 }
 
@@ -295,6 +298,19 @@ public final class CrashSimulator {
         opLog.append(op)
         states.append(record(model))
     }
+
+    /// The same, for a workload of ``Op`` values: they are kept, so a failing workload
+    /// can be shrunk (``CrashWorkloads/shrink(_:seed:physicalSectorByteCount:invariant:seconds:configure:)``).
+    public func opFinished(_ op: Op, model: ReferenceModel) {
+        ops.append(op)
+        opFinished(op.description, model: model)
+    }
+
+    /// The ops of the workload so far, when it recorded them.
+    public private(set) var ops: [Op] = []
+
+    /// An extra check run on every recovered C0-C5 state (tests of the harness itself).
+    public var extraCheck: ((Pool) -> String?)? = nil
 
     /// Everything up to the newest recorded state is durable: call it after an op that
     /// synced, and also before ``opFinished(_:model:)`` of an op during which a sync
@@ -555,6 +571,7 @@ public final class CrashSimulator {
             checkedCount += 1
             let after = try Pool.verify(on: recoveredDevice.fork(), scrubData: checkedCount % scrubEvery == 0 || only != nil)
             if !after.problems.isEmpty { violation(id, "verify-after", "\(after.problems.prefix(3))") }
+            if let problem = extraCheck?(pool) { violation(id, "extra", problem) }
             let again = try Pool.open(on: recoveredDevice.fork())
             if try !Self.equal(contents(of: again), got) { violation(id, "idempotence", "a second open reads different contents") }
             if compoundEvery > 0, id.hash % UInt64(compoundEvery) == 0 || only == id {

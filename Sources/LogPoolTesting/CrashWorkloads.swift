@@ -41,12 +41,7 @@ public enum CrashWorkloads {
         var workload = WorkloadGenerator(seed: seed, weights: .swarm(seed: seed))
         for _ in 0..<opCount {
             let op = workload.next(model)
-            let syncsBefore = device.syncCount
-            try apply(op, to: pool, model: &model)
-            // A sync inside this op made everything before it durable.
-            if device.syncCount > syncsBefore { simulator.madeDurable() }
-            simulator.opFinished(op.description, model: model)
-            if op.isDurabilityPoint { simulator.madeDurable() }
+            try step(op, pool: pool, device: device, model: &model, simulator: simulator)
             if let only, device.syncCount >= only.point { break }
         }
         let problems = pool.internalConsistencyProblems()
@@ -54,6 +49,71 @@ public enum CrashWorkloads {
             throw PoolError.invalidArgument("the live pool of seed \(seed) is inconsistent after the workload: \(problems.prefix(3))")
         }
         return simulator
+    }
+
+    /// Runs one op under the simulator: applies it, records its state and what its
+    /// success made durable.
+    static func step(_ op: Op, pool: Pool, device: SimulatedDevice, model: inout ReferenceModel, simulator: CrashSimulator) throws {
+        let syncsBefore = device.syncCount
+        try apply(op, to: pool, model: &model)
+        // A sync inside this op made everything before it durable.
+        if device.syncCount > syncsBefore { simulator.madeDurable() }
+        simulator.opFinished(op, model: model)
+        if op.isDurabilityPoint { simulator.madeDurable() }
+    }
+
+    /// An explicit op list on the random workloads' test pool of `seed` (shrinking
+    /// replays these). An op that no longer applies once others were dropped (a name
+    /// that does not exist, an offset past a shrunk volume) is skipped: the engine
+    /// refuses it before changing anything.
+    public static func explicit(_ ops: [Op], seed: UInt64, physicalSectorByteCount: Int, samples: Int = 3,
+                                configure: (CrashSimulator) -> Void = { _ in }) throws -> CrashSimulator {
+        var (device, pool, model) = try testPool(seed: seed)
+        let simulator = CrashSimulator(seed: seed, workload: "explicit-\(physicalSectorByteCount)",
+                                       physicalSectorByteCount: physicalSectorByteCount, samples: samples, initial: model)
+        simulator.violationLimit = 1
+        configure(simulator)
+        simulator.attach(to: device)
+        defer { simulator.detach(from: device) }
+        for op in ops {
+            do {
+                try step(op, pool: pool, device: device, model: &model, simulator: simulator)
+            } catch PoolError.notFound, PoolError.exists, PoolError.outOfRange, PoolError.invalidArgument, PoolError.readOnly {
+                continue
+            }
+            if !simulator.figures.violations.isEmpty { break }
+        }
+        return simulator
+    }
+
+    /// Shrinks `ops` to a smaller list whose crash enumeration still shows a violation
+    /// of `invariant` (delta debugging: drop halves, then quarters, ... then single ops,
+    /// while the failure persists). Stops after `seconds`. Returns the smallest list found.
+    public static func shrink(_ ops: [Op], seed: UInt64, physicalSectorByteCount: Int, invariant: String, seconds: Double = 60,
+                              configure: (CrashSimulator) -> Void = { _ in }) -> [Op] {
+        let started = Date()
+        func fails(_ candidate: [Op]) -> Bool {
+            guard let simulator = try? explicit(candidate, seed: seed, physicalSectorByteCount: physicalSectorByteCount, configure: configure)
+            else { return false }
+            return simulator.figures.violations.contains { $0.invariant == invariant }
+        }
+        var current = ops
+        var chunk = max(1, current.count / 2)
+        while chunk >= 1 && Date().timeIntervalSince(started) < seconds {
+            var removed = false
+            var start = 0
+            while start < current.count && Date().timeIntervalSince(started) < seconds {
+                let candidate = Array(current[..<start] + current[min(current.count, start + chunk)...])
+                if !candidate.isEmpty && fails(candidate) {
+                    current = candidate
+                    removed = true
+                } else {
+                    start += chunk
+                }
+            }
+            if !removed { chunk /= 2 }
+        }
+        return current
     }
 
     // MARK: Bounded-exhaustive sequences
@@ -120,13 +180,7 @@ public enum CrashWorkloads {
             var ops: [Op] = []
             if let op = coreOp(parts[0], model: model, counter: counter) { ops.append(op) }
             if parts.count > 1 { ops.append(parts[1] == "sync" ? .sync : .checkpoint) }
-            for op in ops {
-                let syncsBefore = device.syncCount
-                try apply(op, to: pool, model: &model)
-                if device.syncCount > syncsBefore { simulator.madeDurable() }
-                simulator.opFinished(op.description, model: model)
-                if op.isDurabilityPoint { simulator.madeDurable() }
-            }
+            for op in ops { try CrashWorkloads.step(op, pool: pool, device: device, model: &model, simulator: simulator) }
             if let only, device.syncCount >= only.point { break }
         }
         let problems = pool.internalConsistencyProblems()

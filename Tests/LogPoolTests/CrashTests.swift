@@ -77,3 +77,49 @@ struct CrashNearFullTests {
         #expect((figures.marks["pool-full"] ?? 0) > 0, "the workload never hit poolFull")
     }
 }
+
+@Suite("Crash simulation shrinking")
+struct ShrinkTests {
+    /// Goal: a failing workload shrinks to a few ops that still fail. Method: an extra
+    /// check that "fails" whenever a recovered pool holds a clone that was written after
+    /// cloning (it differs from every other volume); a random workload that trips it is
+    /// shrunk, and the result must be small and still trip it.
+    @Test("a failing random workload shrinks to a minimal op list that still fails")
+    func shrink() throws {
+        let check: (Pool) -> String? = { pool in
+            guard let all = try? contents(of: pool) else { return nil }
+            for (name, entry) in all where name.hasPrefix("c") && !entry.isSnapshot {
+                if !all.contains(where: { $0.key != name && $0.value.bytes == entry.bytes }) { return "clone \(name) was written" }
+            }
+            return nil
+        }
+        var found: (seed: UInt64, ops: [Op])? = nil
+        for seed in UInt64(1)...40 {
+            let simulator = try CrashWorkloads.explicit(randomOps(seed: seed, count: 30), seed: seed, physicalSectorByteCount: 512, samples: 1) {
+                $0.extraCheck = check
+            }
+            if !simulator.figures.violations.isEmpty { found = (seed, simulator.ops); break }
+        }
+        let (seed, ops) = try #require(found, "no seed in 1...40 wrote to a clone")
+        let small = CrashWorkloads.shrink(ops, seed: seed, physicalSectorByteCount: 512, invariant: "extra", seconds: 60) {
+            $0.extraCheck = check
+        }
+        print("shrunk seed \(seed) from \(ops.count) to \(small.count) ops: \(small)")
+        #expect(small.count <= 4 && small.count < ops.count, "seed \(seed): \(small)")
+        let again = try CrashWorkloads.explicit(small, seed: seed, physicalSectorByteCount: 512, samples: 1) { $0.extraCheck = check }
+        #expect(again.figures.violations.contains { $0.invariant == "extra" })
+    }
+
+    /// The first `count` ops the random workload of `seed` draws.
+    func randomOps(seed: UInt64, count: Int) -> [Op] {
+        var model = ReferenceModel()
+        model.create("a", size: 16 * 4096)
+        model.create("b", size: 8 * 4096)
+        var generator = WorkloadGenerator(seed: seed, weights: .swarm(seed: seed))
+        return (0..<count).map { _ in
+            let op = generator.next(model)
+            apply(op, to: &model)
+            return op
+        }
+    }
+}
