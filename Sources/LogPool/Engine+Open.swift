@@ -255,8 +255,21 @@ extension Engine {
                 return Array(window.bytes[(position - window.start)..<(position - window.start + count)])
             }
             let length = min(max(count, 64 * 1024), ringByteCount - position)
-            window = (position, try device.read(byteCount: length, at: PoolGeometry.journalByteOffset + UInt64(position)))
+            do {
+                window = (position, try device.read(byteCount: length, at: PoolGeometry.journalByteOffset + UInt64(position)))
+            } catch PoolError.io {
+                // An unreadable sector somewhere in the window: read just what is needed
+                // (if that fails too, the caller stops replay at this record).
+                window = (position, try device.read(byteCount: count, at: PoolGeometry.journalByteOffset + UInt64(position)))
+            }
             return Array(window.bytes[0..<count])
+        }
+        /// An unreadable record ends replay like a damaged one (J-7 then decides whether
+        /// that is a torn tail or damage inside synced space).
+        func unreadable(_ error: PoolError) {
+            stop = "record at ring offset \(position) is unreadable (\(error))"
+            stopAt(position, expected, torn: true)
+            recoveryReport.replayStopKind = .unreadable
         }
         let header = JournalRecordLayout.headerByteCount
         var position = Int(superblock.journalReplayByteOffset)
@@ -290,7 +303,14 @@ extension Engine {
             }
             let fileOffset = PoolGeometry.journalByteOffset + UInt64(position)
             let decodedHeader: JournalRecord.Header
-            let headerBytes = try ringBytes(position, header)
+            let headerBytes: [UInt8]
+            do {
+                headerBytes = try ringBytes(position, header)
+            } catch let error as PoolError {
+                guard case .io = error else { throw error }
+                unreadable(error)
+                break scan
+            }
             do {
                 decodedHeader = try headerBytes.withUnsafeBytes { raw in
                     Result { () throws(CorruptionError) in try JournalRecord.decodeHeader(raw, byteOffset: fileOffset) }
@@ -321,7 +341,14 @@ extension Engine {
                 break scan
             }
             let record: JournalRecord
-            let recordBytes = try ringBytes(position, size)
+            let recordBytes: [UInt8]
+            do {
+                recordBytes = try ringBytes(position, size)
+            } catch let error as PoolError {
+                guard case .io = error else { throw error }
+                unreadable(error)
+                break scan
+            }
             do {
                 record = try JournalRecord.decode(recordBytes, salt: salt, byteOffset: fileOffset)
             } catch {
@@ -399,6 +426,7 @@ extension Engine {
         // The ring is read in 1 MiB windows (it may be large); a candidate record is read
         // whole only when its header decodes.
         var window: (start: Int, bytes: [UInt8]) = (0, [])
+        var smallWindowsUntil = 0
         var position = (recovery.replayStopRingOffset / sector + 1) * sector
         var scanned = 0
         while scanned < ring {
@@ -407,8 +435,20 @@ extension Engine {
             scanned += sector
             guard ring - at >= header else { continue }
             if at < window.start || at + header > window.start + window.bytes.count {
-                guard let bytes = try? device.read(byteCount: min(1 << 20, ring - at), at: PoolGeometry.journalByteOffset + UInt64(at)) else { return nil }
-                window = (at, bytes)
+                // Large windows; around an unreadable sector, 4 KiB and then one sector
+                // at a time (the unreadable sector itself is skipped).
+                let file = PoolGeometry.journalByteOffset + UInt64(at)
+                if at >= smallWindowsUntil, let bytes = try? device.read(byteCount: min(1 << 20, ring - at), at: file) {
+                    window = (at, bytes)
+                } else if let bytes = try? device.read(byteCount: min(4096, ring - at), at: file) {
+                    smallWindowsUntil = max(smallWindowsUntil, at + (1 << 20))
+                    window = (at, bytes)
+                } else if let bytes = try? device.read(byteCount: min(sector, ring - at), at: file) {
+                    smallWindowsUntil = max(smallWindowsUntil, at + (1 << 20))
+                    window = (at, bytes)
+                } else {
+                    continue
+                }
             }
             let local = at - window.start
             let magic = window.bytes.withUnsafeBytes { $0.loadLE(UInt32.self, at: local) }
@@ -486,7 +526,12 @@ extension Engine {
             guard location.storedByteCount > 0, location.storedByteCount <= geometry.blockByteCount,
                   geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
             else { return "block location \(location.byteOffset) is invalid" }
-            let stored = try device.read(byteCount: Int(location.storedByteCount), at: location.byteOffset)
+            let stored: [UInt8]
+            do {
+                stored = try device.read(byteCount: Int(location.storedByteCount), at: location.byteOffset)
+            } catch PoolError.io(let code, _, _) {
+                return "data at byte offset \(location.byteOffset) is unreadable (errno \(code))"
+            }
             if Checksum.xxh3(stored) != location.checksum {
                 return "data at byte offset \(location.byteOffset) fails its checksum (torn batch)"
             }

@@ -313,6 +313,8 @@ public enum ReplayStopKind: String, Sendable, Equatable, CaseIterable {
     case badDataChecksum = "bad-data-checksum"
     /// Every byte of the ring was consumed.
     case endOfRing = "end-of-ring"
+    /// The next record (or the data it names) could not be read (an I/O error).
+    case unreadable = "unreadable"
 }
 
 public struct RecoveryReport: Sendable, Equatable {

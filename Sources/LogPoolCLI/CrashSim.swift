@@ -134,12 +134,12 @@ struct CrashSim: ParsableCommand {
     private func run(_ job: Job, opCount: Int, samples: Int) throws -> CrashFigures {
         switch job {
         case .sequence(let index, let length, let sector):
-            return try CrashWorkloads.sequence(index: index, length: length, physicalSectorByteCount: sector, samples: samples).figures
+            return try CrashWorkloads.sequence(index: index, length: length, physicalSectorByteCount: sector, samples: samples, lyingSync: long).figures
         case .random(let seed, let sector):
             return try runWorkload(seed: seed, sector: sector, opCount: opCount, samples: samples)
         case .nearFull(let seed, let sector):
             return try CrashWorkloads.nearFull(seed: seed, steps: opCount, physicalSectorByteCount: sector,
-                                               samples: samples, compoundEvery: compoundEvery * 4).figures
+                                               samples: samples, compoundEvery: compoundEvery * 4, lyingSync: long).figures
         }
     }
 
@@ -148,7 +148,7 @@ struct CrashSim: ParsableCommand {
     /// over sampled k).
     private func runWorkload(seed: UInt64, sector: Int, opCount: Int, samples: Int) throws -> CrashFigures {
         let simulator = try CrashWorkloads.random(seed: seed, opCount: opCount, physicalSectorByteCount: sector, samples: samples,
-                                                  compoundEvery: compoundEvery)
+                                                  compoundEvery: compoundEvery, lyingSync: long)
         var figures = simulator.figures
         if let first = simulator.figures.violations.first {
             // Shrink to a minimal op list that still fails the same invariant (§3.8).
@@ -176,7 +176,7 @@ struct CrashSim: ParsableCommand {
             "states generated \(f.generatedTotal)   unique \(f.uniqueTotal)",
             "  generated: \(count(f.generated))",
             "  unique:    \(count(f.unique))",
-            "recovery ok \(f.outcomes["ok"] ?? 0)   corrupt reported (C6/C7) \(f.outcomes["corrupt-reported"] ?? 0)   newest synced batch lost to damage (C6/C7, unprovable) \(f.outcomes["lost-last-synced-batch"] ?? 0)",
+            "recovery ok \(f.outcomes["ok"] ?? 0)   corrupt reported (C6/C7/C12) \(f.outcomes["corrupt-reported"] ?? 0)   newest synced batch lost to damage (C6/C7, unprovable) \(f.outcomes["lost-last-synced-batch"] ?? 0)",
             String(format: "  open p50 %.2f ms  p99 %.2f ms  max %.2f ms   replayed records max %d",
                    out.openMillisecondsP50, out.openMillisecondsP99, out.openMillisecondsMax, f.replayedRecordsMax),
             "violations \(f.violationCounts.values.reduce(0, +)): " + ["open", "prefix", "durability", "silent-wrong-data", "generation", "invariants", "verify-before", "verify-after", "idempotence", "fail-stop"]
@@ -219,12 +219,12 @@ struct CrashSim: ParsableCommand {
         let samples = max(3, id.index + 1)
         let simulator = id.workload.hasPrefix("seq")
             ? try CrashWorkloads.sequence(index: id.seed, length: Int(String(id.workload.dropFirst(3).prefix(1))) ?? 1,
-                                          physicalSectorByteCount: sector, samples: samples, only: id) { found.append($0) }
+                                          physicalSectorByteCount: sector, samples: samples, lyingSync: long, only: id) { found.append($0) }
             : id.workload.hasPrefix("random")
             ? try CrashWorkloads.random(seed: id.seed, opCount: ops ?? 100_000, physicalSectorByteCount: sector,
-                                        samples: samples, compoundEvery: compoundEvery, only: id) { found.append($0) }
+                                        samples: samples, compoundEvery: compoundEvery, lyingSync: long, only: id) { found.append($0) }
             : try CrashWorkloads.nearFull(seed: id.seed, steps: ops ?? 100_000, physicalSectorByteCount: sector,
-                                          samples: samples, compoundEvery: compoundEvery * 4, only: id) { found.append($0) }
+                                          samples: samples, compoundEvery: compoundEvery * 4, lyingSync: long, only: id) { found.append($0) }
         guard simulator.figures.generatedTotal > 0 else {
             throw PoolError.notFound("crash state \(id): the workload never reached that crash point or index")
         }
@@ -239,6 +239,11 @@ struct CrashSim: ParsableCommand {
         print("state \(id): \(found.isEmpty ? "all invariants hold" : "\(found.count) violations")")
         print("ops before the crash point: \(simulator.opLog.joined(separator: "; "))")
         for v in found { print("VIOLATION [\(v.invariant)] \(v.detail)") }
+        if let first = found.first, id.workload.hasPrefix("random") {
+            let small = CrashWorkloads.shrink(simulator.ops, seed: id.seed, physicalSectorByteCount: sector,
+                                              invariant: first.invariant, seconds: 120)
+            print("minimal workload (\(simulator.ops.count) ops shrunk to \(small.count), on the random workloads' test pool of seed \(id.seed)): \(small.map(\.description).joined(separator: "; "))")
+        }
         print("crash image written to \(imagePath)")
         if !found.isEmpty { throw ExitCode(1) }
     }

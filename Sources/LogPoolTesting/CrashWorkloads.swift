@@ -28,13 +28,14 @@ public enum CrashWorkloads {
     /// geometry (4 KiB blocks, 64 KiB segments; LZ4 for even seeds), with crash states
     /// enumerated at every sync after the pool is made. Returns the simulator with its
     /// figures. `only` restricts the run to one state (replay).
-    public static func random(seed: UInt64, opCount: Int, physicalSectorByteCount: Int, samples: Int = 3, compoundEvery: Int = 0,
+    public static func random(seed: UInt64, opCount: Int, physicalSectorByteCount: Int, samples: Int = 3, compoundEvery: Int = 0, lyingSync: Bool = false,
                               only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
         var (device, pool, model) = try testPool(seed: seed)
         let simulator = CrashSimulator(seed: seed, workload: randomName(physicalSectorByteCount: physicalSectorByteCount),
                                        physicalSectorByteCount: physicalSectorByteCount, samples: samples, initial: model)
         simulator.only = only
         simulator.onViolation = onViolation
+        simulator.lyingSync = lyingSync
         simulator.compoundEvery = compoundEvery
         simulator.attach(to: device)
         defer { simulator.detach(from: device) }
@@ -55,6 +56,9 @@ public enum CrashWorkloads {
     /// success made durable.
     static func step(_ op: Op, pool: Pool, device: SimulatedDevice, model: inout ReferenceModel, simulator: CrashSimulator) throws {
         let syncsBefore = device.syncCount
+        var after = model
+        apply(op, to: &after)
+        simulator.opStarting(after)
         try apply(op, to: pool, model: &model)
         // A sync inside this op made everything before it durable.
         if device.syncCount > syncsBefore { simulator.madeDurable() }
@@ -75,7 +79,7 @@ public enum CrashWorkloads {
         configure(simulator)
         simulator.attach(to: device)
         defer { simulator.detach(from: device) }
-        for op in ops {
+        for op in ops where isApplicable(op, to: model) {
             do {
                 try step(op, pool: pool, device: device, model: &model, simulator: simulator)
             } catch PoolError.notFound, PoolError.exists, PoolError.outOfRange, PoolError.invalidArgument, PoolError.readOnly {
@@ -149,7 +153,7 @@ public enum CrashWorkloads {
     /// CRASH-TESTING §3.7): a pool with "a" and "b" (4 blocks each, written and synced)
     /// and a snapshot "s0" of "b", then each step's op and its follower, with crash
     /// states enumerated at every sync. The id's seed is the sequence index.
-    public static func sequence(index: UInt64, length: Int, physicalSectorByteCount: Int, samples: Int = 3,
+    public static func sequence(index: UInt64, length: Int, physicalSectorByteCount: Int, samples: Int = 3, lyingSync: Bool = false,
                                 only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
         let device = SimulatedDevice(byteCount: 8 << 20)
         let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10,
@@ -171,6 +175,7 @@ public enum CrashWorkloads {
                                        physicalSectorByteCount: physicalSectorByteCount, samples: samples, initial: model)
         simulator.only = only
         simulator.onViolation = onViolation
+        simulator.lyingSync = lyingSync
         simulator.attach(to: device)
         defer { simulator.detach(from: device) }
         var counter = 0
@@ -224,7 +229,7 @@ public enum CrashWorkloads {
     /// compactions run with crash states enumerated at every sync. An op that throws
     /// `poolFull` must change nothing (invariant 10: the model is not changed, and the
     /// next state must still match).
-    public static func nearFull(seed: UInt64, steps: Int, physicalSectorByteCount: Int, samples: Int = 3, compoundEvery: Int = 0,
+    public static func nearFull(seed: UInt64, steps: Int, physicalSectorByteCount: Int, samples: Int = 3, compoundEvery: Int = 0, lyingSync: Bool = false,
                                 only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
         let device = SimulatedDevice(byteCount: 8 << 20)
         let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10, compression: .none)
@@ -249,6 +254,7 @@ public enum CrashWorkloads {
                                        physicalSectorByteCount: physicalSectorByteCount, samples: samples, initial: model)
         simulator.only = only
         simulator.onViolation = onViolation
+        simulator.lyingSync = lyingSync
         simulator.scrubEvery = 8
         simulator.compoundEvery = compoundEvery
         simulator.attach(to: device)
@@ -267,15 +273,24 @@ public enum CrashWorkloads {
                     let data = pattern(4096 * Int.random(in: 1...3, using: &generator), seed: seed &* 1000 &+ UInt64(step))
                     let offset = min(block * 4096, written - data.count)
                     label = "write(v, \(offset), \(data.count))"
+                    var after = model
+                    after.write("v", at: offset, data)
+                    simulator.opStarting(after)
                     try pool.openVolume(name: "v").write(at: UInt64(offset), from: data)
                     model.write("v", at: offset, data)
                 } else if roll < 78, model.volumes["s"] != nil {
                     label = "delete(s)"
+                    var after = model
+                    after.delete("s")
+                    simulator.opStarting(after)
                     try pool.delete(name: "s")
                     model.delete("s")
                 } else if roll < 85 {
                     let offset = Int.random(in: 0..<(written / 4096), using: &generator) * 4096
                     label = "discard(v, \(offset), 8192)"
+                    var after = model
+                    after.discard("v", at: offset, length: 8192)
+                    simulator.opStarting(after)
                     try pool.openVolume(name: "v").discard(at: UInt64(offset), length: 8192)
                     model.discard("v", at: offset, length: 8192)
                 } else if roll < 92 {

@@ -147,6 +147,24 @@ public func apply(_ op: Op, to model: inout ReferenceModel) {
     }
 }
 
+/// Whether `op` makes sense for `model` (names exist or are free, ranges inside the
+/// volume, no write to a snapshot): the ops a shrunk workload keeps may not.
+public func isApplicable(_ op: Op, to model: ReferenceModel) -> Bool {
+    func writable(_ name: String) -> ReferenceModel.Entry? {
+        guard let entry = model.volumes[name], !entry.isSnapshot else { return nil }
+        return entry
+    }
+    switch op {
+    case .write(let v, let o, let d): return writable(v).map { o >= 0 && o + d.count <= $0.bytes.count } ?? false
+    case .discard(let v, let o, let n): return writable(v).map { o >= 0 && n > 0 && o + n <= $0.bytes.count } ?? false
+    case .snapshot(let s, let n), .clone(let s, let n): return model.volumes[s] != nil && model.volumes[n] == nil
+    case .delete(let n): return model.volumes[n] != nil
+    case .rename(let a, let b): return model.volumes[a] != nil && model.volumes[b] == nil
+    case .resize(let v, let n): return writable(v) != nil && n > 0
+    case .sync, .checkpoint, .compact: return true
+    }
+}
+
 /// A model holding exactly `contents` (what ``contents(of:)`` read from a pool).
 public func model(of contents: [String: ReferenceModel.Entry]) -> ReferenceModel {
     var model = ReferenceModel()

@@ -37,7 +37,9 @@ struct CompressionAndAtomicityTests {
         let v = try pool.createVolume(name: "v", size: 2 << 20)
         let old = pattern(2 << 20, seed: 1)
         try v.write(at: 0, from: old)
-        try pool.sync()
+        // A checkpoint, not just a sync: media damage (C7) to a batch synced before the
+        // simulator attached would be the unprovable newest batch (FORMAT J-7).
+        try pool.checkpoint()
         var new = old
         let data = pattern(1 << 20, seed: 9)
         new.replaceSubrange(1234..<(1234 + (1 << 20)), with: data)
@@ -49,7 +51,7 @@ struct CompressionAndAtomicityTests {
         simulator.attach(to: device)
         try v.write(at: 1234, from: data)
         try pool.sync()
-        device.beforeSync = nil
+        simulator.detach(from: device)
         let figures = simulator.figures
         #expect(figures.violations.isEmpty, "\(figures.violations.map(\.description).joined(separator: "\n"))")
         #expect(figures.uniqueTotal >= 5)

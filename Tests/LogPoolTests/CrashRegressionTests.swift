@@ -103,6 +103,56 @@ struct CrashRegressionTests {
         #expect(!damaged.problems.contains { $0.severity == .error }, "\(damaged.problems)")
     }
 
+    /// v1:7:random-4096:63:prefix:52 (found by the first --long run, shrunk from 192 ops
+    /// to these 17). The engine syncs on its own after a record once a batch passes its
+    /// bound (J-7), so a crash at that sync may keep the whole op in progress. The
+    /// simulator only accepted states of finished ops; it now also accepts the state
+    /// the op in progress leaves (invariant 2: p ≤ the last op issued).
+    @Test("v1:7:random-4096:63:prefix:52: a crash at a sync an op makes on its own may keep that op")
+    func syncInsideAnOp() throws {
+        func data(_ n: Int, _ s: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ s &* 13 &+ ($0 >> 9)) } }
+        let ops: [Op] = [
+            .resize("b", 81920), .write("b", 0, data(65536, 1)), .write("b", 3859, data(65536, 2)), .write("b", 12288, data(65536, 3)),
+            .write("a", 13064, data(12288, 4)), .resize("a", 94208), .write("a", 26836, data(100, 5)), .write("a", 16266, data(65536, 6)),
+            .write("b", 20480, data(1, 7)), .write("b", 4096, data(65536, 8)), .write("b", 51046, data(5000, 9)), .write("b", 8192, data(65536, 10)),
+            .write("a", 77824, data(5000, 11)), .write("b", 53248, data(100, 12)), .discard("a", 31553, 21838), .write("b", 6229, data(65536, 13)),
+            .write("a", 49152, data(100, 14)),
+        ]
+        let simulator = try CrashWorkloads.explicit(ops, seed: 7, physicalSectorByteCount: 4096)
+        #expect(simulator.figures.violations.isEmpty, "\(simulator.figures.violations)")
+        #expect(simulator.figures.crashPoints >= 1 && simulator.figures.uniqueTotal > 20, "the ops no longer reach an internal sync")
+    }
+
+    /// v1:2:random-512:126:media:7 (first --long run). An unreadable sector in the
+    /// journal ring ahead of the records made replay's 64 KiB read window fail, so open
+    /// (and verify) failed with an I/O error although every record it needed was
+    /// readable. Replay now reads just the record when a window fails, an unreadable
+    /// record ends replay like a damaged one (J-7 decides torn tail or corrupt), and the
+    /// synced-damage scan steps around unreadable sectors.
+    @Test("v1:2:random-512:126:media:7: an unreadable journal sector ahead of the records does not stop recovery")
+    func unreadableJournalSector() throws {
+        let (pool, device) = try makePool()
+        var model = try populate(pool)
+        try pool.checkpoint()
+        try pool.openVolume(name: "v").write(at: 0, from: pattern(4096, seed: 5))
+        model.write("v", at: 0, pattern(4096, seed: 5))
+        try pool.sync()
+        let start = try firstRecordOffset(device.durable)
+        // A sector 20 KiB past the records: inside the 64 KiB window, needed by nothing.
+        let ahead = OverlayDevice(base: device.durable)
+        ahead.unreadableSectors = [(start + 20 * 1024) / 512]
+        let recovered = try Pool.open(on: ahead)
+        try expectMatches(recovered, model)
+        let report = try Pool.verify(on: ahead.fork(), scrubData: true)
+        #expect(report.isClean, "\(report.problems)")
+        // The record itself unreadable: replay stops before it (the newest batch: a
+        // torn tail), reported as unreadable, never an I/O error out of open.
+        let onRecord = OverlayDevice(base: device.durable)
+        onRecord.unreadableSectors = [start / 512]
+        let stopped = try Pool.open(on: onRecord, mode: .readOnly)
+        #expect(stopped.recoveryReport.replayStopKind == .unreadable, "\(stopped.recoveryReport.replayStopReason)")
+    }
+
     /// The ring offset (in the file) of the first journal record after the chosen
     /// slot's replay start.
     private func firstRecordOffset(_ image: [UInt8]) throws -> Int {
