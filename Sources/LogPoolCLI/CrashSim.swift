@@ -105,6 +105,13 @@ struct CrashSim: ParsableCommand {
             printFigures(out)
         }
         if !figures.violations.isEmpty { throw ExitCode(1) }
+        // The long run must reach every recovery path it is meant to test (§3.8).
+        let unhit = CrashFigures.requiredMarks.filter { (figures.marks[$0] ?? 0) == 0 }
+        if long && !unhit.isEmpty {
+            var err = StandardError()
+            print("logpool: error: coverage marks never hit in a --long run: \(unhit.joined(separator: ", "))", to: &err)
+            throw ExitCode(1)
+        }
     }
 
     /// One workload of the run.

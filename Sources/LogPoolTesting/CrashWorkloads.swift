@@ -421,6 +421,7 @@ public enum CrashWorkloads {
             device.failWritePersistent = true
         case .fsyncError:
             device.failSyncAt = device.syncCount + k
+            device.failSyncKeepSeed = seed &* 31 &+ UInt64(k)
         }
         var workload = WorkloadGenerator(seed: seed, weights: .swarm(seed: seed))
         var violations: [String] = []

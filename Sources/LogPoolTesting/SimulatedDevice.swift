@@ -27,8 +27,12 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
     /// damage class picks its targets here: damage to never-written space is invisible).
     public private(set) var touchedSectors: [Int] = []
     private var touched = Set<Int>()
-    /// When set, the sync with this ordinal fails with EIO and drops all pending writes.
+    /// When set, the sync with this ordinal fails with EIO and drops the pending writes.
     public var failSyncAt: Int? = nil
+    /// When set, the failing sync lets a seeded random subset of the pending writes reach
+    /// the disk before dropping the rest (fsyncgate: some pages were written back, the
+    /// failed ones are forgotten, and the next sync would succeed).
+    public var failSyncKeepSeed: UInt64? = nil
 
     public init(byteCount: Int) {
         durable = [UInt8](repeating: 0, count: byteCount)
@@ -91,7 +95,14 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
         beforeSync?(self)
         syncCount += 1
         if let failAt = failSyncAt, syncCount == failAt {
-            // fsyncgate: the kernel dropped the dirty pages; reads now see the old bytes.
+            // fsyncgate: the kernel dropped the dirty pages it could not write; reads now
+            // see what reached the disk.
+            if let keep = failSyncKeepSeed {
+                var generator = SeededGenerator(seed: keep)
+                for write in pending where Bool.random(using: &generator) {
+                    durable.replaceSubrange(write.byteOffset..<write.byteOffset + write.bytes.count, with: write.bytes)
+                }
+            }
             pending.removeAll()
             current = durable
             throw PoolError.io(errno: 5, operation: "simulated fdatasync failure", byteOffset: 0)
