@@ -264,12 +264,18 @@ extension Engine {
             }
             return Array(window.bytes[0..<count])
         }
-        /// An unreadable record ends replay like a damaged one (J-7 then decides whether
-        /// that is a torn tail or damage inside synced space).
-        func unreadable(_ error: PoolError) {
-            stop = "record at ring offset \(position) is unreadable (\(error))"
-            stopAt(position, expected, torn: true)
-            recoveryReport.replayStopKind = .unreadable
+        /// The `count` bytes at `position`, or nil when they cannot be read: an unreadable
+        /// record ends replay like a damaged one (J-7 then decides whether that is a torn
+        /// tail or damage inside synced space).
+        func recordBytes(_ count: Int) throws -> [UInt8]? {
+            do {
+                return try ringBytes(position, count)
+            } catch PoolError.io(let code, let operation, let at) {
+                stop = "record at ring offset \(position) is unreadable (\(operation), errno \(code), byte offset \(at))"
+                stopAt(position, expected, torn: true)
+                recoveryReport.replayStopKind = .unreadable
+                return nil
+            }
         }
         let header = JournalRecordLayout.headerByteCount
         var position = Int(superblock.journalReplayByteOffset)
@@ -303,14 +309,7 @@ extension Engine {
             }
             let fileOffset = PoolGeometry.journalByteOffset + UInt64(position)
             let decodedHeader: JournalRecord.Header
-            let headerBytes: [UInt8]
-            do {
-                headerBytes = try ringBytes(position, header)
-            } catch let error as PoolError {
-                guard case .io = error else { throw error }
-                unreadable(error)
-                break scan
-            }
+            guard let headerBytes = try recordBytes(header) else { break scan }
             do {
                 decodedHeader = try headerBytes.withUnsafeBytes { raw in
                     Result { () throws(CorruptionError) in try JournalRecord.decodeHeader(raw, byteOffset: fileOffset) }
@@ -341,16 +340,9 @@ extension Engine {
                 break scan
             }
             let record: JournalRecord
-            let recordBytes: [UInt8]
+            guard let bytes = try recordBytes(size) else { break scan }
             do {
-                recordBytes = try ringBytes(position, size)
-            } catch let error as PoolError {
-                guard case .io = error else { throw error }
-                unreadable(error)
-                break scan
-            }
-            do {
-                record = try JournalRecord.decode(recordBytes, salt: salt, byteOffset: fileOffset)
+                record = try JournalRecord.decode(bytes, salt: salt, byteOffset: fileOffset)
             } catch {
                 stop = "torn or damaged record at ring offset \(position) (\(error.detail))"
                 stopAt(position, expected, torn: true)
