@@ -480,6 +480,23 @@ public final class CrashSimulator {
                     }
                     return (result, [])
                 }
+                // C6 of an earlier epoch (index samples + k): a write the last sync made
+                // durable had landed elsewhere; its target keeps the bytes it held
+                // before. The pending epoch is then lost or whole.
+                if figures.crashPoints >= 2 && !device.previousEpoch.isEmpty {
+                    addDamaged(.misdirect, samples + k) { generator in
+                        let previous = device.previousEpoch
+                        let write = previous[Int.random(in: 0..<previous.count, using: &generator)]
+                        var result: Patches = [(write.byteOffset, write.before)]
+                        if let target = misdirectTarget((write.byteOffset, write.bytes), geometry: geometry, &generator) {
+                            result.append((target, write.bytes))
+                        }
+                        if Bool.random(using: &generator) {
+                            result += patches((0..<n).map(whole), &generator, garbleEdges: false)
+                        }
+                        return (result, [])
+                    }
+                }
             }
             // C12: the previous sync lied. Revert a random subset of its writes to the
             // bytes before them, then keep a random subset of the pending writes.
@@ -682,7 +699,10 @@ public final class CrashSimulator {
                 violation(id, "verify-after", "\(error)")
             }
         } else if match(got, digest: digest, in: previousDurableIndex..<durableIndex) != nil,
-                  pool.recoveryReport.replayStopKind != .cleanEnd || pool.recoveryReport.otherSlotProblem != nil {
+                  pool.recoveryReport.replayStopKind != .cleanEnd || pool.recoveryReport.otherSlotProblem != nil
+                    || (id.crashClass == .misdirect && id.index >= samples) {
+            // (A misdirected write of the newest synced batch can leave zeros where its
+            // records were: a clean end, as unprovable as a torn tail.)
             // Damage to the newest synced batch looks exactly like a torn tail: no later
             // record proves the batch was synced. Counted, not a violation.
             figures.outcomes["lost-last-synced-batch", default: 0] += 1
