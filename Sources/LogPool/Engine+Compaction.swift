@@ -115,8 +115,11 @@ extension Engine {
             let trialRewrite = nodesToRewrite(victims: trialVictims, movedIDs: trialMoving.map(\.0))
             let written = trialMoving.reduce(UInt64(0)) { $0 + alignedByteCount($1.1) }
                 + UInt64(trialRewrite.count) * UInt64(PoolGeometry.pageByteCount)
+            // A sync the engine makes on its own inside the batch (the J-7 bound, after a
+            // relocate record) moves the append point to the next 4 KiB boundary.
+            let syncWaste = (written / maxBatchDataByteCount + 2) * UInt64(PoolGeometry.durableAlignmentByteCount)
             // Holes inside victims are not room: copies must land outside them.
-            guard written + fixed + usableHoleByteCount(in: trialVictims) <= room else { break }
+            guard written + fixed + syncWaste + usableHoleByteCount(in: trialVictims) <= room else { break }
             victims = trialVictims
             moving = trialMoving
             rewrite = trialRewrite

@@ -34,8 +34,10 @@ extension Engine {
     /// A mounted (crashed) pool whose replay stops inside synced space (a later record
     /// proves the lost ones were synced: media damage or a misdirected write, never a
     /// crash) is `corrupt(journal record)`, not silently truncated like a torn tail.
-    /// `salvage` (verify's read-only look) replays up to the damage instead, so the
-    /// checker can report it with everything else.
+    /// A read-only open replays up to the damage and reports it in `recoveryReport`
+    /// (`syncedJournalDamage`); `salvage` does the same read-write: the operator accepts
+    /// losing the synced records after the damage (the recovery checkpoint commits
+    /// without them).
     static func open(device: BlockDevice, readOnly: Bool, salvage: Bool = false) throws -> Engine {
         let size = try device.byteCount()
         let slotsEnd = PoolGeometry.superblockSlotByteOffsets[1] + UInt64(PoolGeometry.superblockByteCount)
@@ -78,12 +80,21 @@ extension Engine {
         // crashed still has room to recover.
         engine.rebuildHoles()
         try engine.replayJournal()
-        if !salvage, sb.isMounted, engine.recoveryReport.replayStopKind != .endOfRing,
+        // A cleanly closed slot has nothing to replay, unless replay chained into the
+        // next epoch (its slot damaged): check then too.
+        if sb.isMounted || engine.superblock.generation != sb.generation, engine.recoveryReport.replayStopKind != .endOfRing,
            let lost = engine.laterSyncedRecord() {
             let report = engine.recoveryReport
-            throw PoolError.corrupt(
-                structure: "journal record", byteOffset: PoolGeometry.journalByteOffset + UInt64(report.replayStopRingOffset),
-                detail: "replay stops at sequence \(report.replayStopSequence) (\(report.replayStopReason)), but record \(lost.sequence) at byte offset \(lost.byteOffset) was written after records up to \(lost.durable - 1) had been synced: synced changes are damaged, not a torn tail")
+            let detail = "replay stops at sequence \(report.replayStopSequence) (\(report.replayStopReason)), but record \(lost.sequence) at byte offset \(lost.byteOffset) was written after records up to \(lost.durable - 1) had been synced: synced changes are damaged, not a torn tail"
+            if readOnly || salvage {
+                // Read what precedes the damage; nothing is written, nothing is lost.
+                engine.recoveryReport.findings.append("journal damaged inside synced space: \(detail)")
+                engine.recoveryReport.syncedJournalDamage = true
+            } else {
+                throw PoolError.corrupt(structure: "journal record",
+                                        byteOffset: PoolGeometry.journalByteOffset + UInt64(report.replayStopRingOffset),
+                                        detail: detail + " (open read-only to read what precedes it, or with acceptJournalLoss to keep the pool without the damaged records)")
+            }
         }
         engine.liveBlockCount = engine.refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
         engine.rebuildFreeSegmentList()

@@ -339,6 +339,9 @@ public struct RecoveryReport: Sendable, Equatable {
     /// whose copies did not verify (the move is discarded, the blocks stay put).
     public var replayedRelocateCount = 0
     public var discardedRelocate = false
+    /// Replay stopped inside synced space (FORMAT J-7): a read-only open, or a
+    /// read-write one that accepted the loss, replayed only up to the damage.
+    public var syncedJournalDamage = false
     /// Segment headers a read-write open rewrote (lost or garbled by the crash).
     public var rewrittenSegmentHeaders = 0
     /// Problems found comparing stored with rebuilt figures; each was repaired in memory.

@@ -123,10 +123,15 @@ public final class Pool: @unchecked Sendable {
     ///
     /// `.readWrite` takes an exclusive lock, `.readOnly` a shared one: a second writer gets
     /// ``PoolError/inUse(_:)``. Damage is ``PoolError/corrupt(structure:byteOffset:detail:)``.
-    public static func open(at path: String, mode: OpenMode = .readWrite) throws -> Pool {
+    ///
+    /// A pool whose journal is damaged inside synced space (FORMAT J-7) opens read-only
+    /// (reading what precedes the damage, `recoveryReport.syncedJournalDamage`) but not
+    /// read-write, unless `acceptJournalLoss`: then recovery commits without the synced
+    /// records after the damage, which are lost for good.
+    public static func open(at path: String, mode: OpenMode = .readWrite, acceptJournalLoss: Bool = false) throws -> Pool {
         let device = try FileDevice(path: path, mode: mode)
         do {
-            let engine = try Engine.open(device: device, readOnly: mode == .readOnly)
+            let engine = try Engine.open(device: device, readOnly: mode == .readOnly, salvage: acceptJournalLoss)
             return Pool(engine: engine, fileDevice: device, path: path)
         } catch {
             device.closeDescriptor()
@@ -135,8 +140,8 @@ public final class Pool: @unchecked Sendable {
     }
 
     /// Opens a pool on any device.
-    public static func open(on device: BlockDevice, mode: OpenMode = .readWrite) throws -> Pool {
-        Pool(engine: try Engine.open(device: device, readOnly: mode == .readOnly), fileDevice: nil, path: nil)
+    public static func open(on device: BlockDevice, mode: OpenMode = .readWrite, acceptJournalLoss: Bool = false) throws -> Pool {
+        Pool(engine: try Engine.open(device: device, readOnly: mode == .readOnly, salvage: acceptJournalLoss), fileDevice: nil, path: nil)
     }
 
     private static func makeGeometry(capacity: UInt64, blockSize: Int, segmentSize: Int?) throws -> PoolGeometry {

@@ -177,7 +177,7 @@ extension Pool {
         // after it, that would discard them. That is the operator's call, not repair's.
         if before.problems.contains(where: { $0.code == "journal-synced-damage" }) {
             return RepairReport(before: before, after: before, changes: [
-                "not repaired: the journal is damaged inside synced space, and committing would discard the synced records after the damage; copy the pool file, then open it read-write to accept that loss"])
+                "not repaired: the journal is damaged inside synced space, and committing would discard the synced records after the damage; a read-only open reads what precedes it; to keep the pool without those records, copy the file, then open the copy with acceptJournalLoss"])
         }
         var changes: [String] = []
         do {

@@ -32,10 +32,10 @@ struct CrashSim: ParsableCommand {
     }
 
     func run() throws {
+        if let ops, ops < 1 || ops > 100_000 { throw PoolError.invalidArgument("--ops must be 1...100000, not \(ops)") }
         if let replay { return try replayState(replay) }
         guard budget > 0, budget <= 86_400 else { throw PoolError.invalidArgument("--budget must be 0...86400 seconds") }
         let opCount = ops ?? (long ? 300 : 60)
-        guard opCount >= 1, opCount <= 100_000 else { throw PoolError.invalidArgument("--ops must be 1...100000") }
         let samples = long ? 16 : 3
         let started = Date()
         var figures = CrashFigures()
@@ -83,7 +83,18 @@ struct CrashSim: ParsableCommand {
                 results.set(j, Result { try run(batch[j], opCount: opCount, samples: samples) })
             }
             for (j, result) in results.all.enumerated() {
-                let workloadFigures = try result.get()
+                let workloadFigures: CrashFigures
+                do {
+                    workloadFigures = try result.get()
+                } catch {
+                    // A workload that cannot even run (its live pool refused an op it
+                    // should take, or turned inconsistent) is a violation of its own.
+                    var failed = CrashFigures()
+                    let id = CrashStateID(seed: batch[j].seed, workload: batch[j].kind, point: 1, crashClass: .none, index: 0)
+                    failed.violations = [CrashViolation(state: id, invariant: "workload", detail: "\(batch[j]): \(error)")]
+                    failed.violationCounts = ["workload": 1]
+                    workloadFigures = failed
+                }
                 figures.merge(workloadFigures)
                 workloads += 1
                 counts[batch[j].kind, default: 0] += 1
@@ -119,6 +130,13 @@ struct CrashSim: ParsableCommand {
         case sequence(index: UInt64, length: Int, sector: Int)
         case random(seed: UInt64, sector: Int)
         case nearFull(seed: UInt64, sector: Int)
+
+        var seed: UInt64 {
+            switch self {
+            case .sequence(let index, _, _): index
+            case .random(let seed, _), .nearFull(let seed, _): seed
+            }
+        }
 
         var kind: String {
             switch self {
@@ -197,7 +215,7 @@ struct CrashSim: ParsableCommand {
         ]
         for v in f.violations {
             lines.append("VIOLATION \(v)")
-            lines.append("  replay: logpool crashsim --replay \(v.state)")
+            lines.append("  replay: logpool crashsim --replay \(v.state)\(long ? " --long" : "")")
         }
         for r in f.reproducers { lines.append("MINIMAL WORKLOAD (on the random workloads' test pool) \(r)") }
         print(lines.joined(separator: "\n"))
@@ -223,15 +241,16 @@ struct CrashSim: ParsableCommand {
             throw PoolError.invalidArgument("crash state \(id): class \(id.crashClass.rawValue) has no variant \(id.index)")
         }
         var found: [CrashViolation] = []
-        let samples = max(3, id.index + 1)
+        let samples = max(long ? 16 : 3, id.index % CrashSimulator.earlierEpochIndexBase + 1)
+        let lyingSync = long || id.crashClass == .lyingSync
         let simulator = id.workload.hasPrefix("seq")
             ? try CrashWorkloads.sequence(index: id.seed, length: Int(String(id.workload.dropFirst(3).prefix(1))) ?? 1,
-                                          physicalSectorByteCount: sector, samples: samples, lyingSync: long, only: id) { found.append($0) }
+                                          physicalSectorByteCount: sector, samples: samples, lyingSync: lyingSync, only: id) { found.append($0) }
             : id.workload.hasPrefix("random")
             ? try CrashWorkloads.random(seed: id.seed, opCount: ops ?? 100_000, physicalSectorByteCount: sector,
-                                        samples: samples, compoundEvery: compoundEvery, lyingSync: long, only: id) { found.append($0) }
+                                        samples: samples, compoundEvery: compoundEvery, lyingSync: lyingSync, only: id) { found.append($0) }
             : try CrashWorkloads.nearFull(seed: id.seed, steps: ops ?? 100_000, physicalSectorByteCount: sector,
-                                          samples: samples, compoundEvery: compoundEvery * 4, lyingSync: long, only: id) { found.append($0) }
+                                          samples: samples, compoundEvery: compoundEvery * 4, lyingSync: lyingSync, only: id) { found.append($0) }
         guard simulator.figures.generatedTotal > 0 else {
             throw PoolError.notFound("crash state \(id): the workload never reached that crash point or index")
         }

@@ -66,23 +66,31 @@ struct Torture: ParsableCommand {
             child.standardError = stderrPipe
             try child.run()
             usleep(useconds_t(Int.random(in: 1...maxKillMilliseconds, using: &timing) * 1000))
+            var killedByUs = false
             if child.isRunning {
-                kill(child.processIdentifier, SIGKILL)
+                killedByUs = kill(child.processIdentifier, SIGKILL) == 0
+            }
+            child.waitUntilExit()
+            if killedByUs && child.terminationReason == .uncaughtSignal && child.terminationStatus == SIGKILL {
                 figures.killed += 1
             } else {
                 figures.exitedBeforeKill += 1
             }
-            child.waitUntilExit()
             let childError = String(decoding: stderrPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            if child.terminationReason == .exit && child.terminationStatus != 0 {
-                figures.violations.append("iteration \(figures.iterations) (seed \(iterationSeed)): the child failed: \(childError.prefix(300))")
+            // A child that failed, or died of a signal we did not send (a trap is SIGILL
+            // or SIGTRAP), is a violation.
+            let diedOnItsOwn = child.terminationReason == .uncaughtSignal && !(killedByUs && child.terminationStatus == SIGKILL)
+            if (child.terminationReason == .exit && child.terminationStatus != 0) || diedOnItsOwn {
+                figures.violations.append("iteration \(figures.iterations) (seed \(iterationSeed)): the child \(diedOnItsOwn ? "died of signal \(child.terminationStatus)" : "failed with status \(child.terminationStatus)"): \(childError.prefix(300))")
                 break
             }
             do {
                 state = try check(iteration: figures.iterations, seed: iterationSeed, path: path, logPath: logPath,
                                   from: state, figures: &figures)
             } catch {
+                // Later iterations would start from a state the model cannot describe.
                 figures.violations.append("iteration \(figures.iterations) (seed \(iterationSeed)): \(error)")
+                break
             }
             if !json && figures.iterations % 20 == 0 {
                 print("torture: \(figures.iterations) iterations, \(figures.violations.count) violations", to: &err)

@@ -279,6 +279,10 @@ public final class CrashSimulator {
     private var previousDurableIndex = 0
     /// A sync with pending writes was seen since `durableIndex` last moved.
     private var batchSeen = false
+    /// Byte ranges of the writes synced since `durableIndex` last moved, and of those
+    /// synced before that back to `previousDurableIndex`: the newest synced batch.
+    private var currentBatchRanges: [Range<Int>] = []
+    private var newestBatchRanges: [Range<Int>] = []
     public private(set) var opLog: [String] = []
     private var seenImages = Set<UInt64>()
     /// In replay mode (`only` set): the crash image of that state, for writing to a file.
@@ -343,7 +347,11 @@ public final class CrashSimulator {
     public func madeDurable() {
         guard states.count - 1 > durableIndex else { return }
         // Only a sync that wrote something starts a new "newest synced batch".
-        if batchSeen { previousDurableIndex = durableIndex }
+        if batchSeen {
+            previousDurableIndex = durableIndex
+            newestBatchRanges = currentBatchRanges
+            currentBatchRanges = []
+        }
         batchSeen = false
         durableIndex = states.count - 1
         for i in stride(from: previousDurableIndex - 1, through: 0, by: -1) {
@@ -366,6 +374,10 @@ public final class CrashSimulator {
 
     private func crashPoint(_ device: SimulatedDevice) {
         figures.crashPoints += 1
+        // Dedupe within a crash point: the same choice vector over another durable image
+        // is another state.
+        seenImages.removeAll(keepingCapacity: true)
+        damageSites.removeAll(keepingCapacity: true)
         if !device.pending.isEmpty { batchSeen = true }
         let point = device.syncCount + 1
         if let only, only.point != point { return }
@@ -376,6 +388,7 @@ public final class CrashSimulator {
             figures.unique[id.crashClass.rawValue, default: 0] += 1
             check(id, patches, unreadable: unreadable, device: device)
         }
+        currentBatchRanges += device.pending.map { $0.byteOffset..<$0.byteOffset + $0.bytes.count }
     }
 
     /// A crash state as patches over the durable image: (byte offset, bytes), applied in
@@ -477,6 +490,7 @@ public final class CrashSimulator {
                     var result = patches((0..<n).map { $0 == i ? nil : whole($0) }, &generator, garbleEdges: false)
                     if let target = misdirectTarget(pending[i], geometry: geometry, &generator) {
                         result.append((target, pending[i].bytes))
+                        damageSites[CrashStateID(seed: seed, workload: workload, point: point, crashClass: .misdirect, index: k)] = target..<target + pending[i].bytes.count
                     }
                     return (result, [])
                 }
@@ -484,10 +498,12 @@ public final class CrashSimulator {
                 // durable had landed elsewhere; its target keeps the bytes it held
                 // before. The pending epoch is then lost or whole.
                 if figures.crashPoints >= 2 && !device.previousEpoch.isEmpty {
-                    addDamaged(.misdirect, samples + k) { generator in
+                    addDamaged(.misdirect, Self.earlierEpochIndexBase + k) { generator in
                         let previous = device.previousEpoch
                         let write = previous[Int.random(in: 0..<previous.count, using: &generator)]
                         var result: Patches = [(write.byteOffset, write.before)]
+                        damageSites[CrashStateID(seed: seed, workload: workload, point: point, crashClass: .misdirect,
+                                                 index: Self.earlierEpochIndexBase + k)] = write.byteOffset..<write.byteOffset + write.bytes.count
                         if let target = misdirectTarget((write.byteOffset, write.bytes), geometry: geometry, &generator) {
                             result.append((target, write.bytes))
                         }
@@ -522,9 +538,10 @@ public final class CrashSimulator {
                 } else {
                     sector = device.touchedSectors[Int.random(in: 0..<device.touchedSectors.count, using: &generator)]
                 }
+                let perPhysical = physicalSectorByteCount / 512
+                let first = sector / perPhysical * perPhysical
+                damageSites[CrashStateID(seed: seed, workload: workload, point: point, crashClass: .media, index: k)] = first * 512..<(first + perPhysical) * 512
                 guard Bool.random(using: &generator) else {
-                    let perPhysical = physicalSectorByteCount / 512
-                    let first = sector / perPhysical * perPhysical
                     return (result, Array(first..<first + perPhysical))
                 }
                 var content = sectorContent(sector, durable: device.durable, patches: result)
@@ -535,6 +552,24 @@ public final class CrashSimulator {
             }
         }
         return result
+    }
+
+    /// C6 states of the earlier-epoch variant have indexes from here (replay ids keep
+    /// their meaning whatever the sample count).
+    public static let earlierEpochIndexBase = 1000
+
+    /// The byte range each C6/C7 state damaged (its misdirect target, the misdirected
+    /// synced write's place, the damaged physical sector), for the exemption below.
+    private var damageSites: [CrashStateID: Range<Int>] = [:]
+
+    /// Whether a damage state's damage lies in the newest synced batch (the writes
+    /// synced since the op-level durable point before the last one, including this op's
+    /// own earlier syncs), outside the superblock slots: only such a loss is unprovable
+    /// (FORMAT J-7); a lost slot has the other one, and anything older has a later
+    /// record or a checksum to tell.
+    private func damageTouchesNewestBatch(_ id: CrashStateID, device: SimulatedDevice) -> Bool {
+        guard let site = damageSites[id], site.lowerBound >= Int(PoolGeometry.journalByteOffset) else { return false }
+        return (newestBatchRanges + currentBatchRanges).contains { site.overlaps($0) }
     }
 
     /// Where a misdirected copy of `write` lands: the other superblock slot; another
@@ -600,7 +635,7 @@ public final class CrashSimulator {
         let crashed = OverlayDevice(base: device.durable, patches: patches)
         crashed.unreadableSectors = Set(unreadable)
         lastImage = only == nil ? nil : crashed.image
-        if id.crashClass.isDamage { return checkDamaged(id, crashed) }
+        if id.crashClass.isDamage { return checkDamaged(id, crashed, device: device) }
         do {
             let before = try Pool.verify(on: crashed)
             let lasting = before.problems.filter { $0.severity == .error && !$0.repairable }
@@ -645,7 +680,7 @@ public final class CrashSimulator {
     /// from before the last durable op (synced ops silently lost) or one matching no
     /// model state (silent wrong data) is a violation; so is an error finding after a
     /// recovery that read everything back correctly.
-    private func checkDamaged(_ id: CrashStateID, _ crashed: OverlayDevice) {
+    private func checkDamaged(_ id: CrashStateID, _ crashed: OverlayDevice, device: SimulatedDevice) {
         func reported(_ error: any Error, _ when: String) -> Bool {
             guard let error = error as? PoolError else { return false }
             switch error {
@@ -654,7 +689,9 @@ public final class CrashSimulator {
                 if structure == "journal record" { figures.mark("journal-synced-damage-reported") }
                 if when == "read" { figures.mark("damage-reported-on-read") }
                 return true
-            case .io:
+            case .io(_, _, let offset):
+                // Only the injected unreadable sectors may fail a read.
+                guard crashed.unreadableSectors.contains(Int(offset) / 512) else { return false }
                 figures.outcomes["corrupt-reported", default: 0] += 1
                 if when == "read" { figures.mark("damage-reported-on-read") }
                 return true
@@ -698,9 +735,8 @@ public final class CrashSimulator {
             } catch {
                 violation(id, "verify-after", "\(error)")
             }
-        } else if match(got, digest: digest, in: previousDurableIndex..<durableIndex) != nil,
-                  pool.recoveryReport.replayStopKind != .cleanEnd || pool.recoveryReport.otherSlotProblem != nil
-                    || (id.crashClass == .misdirect && id.index >= samples) {
+        } else if match(got, digest: digest, in: previousDurableIndex..<durableIndex) != nil
+                    && damageTouchesNewestBatch(id, device: device) {
             // (A misdirected write of the newest synced batch can leave zeros where its
             // records were: a clean end, as unprovable as a torn tail.)
             // Damage to the newest synced batch looks exactly like a torn tail: no later

@@ -41,10 +41,10 @@ public final class OverlayDevice: BlockDevice {
     public func byteCount() throws -> UInt64 { UInt64(base.count) }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at byteOffset: UInt64) throws {
-        let start = Int(byteOffset)
-        guard byteOffset <= UInt64(base.count), buffer.count <= base.count - start else {
-            throw PoolError.io(errno: 5, operation: "read past the end of an overlay device", byteOffset: byteOffset)
+        guard byteOffset <= UInt64(base.count), buffer.count <= base.count - Int(byteOffset) else {
+            throw PoolError.io(errno: 34, operation: "read past the end of an overlay device", byteOffset: byteOffset)
         }
+        let start = Int(byteOffset)
         if !unreadableSectors.isEmpty, buffer.count > 0,
            let bad = unreadableSectors.first(where: { $0 >= start / Self.sectorByteCount && $0 <= (start + buffer.count - 1) / Self.sectorByteCount }) {
             throw PoolError.io(errno: 5, operation: "read of an unreadable sector (simulated media error)", byteOffset: UInt64(bad * Self.sectorByteCount))

@@ -83,8 +83,8 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
     /// Called at the start of every sync, before the pending writes become durable: the
     /// crash enumerator builds its images here.
     public var beforeSync: ((SimulatedDevice) -> Void)? = nil
-    /// The writes the last successful sync made durable, each with the bytes it covered
-    /// before that epoch.
+    /// The writes the last successful sync that had any made durable (the newest synced
+    /// batch), each with the bytes it covered before that epoch.
     public private(set) var previousEpoch: [(byteOffset: Int, bytes: [UInt8], before: [UInt8])] = []
     /// Called with every write before it lands (the write-time checks W1-W4).
     public var beforeWrite: ((SimulatedDevice, Int, UnsafeRawBufferPointer) -> Void)? = nil
@@ -109,8 +109,12 @@ public final class SimulatedDevice: BlockDevice, @unchecked Sendable {
         }
         // The bytes each write of this epoch covers, as they were before the epoch (what
         // a lying sync, C12, may still leave there).
-        previousEpoch = pending.map { write in
-            (write.byteOffset, write.bytes, Array(durable[write.byteOffset..<write.byteOffset + write.bytes.count]))
+        // Kept only for an epoch that wrote something: an empty sync leaves the newest
+        // synced batch what it was.
+        if !pending.isEmpty {
+            previousEpoch = pending.map { write in
+                (write.byteOffset, write.bytes, Array(durable[write.byteOffset..<write.byteOffset + write.bytes.count]))
+            }
         }
         for write in pending {
             durable.replaceSubrange(write.byteOffset..<write.byteOffset + write.bytes.count, with: write.bytes)

@@ -226,13 +226,13 @@ struct CLITests {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: CLI.binary)
-        process.arguments = ["crashsim", "--replay", "v1:3:random-512:5:prefix:0"]
+        process.arguments = ["crashsim", "--replay", "v1:3:random-512:7:prefix:0"]
         process.currentDirectoryURL = URL(fileURLWithPath: directory)
         process.standardOutput = Pipe()
         try process.run()
         process.waitUntilExit()
         #expect(process.terminationStatus == 0)
-        #expect(FileManager.default.fileExists(atPath: directory + "/crashsim-3-5-prefix-0.img"))
+        #expect(FileManager.default.fileExists(atPath: directory + "/crashsim-3-7-prefix-0.img"))
         let bad = try CLI.run(["crashsim", "--replay", "v1:3:nonsense"])
         #expect(bad.status != 0 && bad.stderr.hasPrefix("logpool: error:"), "\(bad.stderr)")
         // A C9 id (short write, then ENOSPC, at the 5th write) replays too.
