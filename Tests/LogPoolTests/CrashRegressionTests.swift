@@ -62,6 +62,17 @@ struct CrashRegressionTests {
         // Verify still looks (read-only, salvaging) and names the damage.
         let report = try Pool.verify(on: SimulatedDevice(image: image))
         #expect(report.problems.contains { $0.code == "journal-synced-damage" }, "\(report.problems)")
+        // A read-only open reads what precedes the damage and says so; nothing is written.
+        let readOnlyDevice = SimulatedDevice(image: image)
+        let readOnly = try Pool.open(on: readOnlyDevice, mode: .readOnly)
+        #expect(readOnly.recoveryReport.syncedJournalDamage && readOnlyDevice.writeCount == 0)
+        #expect(try readOnly.list().map(\.name) == ["v"])
+        // Accepting the loss opens read-write and leaves a pool that verifies clean.
+        let accepting = SimulatedDevice(image: image)
+        let accepted = try Pool.open(on: accepting, acceptJournalLoss: true)
+        #expect(accepted.recoveryReport.syncedJournalDamage)
+        try accepted.close()
+        #expect(try Pool.verify(on: SimulatedDevice(image: accepting.currentImage)).problems.isEmpty)
     }
 
     /// v1:4:near-full-4096:5:misdirect:0. A 7 MiB fill with one sync at the end made one
