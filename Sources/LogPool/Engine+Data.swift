@@ -327,7 +327,7 @@ extension Engine {
         // Bound the batch a crash can tear (FORMAT.md J-7): damage to the newest synced
         // batch cannot be told from a torn tail (no later record proves it was synced),
         // so keep that batch small by syncing on our own.
-        unsyncedDataByteCount += Self.dataByteCount(of: intent)
+        unsyncedDataByteCount += dataExtents(of: intent).reduce(0) { $0 + $1.1 }
         if journal.unsyncedByteCount > journal.maxBatchByteCount || unsyncedDataByteCount > maxBatchDataByteCount {
             try sync()
         }
@@ -335,16 +335,6 @@ extension Engine {
 
     /// The data bound of a batch (J-7): capacity/16, at most 64 MiB.
     var maxBatchDataByteCount: UInt64 { min(64 << 20, geometry.capacityByteCount / 16) }
-
-    /// Bytes of data a record maps (what its batch's sync makes durable).
-    static func dataByteCount(of intent: JournalIntent) -> UInt64 {
-        switch intent {
-        case .map(_, _, let mappings): return mappings.reduce(0) { $0 + $1.location.allocatedByteCount }
-        case .mapRun(_, _, _, _, let stored, let checksums): return UInt64(checksums.count) * UInt64(stored)
-        case .relocate(let moves): return moves.reduce(0) { $0 + $1.location.allocatedByteCount }
-        default: return 0
-        }
-    }
 
     // MARK: - Encoding blocks
 

@@ -473,8 +473,9 @@ extension Engine {
         return nil
     }
 
-    /// The extents a record's data occupies.
-    private func dataExtents(of intent: JournalIntent) -> [(UInt64, UInt64)] {
+    /// The extents a record's data occupies (replay's hole bookkeeping, the writer's
+    /// batch bound).
+    func dataExtents(of intent: JournalIntent) -> [(UInt64, UInt64)] {
         switch intent {
         case .map(_, _, let mappings): return mappings.map { ($0.location.byteOffset, $0.location.allocatedByteCount) }
         case .mapRun(_, _, _, let offset, let stored, let checksums):

@@ -229,8 +229,7 @@ public final class CrashSimulator {
     /// only when their digests agree.
     static func digest(_ content: [String: ReferenceModel.Entry]) -> UInt64 {
         var hashes: [UInt8] = []
-        for name in content.keys.sorted() {
-            let entry = content[name]!
+        for (name, entry) in content.sorted(by: { $0.key < $1.key }) {
             hashes += Array(name.utf8) + [0, entry.isSnapshot ? 1 : 0]
             withUnsafeBytes(of: Checksum.xxh3(entry.bytes).littleEndian) { hashes += $0 }
         }
@@ -277,6 +276,8 @@ public final class CrashSimulator {
     /// synced batch, which media damage can destroy without any later record proving it
     /// was synced (Specs/CRASHSIM.md, "unprovable last batch").
     private var previousDurableIndex = 0
+    /// The newest valid slot of the durable image at the current crash point.
+    private var durableSlot: Superblock? = nil
     /// A sync with pending writes was seen since `durableIndex` last moved.
     private var batchSeen = false
     /// Byte ranges of the writes synced since `durableIndex` last moved, and of those
@@ -378,6 +379,7 @@ public final class CrashSimulator {
         // is another state.
         seenImages.removeAll(keepingCapacity: true)
         damageSites.removeAll(keepingCapacity: true)
+        durableSlot = WriteChecks.newestSlot(device.durable)
         if !device.pending.isEmpty { batchSeen = true }
         let point = device.syncCount + 1
         if let only, only.point != point { return }
@@ -481,7 +483,7 @@ public final class CrashSimulator {
                 return result
             }
         }
-        let geometry = durableSuperblock(device.durable)?.geometry
+        let geometry = durableSlot?.geometry
         for k in 0..<(damageClasses ? samples : 0) {
             // C6: every write whole except one, which landed elsewhere in its region.
             if let geometry {
@@ -631,7 +633,7 @@ public final class CrashSimulator {
     // MARK: Checking one state
 
     private func check(_ id: CrashStateID, _ patches: Patches, unreadable: [Int], device: SimulatedDevice) {
-        let durableGeneration = newestGeneration(device.durable)
+        let durableGeneration = durableSlot?.generation ?? 0
         let crashed = OverlayDevice(base: device.durable, patches: patches)
         crashed.unreadableSectors = Set(unreadable)
         lastImage = only == nil ? nil : crashed.image
@@ -658,12 +660,10 @@ public final class CrashSimulator {
             let problems = pool.internalConsistencyProblems()
             if !problems.isEmpty { violation(id, "invariants", "\(problems.prefix(3))") }
             if !pool.recoveryReport.findings.isEmpty { violation(id, "invariants", "recovery findings \(pool.recoveryReport.findings.prefix(3))") }
-            checkedCount += 1
-            let after = try Pool.verify(on: recoveredDevice.fork(), scrubData: checkedCount % scrubEvery == 0 || only != nil)
-            // `reserve-short` is about space, not integrity: a recovery on a nearly full
-            // pool may commit its checkpoint into the reserve (what the reserve is for).
-            let afterProblems = after.problems.filter { $0.code != "reserve-short" }
-            if !afterProblems.isEmpty { violation(id, "verify-after", "\(afterProblems.prefix(3))") }
+            // Every problem counts, warnings too, except `reserve-short`: it is about space,
+            // not integrity, and a recovery on a nearly full pool may commit its checkpoint
+            // into the reserve (what the reserve is for).
+            try verifyAfter(id, recoveredDevice) { $0.code != "reserve-short" }
             if let problem = extraCheck?(pool) { violation(id, "extra", problem) }
             let again = try Pool.open(on: recoveredDevice.fork())
             if try !Self.equal(contents(of: again), got) { violation(id, "idempotence", "a second open reads different contents") }
@@ -728,10 +728,8 @@ public final class CrashSimulator {
         if matchesLive(got, digest: digest) {
             figures.outcomes["ok", default: 0] += 1
             do {
-                checkedCount += 1
-                let after = try Pool.verify(on: recoveredDevice.fork(), scrubData: checkedCount % scrubEvery == 0 || only != nil)
-                let errors = after.problems.filter { $0.severity == .error }
-                if !errors.isEmpty { violation(id, "verify-after", "\(errors.prefix(3))") }
+                // Damage outside what was read may leave warnings; errors may not stay.
+                try verifyAfter(id, recoveredDevice) { $0.severity == .error }
             } catch {
                 violation(id, "verify-after", "\(error)")
             }
@@ -763,6 +761,15 @@ public final class CrashSimulator {
             }
         }
         return "no difference"
+    }
+
+    /// Verify (scrubbing one recovery in `scrubEvery`) after a recovery; the findings
+    /// `counts` keeps are violations.
+    private func verifyAfter(_ id: CrashStateID, _ recovered: OverlayDevice, counts: (Finding) -> Bool) throws {
+        checkedCount += 1
+        let after = try Pool.verify(on: recovered.fork(), scrubData: checkedCount % scrubEvery == 0 || only != nil)
+        let problems = after.problems.filter(counts)
+        if !problems.isEmpty { violation(id, "verify-after", "\(problems.prefix(3))") }
     }
 
     /// C10 and C11 from one recovered state.
@@ -842,10 +849,4 @@ public final class CrashSimulator {
         if report.discardedRelocate { figures.mark("relocate-discarded") }
         if report.rewrittenSegmentHeaders > 0 { figures.mark("segment-header-rewritten") }
     }
-
-    /// The valid superblock of `image` with the highest generation.
-    private func durableSuperblock(_ image: [UInt8]) -> Superblock? { WriteChecks.newestSlot(image) }
-
-    /// The highest generation of a valid slot in `image` (0 when none).
-    private func newestGeneration(_ image: [UInt8]) -> UInt64 { durableSuperblock(image)?.generation ?? 0 }
 }

@@ -103,8 +103,8 @@ public final class WriteChecks {
         }
     }
 
-    /// The newest valid slot of `image`.
-    static func newestSlot(_ image: [UInt8]) -> Superblock? {
+    /// The newest valid slot of `image` (nil when neither slot decodes).
+    public static func newestSlot(_ image: [UInt8]) -> Superblock? {
         var newest: Superblock? = nil
         for slot in 0..<2 {
             let offset = Int(PoolGeometry.superblockSlotByteOffsets[slot])

@@ -171,13 +171,7 @@ struct CrashRegressionTests {
     }
 
     private func newestSuperblock(_ image: [UInt8]) throws -> Superblock {
-        var best: Superblock? = nil
-        for slot in 0..<2 {
-            let o = Int(PoolGeometry.superblockSlotByteOffsets[slot])
-            guard let sb = try? Superblock.decode(Array(image[o..<o + PoolGeometry.superblockByteCount]), slotIndex: slot) else { continue }
-            if sb.generation > best?.generation ?? 0 { best = sb }
-        }
-        return try #require(best)
+        try #require(WriteChecks.newestSlot(image))
     }
 }
 

@@ -81,8 +81,7 @@ struct JournalTailMatrixTests {
         try pool.checkpoint()
         var image = device.durable
         let slots = PoolGeometry.superblockSlotByteOffsets.map { Int($0) }
-        let decoded = (0..<2).compactMap { try? Superblock.decode(Array(image[slots[$0]..<slots[$0] + 512]), slotIndex: $0) }
-        var sb = try #require(decoded.max { $0.generation < $1.generation })
+        var sb = try #require(WriteChecks.newestSlot(image))
         let ring = Int(sb.geometry.journalByteCount), salt = sb.poolSalt
         let header = JournalRecordLayout.headerByteCount
         let first = sb.journalReplaySequence, epoch = sb.generation
