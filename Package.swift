@@ -6,6 +6,7 @@ let package = Package(
     products: [
         .library(name: "LogPool", targets: ["LogPool"]),
         .executable(name: "logpool", targets: ["LogPoolCLI"]),
+        .executable(name: "logpool-sim", targets: ["LogPoolSim"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
@@ -19,16 +20,31 @@ let package = Package(
         .target(name: "LogPool", dependencies: ["LogPoolFormat"]),
         // Crash-injecting device, seeded generator, reference model: shared by tests and bench.
         .target(name: "LogPoolTesting", dependencies: ["LogPool"]),
+        // Output plumbing and `main` shared by the two executables.
+        .target(
+            name: "LogPoolCLIKit",
+            dependencies: ["LogPool", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        // The operator's `logpool`: no crash-simulation harness linked in.
         .executableTarget(
             name: "LogPoolCLI",
             dependencies: [
-                "LogPool", "LogPoolTesting",
+                "LogPool", "LogPoolCLIKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // `logpool-sim`: crash simulation and process-kill torture.
+        .executableTarget(
+            name: "LogPoolSim",
+            dependencies: [
+                "LogPool", "LogPoolTesting", "LogPoolCLIKit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "LogPoolFormatTests", dependencies: ["LogPoolFormat"]),
         .testTarget(name: "LogPoolTests", dependencies: ["LogPool", "LogPoolFormat", "LogPoolTesting"]),
-        // Runs the built `logpool` binary; depending on the target makes `swift test` build it.
-        .testTarget(name: "LogPoolCLITests", dependencies: ["LogPoolCLI"]),
+        // Runs the built `logpool` and `logpool-sim` binaries; depending on the targets makes
+        // `swift test` build them. The library builds the hostile pool images it feeds them.
+        .testTarget(name: "LogPoolCLITests", dependencies: ["LogPoolCLI", "LogPoolSim", "LogPool", "LogPoolTesting"]),
     ]
 )

@@ -11,7 +11,8 @@
 // The image is built once per process, in memory: a 4 MiB pool with 64 KiB segments
 // and LZ4; volume "disk" (1 MiB) written with compressible and incompressible blocks,
 // checkpointed, snapshot "disk@1", more writes to "disk", clone "dev" of the snapshot
-// with a write, then sync without close (so open replays the journal). Its pool UUID is
+// with a write, volume "wide" (4 MiB: a map of height 2) with blocks in two leaves, a
+// checkpoint, one more write, then sync without close (so open replays the journal). Its pool UUID is
 // random per process; the layout (offsets) is the same every time.
 //
 // Input: mode byte, then up to 64 patches, each: offset u32 LE (taken modulo the image
@@ -23,7 +24,9 @@
 //               slot's replay offset (J-1/J-2/wrap rules), every segment header with its
 //               magic, and both superblock slots
 // Properties: never traps; every error thrown is a PoolError; a read-only open does not
-// write (SimulatedDevice traps on writes past its end); strict mode
+// write (SimulatedDevice traps on writes past its end); open refuses what verify calls
+// `page-shared-wrongly` or `checkpoint-damaged` (so no walk revisits a page, P-4, and no
+// id limit goes unjustified, C-6); no volume lists more mapped bytes than its size; strict mode
 // (LOGPOOL_FUZZ_STRICT=1) also requires `internalConsistencyProblems()` to be empty
 // after a successful open. LOGPOOL_FUZZ_VERBOSE=1 prints the pristine layout and what
 // open and each read did (run the binary on one input file to see it).
@@ -67,6 +70,13 @@ private let pristine: Pristine = {
         try disk.discard(at: 65536, length: 4096)
         let dev = try pool.clone(source: "disk@1", name: "dev")
         try dev.write(at: 8192, from: blockPattern(6, 4096, compressible: true))
+        // A map of height 2 (1024 blocks: an interior root over two leaves), so patches
+        // can make interior pointers repeat (a DAG inside one map, FORMAT P-4).
+        let wide = try pool.createVolume(name: "wide", size: 4 << 20)
+        try wide.write(at: 0, from: blockPattern(7, 4096, compressible: true))
+        try wide.write(at: 600 * 4096, from: blockPattern(8, 4096, compressible: true))
+        try pool.checkpoint()
+        try wide.write(at: 4096, from: blockPattern(9, 4096, compressible: true))
         try pool.sync()
         let image = device.currentImage
         let sb = try Superblock.decode(Array(image[0..<512]), slotIndex: 0)
@@ -75,7 +85,7 @@ private let pristine: Pristine = {
         // checksum the way the encoders do).
         let reopened = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
         let names = try reopened.list().map(\.name)
-        guard names == ["dev", "disk", "disk@1"] else { fatalError("pristine image lists \(names)") }
+        guard names == ["dev", "disk", "disk@1", "wide"] else { fatalError("pristine image lists \(names)") }
         guard try reopened.openVolume(name: "disk@1").read(at: 0, length: 16384) == blockPattern(1, 16384, compressible: true) else {
             fatalError("pristine image reads back wrong data")
         }
@@ -227,9 +237,14 @@ private func exercise(_ image: [UInt8]) {
     // One device for both: verify and a read-only open never write.
     let device = SimulatedDevice(image: image)
     var verifiedClean = false
+    var structuralFindings: [String] = []
     do {
         let report = try Pool.verify(on: device, scrubData: true)
         verifiedClean = report.isClean
+        // What open must refuse too: a page shared within one map or by the block table
+        // (P-2..P-4), a checkpoint root no pages justify (C-6).
+        structuralFindings = report.problems.filter { $0.code == "page-shared-wrongly" || $0.code == "checkpoint-damaged" }
+            .map(\.description)
         say("verify: \(report.errorCount) errors, \(report.warningCount) warnings: \(report.problems.prefix(3))")
     } catch {
         expectPoolError(error, "verify")
@@ -243,6 +258,7 @@ private func exercise(_ image: [UInt8]) {
         return
     }
     say("opened: generation \(pool.stats.generation), recovery \(pool.recoveryReport)")
+    fuzzCheck(structuralFindings.isEmpty, "open accepted what verify calls structural damage: \(structuralFindings.prefix(2))")
     _ = pool.stats
     _ = pool.recoveryReport
     do {
@@ -258,6 +274,9 @@ private func exercise(_ image: [UInt8]) {
                 }
                 if size > 2 << 20 { _ = try volume.read(at: size - 4096, length: 4096) }
                 say("read \(info.name) (\(info.kind), \(size) bytes, \(info.mappedBytes) mapped)")
+                // Each page is walked once per map (P-4), so the space walk cannot count
+                // more blocks than the volume has.
+                fuzzCheck(info.mappedBytes <= info.sizeBytes, "\(info.name): \(info.mappedBytes) bytes mapped in a volume of \(info.sizeBytes)")
                 _ = try volume.info()
             } catch {
                 expectPoolError(error, "reading volume \(info.name)")

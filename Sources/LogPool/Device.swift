@@ -46,19 +46,58 @@ public final class FileDevice: BlockDevice {
     public let path: String
     private var descriptor: Int32
 
+    /// True when the descriptor is a block device (its size comes from `lseek`).
+    private let isBlockDevice: Bool
+
     /// Opens (or with `create`, exclusively creates) `path`.
+    ///
+    /// Only a regular file or a block device is accepted: anything else (a FIFO, a
+    /// directory, a socket, a character device) is ``PoolError/invalidArgument(_:)``, found
+    /// without blocking (the open is non-blocking, so a FIFO with no writer cannot hang it).
+    /// The descriptor is never 0, 1 or 2: with a standard stream closed, the pool would
+    /// otherwise take its number, and a program reading "stdin" would read the pool file.
     public init(path: String, mode: OpenMode, create: Bool = false) throws {
         self.path = path
         var flags = mode == .readOnly ? O_RDONLY : O_RDWR
-        flags |= O_CLOEXEC
+        flags |= O_CLOEXEC | O_NONBLOCK | O_NOCTTY
         if create { flags |= O_CREAT | O_EXCL }
-        let fd = open(path, flags, 0o644)
+        var fd = open(path, flags, 0o644)
         guard fd >= 0 else {
             let code = errno
             if code == EEXIST { throw PoolError.exists(path) }
             if code == ENOENT { throw PoolError.notFound(path) }
+            if code == EISDIR { throw PoolError.invalidArgument("\(path) is a directory, not a pool file") }
+            if code == ENXIO { throw PoolError.invalidArgument("\(path) is not a regular file or block device (a FIFO or socket)") }
             throw PoolError.io(errno: code, operation: "open \(path)", byteOffset: 0)
         }
+        if fd <= STDERR_FILENO {
+            let moved = fcntl(fd, F_DUPFD_CLOEXEC, STDERR_FILENO + 1)
+            let code = errno
+            close(fd)
+            guard moved >= 0 else { throw PoolError.io(errno: code, operation: "move the descriptor of \(path) above 2", byteOffset: 0) }
+            fd = moved
+        }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            let code = errno
+            close(fd)
+            throw PoolError.io(errno: code, operation: "fstat \(path)", byteOffset: 0)
+        }
+        let type = info.st_mode & S_IFMT
+        guard type == S_IFREG || type == S_IFBLK else {
+            close(fd)
+            let kind = switch type {
+            case S_IFIFO: "a FIFO"
+            case S_IFDIR: "a directory"
+            case S_IFSOCK: "a socket"
+            case S_IFCHR: "a character device"
+            default: "not a regular file"
+            }
+            throw PoolError.invalidArgument("\(path) is \(kind); a pool is a regular file or a block device")
+        }
+        isBlockDevice = type == S_IFBLK
+        // Blocking I/O from here on (O_NONBLOCK only kept the open from waiting).
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         if flock(fd, (mode == .readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0 {
             let code = errno
             close(fd)
@@ -81,6 +120,11 @@ public final class FileDevice: BlockDevice {
     }
 
     public func byteCount() throws -> UInt64 {
+        if isBlockDevice {
+            let end = lseek(descriptor, 0, SEEK_END)
+            guard end >= 0 else { throw PoolError.io(errno: errno, operation: "lseek to the end of \(path)", byteOffset: 0) }
+            return UInt64(end)
+        }
         var info = stat()
         guard fstat(descriptor, &info) == 0 else { throw PoolError.io(errno: errno, operation: "fstat", byteOffset: 0) }
         return UInt64(info.st_size)

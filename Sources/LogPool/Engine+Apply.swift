@@ -13,7 +13,7 @@ extension Engine {
             .corrupt(structure: "journal record", byteOffset: recordByteOffset, detail: detail)
         }
         func checkName(_ name: String) throws {
-            do { try Pool.validate(name: name) } catch { throw bad("volume name is invalid: \(error)") }
+            do { try Pool.validate(name: name, strict: false) } catch { throw bad("volume name is invalid: \(error)") }
             let limit = Int(geometry.segmentPayloadByteCount) - PoolGeometry.pageByteCount
             guard plannedRoot().unpaddedByteCount + 58 + name.utf8.count <= limit else {
                 throw bad("the volume table would outgrow one segment")
@@ -79,6 +79,10 @@ extension Engine {
             for range in ranges where range.upperBound > count {
                 throw bad("unmap range \(range) beyond volume \(volumeID)'s \(count) blocks")
             }
+            // New ids stay below what the writer's id space can have reached (replay
+            // mirrors ``reserveBlockIDs``; twice a write's ids, for slack).
+            idSpaceHighWater = max(idSpaceHighWater, blockIDLimit,
+                                   idSpaceLimit(forAllocating: 2 * Engine.idsPerWriteMax(blockByteCount: blockByteCount)))
             // Ids in increasing order (what the live path writes) are distinct without a set.
             var newIDs = Set<UInt64>()
             var increasing = true
@@ -148,9 +152,11 @@ extension Engine {
     /// `newIDs` nil: the caller knows the ids are distinct (strictly increasing).
     private func checkNewBlock(_ id: UInt64, _ location: BlockLocation, newIDs: UnsafeMutablePointer<Set<UInt64>>?,
                                _ bad: (String) -> PoolError) throws {
-        // A block id can never exceed the number of sectors in the pool; the bound keeps a
-        // damaged record from making the refcount array huge.
-        guard id >= 1, id <= geometry.capacityByteCount / 512 + 1 else { throw bad("block id \(id) is out of range") }
+        // The id must be one the writer could have reserved (``idSpaceHighWater``): the
+        // bound keeps a damaged or crafted record from making the id-indexed arrays huge.
+        guard id >= 1, id < idSpaceHighWater else {
+            throw bad("new block id \(id) is out of range (the id space reaches \(idSpaceHighWater) here)")
+        }
         guard id >= blockIDLimit || refcounts[Int(id)] == 0, newIDs?.pointee.insert(id).inserted ?? true else {
             throw bad("new block id \(id) is already in use")
         }

@@ -213,8 +213,27 @@ extension Engine {
     /// It is also what keeps compaction cheap: dead space spread over every segment is
     /// gathered only if each segment holds enough of it to pay for moving the rest, so
     /// the headroom grows with the pool (1/32 of it) rather than staying one unit.
+    ///
+    /// One unit is what A-2 asks for a 1 MiB overwrite at worst (``unitWorstCaseByteCount``):
+    /// the old figure of exactly 1 MiB left no room for the unit's padding, segment ends
+    /// and pages, so on small pools a 1 MiB overwrite of a full volume failed.
     var overwriteHeadroomByteCount: UInt64 {
-        max(UInt64(Self.atomicUnitByteCount), geometry.capacityByteCount / 32)
+        max(unitWorstCaseByteCount, geometry.capacityByteCount / 32)
+    }
+
+    /// The most A-2 can ask for one atomic unit written uncompressed: its blocks, the
+    /// padding and segment-end losses of ``grossDataByteCount(_:)``, and every map and
+    /// block-table page it can dirty (two partial leaves and two paths per tree).
+    var unitWorstCaseByteCount: UInt64 {
+        let unit = UInt64(Self.atomicUnitByteCount)
+        let sector = UInt64(PoolGeometry.sectorByteCount), page = UInt64(PoolGeometry.pageByteCount)
+        let blocks = unit / UInt64(blockByteCount) + 1
+        let extent = UInt64(max(blockByteCount, PoolGeometry.pageByteCount))
+        let data = blocks * UInt64(blockByteCount) + (page - sector)
+        let segmentEnds = data / geometry.segmentPayloadByteCount + 2
+        let mapPages = blocks / UInt64(PageLayout.mapLeafFanout) + 2 + 2 * UInt64(PageLayout.heightMax)
+        let tablePages = blocks / UInt64(PageLayout.blockTableLeafFanout) + 2 + 2 * UInt64(PageLayout.heightMax)
+        return data + segmentEnds * (extent + page - sector) + (mapPages + tablePages) * page
     }
 
     /// Net new bytes a write of `encoded` at `indexes` adds: the whole block where the
@@ -517,15 +536,9 @@ extension Engine {
     /// 1 MiB at a time (each unit is one journal record).
     func write(_ volume: VolumeState, byteOffset: UInt64, data: UnsafeRawBufferPointer) throws {
         if data.count > Self.atomicUnitByteCount {
-            // A call of several atomic units is admitted whole first (uncompressed sizes,
-            // an upper bound), so it does not half-apply and then report poolFull.
-            let bs = UInt64(blockByteCount)
-            let first = byteOffset / bs, last = (byteOffset + UInt64(data.count) - 1) / bs
-            var newBlocks = 0
-            for blockIndex in first...last where exclusiveBlock(volume.map, blockIndex: blockIndex) == nil { newBlocks += 1 }
-            let needed = UInt64(newBlocks) * bs
-            let room = logicalRoomByteCount(newBlockCount: newBlocks)
-            guard room >= needed else { throw PoolError.poolFull(neededByteCount: needed, availableByteCount: room) }
+            // A call of several atomic units is admitted whole first, so it does not
+            // half-apply and then report poolFull.
+            try admitWholeWrite(volume, byteOffset: byteOffset, byteCount: UInt64(data.count))
         }
         var done = 0
         while done < data.count {
@@ -534,6 +547,26 @@ extension Engine {
                           data: UnsafeRawBufferPointer(rebasing: data[done..<done + take]))
             done += take
         }
+    }
+
+    /// Rule A-1 for a whole write of `byteCount` bytes at `byteOffset` (COMMIT §5.1),
+    /// changing nothing: every block not owned by this volume alone counts as new and
+    /// uncompressed (an upper bound), plus every map page the write may create or copy.
+    /// `write` checks this for a call of several atomic units; ``Volume/checkRoom(forWritingAt:byteCount:)``
+    /// lets a caller that writes a large input in pieces refuse before the first piece.
+    func admitWholeWrite(_ volume: VolumeState, byteOffset: UInt64, byteCount: UInt64) throws {
+        guard byteCount > 0 else { return }
+        let bs = UInt64(blockByteCount)
+        let first = byteOffset / bs, last = (byteOffset + byteCount - 1) / bs
+        var newBlocks = 0
+        for blockIndex in first...last where exclusiveBlock(volume.map, blockIndex: blockIndex) == nil { newBlocks += 1 }
+        // One slot per leaf is enough: page counting dedupes by leaf.
+        let fanout = UInt64(PageLayout.mapLeafFanout)
+        let leafSlots = [first] + stride(from: (first / fanout + 1) * fanout, through: last, by: Int(fanout)).map { $0 }
+        let addedPages = pageCounts(volume.map, slots: leafSlots).added
+        let needed = UInt64(newBlocks) * bs + UInt64(addedPages) * UInt64(PoolGeometry.pageByteCount)
+        let room = logicalRoomByteCount(newBlockCount: newBlocks)
+        guard room >= needed else { throw PoolError.poolFull(neededByteCount: needed, availableByteCount: room) }
     }
 
     private func writeUnit(_ volume: VolumeState, byteOffset: UInt64, data: UnsafeRawBufferPointer) throws {
@@ -563,20 +596,37 @@ extension Engine {
         try writeBlocks(volume, indexes: Array(first...last), contents: contents, unmapRanges: [])
     }
 
+    /// Bytes allocation will take for `encoded`, appended in order (COMMIT §5.1): each
+    /// block's extent; alignment padding where an uncompressed block follows a compressed
+    /// one or starts the run (a run of equal uncompressed blocks stays aligned, so only its
+    /// first block can be padded; counting every block's worst padding made a 1 MiB
+    /// overwrite of 4 KiB blocks ask for 1.9 MiB and fail on small pools); and, at each
+    /// segment end the run may cross, one largest extent lost at the tail plus the padding
+    /// of the first block in the next segment (payload starts after the 512-byte header).
+    func grossDataByteCount(_ encoded: [EncodedBlock]) -> UInt64 {
+        let sector = PoolGeometry.sectorByteCount
+        var total: UInt64 = 0
+        var previousUncompressed: Int? = nil
+        for block in encoded {
+            total += UInt64(block.allocatedByteCount)
+            guard block.flags & BlockLocation.flagCompressed == 0 else {
+                previousUncompressed = nil
+                continue
+            }
+            if previousUncompressed != block.allocatedByteCount {
+                total += UInt64(pageAlignment(for: block.allocatedByteCount) - sector)
+            }
+            previousUncompressed = block.allocatedByteCount
+        }
+        let segmentEnds = total / geometry.segmentPayloadByteCount + 1
+        return total + segmentEnds * UInt64(max(blockByteCount, PoolGeometry.pageByteCount) + PoolGeometry.pageByteCount - sector)
+    }
+
     /// Stores `contents[i]` as a new block at logical block `indexes[i]` and journals one
     /// record that also unmaps `unmapRanges`. Admission happens before any change.
     func writeBlocks(_ volume: VolumeState, indexes: [UInt64], contents: [BlockBytes], unmapRanges: [Range<UInt64>]) throws {
         let encoded = encodeAll(contents)
-        // Gross bytes as allocation will take them: alignment padding of uncompressed
-        // blocks, and one largest extent lost at each segment end the run may cross.
-        var dataBytes: UInt64 = 0
-        for block in encoded {
-            dataBytes += UInt64(block.allocatedByteCount)
-            if block.flags & BlockLocation.flagCompressed == 0 {
-                dataBytes += UInt64(pageAlignment(for: block.allocatedByteCount) - PoolGeometry.sectorByteCount)
-            }
-        }
-        dataBytes += (dataBytes / geometry.segmentPayloadByteCount + 1) * UInt64(max(blockByteCount, PoolGeometry.pageByteCount))
+        let dataBytes = grossDataByteCount(encoded)
         let payload = JournalIntent.map(volumeID: 0, unmapRanges: unmapRanges, mappings: []).payloadByteCount + contents.count * 40
         // Unmapping dirties at most the two boundary paths of each range.
         let pages = pagesForWrite(volume.map, indexes: indexes)

@@ -85,16 +85,18 @@ extension Engine {
         if sb.isMounted || engine.superblock.generation != sb.generation, engine.recoveryReport.replayStopKind != .endOfRing,
            let lost = engine.laterSyncedRecord() {
             let report = engine.recoveryReport
-            let detail = "replay stops at sequence \(report.replayStopSequence) (\(report.replayStopReason)), but record \(lost.sequence) at byte offset \(lost.byteOffset) was written after records up to \(lost.durable - 1) had been synced: synced changes are damaged, not a torn tail"
-            if readOnly || salvage {
-                // Read what precedes the damage; nothing is written, nothing is lost.
-                engine.recoveryReport.findings.append("journal damaged inside synced space: \(detail)")
-                engine.recoveryReport.syncedJournalDamage = true
-            } else {
+            let loss = "synced journal records \(report.replayStopSequence) through at least \(lost.durable - 1) cannot be replayed: every change they hold is lost"
+            let detail = "replay stops at sequence \(report.replayStopSequence) (\(report.replayStopReason)), but record \(lost.sequence) at byte offset \(lost.byteOffset) was written after records up to \(lost.durable - 1) had been synced, so this is damage, not a torn tail; \(loss)"
+            guard salvage else {
+                // Read-only too: serving the state before the damage as if it were the
+                // pool would be stale data with no error (promise 5).
                 throw PoolError.corrupt(structure: "journal record",
                                         byteOffset: PoolGeometry.journalByteOffset + UInt64(report.replayStopRingOffset),
-                                        detail: detail + " (open read-only to read what precedes it, or with acceptJournalLoss to keep the pool without the damaged records)")
+                                        detail: detail + " (to read what precedes the damage, open with acceptJournalLoss, CLI --salvage; read-write, that commits the loss)")
             }
+            engine.recoveryReport.findings.append("journal damaged inside synced space: \(detail)")
+            engine.recoveryReport.syncedJournalDamage = true
+            engine.recoveryReport.syncedJournalLoss = loss
         }
         engine.liveBlockCount = engine.refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
         engine.rebuildFreeSegmentList()
@@ -144,23 +146,28 @@ extension Engine {
         } catch {
             throw PoolError(error)
         }
-        guard root.blockIDLimit <= geometry.capacityByteCount / 512 + 1 else {
-            throw corrupt("checkpoint", sb.checkpointByteOffset, "block id limit \(root.blockIDLimit) exceeds what the pool can hold")
-        }
         nextVolumeID = root.nextVolumeID
-        blockIDLimit = root.blockIDLimit
-        refcounts = [UInt32](repeating: 0, count: Int(blockIDLimit))
-        locations = [BlockLocation](repeating: .free, count: Int(blockIDLimit))
-        var cache: [UInt64: (PageKind, TreeNode)] = [:]
-        blockTable = Tree(kind: .blockTable, root: try loadNode(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, cache: &cache), height: root.blockTableHeight)
+        var cache: [UInt64: LoadedPage] = [:]
+        blockTable = Tree(kind: .blockTable, root: try loadNode(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, base: 0, cache: &cache), height: root.blockTableHeight)
         for record in root.volumes {
-            let map = Tree(kind: .map, root: try loadNode(record.mapRoot, kind: .map, level: record.mapHeight - 1, cache: &cache), height: record.mapHeight)
+            let map = Tree(kind: .map, root: try loadNode(record.mapRoot, kind: .map, level: record.mapHeight - 1, base: 0, cache: &cache), height: record.mapHeight)
             volumes[record.id] = VolumeState(record: record, map: map)
             volumeIDsByName[record.name] = record.id
         }
+        // The id-indexed arrays are sized only once the pages that justify the limit have
+        // been read (C-6): a crafted root cannot make open allocate for ids no page holds.
+        let tableLeafCount = cache.values.reduce(0) { $0 + ($1.kind == .blockTable && $1.node.level == 0 ? 1 : 0) }
+        let limitMax = Engine.blockIDLimitMax(blockTableLeafCount: tableLeafCount, blockByteCount: blockByteCount)
+        guard root.blockIDLimit <= limitMax else {
+            throw corrupt("checkpoint", sb.checkpointByteOffset, "block id limit \(root.blockIDLimit) exceeds \(limitMax), the most that a block table of \(tableLeafCount) leaf pages allows (FORMAT C-6)")
+        }
+        blockIDLimit = root.blockIDLimit
+        refcounts = [UInt32](repeating: 0, count: Int(blockIDLimit))
+        locations = [BlockLocation](repeating: .free, count: Int(blockIDLimit))
         // Rebuild refcounts from every unique map leaf and usage from every referenced
         // block and page (Specs/FORMAT.md §5.3: refcounts are derived, never trusted).
-        for (offset, (kind, node)) in cache {
+        for (offset, page) in cache {
+            let (kind, node) = (page.kind, page.node)
             metaLiveByteCounts[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
             if kind == .blockTable { blockTableNodeCount += 1 }
             guard kind == .map, node.level == 0 else { continue }
@@ -204,21 +211,41 @@ extension Engine {
             segmentStates[s] = rebuilt == 0 ? .free : .used
         }
         checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
+        // Replay's id bound (``apply``) starts from the checkpoint's live count.
+        liveBlockCount = referenced
         dataLiveTotal = dataLiveByteCounts.reduce(0, +)
         metaLiveTotal = metaLiveByteCounts.reduce(0, +)
     }
 
-    /// Loads the page `pointer` names at `level`, sharing nodes already loaded (a page
-    /// reachable from two volumes is one node with two parents). Levels strictly decrease
-    /// downwards, so a pointer cycle is impossible; a page met at two levels or as two
-    /// kinds is corruption.
-    private func loadNode(_ pointer: PagePointer, kind: PageKind, level: Int,
-                          cache: inout [UInt64: (PageKind, TreeNode)]) throws -> TreeNode? {
+    /// A page loaded at open, with the first slot it covers.
+    struct LoadedPage {
+        var kind: PageKind
+        var node: TreeNode
+        var base: UInt64
+    }
+
+    /// Loads the page `pointer` names at `level`, covering slots from `base`, sharing
+    /// nodes already loaded (a page reachable from two volumes is one node with two
+    /// parents). Levels strictly decrease downwards, so a pointer cycle is impossible; a
+    /// page met at two levels or as two kinds is corruption.
+    ///
+    /// A shared map page must also cover the same slots wherever it is reached (P-4:
+    /// sharing comes only from snapshots and clones, which share a whole tree, and growth
+    /// keeps the old root at slot 0). A slot position names one path from a root, so no
+    /// page can then be reached twice within one map, and every walk of a map visits each
+    /// page once: a crafted DAG whose interior slots all point to one child (254^4 leaf
+    /// visits for `list`) is refused here.
+    private func loadNode(_ pointer: PagePointer, kind: PageKind, level: Int, base: UInt64,
+                          cache: inout [UInt64: LoadedPage]) throws -> TreeNode? {
         guard !pointer.isNone else { return nil }
         let name = kind == .map ? "map page" : "block-table page"
-        if let (cachedKind, node) = cache[pointer.byteOffset] {
-            guard cachedKind == kind, kind == .map, node.level == level, node.disk.checksum == pointer.checksum else {
+        if let loaded = cache[pointer.byteOffset] {
+            let node = loaded.node
+            guard loaded.kind == kind, kind == .map, node.level == level, node.disk.checksum == pointer.checksum else {
                 throw corrupt(name, pointer.byteOffset, "page is referenced twice with different kind, level or checksum")
+            }
+            guard loaded.base == base else {
+                throw corrupt(name, pointer.byteOffset, "page is referenced at block index \(base) and at block index \(loaded.base): a shared page must cover the same blocks wherever it is reached (P-4)")
             }
             node.parentCount += 1
             return node
@@ -240,13 +267,18 @@ extension Engine {
         } else {
             var children: [TreeNode?] = []
             children.reserveCapacity(PageLayout.interiorFanout)
+            // Slot arithmetic saturates: a base beyond every tree only has to differ.
+            let span = PageLayout.capacity(kind: kind, height: level)
             for i in 0..<PageLayout.interiorFanout {
+                let (offset, overflow1) = UInt64(i).multipliedReportingOverflow(by: span)
+                let (childBase, overflow2) = base.addingReportingOverflow(offset)
                 children.append(try loadNode(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]),
-                                             kind: kind, level: level - 1, cache: &cache))
+                                             kind: kind, level: level - 1, base: overflow1 || overflow2 ? .max : childBase,
+                                             cache: &cache))
             }
             node = TreeNode(level: level, words: [], children: children, disk: pointer)
         }
-        cache[pointer.byteOffset] = (kind, node)
+        cache[pointer.byteOffset] = LoadedPage(kind: kind, node: node, base: base)
         return node
     }
 

@@ -108,6 +108,28 @@ extension Engine {
 
     // MARK: - Volume maps
 
+    /// Mapped slots of `tree` in `range`, walking only the subtrees that overlap it.
+    func mappedSlotCount(_ tree: Tree, in range: Range<UInt64>) -> UInt64 {
+        func count(_ node: TreeNode, base: UInt64) -> UInt64 {
+            if node.level == 0 {
+                var total: UInt64 = 0
+                for (i, id) in node.words.enumerated() where id != 0 && range.contains(base + UInt64(i)) { total += 1 }
+                return total
+            }
+            let span = tree.span(level: node.level)
+            var total: UInt64 = 0
+            for (i, child) in node.children.enumerated() {
+                guard let child else { continue }
+                let start = base + UInt64(i) * span
+                if start + span <= range.lowerBound || start >= range.upperBound { continue }
+                total += count(child, base: start)
+            }
+            return total
+        }
+        guard let root = tree.root, !range.isEmpty else { return 0 }
+        return count(root, base: 0)
+    }
+
     func mapLookup(_ tree: Tree, blockIndex: UInt64) -> UInt64 {
         guard let (leaf, index) = leafForReading(tree, slot: blockIndex) else { return 0 }
         return leaf.words[index]
@@ -243,8 +265,22 @@ extension Engine {
     /// Ids the block table keeps beyond the live ones: at least a quarter of the live
     /// count plus 64, and always room for a whole batch.
     func idSpaceLimit(forAllocating count: Int) -> UInt64 {
-        let live = UInt64(liveBlockCount + count)
+        let live = UInt64(max(0, liveBlockCount + count))
         return max(blockIDLimit, live + live / 4 + 64 + UInt64(count))
+    }
+
+    /// Most ids one write reserves: the blocks one atomic unit can touch.
+    static func idsPerWriteMax(blockByteCount: Int) -> Int { atomicUnitByteCount / blockByteCount + 1 }
+
+    /// The largest blockIDLimit a checkpoint whose block table has `blockTableLeafCount`
+    /// leaf pages can hold (FORMAT C-6). The limit only grows in ``reserveBlockIDs(_:)``,
+    /// to at most ``idSpaceLimit(forAllocating:)`` with live ≤ ids with an entry, and
+    /// every id that ever had an entry keeps its leaf (block-table pages are never
+    /// released), so live ≤ leaves × fanout at every checkpoint after the reserve.
+    static func blockIDLimitMax(blockTableLeafCount: Int, blockByteCount: Int) -> UInt64 {
+        let batch = UInt64(idsPerWriteMax(blockByteCount: blockByteCount))
+        let live = UInt64(blockTableLeafCount) * UInt64(PageLayout.blockTableLeafFanout) + batch
+        return live + live / 4 + 64 + batch
     }
 
     /// Grows the id space so `count` allocations find free ids (call before a batch).

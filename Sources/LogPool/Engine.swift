@@ -60,6 +60,11 @@ final class Engine {
     var liveBlockCount = 0
     /// Where the next block-id search starts (see ``allocateBlockID()``).
     var allocationCursor: UInt64 = 1
+    /// The highest id-space limit the writer can have reached so far (``idSpaceLimit``
+    /// evaluated before every map record, as the writer reserves before every write):
+    /// a replayed record naming a new id at or above it is damage, so a crafted record
+    /// cannot make the id-indexed arrays grow beyond what the records replayed justify.
+    var idSpaceHighWater: UInt64 = 0
 
     // Segments.
     var segmentStates: [SegmentState]
@@ -342,6 +347,8 @@ public struct RecoveryReport: Sendable, Equatable {
     /// Replay stopped inside synced space (FORMAT J-7): a read-only open, or a
     /// read-write one that accepted the loss, replayed only up to the damage.
     public var syncedJournalDamage = false
+    /// When ``syncedJournalDamage``: which synced records were lost, for the operator.
+    public var syncedJournalLoss: String? = nil
     /// Segment headers a read-write open rewrote (lost or garbled by the crash).
     public var rewrittenSegmentHeaders = 0
     /// Problems found comparing stored with rebuilt figures; each was repaired in memory.

@@ -124,10 +124,15 @@ public final class Pool: @unchecked Sendable {
     /// `.readWrite` takes an exclusive lock, `.readOnly` a shared one: a second writer gets
     /// ``PoolError/inUse(_:)``. Damage is ``PoolError/corrupt(structure:byteOffset:detail:)``.
     ///
-    /// A pool whose journal is damaged inside synced space (FORMAT J-7) opens read-only
-    /// (reading what precedes the damage, `recoveryReport.syncedJournalDamage`) but not
-    /// read-write, unless `acceptJournalLoss`: then recovery commits without the synced
-    /// records after the damage, which are lost for good.
+    /// A pool whose journal is damaged inside synced space (FORMAT J-7) does not open,
+    /// read-only or read-write: ``PoolError/corrupt(structure:byteOffset:detail:)`` names
+    /// the journal record and the synced sequences that are lost. With
+    /// `acceptJournalLoss` it opens as it was before the damage and says what is lost
+    /// (`recoveryReport.syncedJournalDamage`, `syncedJournalLoss`); read-only nothing is
+    /// written, read-write the recovery commits without those records, for good.
+    ///
+    /// Only a regular file or a block device is a pool: anything else (a FIFO, a
+    /// directory) is ``PoolError/invalidArgument(_:)`` at once, without blocking.
     public static func open(at path: String, mode: OpenMode = .readWrite, acceptJournalLoss: Bool = false) throws -> Pool {
         let device = try FileDevice(path: path, mode: mode)
         do {
@@ -225,8 +230,16 @@ public final class Pool: @unchecked Sendable {
 
     // MARK: - Volumes
 
-    /// Checks a volume name: 1...255 UTF-8 bytes, no control characters, no "/".
-    static func validate(name: String) throws {
+    /// Checks a new volume name: 1...255 UTF-8 bytes; not "." or ".."; no "/"; no
+    /// character that does not print or would change a line: control and format
+    /// characters (zero-width, bidirectional marks), line and paragraph separators,
+    /// private-use and unassigned code points, and U+FFFD (the replacement character a
+    /// decoder puts where bytes were not UTF-8, so two byte strings would collide).
+    ///
+    /// `strict: false` is the older rule (length, control characters, "/") that names in
+    /// a journal written by an earlier build were checked against: replay keeps
+    /// accepting them, so a pool holding such a name still opens.
+    static func validate(name: String, strict: Bool = true) throws {
         let count = name.utf8.count
         guard count > 0 else { throw PoolError.invalidArgument("volume name is empty") }
         guard count <= nameByteCountMax else {
@@ -234,6 +247,13 @@ public final class Pool: @unchecked Sendable {
         }
         if let bad = name.unicodeScalars.first(where: { $0.properties.generalCategory == .control || $0 == "/" }) {
             throw PoolError.invalidArgument("volume name contains \(bad == "/" ? "\"/\"" : "control character U+\(String(bad.value, radix: 16, uppercase: true))")")
+        }
+        guard strict else { return }
+        guard name != "." && name != ".." else { throw PoolError.invalidArgument("volume name \"\(name)\" is reserved") }
+        let refused: Set<Unicode.GeneralCategory> = [.format, .lineSeparator, .paragraphSeparator, .privateUse, .unassigned, .surrogate]
+        if let bad = name.unicodeScalars.first(where: { refused.contains($0.properties.generalCategory) || $0 == "\u{FFFD}" }) {
+            let why = bad == "\u{FFFD}" ? "the replacement character (the name was not valid UTF-8)" : "a character that does not print"
+            throw PoolError.invalidArgument("volume name contains U+\(String(bad.value, radix: 16, uppercase: true)), \(why)")
         }
     }
 
@@ -326,19 +346,33 @@ public final class Pool: @unchecked Sendable {
         }
     }
 
-    /// Grows or shrinks a volume (snapshots cannot be resized). Shrinking releases the
-    /// blocks past the new end; growing adds zeros.
-    public func resize(_ name: String, size: UInt64) throws {
+    /// Grows or shrinks a volume (snapshots cannot be resized). Growing adds zeros.
+    /// Shrinking drops the data past the new end, so it needs `allowShrink` (as
+    /// `qemu-img resize --shrink`): without it a smaller size is ``PoolError/invalidArgument(_:)``
+    /// naming how many mapped bytes it would drop, and nothing changes.
+    ///
+    /// - Returns: the mapped bytes dropped past the new end (0 when growing).
+    @discardableResult
+    public func resize(_ name: String, size: UInt64, allowShrink: Bool = false) throws -> UInt64 {
         try locked {
             try engine.checkWritable()
             try validate(size: size)
             let volume = try volumeState(named: name)
             guard volume.record.kind == .volume else { throw PoolError.readOnly("\(name) is a snapshot") }
-            guard size != volume.record.sizeByteCount else { return }
+            guard size != volume.record.sizeByteCount else { return 0 }
+            var dropped: UInt64 = 0
+            if size < volume.record.sizeByteCount {
+                let range = engine.blockCount(sizeByteCount: size)..<engine.blockCount(sizeByteCount: volume.record.sizeByteCount)
+                dropped = engine.mappedSlotCount(volume.map, in: range) * UInt64(engine.blockByteCount)
+                guard allowShrink else {
+                    throw PoolError.invalidArgument("shrinking \(name) from \(volume.record.sizeByteCount) to \(size) bytes drops the data past the new end (\(dropped) mapped bytes); allow it explicitly (allowShrink, CLI --shrink)")
+                }
+            }
             let intent = JournalIntent.resize(id: volume.record.id, sizeByteCount: size)
             let newHeight = PageLayout.height(kind: .map, coveringSlotCount: engine.blockCount(sizeByteCount: size))
             try engine.admitMetadataChange(intent, pageCount: max(0, newHeight - volume.map.height) + 2 * volume.map.height)
             try engine.journalAndApply(intent)
+            return dropped
         }
     }
 

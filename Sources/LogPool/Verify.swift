@@ -265,9 +265,19 @@ struct Checker {
 
     private mutating func check(scrubData: Bool, progress: ((ScrubProgress) -> Void)?) throws {
         guard let sb = try checkSuperblocks() else { return }
-        guard let root = try checkCheckpointRoot(sb) else { return }
+        guard let storedRoot = try checkCheckpointRoot(sb) else { return }
         var pages: [UInt64: CheckedPage] = [:]
-        try loadPages(sb, root, into: &pages)
+        try loadPages(sb, storedRoot, into: &pages)
+        // C-6: the id limit must be justified by the block-table leaves read; the checker
+        // sizes its id-indexed arrays by the justified bound, never by the stored figure.
+        var root = storedRoot
+        let tableLeafCount = pages.values.reduce(0) { $0 + ($1.kind == .blockTable && $1.level == 0 ? 1 : 0) }
+        let limitMax = Engine.blockIDLimitMax(blockTableLeafCount: tableLeafCount, blockByteCount: Int(sb.geometry.blockByteCount))
+        if root.blockIDLimit > limitMax {
+            add(.error, "checkpoint-damaged", "checkpoint", sb.checkpointByteOffset,
+                "block id limit \(root.blockIDLimit) exceeds \(limitMax), the most that a block table of \(tableLeafCount) readable leaf pages allows (FORMAT C-6); ids from \(limitMax) on are checked as beyond the limit")
+            root.blockIDLimit = limitMax
+        }
         let references = checkVolumeTable(sb, root, pages)
         let entries = checkBlockTable(sb, root, pages, references: references)
         let rebuilt = checkExtentsAndUsage(sb, root, pages, entries: entries)
@@ -378,11 +388,6 @@ struct Checker {
         do {
             let root = try CheckpointRoot.decode(bytes, expectedChecksum: sb.checkpointChecksum, salt: sb.poolSalt,
                                                  byteOffset: sb.checkpointByteOffset, geometry: sb.geometry)
-            guard root.blockIDLimit <= sb.geometry.capacityByteCount / 512 + 1 else {
-                add(.error, "checkpoint-damaged", "checkpoint", sb.checkpointByteOffset,
-                    "block id limit \(root.blockIDLimit) exceeds what the pool can hold")
-                return nil
-            }
             report.volumeCount = root.volumes.count
             return root
         } catch {

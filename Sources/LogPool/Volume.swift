@@ -75,6 +75,24 @@ public final class Volume: @unchecked Sendable {
         }
     }
 
+    /// Throws `poolFull` when a write of `byteCount` bytes at `offset` could not be
+    /// admitted whole, counting every block the volume does not own alone as new and
+    /// uncompressed (the bound a single `write` of several atomic units is checked
+    /// against). Changes nothing. For a caller that writes a large input in pieces (the
+    /// CLI's `write --input FILE`) and must refuse before the first piece: the pieces
+    /// are then each admitted with their real sizes, which this bound covers except when
+    /// compression makes overwritten blocks grow.
+    public func checkRoom(forWritingAt offset: UInt64, byteCount: UInt64) throws {
+        try pool.locked {
+            try pool.engine.checkWritable()
+            let volume = try state()
+            guard volume.record.kind == .volume else { throw PoolError.readOnly("\(volume.record.name) is a snapshot") }
+            guard byteCount <= UInt64(Int.max) else { throw PoolError.outOfRange("length \(byteCount)") }
+            try checkRange(volume, offset, Int(byteCount))
+            try pool.engine.admitWholeWrite(volume, byteOffset: offset, byteCount: byteCount)
+        }
+    }
+
     public func write(at offset: UInt64, from bytes: [UInt8]) throws {
         try bytes.withUnsafeBytes { try write(at: offset, from: $0) }
     }

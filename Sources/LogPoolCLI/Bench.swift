@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import LogPool
+import LogPoolCLIKit
 
 #if canImport(Glibc)
 import Glibc
@@ -27,13 +28,13 @@ struct Bench: ParsableCommand {
     }
 
     func run() throws {
-        guard gib >= 1, gib <= 64 else { throw PoolError.invalidArgument("--gib must be 1...64") }
+        guard gib >= 1, gib <= 64 else { throw ValidationError("--gib must be 1...64, not \(gib)") }
         let modes: [CompressionMode]
         switch compression {
         case "none": modes = [.none]
         case "lz4": modes = [.lz4]
         case "both": modes = [.none, .lz4]
-        default: throw PoolError.invalidArgument("--compression must be none, lz4 or both")
+        default: throw ValidationError("--compression must be none, lz4 or both, not \(compression)")
         }
         let directory = dir ?? NSTemporaryDirectory()
         var rows: [Row] = []
@@ -46,7 +47,7 @@ struct Bench: ParsableCommand {
             table.append([r.compression, r.workload, r.unit, String(format: "%.1f", r.logpool),
                           r.raw.map { String(format: "%.1f", $0) } ?? "-", r.ratio.map { String(format: "%.2f", $0) } ?? "-", r.target])
         }
-        printTable(table)
+        try printTable(table)
     }
 
     /// Flushes every dirty page in the system so one phase's writeback does not slow the next.

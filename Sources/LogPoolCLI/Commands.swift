@@ -1,31 +1,56 @@
 import ArgumentParser
 import Foundation
 import LogPool
+import LogPoolCLIKit
 
 struct Init: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Create a new pool file.")
-    @Argument(help: "Path of the pool file to create.") var pool: String
-    @Option(help: "Pool file size.") var size: ByteSize
-    @Option(help: "Block size: unit of addressing and copy-on-write (512 to 64K).") var blockSize = ByteSize(argument: "4K")!
-    @Option(help: "Segment size: unit of allocation and compaction (default: 1/64 of the pool, 64K to 4M).") var segmentSize: ByteSize?
-    @Option(help: "Block compression: lz4 or none.") var compression: CompressionMode = .lz4
+    @Argument(help: "Path of the pool file to create (it must not exist).") var pool: String
+    @Option(parsing: .unconditional, help: "Pool file size (at least 4M).", transform: ByteSize.argument) var size: ByteSize
+    @Option(parsing: .unconditional, help: "Block size: unit of addressing and copy-on-write (a power of two, 512 to 64K; default: 4K).",
+            transform: ByteSize.argument)
+    var blockSize = ByteSize(4096)
+    @Option(parsing: .unconditional,
+            help: "Segment size: unit of allocation and compaction (a power of two, 64K to 256M; default: 1/64 of the pool, 64K to 4M).",
+            transform: ByteSize.argument)
+    var segmentSize: ByteSize?
+    @Option(help: "Block compression.") var compression: CompressionArgument = .lz4
 
     func run() throws {
         guard blockSize.bytes <= UInt64(Int32.max), (segmentSize?.bytes ?? 0) <= UInt64(Int32.max) else {
             throw PoolError.invalidArgument("block or segment size is too large")
         }
         let created = try Pool.create(at: pool, capacity: size.bytes, blockSize: Int(blockSize.bytes),
-                                      segmentSize: segmentSize.map { Int($0.bytes) }, compression: compression)
+                                      segmentSize: segmentSize.map { Int($0.bytes) }, compression: compression.mode)
         let stats = created.stats
         try created.close()
-        print("created \(pool): \(formatBytes(stats.capacityBytes)), block \(stats.blockSize), segment \(stats.segmentSize), compression \(stats.compression), \(formatBytes(stats.freeBytes)) free")
+        try out("created \(oneLine(pool)): \(formatBytes(stats.capacityBytes)), block \(stats.blockSize), segment \(stats.segmentSize), compression \(stats.compression), \(formatBytes(stats.freeBytes)) free")
     }
+}
+
+/// `--salvage` for the commands that only read: a pool whose synced journal is damaged
+/// (FORMAT J-7) is refused unless the operator asks to read what precedes the damage.
+struct SalvageOption: ParsableArguments {
+    @Flag(help: "Read a pool whose synced journal is damaged as it was before the damage, and say on stderr which synced changes are lost (read-only: the pool file is not changed).")
+    var salvage = false
+}
+
+/// Opens `path` read-only; with `--salvage`, accepting synced journal damage and saying
+/// on stderr what that loses.
+func openForReading(_ path: String, _ options: SalvageOption) throws -> Pool {
+    let opened = try Pool.open(at: path, mode: .readOnly, acceptJournalLoss: options.salvage)
+    if opened.recoveryReport.syncedJournalDamage {
+        var err = StandardError()
+        print("logpool: warning: salvaging \(oneLine(path)): \(oneLine(opened.recoveryReport.syncedJournalLoss ?? "synced journal records are lost")); showing the pool as it was before them", to: &err)
+    }
+    return opened
 }
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Show pool geometry and space figures.")
-    @Argument var pool: String
+    @Argument(help: "Path of the pool file.") var pool: String
     @Flag(help: "One JSON object.") var json = false
+    @OptionGroup var salvage: SalvageOption
 
     struct Output: Encodable {
         var stats: PoolStats
@@ -48,15 +73,15 @@ struct Info: ParsableCommand {
     }
 
     func run() throws {
-        let opened = try Pool.open(at: pool, mode: .readOnly)
+        let opened = try openForReading(pool, salvage)
         defer { try? opened.close() }
         let s = opened.stats
         let report = opened.recoveryReport
-        let out = Output(stats: s, chosenSuperblockSlot: report.chosenSlot == 0 ? "A" : "B",
+        let output = Output(stats: s, chosenSuperblockSlot: report.chosenSlot == 0 ? "A" : "B",
                          otherSlotProblem: report.otherSlotProblem, replayedRecordCount: report.replayedRecordCount,
                          replayStopReason: report.replayStopReason, findings: report.findings)
-        if json { return try printJSON(out) }
-        printTable([
+        if json { return try printJSON(output) }
+        var rows = [
             ["capacity", formatBytes(s.capacityBytes)],
             ["used", formatBytes(s.usedBytes)],
             ["dead (awaiting compaction)", formatBytes(s.deadBytes)],
@@ -71,19 +96,20 @@ struct Info: ParsableCommand {
             ["compression", s.compression],
             ["atomic write unit", formatBytes(UInt64(s.atomicWriteBytes))],
             ["cleanly closed", s.cleanlyClosed ? "yes" : "no"],
-            ["superblock", "slot \(out.chosenSuperblockSlot), generation \(s.generation)"],
-        ])
-        if let problem = report.otherSlotProblem { print("warning: \(problem)") }
-        if report.replayedRecordCount > 0 { print("recovery: replayed \(report.replayedRecordCount) journal records; stopped: \(report.replayStopReason)") }
-        for finding in report.findings { print("finding: \(finding)") }
+            ["superblock", "slot \(output.chosenSuperblockSlot), generation \(s.generation)"],
+        ]
+        if let problem = report.otherSlotProblem { rows.append(["warning", oneLine(problem)]) }
+        try printTable(rows)
+        if report.replayedRecordCount > 0 { try out("recovery: replayed \(report.replayedRecordCount) journal records; stopped: \(oneLine(report.replayStopReason))") }
+        for finding in report.findings { try out("finding: \(oneLine(finding))") }
     }
 }
 
 struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Create a new empty volume.")
-    @Argument var pool: String
-    @Argument var name: String
-    @Option(help: "Volume size (a multiple of the block size).") var size: ByteSize
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "Name of the new volume (1-255 bytes of UTF-8; no \"/\", control or invisible characters; not \".\" or \"..\").") var name: String
+    @Option(parsing: .unconditional, help: "Volume size (a multiple of the block size).", transform: ByteSize.argument) var size: ByteSize
 
     func run() throws {
         try withWritablePool(pool) { try $0.createVolume(name: name, size: size.bytes) }
@@ -92,23 +118,24 @@ struct Create: ParsableCommand {
 
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List volumes and snapshots with space figures.")
-    @Argument var pool: String
+    @Argument(help: "Path of the pool file.") var pool: String
     @Flag(help: "A JSON array.") var json = false
+    @OptionGroup var salvage: SalvageOption
 
     func run() throws {
-        let opened = try Pool.open(at: pool, mode: .readOnly)
+        let opened = try openForReading(pool, salvage)
         defer { try? opened.close() }
         let rows = try opened.list()
         if json { return try printJSON(rows.map(VolumeRow.init)) }
-        printVolumeTable(rows)
+        try printVolumeTable(rows)
     }
 }
 
 struct Snapshot: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Create an immutable snapshot of a volume or snapshot.")
-    @Argument var pool: String
-    @Argument var source: String
-    @Argument var name: String
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The volume or snapshot to capture.") var source: String
+    @Argument(help: "Name of the new snapshot.") var name: String
 
     func run() throws {
         try withWritablePool(pool) { try $0.snapshot(source: source, name: name) }
@@ -117,9 +144,9 @@ struct Snapshot: ParsableCommand {
 
 struct Clone: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Create a writable clone of a volume or snapshot.")
-    @Argument var pool: String
-    @Argument var source: String
-    @Argument var name: String
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The volume or snapshot to branch from.") var source: String
+    @Argument(help: "Name of the new writable volume.") var name: String
 
     func run() throws {
         try withWritablePool(pool) { try $0.clone(source: source, name: name) }
@@ -128,8 +155,8 @@ struct Clone: ParsableCommand {
 
 struct Destroy: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Delete a volume or snapshot.")
-    @Argument var pool: String
-    @Argument var name: String
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The volume or snapshot to delete.") var name: String
 
     func run() throws {
         try withWritablePool(pool) { try $0.delete(name: name) }
@@ -138,9 +165,9 @@ struct Destroy: ParsableCommand {
 
 struct Rename: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Rename a volume or snapshot.")
-    @Argument var pool: String
-    @Argument var old: String
-    @Argument var new: String
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "Current name.") var old: String
+    @Argument(help: "New name.") var new: String
 
     func run() throws {
         try withWritablePool(pool) { try $0.rename(old, to: new) }
@@ -148,107 +175,187 @@ struct Rename: ParsableCommand {
 }
 
 struct Resize: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Grow or shrink a volume.")
-    @Argument var pool: String
-    @Argument var name: String
-    @Option(help: "New size (a multiple of the block size).") var size: ByteSize
+    static let configuration = CommandConfiguration(abstract: "Grow or shrink a volume (shrinking needs --shrink).")
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The volume to resize (snapshots cannot be resized).") var name: String
+    @Option(parsing: .unconditional, help: "New size (a multiple of the block size).", transform: ByteSize.argument) var size: ByteSize
+    @Flag(help: "Allow a smaller size: the data past the new end is dropped (as qemu-img resize --shrink).") var shrink = false
 
     func run() throws {
-        try withWritablePool(pool) { try $0.resize(name, size: size.bytes) }
+        var dropped: UInt64 = 0
+        try withWritablePool(pool) { dropped = try $0.resize(name, size: size.bytes, allowShrink: shrink) }
+        if shrink && dropped > 0 {
+            var err = StandardError()
+            print("dropped \(dropped) bytes of mapped data past the new end of \(oneLine(name))", to: &err)
+        }
     }
 }
 
 struct Write: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Write stdin (or --input) into a volume; syncs before exit.")
-    @Argument var pool: String
-    @Argument var name: String
-    @Option(help: "Byte offset in the volume.") var offset: ByteSize = ByteSize(argument: "0")!
+    static let configuration = CommandConfiguration(
+        abstract: "Write stdin (or --input) into a volume; syncs before exit.",
+        discussion: """
+            With --input FILE (a regular file), the space the whole file needs is checked first \
+            (every block not owned by the volume alone counted uncompressed): a write that \
+            does not fit fails with "pool full" before anything is written. Standard input's \
+            length is unknown in advance: it is written in 1 MiB atomic units, and if the pool \
+            fills (or another error stops it) part-way, what was written before is synced and \
+            the error says exactly how many bytes that is and where they end.
+            """)
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The volume to write into.") var name: String
+    @Option(parsing: .unconditional, help: "Byte offset in the volume (default: 0).", transform: ByteSize.argument) var offset = ByteSize(0)
     @Option(help: "Read from this file instead of stdin.") var input: String?
 
-    /// A file input is checked against the volume's size before anything is written, so
-    /// an oversized input changes nothing. Stdin's length is unknown in advance: what was
-    /// written before an error stays written (each 1 MiB chunk is atomic).
     func run() throws {
-        let handle: FileHandle
+        let fd: Int32
         var inputByteCount: UInt64? = nil
         if let input {
+            let opened = open(input, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+            guard opened >= 0 else {
+                if errno == ENOENT { throw PoolError.notFound(input) }
+                throw PoolError.io(errno: errno, operation: "open \(input)", byteOffset: 0)
+            }
             var info = stat()
-            guard stat(input, &info) == 0 else { throw PoolError.notFound(input) }
-            guard (info.st_mode & S_IFMT) == S_IFREG else { throw PoolError.invalidArgument("\(input) is not a regular file") }
-            guard let h = FileHandle(forReadingAtPath: input) else { throw PoolError.io(errno: errno, operation: "open \(input)", byteOffset: 0) }
-            handle = h
+            guard fstat(opened, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
+                close(opened)
+                throw PoolError.invalidArgument("--input \(input) is not a regular file (use standard input for a pipe or device)")
+            }
+            _ = fcntl(opened, F_SETFL, fcntl(opened, F_GETFL) & ~O_NONBLOCK)
+            fd = opened
             inputByteCount = UInt64(info.st_size)
         } else {
-            handle = FileHandle.standardInput
+            guard !StandardStreams.stdinWasClosed else {
+                throw ValidationError("standard input is closed; give the data on standard input or with --input FILE")
+            }
+            guard isatty(STDIN_FILENO) == 0 else {
+                throw ValidationError("standard input is a terminal; pipe the data in (e.g. `cat FILE | logpool write ...`) or use --input FILE")
+            }
+            var info = stat()
+            guard fstat(STDIN_FILENO, &info) == 0 else { throw PoolError.io(errno: errno, operation: "fstat standard input", byteOffset: 0) }
+            if (info.st_mode & S_IFMT) == S_IFDIR { throw ValidationError("standard input is a directory") }
+            fd = STDIN_FILENO
         }
+        defer { if fd != STDIN_FILENO { close(fd) } }
+        let source = input ?? "standard input"
         var written: UInt64 = 0
         try withWritablePool(pool) { opened in
             let volume = try opened.openVolume(name: name)
             if let count = inputByteCount {
-                let (end, overflow) = offset.bytes.addingReportingOverflow(count)
-                guard !overflow, end <= volume.size else {
-                    throw PoolError.outOfRange("\(count) bytes at offset \(offset.bytes) of \(name), which is \(volume.size) bytes")
-                }
+                // The whole file is admitted before its first byte is written.
+                try volume.checkRoom(forWritingAt: offset.bytes, byteCount: count)
             }
+            var chunk = [UInt8](repeating: 0, count: 1 << 20)
             var position = offset.bytes
-            while true {
-                let chunk = try handle.read(upToCount: 1 << 20) ?? Data()
-                if chunk.isEmpty { break }
-                try chunk.withUnsafeBytes { try volume.write(at: position, from: $0) }
-                position += UInt64(chunk.count)
+            do {
+                while true {
+                    let count = try readFull(fd, into: &chunk, what: source)
+                    if count == 0 { break }
+                    try chunk.withUnsafeBytes { try volume.write(at: position, from: UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
+                    position += UInt64(count)
+                    if count < chunk.count { break }
+                }
+            } catch let error as PoolError {
+                // Each 1 MiB unit is atomic: what was written before the failure stays.
+                // Make it durable and say exactly how much it is.
+                let done = position - offset.bytes
+                guard done > 0 else { throw error }
+                try opened.sync()
+                throw PartialWriteError(byteCount: done, startByteOffset: offset.bytes, volume: name, cause: error)
             }
             try opened.sync()
             written = position - offset.bytes
         }
         var err = StandardError()
-        print("wrote \(written) bytes to \(name) at offset \(offset.bytes)", to: &err)
+        print("wrote \(written) bytes to \(oneLine(name)) at offset \(offset.bytes)", to: &err)
     }
+}
+
+/// A stream write that stopped part-way: what was written before is synced.
+struct PartialWriteError: ReportedError {
+    var byteCount: UInt64
+    var startByteOffset: UInt64
+    var volume: String
+    var cause: PoolError
+
+    var description: String {
+        "\(cause); the \(byteCount) bytes before it were written and synced (\(volume) bytes \(startByteOffset) to \(startByteOffset + byteCount)), nothing after them"
+    }
+}
+
+/// Fills `buffer` from `fd` until it is full or the input ends; returns the byte count.
+func readFull(_ fd: Int32, into buffer: inout [UInt8], what: String) throws -> Int {
+    var done = 0
+    while done < buffer.count {
+        let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + done, $0.count - done) }
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw PoolError.io(errno: errno, operation: "read from \(what)", byteOffset: 0)
+        }
+        if n == 0 { break }
+        done += n
+    }
+    return done
 }
 
 struct Read: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Read a volume to stdout (or --output).")
-    @Argument var pool: String
-    @Argument var name: String
-    @Option(help: "Byte offset in the volume.") var offset: ByteSize = ByteSize(argument: "0")!
-    @Option(help: "Bytes to read (default: to the end of the volume).") var length: ByteSize?
-    @Option(help: "Write to this file instead of stdout.") var output: String?
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The volume or snapshot to read.") var name: String
+    @Option(parsing: .unconditional, help: "Byte offset in the volume (default: 0).", transform: ByteSize.argument) var offset = ByteSize(0)
+    @Option(parsing: .unconditional, help: "Bytes to read (default: to the end of the volume).", transform: ByteSize.argument) var length: ByteSize?
+    @Option(help: "Write to this file instead of stdout (\"-\" for stdout, also when it is a terminal).") var output: String?
+    @OptionGroup var salvage: SalvageOption
 
     func run() throws {
-        let opened = try Pool.open(at: pool, mode: .readOnly)
+        if output == nil && isatty(STDOUT_FILENO) == 1 {
+            throw ValidationError("standard output is a terminal; redirect it, or give --output FILE (--output - writes to the terminal anyway)")
+        }
+        let opened = try openForReading(pool, salvage)
         defer { try? opened.close() }
         let volume = try opened.openVolume(name: name)
-        let size = volume.size
+        let size = try volume.info().sizeBytes
         guard offset.bytes <= size else { throw PoolError.outOfRange("offset \(offset.bytes) beyond \(name)'s size \(size)") }
         let total = length?.bytes ?? (size - offset.bytes)
         // The whole range is checked before any output file is created or truncated.
         guard total <= size - offset.bytes else {
             throw PoolError.outOfRange("\(total) bytes at offset \(offset.bytes) of \(name), which is \(size) bytes")
         }
-        let sink: FileHandle
-        if let output {
+        let sink: CheckedOutput
+        var ownedDescriptor: Int32? = nil
+        if let output, output != "-" {
             var target = stat(), source = stat()
             if stat(output, &target) == 0, stat(pool, &source) == 0, target.st_dev == source.st_dev, target.st_ino == source.st_ino {
                 throw PoolError.invalidArgument("--output is the pool file itself")
             }
             let fd = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "create \(output)", byteOffset: 0) }
-            sink = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+            ownedDescriptor = fd
+            sink = CheckedOutput(fd: fd, what: output)
         } else {
-            sink = FileHandle.standardOutput
+            sink = CheckedOutput.standardOutput
         }
+        defer { if let ownedDescriptor { close(ownedDescriptor) } }
+        var buffer = [UInt8](repeating: 0, count: Int(min(UInt64(1 << 20), max(total, 1))))
         var done: UInt64 = 0
         while done < total {
-            let take = Int(min(UInt64(1 << 20), total - done))
-            let bytes = try volume.read(at: offset.bytes + done, length: take)
-            try writeOut(Data(bytes), to: sink, what: output ?? "standard output")
+            let take = Int(min(UInt64(buffer.count), total - done))
+            try buffer.withUnsafeMutableBytes { raw in
+                let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<take])
+                try volume.read(at: offset.bytes + done, into: part)
+                try sink.write(UnsafeRawBufferPointer(part))
+            }
             done += UInt64(take)
+        }
+        if let ownedDescriptor, fsync(ownedDescriptor) != 0 {
+            throw PoolError.io(errno: errno, operation: "fsync \(output ?? "")", byteOffset: 0)
         }
     }
 }
 
 struct Compact: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Reclaim dead space now.")
-    @Argument var pool: String
+    @Argument(help: "Path of the pool file.") var pool: String
 
     func run() throws {
         var before: PoolStats? = nil, after: PoolStats? = nil
@@ -259,7 +366,7 @@ struct Compact: ParsableCommand {
             after = opened.stats
         }
         guard let before, let after else { return }
-        print("compacted \(report.segmentsCompacted) segments: moved \(report.blocksMoved) blocks (\(formatBytes(report.bytesMoved))), rewrote \(report.pagesRewritten) metadata pages")
-        print("freed \(report.segmentsFreed) segments (\(formatBytes(report.bytesFreed))); dead \(formatBytes(before.deadBytes)) -> \(formatBytes(after.deadBytes)), free \(formatBytes(before.freeBytes)) -> \(formatBytes(after.freeBytes))")
+        try out("compacted \(report.segmentsCompacted) segments: moved \(report.blocksMoved) blocks (\(formatBytes(report.bytesMoved))), rewrote \(report.pagesRewritten) metadata pages")
+        try out("freed \(report.segmentsFreed) segments (\(formatBytes(report.bytesFreed))); dead \(formatBytes(before.deadBytes)) -> \(formatBytes(after.deadBytes)), free \(formatBytes(before.freeBytes)) -> \(formatBytes(after.freeBytes))")
     }
 }

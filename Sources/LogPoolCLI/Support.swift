@@ -1,66 +1,97 @@
 import ArgumentParser
 import Foundation
 import LogPool
+import LogPoolCLIKit
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// A byte count on the command line: plain bytes or a K/M/G/T suffix (powers of 1024).
-struct ByteSize: ExpressibleByArgument, Sendable {
+/// A byte count on the command line, as qemu-img, LVM and zfs users type it: plain
+/// bytes, or a number (decimals allowed: `1.5G`) with a suffix K, M, G, T, P or E, alone
+/// or followed by `B` or `iB` (`1G`, `1GB`, `1GiB`). Every suffix is a power of 1024,
+/// `GB` included, as in qemu-img and LVM. The result must be a whole number of bytes.
+struct ByteSize: Sendable, CustomStringConvertible {
     var bytes: UInt64
 
-    init?(argument: String) {
-        guard let value = ByteSize.parse(argument) else { return nil }
-        bytes = value
+    init(_ bytes: UInt64) { self.bytes = bytes }
+
+    /// The `transform` of every size option: a clear message for each bad shape.
+    static func argument(_ text: String) throws -> ByteSize {
+        switch parse(text) {
+        case .success(let value): return ByteSize(value)
+        case .failure(let problem): throw ValidationError(problem.message)
+        }
     }
 
-    static func parse(_ text: String) -> UInt64? {
-        guard let last = text.last else { return nil }
-        let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40, "k": 10, "m": 20, "g": 30, "t": 40]
-        var digits = Substring(text)
+    struct Problem: Error { var message: String }
+
+    static func parse(_ text: String) -> Result<UInt64, Problem> {
+        var body = Substring(text.trimmingCharacters(in: .whitespaces))
+        guard !body.isEmpty else { return .failure(Problem(message: "empty")) }
+        if body.hasPrefix("-") { return .failure(Problem(message: "negative size")) }
+        if body.hasPrefix("+") { body = body.dropFirst() }
+        // Suffix: [KMGTPE] then optional "B" or "iB" (any case), or a lone "B".
+        let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60]
         var shift: UInt64 = 0
-        if let s = shifts[last] {
-            shift = s
-            digits = digits.dropLast()
+        let upper = body.uppercased()
+        var suffixLength = 0
+        for (ending, extra) in [("IB", 2), ("B", 1), ("", 0)] {
+            guard upper.hasSuffix(ending), upper.count > ending.count else { continue }
+            let unitIndex = upper.index(upper.endIndex, offsetBy: -(ending.count + 1))
+            if let s = shifts[upper[unitIndex]] {
+                shift = s
+                suffixLength = extra + 1
+                break
+            }
+            if ending == "B" {
+                suffixLength = 1  // "512B": bytes
+                break
+            }
         }
-        guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let number = UInt64(digits) else { return nil }
-        let (value, overflow) = number.multipliedReportingOverflow(by: 1 << shift)
-        return overflow ? nil : value
-    }
-
-    static var defaultValueDescription: String { "bytes, or a number with K, M, G or T (powers of 1024)" }
-}
-
-extension CompressionMode: ExpressibleByArgument {
-    public init?(argument: String) {
-        switch argument {
-        case "lz4": self = .lz4
-        case "none": self = .none
-        default: return nil
+        let number = body.dropLast(suffixLength)
+        let parts = number.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count <= 2, !number.isEmpty, number != ".",
+              parts.allSatisfy({ $0.allSatisfy { $0.isASCII && $0.isNumber } })
+        else {
+            return .failure(Problem(message: "expected a number with an optional suffix K, M, G, T, P or E (powers of 1024), e.g. 4096, 64K, 1.5G, 1GiB"))
         }
+        let whole = parts[0].isEmpty ? Substring("0") : parts[0]
+        let fraction = parts.count == 2 ? parts[1] : ""
+        guard let integer = UInt64(whole) else { return .failure(Problem(message: "too large")) }
+        let (scaled, overflow) = integer.multipliedReportingOverflow(by: 1 << shift)
+        guard !overflow else { return .failure(Problem(message: "too large")) }
+        guard !fraction.isEmpty else { return .success(scaled) }
+        // The fraction times 2^shift must be a whole number of bytes: exact arithmetic on
+        // at most 18 digits (a longer fraction is refused).
+        guard fraction.count <= 18, let digits = UInt64(fraction) else { return .failure(Problem(message: "too many decimals")) }
+        var denominator: UInt64 = 1
+        for _ in 0..<fraction.count { denominator *= 10 }
+        let product = digits.multipliedFullWidth(by: 1 << shift)
+        let (quotient, remainder) = denominator.dividingFullWidth(product)
+        guard remainder == 0 else {
+            return .failure(Problem(message: "not a whole number of bytes"))
+        }
+        let (total, overflow2) = scaled.addingReportingOverflow(quotient)
+        return overflow2 ? .failure(Problem(message: "too large")) : .success(total)
     }
 
-    public static var allValueStrings: [String] { ["lz4", "none"] }
-}
-
-struct StandardError: TextOutputStream {
-    /// A closed or full stderr loses the message; it must not crash the command.
-    mutating func write(_ string: String) { try? FileHandle.standardError.write(contentsOf: Data(string.utf8)) }
-}
-
-/// Writes to `handle`, turning a failure (full disk, closed pipe) into a PoolError instead
-/// of Foundation's trapping `write(_:)`.
-func writeOut(_ data: Data, to handle: FileHandle = .standardOutput, what: String = "standard output") throws {
-    do {
-        try handle.write(contentsOf: data)
-    } catch {
-        throw PoolError.io(errno: (error as NSError).code == 0 ? EIO : Int32((error as NSError).code), operation: "write to \(what)", byteOffset: 0)
+    /// As help shows a default: the largest exact suffix.
+    var description: String {
+        for (suffix, shift) in [("E", 60), ("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)] as [(String, UInt64)]
+        where bytes >= (1 << shift) && bytes % (1 << shift) == 0 {
+            return "\(bytes >> shift)\(suffix)"
+        }
+        return "\(bytes)"
     }
 }
 
-func printJSON<T: Encodable>(_ value: T) throws {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-    var data = try encoder.encode(value)
-    data.append(contentsOf: Array("\n".utf8))
-    try writeOut(data)
+/// `--compression` on the command line (the library's `CompressionMode` is stored as a
+/// number; help shows these names).
+enum CompressionArgument: String, ExpressibleByArgument, CaseIterable, Sendable {
+    case lz4
+    case none
+
+    var mode: CompressionMode { self == .lz4 ? .lz4 : .none }
 }
 
 /// `list --json` rows: `origin` is always present, null when there is none.
@@ -95,17 +126,19 @@ func formatBytes(_ bytes: UInt64) -> String {
     return unit == 0 ? "\(bytes) B" : String(format: "%.1f %@", value, units[unit])
 }
 
-func printTable(_ rows: [[String]]) {
+func printTable(_ rows: [[String]]) throws {
     guard let first = rows.first else { return }
     var widths = [Int](repeating: 0, count: first.count)
     for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
+    var text = ""
     for row in rows {
         let line = row.enumerated().map { i, cell in
             i == 0 ? cell.padding(toLength: widths[i], withPad: " ", startingAt: 0)
                 : String(repeating: " ", count: widths[i] - cell.count) + cell
         }.joined(separator: "  ")
-        print(line)
+        text += line + "\n"
     }
+    try out(text, terminator: "")
 }
 
 /// Opens `path` read-write, runs `body`, and closes (checkpointing) the pool, also when
@@ -121,10 +154,10 @@ func withWritablePool(_ path: String, _ body: (Pool) throws -> Void) throws {
     try pool.close()
 }
 
-func printVolumeTable(_ rows: [VolumeInfo]) {
+func printVolumeTable(_ rows: [VolumeInfo]) throws {
     var table = [["NAME", "KIND", "SIZE", "ALLOCATED", "EXCLUSIVE", "ORIGIN"]]
     for r in rows {
-        table.append([r.name, r.kind, formatBytes(r.sizeBytes), formatBytes(r.allocatedBytes), formatBytes(r.exclusiveBytes), r.origin ?? "-"])
+        table.append([oneLine(r.name), r.kind, formatBytes(r.sizeBytes), formatBytes(r.allocatedBytes), formatBytes(r.exclusiveBytes), r.origin.map(oneLine) ?? "-"])
     }
-    printTable(table)
+    try printTable(table)
 }

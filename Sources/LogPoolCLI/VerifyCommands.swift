@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import LogPool
+import LogPoolCLIKit
 
 #if canImport(Glibc)
 import Glibc
@@ -81,7 +82,12 @@ func checkAndExit(_ options: CheckOptions, scrub: Bool) -> Never {
         }
         let out = Output(pool: pool, status: status, report: after, errorCount: after.errorCount, warningCount: after.warningCount,
                          repaired: repair, changes: changes, before: repair ? before : nil)
-        do { try printJSON(out) } catch { exit(8) }
+        do {
+            try printJSON(out)
+        } catch {
+            print("logpool: error: \(oneLine("\(error)"))", to: &err)
+            exit(8)
+        }
         exit(status)
     }
     var lines: [String] = []
@@ -101,6 +107,11 @@ func checkAndExit(_ options: CheckOptions, scrub: Bool) -> Never {
     }
     lines.append(summary)
     let text = lines.joined(separator: "\n") + "\n"
-    do { try writeOut(Data(text.utf8)) } catch { exit(8) }
+    do {
+        try out(text, terminator: "")
+    } catch {
+        print("logpool: error: \(oneLine("\(error)"))", to: &err)
+        exit(8)
+    }
     exit(status)
 }

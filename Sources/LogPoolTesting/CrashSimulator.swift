@@ -1,7 +1,7 @@
 import Foundation
 import LogPool
 
-/// Crash-state classes (../shared/CRASH-TESTING.md §3.2). C0–C7 are built from the
+/// Crash-state classes (Specs/CRASH-MODEL.md §2). C0–C7 are built from the
 /// pending writes at each sync; C8/C9 re-run the workload with a fault switch.
 public enum CrashClass: String, CaseIterable, Codable, Sendable {
     /// C0: the whole pending epoch is lost.
@@ -90,7 +90,7 @@ public struct CrashStateID: Hashable, Codable, Sendable, CustomStringConvertible
 /// What went wrong in one crash state.
 public struct CrashViolation: Codable, Sendable, CustomStringConvertible {
     public var state: CrashStateID
-    /// Which invariant (§3.5): `open`, `prefix`, `verify-before`, `verify-after`,
+    /// Which invariant (CRASH-MODEL §5): `open`, `prefix`, `verify-before`, `verify-after`,
     /// `invariants`, `idempotence`, `generation`.
     public var invariant: String
     public var detail: String
@@ -104,7 +104,7 @@ public struct CrashViolation: Codable, Sendable, CustomStringConvertible {
     public var description: String { "\(state) [\(invariant)] \(detail)" }
 }
 
-/// Figures of a crash-simulation run (§3.9).
+/// Figures of a crash-simulation run (CRASH-MODEL §9).
 public struct CrashFigures: Codable, Sendable {
     public var crashPoints = 0
     public var generated: [String: Int] = [:]
@@ -119,7 +119,7 @@ public struct CrashFigures: Codable, Sendable {
     public var violationCounts: [String: Int] = [:]
     /// Recovery outcomes: `ok`, `corrupt-reported` (a typed error in a C6/C7 state).
     public var outcomes: [String: Int] = [:]
-    /// Coverage marks (§3.8): named recovery and workload events, with hit counts.
+    /// Coverage marks (CRASH-MODEL §8): named recovery and workload events, with hit counts.
     public var marks: [String: Int] = [:]
     /// Minimal reproducers of failing workloads (shrunk op lists), one line each.
     public var reproducers: [String] = []
@@ -131,14 +131,14 @@ public struct CrashFigures: Codable, Sendable {
         case crashPoints, generated, unique, recovered, replayedRecordsMax, checkedWrites, violations, violationCounts, outcomes, marks, reproducers
     }
 
-    /// The marks a long run must hit (§3.8).
+    /// The marks a long run must hit (CRASH-MODEL §8).
     public static let requiredMarks: [String] = [
         "slot-A-chosen", "slot-B-chosen", "damaged-slot-reported",
         "replay-stop:clean-end", "replay-stop:torn-header", "replay-stop:stale-lap", "replay-stop:sequence-gap",
         "replay-stop:bad-record-checksum", "replay-stop:bad-data-checksum",
         "relocate-replayed", "relocate-discarded", "segment-header-rewritten",
         "journal-synced-damage-reported", "damage-reported-on-read",
-        "checkpoint-on-full-pool", "pool-full", "fsync-eio-fail-stop", "write-err-fail-stop",
+        "checkpoint-on-full-pool", "pool-full", "large-exclusive-overwrite", "fsync-eio-fail-stop", "write-err-fail-stop",
     ]
 
     mutating func mark(_ name: String) { marks[name, default: 0] += 1 }
@@ -169,7 +169,7 @@ public struct CrashFigures: Codable, Sendable {
 }
 
 /// Enumerates crash states at every sync a workload issues and checks each recovery
-/// against the reference model (§3.3, §3.5): open returns a pool or a typed error;
+/// against the reference model (CRASH-MODEL §3, CRASH-MODEL §5): open returns a pool or a typed error;
 /// the recovered logical state equals the model after some op between the last durable
 /// one and the one in progress (prefix consistency, durability, snapshots included);
 /// verify finds nothing unrepairable before recovery and nothing at all after it; the

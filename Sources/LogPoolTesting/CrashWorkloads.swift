@@ -1,8 +1,8 @@
 import Foundation
 import LogPool
 
-/// Workloads the crash simulator runs (../shared/CRASH-TESTING.md §3.7), shared by the
-/// tests and `logpool crashsim`.
+/// Workloads the crash simulator runs (Specs/CRASH-MODEL.md §7), shared by the
+/// tests and `logpool-sim crashsim`.
 public enum CrashWorkloads {
     /// The workload name an id carries: "random-512" or "random-4096" (the physical
     /// sector size of the simulated device).
@@ -124,7 +124,7 @@ public enum CrashWorkloads {
 
     // MARK: Bounded-exhaustive sequences
 
-    /// The core ops of the bounded-exhaustive workloads (§3.7), each on two volumes of
+    /// The core ops of the bounded-exhaustive workloads (CRASH-MODEL §7), each on two volumes of
     /// four blocks ("a", "b"; "b" may be renamed to "b2" and back). An op that does not
     /// apply to the state it meets (deleting a snapshot when there is none) is a no-op.
     public static let coreOps = ["write-aligned", "write-unaligned", "overwrite", "discard", "snapshot", "clone",
@@ -152,7 +152,7 @@ public enum CrashWorkloads {
     }
 
     /// Bounded-exhaustive workload `index` of `length` steps (seq-1, seq-2, seq-3 of
-    /// CRASH-TESTING §3.7): a pool with "a" and "b" (4 blocks each, written and synced)
+    /// Specs/CRASH-MODEL.md §7): a pool with "a" and "b" (4 blocks each, written and synced)
     /// and a snapshot "s0" of "b", then each step's op and its follower, with crash
     /// states enumerated at every sync. The id's seed is the sequence index.
     public static func sequence(index: UInt64, length: Int, physicalSectorByteCount: Int, samples: Int = 3, lyingSync: Bool = false,
@@ -262,15 +262,46 @@ public enum CrashWorkloads {
         simulator.attach(to: device)
         defer { simulator.detach(from: device) }
         var generator = SeededGenerator(seed: seed)
+        // Blocks of v discarded and not written since: an overwrite there needs new space.
+        var unmappedBlocks = Set<Int>()
         for step in 0..<steps {
             let roll = Int.random(in: 0..<100, using: &generator)
+            // Once the snapshot is gone v owns every block it maps alone, so a large
+            // overwrite of mapped blocks must never be poolFull (promise 4; a 1 MiB
+            // overwrite failed on pools of 4-24 MiB until COMMIT §5.1's headroom counted
+            // a whole unit at its worst).
+            let exclusiveRange: Range<Int>? = {
+                guard roll < 10, model.volumes["s"] == nil else { return nil }
+                let length = [1 << 20, 768 << 10, (1 << 20) - 4096][roll % 3]
+                guard written >= length else { return nil }
+                for _ in 0..<8 {
+                    let offset = Int.random(in: 0...((written - length) / 4096), using: &generator) * 4096
+                    if (offset / 4096..<(offset + length) / 4096).allSatisfy({ !unmappedBlocks.contains($0) }) {
+                        return offset..<offset + length
+                    }
+                }
+                return nil
+            }()
             let syncsBefore = device.syncCount
             let generationBefore = pool.stats.generation
             let stats = pool.stats
             let nearlyFull = stats.freeBytes < stats.capacityBytes / 10
             var label = ""
             do {
-                if roll < 70 {
+                if let range = exclusiveRange {
+                    let data = pattern(range.count, seed: seed &* 1000 &+ UInt64(step))
+                    label = "write(v, \(range.lowerBound), \(range.count)) exclusive"
+                    var after = model
+                    after.write("v", at: range.lowerBound, data)
+                    simulator.opStarting(after)
+                    do {
+                        try pool.openVolume(name: "v").write(at: UInt64(range.lowerBound), from: data)
+                    } catch PoolError.poolFull(let needed, let available) {
+                        throw PoolError.invalidArgument("near-full seed \(seed) step \(step): \(label) of blocks v owns alone failed with poolFull (need \(needed), \(available) available): promise 4")
+                    }
+                    model.write("v", at: range.lowerBound, data)
+                    simulator.mark("large-exclusive-overwrite")
+                } else if roll < 70 {
                     let block = Int.random(in: 0..<(written / 4096), using: &generator)
                     let data = pattern(4096 * Int.random(in: 1...3, using: &generator), seed: seed &* 1000 &+ UInt64(step))
                     let offset = min(block * 4096, written - data.count)
@@ -280,6 +311,7 @@ public enum CrashWorkloads {
                     simulator.opStarting(after)
                     try pool.openVolume(name: "v").write(at: UInt64(offset), from: data)
                     model.write("v", at: offset, data)
+                    for b in offset / 4096..<(offset + data.count) / 4096 { unmappedBlocks.remove(b) }
                 } else if roll < 78, model.volumes["s"] != nil {
                     label = "delete(s)"
                     var after = model
@@ -295,6 +327,7 @@ public enum CrashWorkloads {
                     simulator.opStarting(after)
                     try pool.openVolume(name: "v").discard(at: UInt64(offset), length: 8192)
                     model.discard("v", at: offset, length: 8192)
+                    unmappedBlocks.formUnion([offset / 4096, offset / 4096 + 1])
                 } else if roll < 92 {
                     label = "sync"
                     try pool.sync()
@@ -402,7 +435,7 @@ public enum CrashWorkloads {
     }
 
     /// Runs the random workload of `seed` with the `k`-th write or sync failing, then
-    /// checks (CRASH-TESTING §3.2 C8/C9, §3.5): the failing op throws a typed `io` error;
+    /// checks (Specs/CRASH-MODEL.md §2 C8/C9, CRASH-MODEL §5): the failing op throws a typed `io` error;
     /// the pool fails stop (every later call throws `poisoned`); the durable image then
     /// opens to a model state from the last durable op on; verify and scrub find nothing
     /// after that recovery.

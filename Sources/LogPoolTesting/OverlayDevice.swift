@@ -3,7 +3,7 @@ import LogPool
 /// A device that reads as `base` (shared, never copied) overlaid with 512-byte sector
 /// patches, and takes its writes into the overlay. The crash simulator recovers every
 /// crash state on one, so building and checking a state costs what the state changes,
-/// not the size of the image (§3.3: copy-on-write over the durable image). Syncs only
+/// not the size of the image (CRASH-MODEL §3: copy-on-write over the durable image). Syncs only
 /// count: these devices are thrown away after the check.
 public final class OverlayDevice: BlockDevice {
     public static let sectorByteCount = 512

@@ -1,4 +1,4 @@
-/// The oracle: volumes as plain byte arrays (CRASH-TESTING.md §3.5). Snapshots are frozen
+/// The oracle: volumes as plain byte arrays (Specs/CRASH-MODEL.md §5). Snapshots are frozen
 /// copies; clones are copies that diverge.
 public struct ReferenceModel: Equatable, Sendable {
     public struct Entry: Equatable, Sendable {

@@ -1,6 +1,6 @@
 import LogPool
 
-/// An in-memory ``BlockDevice`` that models power loss (CRASH-TESTING.md §3.1).
+/// An in-memory ``BlockDevice`` that models power loss (Specs/CRASH-MODEL.md §1).
 ///
 /// `durable` is the image as of the last successful sync; `pending` lists every write
 /// since, in order; reads see `durable` with `pending` applied. ``CrashSimulator`` builds

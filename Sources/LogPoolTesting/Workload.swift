@@ -79,7 +79,7 @@ public struct WorkloadGenerator: Sendable {
     }
 
     /// A name no volume of `model` has (a workload continuing on a pool that earlier
-    /// workloads named, as in `logpool torture`, must not collide).
+    /// workloads named, as in `logpool-sim torture`, must not collide).
     private func fresh(_ prefix: String, _ model: ReferenceModel) -> String {
         var name = "\(prefix)\(counter)"
         while model.volumes[name] != nil { name += "x" }
@@ -194,7 +194,7 @@ public func apply(_ op: Op, to pool: Pool, model: inout ReferenceModel) throws {
         try pool.rename(a, to: b)
         model.rename(a, to: b)
     case .resize(let v, let n):
-        try pool.resize(v, size: UInt64(n))
+        try pool.resize(v, size: UInt64(n), allowShrink: true)
         model.resize(v, size: n)
     case .sync:
         try pool.sync()

@@ -1,7 +1,7 @@
 import Foundation
 import LogPool
 
-/// The write-time checks of ../shared/CRASH-TESTING.md §3.4, run on every write the
+/// The write-time checks of Specs/CRASH-MODEL.md §4, run on every write the
 /// workload's device receives, so an ordering bug fails at the offending write (with its
 /// call stack) instead of waiting for a crash state to expose it.
 ///

@@ -3,10 +3,10 @@ import Testing
 
 /// Runs the built `logpool` binary (swift test builds it beside the test bundle).
 struct CLI {
-    static let binary: String = {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        return root.appendingPathComponent(".build/debug/logpool").path
-    }()
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    static let binary = root.appendingPathComponent(".build/debug/logpool").path
+    /// `logpool-sim`: crashsim and torture.
+    static let simBinary = root.appendingPathComponent(".build/debug/logpool-sim").path
 
     struct Result {
         var status: Int32
@@ -16,7 +16,7 @@ struct CLI {
     }
 
     @discardableResult
-    static func run(_ arguments: [String], stdin: Data? = nil) throws -> Result {
+    static func run(_ arguments: [String], stdin: Data? = nil, binary: String = CLI.binary) throws -> Result {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = arguments
@@ -24,12 +24,22 @@ struct CLI {
         process.standardOutput = out
         process.standardError = err
         process.standardInput = input
+        // A command may stop reading its input early (a refused write): the test process
+        // must then see EPIPE, not die of SIGPIPE.
+        signal(SIGPIPE, SIG_IGN)
         try process.run()
-        if let stdin { input.fileHandleForWriting.write(stdin) }
-        try input.fileHandleForWriting.close()
+        // Input is fed from another thread, so a command that writes much before it
+        // reads cannot deadlock against us.
+        let writer = input.fileHandleForWriting
+        let feeding = DispatchGroup()
+        DispatchQueue.global().async(group: feeding) {
+            if let stdin { try? writer.write(contentsOf: stdin) }
+            try? writer.close()
+        }
         let stdout = out.fileHandleForReading.readDataToEndOfFile()
         let stderr = err.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
+        feeding.wait()
         return Result(status: process.terminationStatus, stdout: stdout, stderr: String(decoding: stderr, as: UTF8.self))
     }
 }
@@ -97,6 +107,7 @@ struct CLITests {
         let cases: [([String], String)] = [
             (["init", pool, "--size", "16M"], "already exists"),
             (["init", temporaryPath("x.pool"), "--size", "12Q"], "--size"),
+            (["init", temporaryPath("x.pool"), "--size", "-5"], "negative size"),
             (["init", temporaryPath("y.pool"), "--size", "1M"], "too small"),
             (["create", pool, "v", "--size", "abc"], "--size"),
             (["create", pool, "", "--size", "1M"], "empty"),
@@ -217,7 +228,7 @@ struct CLITests {
     /// Goal: crashsim runs, reports its figures as JSON, and replays a state by id.
     @Test("crashsim: a short run reports figures and a state replays by id")
     func crashsim() throws {
-        let run = try CLI.run(["crashsim", "--budget", "1", "--ops", "8", "--json"])
+        let run = try CLI.run(["crashsim", "--budget", "1", "--ops", "8", "--json"], binary: CLI.simBinary)
         #expect(run.status == 0, "\(run.stderr)")
         let object = try JSONSerialization.jsonObject(with: run.stdout) as? [String: Any]
         let figures = object?["figures"] as? [String: Any]
@@ -225,7 +236,7 @@ struct CLITests {
         let directory = temporaryPath("replay")
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: CLI.binary)
+        process.executableURL = URL(fileURLWithPath: CLI.simBinary)
         process.arguments = ["crashsim", "--replay", "v1:3:random-512:7:prefix:0"]
         process.currentDirectoryURL = URL(fileURLWithPath: directory)
         process.standardOutput = Pipe()
@@ -233,17 +244,17 @@ struct CLITests {
         process.waitUntilExit()
         #expect(process.terminationStatus == 0)
         #expect(FileManager.default.fileExists(atPath: directory + "/crashsim-3-7-prefix-0.img"))
-        let bad = try CLI.run(["crashsim", "--replay", "v1:3:nonsense"])
-        #expect(bad.status != 0 && bad.stderr.hasPrefix("logpool: error:"), "\(bad.stderr)")
+        let bad = try CLI.run(["crashsim", "--replay", "v1:3:nonsense"], binary: CLI.simBinary)
+        #expect(bad.status != 0 && bad.stderr.hasPrefix("logpool-sim: error:"), "\(bad.stderr)")
         // A C9 id (short write, then ENOSPC, at the 5th write) replays too.
-        let fault = try CLI.run(["crashsim", "--replay", "v1:3:random-512:5:write-err:1"])
+        let fault = try CLI.run(["crashsim", "--replay", "v1:3:random-512:5:write-err:1"], binary: CLI.simBinary)
         #expect(fault.status == 0 && fault.text.contains("all invariants hold"), "\(fault.text)")
     }
 
     /// Goal: torture kills its child and checks every recovery; figures as JSON.
     @Test("torture: children killed with SIGKILL, every recovery checked")
     func torture() throws {
-        let run = try CLI.run(["torture", "--seconds", "2", "--dir", temporaryPath(""), "--json"])
+        let run = try CLI.run(["torture", "--seconds", "2", "--dir", temporaryPath(""), "--json"], binary: CLI.simBinary)
         #expect(run.status == 0, "\(run.text)")
         let object = try JSONSerialization.jsonObject(with: run.stdout) as? [String: Any]
         #expect((object?["iterations"] as? Int ?? 0) >= 2 && (object?["violations"] as? [Any])?.isEmpty == true, "\(run.text)")

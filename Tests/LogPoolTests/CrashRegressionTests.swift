@@ -45,26 +45,20 @@ struct CrashRegressionTests {
     /// `corrupt(journal record)` when a later record proves the stop was synced (J-7).
     @Test("v1:1:random-512:7:media:0: damage inside synced journal space fails open with corrupt(journal record)")
     func syncedJournalDamage() throws {
-        let (pool, device) = try makePool()
-        let v = try pool.createVolume(name: "v", size: 1 << 20)
-        try pool.checkpoint()
-        try v.write(at: 0, from: pattern(8192, seed: 1))
-        try pool.sync()
-        try v.write(at: 65536, from: pattern(8192, seed: 2))
-        try pool.sync()
-        var image = device.durable
-        // The first record of the first batch (after the checkpoint's replay start).
-        let replay = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly).recoveryReport
+        // The first record of the first synced batch is damaged.
+        let (intact, image) = try DamagedImages.syncedJournalDamage()
+        let replay = try Pool.open(on: SimulatedDevice(image: intact), mode: .readOnly).recoveryReport
         #expect(replay.replayedRecordCount >= 2)
-        let start = try firstRecordOffset(image)
-        image[start + JournalRecordLayout.headerByteCount + 3] ^= 0x04
         expectCorrupt("journal record") { _ = try Pool.open(on: SimulatedDevice(image: image)) }
         // Verify still looks (read-only, salvaging) and names the damage.
         let report = try Pool.verify(on: SimulatedDevice(image: image))
         #expect(report.problems.contains { $0.code == "journal-synced-damage" }, "\(report.problems)")
-        // A read-only open reads what precedes the damage and says so; nothing is written.
+        // A read-only open refuses too (it would serve the state before the damage as
+        // if it were the pool); asking for salvage reads what precedes it and says so,
+        // writing nothing.
+        expectCorrupt("journal record") { _ = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly) }
         let readOnlyDevice = SimulatedDevice(image: image)
-        let readOnly = try Pool.open(on: readOnlyDevice, mode: .readOnly)
+        let readOnly = try Pool.open(on: readOnlyDevice, mode: .readOnly, acceptJournalLoss: true)
         #expect(readOnly.recoveryReport.syncedJournalDamage && readOnlyDevice.writeCount == 0)
         #expect(try readOnly.list().map(\.name) == ["v"])
         // Accepting the loss opens read-write and leaves a pool that verifies clean.
@@ -107,7 +101,7 @@ struct CrashRegressionTests {
         _ = try populate(pool)
         try pool.sync()
         let overlay = OverlayDevice(base: device.durable)
-        let dataStart = Int(try newestSuperblock(device.durable).geometry.dataAreaByteOffset)
+        let dataStart = Int(try #require(WriteChecks.newestSlot(device.durable)).geometry.dataAreaByteOffset)
         overlay.unreadableSectors = [dataStart / 512]
         let damaged = try Pool.verify(on: overlay, scrubData: true)
         #expect(damaged.problems.contains { $0.code == "unreadable" && $0.severity == .warning }, "\(damaged.problems)")
@@ -164,15 +158,12 @@ struct CrashRegressionTests {
         #expect(stopped.recoveryReport.replayStopKind == .unreadable, "\(stopped.recoveryReport.replayStopReason)")
     }
 
-    /// The ring offset (in the file) of the first journal record after the chosen
-    /// slot's replay start.
-    private func firstRecordOffset(_ image: [UInt8]) throws -> Int {
-        Int(PoolGeometry.journalByteOffset + (try newestSuperblock(image)).journalReplayByteOffset)
-    }
+}
 
-    private func newestSuperblock(_ image: [UInt8]) throws -> Superblock {
-        try #require(WriteChecks.newestSlot(image))
-    }
+/// The ring offset (in the file) of the first journal record after the chosen slot's
+/// replay start.
+func firstRecordOffset(_ image: [UInt8]) throws -> Int {
+    Int(PoolGeometry.journalByteOffset + (try #require(WriteChecks.newestSlot(image))).journalReplayByteOffset)
 }
 
 /// The write-time checks must be able to fail: writes that break each rule, made

@@ -4,7 +4,7 @@ import LogPoolFormat
 import LogPoolTesting
 import Testing
 
-/// The journal tail matrix of ../shared/CRASH-TESTING.md §3.6: the last of three records
+/// The journal tail matrix of Specs/CRASH-MODEL.md §6: the last of three records
 /// {complete, torn header, torn payload, bad XXH3, its data torn, sequence gap, a valid
 /// record of an earlier lap, another pool's record} × where it sits {mid-sector, at a
 /// sector boundary (after a sector tail too short for a header), after a ring wrap},

@@ -122,7 +122,12 @@ struct SemanticsTests {
         let (pool, _) = try makePool()
         let v = try pool.createVolume(name: "v", size: 16 * 4096)
         try v.write(at: 0, from: pattern(16 * 4096, seed: 7))
-        try pool.resize("v", size: 8 * 4096)
+        // Shrinking drops data, so it must be asked for; the refusal names what it drops.
+        expectPoolError({ if case .invalidArgument(let m) = $0 { m.contains("32768 mapped bytes") } else { false } }) {
+            try pool.resize("v", size: 8 * 4096)
+        }
+        #expect(v.size == 16 * 4096)
+        #expect(try pool.resize("v", size: 8 * 4096, allowShrink: true) == 8 * 4096)
         #expect(v.size == 8 * 4096)
         #expect(try v.info().allocatedBytes == 8 * 4096)
         expectPoolError({ if case .outOfRange = $0 { true } else { false } }) { _ = try v.read(at: 8 * 4096, length: 1) }

@@ -4,7 +4,7 @@ import LogPoolFormat
 import LogPoolTesting
 import Testing
 
-/// The superblock slot matrix of ../shared/CRASH-TESTING.md §3.6 (TigerBeetle's quorum
+/// The superblock slot matrix of Specs/CRASH-MODEL.md §6 (TigerBeetle's quorum
 /// table style): ten contents for slot A times ten for slot B, each of the 100 cases
 /// with its expected choice written in the grid below.
 ///

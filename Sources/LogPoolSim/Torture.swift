@@ -1,9 +1,10 @@
 import ArgumentParser
 import Foundation
 import LogPool
+import LogPoolCLIKit
 import LogPoolTesting
 
-/// `logpool torture`: process-kill torture (../shared/CRASH-TESTING.md §3.6). A child
+/// `logpool-sim torture`: process-kill torture (Specs/CRASH-MODEL.md §6). A child
 /// process runs a seeded random workload on a real pool file and is killed with SIGKILL
 /// at a random moment, again and again; after each kill the parent verifies the file,
 /// reopens it and checks that it holds the model state after some op between the last
@@ -32,9 +33,9 @@ struct Torture: ParsableCommand {
     }
 
     func run() throws {
-        guard seconds > 0, seconds <= 86_400 else { throw PoolError.invalidArgument("--seconds must be 0...86400") }
+        guard seconds > 0, seconds <= 86_400 else { throw ValidationError("--seconds must be more than 0 and at most 86400, not \(seconds)") }
         guard maxKillMilliseconds >= 1, maxKillMilliseconds <= 60_000 else {
-            throw PoolError.invalidArgument("--max-kill-milliseconds must be 1...60000")
+            throw ValidationError("--max-kill-milliseconds must be 1...60000, not \(maxKillMilliseconds)")
         }
         let directory = dir ?? NSTemporaryDirectory()
         let path = (directory as NSString).appendingPathComponent("logpool-torture-\(getpid()).pool")
@@ -54,7 +55,10 @@ struct Torture: ParsableCommand {
         var timing = SeededGenerator(seed: seed ^ 0x70E7)
         let started = Date()
         var err = StandardError()
-        while Date().timeIntervalSince(started) < seconds && figures.violations.count < 5 {
+        // SIGTERM and SIGINT end the run between iterations (at most one kill delay
+        // away), so the child is reaped and the pool and log files are removed.
+        let interrupt = Interruption()
+        while Date().timeIntervalSince(started) < seconds && figures.violations.count < 5 && interrupt.signal == nil {
             figures.iterations += 1
             let iterationSeed = seed &+ UInt64(figures.iterations)
             try? FileManager.default.removeItem(atPath: logPath)
@@ -97,10 +101,16 @@ struct Torture: ParsableCommand {
             }
         }
         figures.seconds = Date().timeIntervalSince(started)
+        if let signal = interrupt.signal {
+            print("torture: interrupted by signal \(signal) after \(figures.iterations) iterations; removed \(path) and its log", to: &err)
+            try? FileManager.default.removeItem(atPath: path)
+            try? FileManager.default.removeItem(atPath: logPath)
+            throw ExitCode(128 + signal)
+        }
         if json {
             try printJSON(figures)
         } else {
-            print("""
+            try out("""
                 torture seed=\(seed) pool=16M lz4, kill after 1-\(maxKillMilliseconds) ms
                 iterations \(figures.iterations)   killed \(figures.killed)   exited before the kill \(figures.exitedBeforeKill)
                 ops started \(figures.opsStarted)   covered by a completed sync \(figures.opsSynced)   unsynced ops that survived \(figures.opsSalvaged)
@@ -154,7 +164,7 @@ struct Torture: ParsableCommand {
     }
 }
 
-/// The child of `logpool torture`: opens the pool, runs the seeded random workload and
+/// The child of `logpool-sim torture`: opens the pool, runs the seeded random workload and
 /// logs "B k" before op k and "S k" after an op whose sync completed, until killed.
 struct TortureChild: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "torture-child", shouldDisplay: false)
@@ -182,4 +192,32 @@ struct TortureChild: ParsableCommand {
         }
         try pool.close()
     }
+}
+
+/// Catches SIGTERM and SIGINT for the life of the value: `signal` is the first one that
+/// arrived, read between iterations.
+final class Interruption: @unchecked Sendable {
+    private let lock = NSLock()
+    private var received: Int32? = nil
+    private var sources: [DispatchSourceSignal] = []
+
+    init() {
+        for number in [SIGTERM, SIGINT] {
+            Glibc.signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler { [weak self] in self?.record(number) }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    deinit {
+        for source in sources { source.cancel() }
+        Glibc.signal(SIGTERM, SIG_DFL)
+        Glibc.signal(SIGINT, SIG_DFL)
+    }
+
+    private func record(_ number: Int32) { lock.withLock { if received == nil { received = number } } }
+
+    var signal: Int32? { lock.withLock { received } }
 }

@@ -1,11 +1,12 @@
 import ArgumentParser
 import Foundation
 import LogPool
+import LogPoolCLIKit
 import LogPoolTesting
 
-/// `logpool crashsim`: seeded random workloads on the in-memory test device, with every
+/// `logpool-sim crashsim`: seeded random workloads on the in-memory test device, with every
 /// crash state of classes C0–C5 recovered and checked at every sync
-/// (../shared/CRASH-TESTING.md). Prints the figures; exit 1 on any violation.
+/// (Specs/CRASH-MODEL.md). Prints the figures; exit 1 on any violation.
 struct CrashSim: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "crashsim",
@@ -32,16 +33,16 @@ struct CrashSim: ParsableCommand {
     }
 
     func run() throws {
-        if let ops, ops < 1 || ops > 100_000 { throw PoolError.invalidArgument("--ops must be 1...100000, not \(ops)") }
+        if let ops, ops < 1 || ops > 100_000 { throw ValidationError("--ops must be 1...100000, not \(ops)") }
         if let replay { return try replayState(replay) }
-        guard budget > 0, budget <= 86_400 else { throw PoolError.invalidArgument("--budget must be 0...86400 seconds") }
+        guard budget > 0, budget <= 86_400 else { throw ValidationError("--budget must be more than 0 and at most 86400 seconds, not \(budget)") }
         let opCount = ops ?? (long ? 300 : 60)
         let samples = long ? 16 : 3
         let started = Date()
         var figures = CrashFigures()
         var counts: [String: Int] = [:]
         var err = StandardError()
-        // Bounded-exhaustive sequences first (§3.7): every seq-1 and a seeded sample of
+        // Bounded-exhaustive sequences first (CRASH-MODEL §7): every seq-1 and a seeded sample of
         // seq-2 in the smoke run; with --long every seq-1 and seq-2 at both sector sizes
         // and a sample of seq-3.
         var jobs: [Job] = []
@@ -113,10 +114,10 @@ struct CrashSim: ParsableCommand {
         if json {
             try printJSON(out)
         } else {
-            printFigures(out)
+            try printFigures(out)
         }
         if !figures.violations.isEmpty { throw ExitCode(1) }
-        // The long run must reach every recovery path it is meant to test (§3.8).
+        // The long run must reach every recovery path it is meant to test (CRASH-MODEL §8).
         let unhit = CrashFigures.requiredMarks.filter { (figures.marks[$0] ?? 0) == 0 }
         if long && !unhit.isEmpty {
             var err = StandardError()
@@ -176,7 +177,7 @@ struct CrashSim: ParsableCommand {
                                                   compoundEvery: compoundEvery, lyingSync: long)
         var figures = simulator.figures
         if let first = simulator.figures.violations.first {
-            // Shrink to a minimal op list that still fails the same invariant (§3.8).
+            // Shrink to a minimal op list that still fails the same invariant (CRASH-MODEL §8).
             let small = CrashWorkloads.shrink(simulator.ops, seed: seed, physicalSectorByteCount: sector,
                                               invariant: first.invariant, seconds: 60)
             figures.reproducers.append("seed \(seed) sector \(sector), [\(first.invariant)]: \(simulator.ops.count) ops shrunk to \(small.count): \(small.map(\.description).joined(separator: "; "))")
@@ -188,7 +189,7 @@ struct CrashSim: ParsableCommand {
     /// C10/C11 run from one recovered state in this many (near-full: four times fewer).
     var compoundEvery: Int { long ? 24 : 400 }
 
-    private func printFigures(_ out: Output) {
+    private func printFigures(_ out: Output) throws {
         let f = out.figures
         func count(_ dictionary: [String: Int]) -> String {
             CrashClass.allCases.map { "\($0.rawValue) \(dictionary[$0.rawValue] ?? 0)" }.joined(separator: "  ")
@@ -215,30 +216,30 @@ struct CrashSim: ParsableCommand {
         ]
         for v in f.violations {
             lines.append("VIOLATION \(v)")
-            lines.append("  replay: logpool crashsim --replay \(v.state)\(long ? " --long" : "")")
+            lines.append("  replay: logpool-sim crashsim --replay \(v.state)\(long ? " --long" : "")")
         }
         for r in f.reproducers { lines.append("MINIMAL WORKLOAD (on the random workloads' test pool) \(r)") }
-        print(lines.joined(separator: "\n"))
+        try LogPoolCLIKit.out(lines.joined(separator: "\n"))
     }
 
     private func replayState(_ text: String) throws {
         guard let id = CrashStateID(text), let dash = id.workload.lastIndex(of: "-"),
               let sector = Int(id.workload[id.workload.index(after: dash)...]), sector == 512 || sector == 4096,
               ["random", "near-full", "seq1", "seq2", "seq3"].contains(id.workload[..<dash])
-        else { throw PoolError.invalidArgument("not a crash state id: \(text) (expected v1:SEED:WORKLOAD-SECTOR:POINT:CLASS:INDEX, WORKLOAD one of random, near-full, seq1, seq2, seq3, SECTOR 512 or 4096)") }
+        else { throw ValidationError("not a crash state id: \(text) (expected v1:SEED:WORKLOAD-SECTOR:POINT:CLASS:INDEX, WORKLOAD one of random, near-full, seq1, seq2, seq3, SECTOR 512 or 4096)") }
         if let fault = CrashWorkloads.Fault(crashClass: id.crashClass, index: id.index) {
             // C8/C9: the workload re-run with its point-th sync or write failing.
             let outcome = try CrashWorkloads.fault(fault, at: id.point, seed: id.seed, opCount: ops ?? 100_000)
             guard outcome.fired else {
                 throw PoolError.notFound("crash state \(id): the workload never reached call \(id.point)")
             }
-            print("state \(id) (\(fault.rawValue) at call \(id.point)): \(outcome.violations.isEmpty ? "all invariants hold" : "\(outcome.violations.count) violations")")
-            for v in outcome.violations { print("VIOLATION \(v)") }
+            try out("state \(id) (\(fault.rawValue) at call \(id.point)): \(outcome.violations.isEmpty ? "all invariants hold" : "\(outcome.violations.count) violations")")
+            for v in outcome.violations { try out("VIOLATION \(v)") }
             if !outcome.violations.isEmpty { throw ExitCode(1) }
             return
         }
         guard !id.crashClass.isFault else {
-            throw PoolError.invalidArgument("crash state \(id): class \(id.crashClass.rawValue) has no variant \(id.index)")
+            throw ValidationError("crash state \(id): class \(id.crashClass.rawValue) has no variant \(id.index)")
         }
         var found: [CrashViolation] = []
         let samples = max(long ? 16 : 3, id.index % CrashSimulator.earlierEpochIndexBase + 1)
@@ -262,15 +263,15 @@ struct CrashSim: ParsableCommand {
                 throw PoolError.io(errno: EIO, operation: "write \(imagePath): \(error.localizedDescription)", byteOffset: 0)
             }
         }
-        print("state \(id): \(found.isEmpty ? "all invariants hold" : "\(found.count) violations")")
-        print("ops before the crash point: \(simulator.opLog.joined(separator: "; "))")
-        for v in found { print("VIOLATION [\(v.invariant)] \(v.detail)") }
+        try out("state \(id): \(found.isEmpty ? "all invariants hold" : "\(found.count) violations")")
+        try out("ops before the crash point: \(simulator.opLog.joined(separator: "; "))")
+        for v in found { try out("VIOLATION [\(v.invariant)] \(v.detail)") }
         if let first = found.first, id.workload.hasPrefix("random") {
             let small = CrashWorkloads.shrink(simulator.ops, seed: id.seed, physicalSectorByteCount: sector,
                                               invariant: first.invariant, seconds: 120)
-            print("minimal workload (\(simulator.ops.count) ops shrunk to \(small.count), on the random workloads' test pool of seed \(id.seed)): \(small.map(\.description).joined(separator: "; "))")
+            try out("minimal workload (\(simulator.ops.count) ops shrunk to \(small.count), on the random workloads' test pool of seed \(id.seed)): \(small.map(\.description).joined(separator: "; "))")
         }
-        print("crash image written to \(imagePath)")
+        try out("crash image written to \(imagePath)")
         if !found.isEmpty { throw ExitCode(1) }
     }
 }

@@ -1,0 +1,184 @@
+import ArgumentParser
+import Foundation
+import LogPool
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Output plumbing shared by the `logpool` and `logpool-sim` executables: every byte a
+// command prints goes through a checked write, and errors are one line on stderr.
+
+/// Control characters (a name or path holding a newline) are escaped so an error stays
+/// one line.
+package func oneLine(_ message: String) -> String {
+    var result = ""
+    for scalar in message.unicodeScalars {
+        if scalar.properties.generalCategory == .control {
+            result += "\\u{" + String(scalar.value, radix: 16) + "}"
+        } else {
+            result.unicodeScalars.append(scalar)
+        }
+    }
+    return result
+}
+
+package struct StandardError: TextOutputStream {
+    package init() {}
+
+    /// A closed or full stderr loses the message; it must not crash the command.
+    package mutating func write(_ string: String) {
+        let bytes = Array(string.utf8)
+        _ = try? writeAll(bytes, to: STDERR_FILENO, what: "standard error", startingAt: 0)
+    }
+}
+
+/// Which of descriptors 0-2 were closed when the process started. ``StandardStreams/guardDescriptors()``
+/// fills each closed one with /dev/null, so that no file the command opens later (the
+/// pool, an output file) takes its number: with stdin closed, the pool would otherwise
+/// be opened as descriptor 0 and `write` would copy the pool file into the volume.
+package enum StandardStreams {
+    package static let closedAtStart: [Bool] = {
+        var closed: [Bool] = []
+        for fd in Int32(0)...2 {
+            let wasClosed = fcntl(fd, F_GETFD) == -1 && errno == EBADF
+            if wasClosed {
+                let filler = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY)
+                if filler >= 0 && filler != fd {
+                    // Another descriptor was lower and free (cannot happen in order 0-2,
+                    // but never leave the gap open).
+                    _ = dup2(filler, fd)
+                    close(filler)
+                }
+            }
+            closed.append(wasClosed)
+        }
+        return closed
+    }()
+
+    package static func guardDescriptors() { _ = closedAtStart }
+
+    package static var stdinWasClosed: Bool { closedAtStart[0] }
+}
+
+/// Writes every byte of `bytes` to `fd`, retrying on EINTR and short writes. A failure
+/// (a full disk, a closed pipe) throws `io` with the real errno and the byte offset the
+/// stream had reached.
+@discardableResult
+package func writeAll(_ bytes: [UInt8], to fd: Int32, what: String, startingAt offset: UInt64) throws -> Int {
+    try bytes.withUnsafeBytes { try writeAll($0, to: fd, what: what, startingAt: offset) }
+}
+
+@discardableResult
+package func writeAll(_ bytes: UnsafeRawBufferPointer, to fd: Int32, what: String, startingAt offset: UInt64) throws -> Int {
+    var done = 0
+    while done < bytes.count {
+        let n = Glibc.write(fd, bytes.baseAddress! + done, bytes.count - done)
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw PoolError.io(errno: errno, operation: "write to \(what)", byteOffset: offset + UInt64(done))
+        }
+        done += n
+    }
+    return done
+}
+
+/// An output stream on a descriptor that reports every failed write: nothing is
+/// buffered, so the command's exit status and message reflect the write that failed.
+package final class CheckedOutput: @unchecked Sendable {
+    package let fd: Int32
+    package let what: String
+    /// Bytes written so far, under `lock` (the scrub progress may print from workers).
+    private var byteCount: UInt64 = 0
+    private let lock = NSLock()
+
+    package init(fd: Int32, what: String) {
+        self.fd = fd
+        self.what = what
+    }
+
+    package static let standardOutput = CheckedOutput(fd: STDOUT_FILENO, what: "standard output")
+
+    package func write(_ bytes: UnsafeRawBufferPointer) throws {
+        lock.lock()
+        defer { lock.unlock() }
+        byteCount += UInt64(try writeAll(bytes, to: fd, what: what, startingAt: byteCount))
+    }
+
+    package func write(_ text: String) throws {
+        let bytes = Array(text.utf8)
+        try bytes.withUnsafeBytes { try write($0) }
+    }
+}
+
+/// Prints one line (or `text` with `terminator`) to standard output, throwing when the
+/// write fails.
+package func out(_ text: String = "", terminator: String = "\n") throws {
+    try CheckedOutput.standardOutput.write(text + terminator)
+}
+
+package func printJSON<T: Encodable>(_ value: T) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    var data = try encoder.encode(value)
+    data.append(contentsOf: Array("\n".utf8))
+    try data.withUnsafeBytes { try CheckedOutput.standardOutput.write($0) }
+}
+
+/// An error a command reports as its own one-line message (exit status 1).
+package protocol ReportedError: Error, CustomStringConvertible {}
+
+extension PoolError: ReportedError {}
+
+/// The `main` of both executables: guards descriptors 0-2 before anything is opened,
+/// refuses arguments that are not UTF-8 and `help` of an unknown command (usage errors,
+/// 64), runs the command, and prints any error as one line `NAME: error: ...` (1 for
+/// an error the pool or command reported, 64 for usage errors).
+///
+/// `movedCommands` maps a command that lives elsewhere now to where (named in the error).
+package func runMain<Root: ParsableCommand>(_ root: Root.Type, name: String, movedCommands: [String: String] = [:]) -> Never {
+    StandardStreams.guardDescriptors()
+    var err = StandardError()
+    let arguments = CommandLine.arguments
+    // An unknown command, or `help` of one, is a usage error (ArgumentParser would print
+    // the root help and exit 0 for `help NAME` or `NAME --help`, hiding the typo).
+    let names = root.configuration.subcommands.map { $0._commandName } + ["help"]
+    let asked = arguments.count >= 3 && arguments[1] == "help" ? arguments[2] : (arguments.count >= 2 ? arguments[1] : "")
+    if !asked.isEmpty, !asked.hasPrefix("-"), !names.contains(asked) {
+        let hint = movedCommands[asked].map { "; it is now `\($0)`" } ?? ""
+        print("\(name): error: no such command: \(oneLine(asked))\(hint) (see \(name) --help)", to: &err)
+        exit(64)
+    }
+    for i in 1..<Int(CommandLine.argc) {
+        // Swift would map bad bytes to U+FFFD, so two different byte strings would name
+        // one volume.
+        guard let raw = CommandLine.unsafeArgv[i], String(validatingCString: raw) == nil else { continue }
+        print("\(name): error: argument \(i) is not valid UTF-8 (names and paths must be UTF-8)", to: &err)
+        exit(64)
+    }
+    do {
+        var command = try root.parseAsRoot()
+        try command.run()
+        exit(0)
+    } catch let error as any ReportedError {
+        print("\(name): error: \(oneLine(error.description))", to: &err)
+        exit(1)
+    } catch {
+        let code = root.exitCode(for: error)
+        if code == .success {
+            // --help and --version: printed through the checked writer, so a full or
+            // closed stdout is an error here too.
+            do {
+                try out(root.fullMessage(for: error))
+            } catch {
+                print("\(name): error: \(oneLine("\(error)"))", to: &err)
+                exit(1)
+            }
+            exit(0)
+        }
+        let message = root.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+        let trimmed = message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message
+        if !trimmed.isEmpty { print("\(name): error: \(oneLine(trimmed))", to: &err) }
+        exit(code.rawValue == 0 ? 1 : code.rawValue)
+    }
+}
