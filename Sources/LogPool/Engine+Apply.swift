@@ -79,10 +79,12 @@ extension Engine {
             for range in ranges where range.upperBound > count {
                 throw bad("unmap range \(range) beyond volume \(volumeID)'s \(count) blocks")
             }
-            // New ids stay below what the writer's id space can have reached (replay
-            // mirrors ``reserveBlockIDs``; twice a write's ids, for slack).
+            // New ids stay below what the writer's id space can have reached: replay
+            // mirrors ``reserveBlockIDs`` (the live count here is the writer's before the
+            // same write, and one write reserves at most one unit's ids), so a recovered
+            // limit also stays within FORMAT C-6 and the pool reopens.
             idSpaceHighWater = max(idSpaceHighWater, blockIDLimit,
-                                   idSpaceLimit(forAllocating: 2 * Engine.idsPerWriteMax(blockByteCount: blockByteCount)))
+                                   idSpaceLimit(forAllocating: Engine.idsPerWriteMax(blockByteCount: blockByteCount)))
             // Ids in increasing order (what the live path writes) are distinct without a set.
             var newIDs = Set<UInt64>()
             var increasing = true

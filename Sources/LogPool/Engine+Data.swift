@@ -222,8 +222,11 @@ extension Engine {
     }
 
     /// The most A-2 can ask for one atomic unit written uncompressed: its blocks, the
-    /// padding and segment-end losses of ``grossDataByteCount(_:)``, and every map and
-    /// block-table page it can dirty (two partial leaves and two paths per tree).
+    /// padding and segment-end losses of ``grossDataByteCount(_:)``, the map pages of a
+    /// contiguous range (its leaves plus two paths), and a block-table leaf per new id
+    /// up to every leaf of the id space (the sweeping allocator hands out whatever ids
+    /// are free, and after random overwrites those are scattered over the whole table),
+    /// plus two paths.
     var unitWorstCaseByteCount: UInt64 {
         let unit = UInt64(Self.atomicUnitByteCount)
         let sector = UInt64(PoolGeometry.sectorByteCount), page = UInt64(PoolGeometry.pageByteCount)
@@ -231,8 +234,11 @@ extension Engine {
         let extent = UInt64(max(blockByteCount, PoolGeometry.pageByteCount))
         let data = blocks * UInt64(blockByteCount) + (page - sector)
         let segmentEnds = data / geometry.segmentPayloadByteCount + 2
-        let mapPages = blocks / UInt64(PageLayout.mapLeafFanout) + 2 + 2 * UInt64(PageLayout.heightMax)
-        let tablePages = blocks / UInt64(PageLayout.blockTableLeafFanout) + 2 + 2 * UInt64(PageLayout.heightMax)
+        let paths = 2 * UInt64(PageLayout.heightMax)
+        let mapPages = blocks / UInt64(PageLayout.mapLeafFanout) + 2 + paths
+        let idSpace = max(blockIDLimit, idSpaceLimit(forAllocating: Int(blocks)))
+        let tableLeaves = (idSpace + UInt64(PageLayout.blockTableLeafFanout) - 1) / UInt64(PageLayout.blockTableLeafFanout)
+        let tablePages = min(blocks, tableLeaves) + paths
         return data + segmentEnds * (extent + page - sector) + (mapPages + tablePages) * page
     }
 

@@ -33,11 +33,10 @@ extension Engine {
     ///
     /// A mounted (crashed) pool whose replay stops inside synced space (a later record
     /// proves the lost ones were synced: media damage or a misdirected write, never a
-    /// crash) is `corrupt(journal record)`, not silently truncated like a torn tail.
-    /// A read-only open replays up to the damage and reports it in `recoveryReport`
-    /// (`syncedJournalDamage`); `salvage` does the same read-write: the operator accepts
-    /// losing the synced records after the damage (the recovery checkpoint commits
-    /// without them).
+    /// crash) is `corrupt(journal record)`, read-only too, not silently truncated like a
+    /// torn tail. With `salvage` it replays up to the damage and reports the loss in
+    /// `recoveryReport` (`syncedJournalDamage`, `syncedJournalLoss`); read-write, the
+    /// recovery checkpoint then commits without the synced records after the damage.
     static func open(device: BlockDevice, readOnly: Bool, salvage: Bool = false) throws -> Engine {
         let size = try device.byteCount()
         let slotsEnd = PoolGeometry.superblockSlotByteOffsets[1] + UInt64(PoolGeometry.superblockByteCount)

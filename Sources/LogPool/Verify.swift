@@ -177,7 +177,7 @@ extension Pool {
         // after it, that would discard them. That is the operator's call, not repair's.
         if before.problems.contains(where: { $0.code == "journal-synced-damage" }) {
             return RepairReport(before: before, after: before, changes: [
-                "not repaired: the journal is damaged inside synced space, and committing would discard the synced records after the damage; a read-only open reads what precedes it; to keep the pool without those records, copy the file, then open the copy with acceptJournalLoss"])
+                "not repaired: the journal is damaged inside synced space, and committing would discard the synced records after the damage; to read what precedes it, open with acceptJournalLoss read-only (CLI: --salvage); to keep the pool without those records, copy the file, then open the copy read-write with acceptJournalLoss"])
         }
         var changes: [String] = []
         do {
@@ -249,7 +249,13 @@ struct Checker {
         var level: Int
         var checksum: UInt64
         var words: [UInt64]
+        /// The first slot the page covers where it was first reached (P-4).
+        var base: UInt64
     }
+
+    /// Block-table leaf pages that were referenced but could not be read or decoded:
+    /// they count towards the C-6 bound, so damage to one does not also flag the limit.
+    var unreadableTableLeafCount = 0
 
     /// Filled by ``check`` when `collectExtents` is set.
     var collectExtents = false
@@ -271,7 +277,7 @@ struct Checker {
         // C-6: the id limit must be justified by the block-table leaves read; the checker
         // sizes its id-indexed arrays by the justified bound, never by the stored figure.
         var root = storedRoot
-        let tableLeafCount = pages.values.reduce(0) { $0 + ($1.kind == .blockTable && $1.level == 0 ? 1 : 0) }
+        let tableLeafCount = pages.values.reduce(0) { $0 + ($1.kind == .blockTable && $1.level == 0 ? 1 : 0) } + unreadableTableLeafCount
         let limitMax = Engine.blockIDLimitMax(blockTableLeafCount: tableLeafCount, blockByteCount: Int(sb.geometry.blockByteCount))
         if root.blockIDLimit > limitMax {
             add(.error, "checkpoint-damaged", "checkpoint", sb.checkpointByteOffset,
@@ -403,12 +409,12 @@ struct Checker {
         var trees: [(PagePointer, PageKind, Int, String)] = [(root.blockTableRoot, .blockTable, root.blockTableHeight - 1, "the block table")]
         for volume in root.volumes { trees.append((volume.mapRoot, .map, volume.mapHeight - 1, "volume \(volume.name)")) }
         for (pointer, kind, level, owner) in trees {
-            try visit(pointer, kind: kind, level: level, owner: owner, sb: sb, pages: &pages)
+            try visit(pointer, kind: kind, level: level, base: 0, owner: owner, sb: sb, pages: &pages)
         }
         report.pageCount = pages.count
     }
 
-    private mutating func visit(_ pointer: PagePointer, kind: PageKind, level: Int, owner: String, sb: Superblock,
+    private mutating func visit(_ pointer: PagePointer, kind: PageKind, level: Int, base: UInt64, owner: String, sb: Superblock,
                                 pages: inout [UInt64: CheckedPage]) throws {
         guard !pointer.isNone else { return }
         let name = kind == .map ? "map page" : "block-table page"
@@ -418,6 +424,9 @@ struct Checker {
                     "referenced (from \(owner)) as \(kind) level \(level), already seen as \(seen.kind) level \(seen.level)")
             } else if kind == .blockTable {
                 add(.error, "page-shared-wrongly", name, pointer.byteOffset, "block-table page has two parents")
+            } else if seen.base != base {
+                add(.error, "page-shared-wrongly", name, pointer.byteOffset,
+                    "referenced (from \(owner)) at block index \(base), already reached at block index \(seen.base): a shared page must cover the same blocks everywhere (P-4)")
             }
             return
         }
@@ -430,6 +439,7 @@ struct Checker {
             bytes = try device.read(byteCount: PoolGeometry.pageByteCount, at: pointer.byteOffset)
         } catch PoolError.io(let code, _, _) {
             add(.error, "page-damaged", name, pointer.byteOffset, "unreadable, errno \(code) (in \(owner); its subtree is unchecked)")
+            if kind == .blockTable && level == 0 { unreadableTableLeafCount += 1 }
             return
         }
         report.scrubbedByteCount += UInt64(bytes.count)
@@ -440,12 +450,17 @@ struct Checker {
         } catch {
             add(.error, "page-damaged", name, pointer.byteOffset,
                 "\(error.detail) (byte offset \(error.byteOffset); in \(owner); its subtree is unreadable)")
+            if kind == .blockTable && level == 0 { unreadableTableLeafCount += 1 }
             return
         }
-        pages[pointer.byteOffset] = CheckedPage(kind: kind, level: level, checksum: pointer.checksum, words: words)
+        pages[pointer.byteOffset] = CheckedPage(kind: kind, level: level, checksum: pointer.checksum, words: words, base: base)
         guard level > 0 else { return }
+        let span = PageLayout.capacity(kind: kind, height: level)
         for i in 0..<PageLayout.interiorFanout {
+            let (offset, overflow1) = UInt64(i).multipliedReportingOverflow(by: span)
+            let (childBase, overflow2) = base.addingReportingOverflow(offset)
             try visit(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]), kind: kind, level: level - 1,
+                      base: overflow1 || overflow2 ? .max : childBase,
                       owner: owner, sb: sb, pages: &pages)
         }
     }

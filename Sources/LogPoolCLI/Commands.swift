@@ -221,6 +221,11 @@ struct Write: ParsableCommand {
                 close(opened)
                 throw PoolError.invalidArgument("--input \(input) is not a regular file (use standard input for a pipe or device)")
             }
+            var poolInfo = stat()
+            if stat(pool, &poolInfo) == 0, poolInfo.st_dev == info.st_dev, poolInfo.st_ino == info.st_ino {
+                close(opened)
+                throw PoolError.invalidArgument("--input is the pool file itself")
+            }
             _ = fcntl(opened, F_SETFL, fcntl(opened, F_GETFL) & ~O_NONBLOCK)
             fd = opened
             inputByteCount = UInt64(info.st_size)
@@ -234,6 +239,16 @@ struct Write: ParsableCommand {
             var info = stat()
             guard fstat(STDIN_FILENO, &info) == 0 else { throw PoolError.io(errno: errno, operation: "fstat standard input", byteOffset: 0) }
             if (info.st_mode & S_IFMT) == S_IFDIR { throw ValidationError("standard input is a directory") }
+            var poolInfo = stat()
+            if stat(pool, &poolInfo) == 0, poolInfo.st_dev == info.st_dev, poolInfo.st_ino == info.st_ino {
+                throw PoolError.invalidArgument("standard input is the pool file itself")
+            }
+            if (info.st_mode & S_IFMT) == S_IFREG {
+                // `< FILE`: a regular file's remaining length is known, so it is admitted
+                // whole like --input.
+                let position = lseek(STDIN_FILENO, 0, SEEK_CUR)
+                if position >= 0, info.st_size >= position { inputByteCount = UInt64(info.st_size - position) }
+            }
             fd = STDIN_FILENO
         }
         defer { if fd != STDIN_FILENO { close(fd) } }
@@ -260,8 +275,9 @@ struct Write: ParsableCommand {
                 // Make it durable and say exactly how much it is.
                 let done = position - offset.bytes
                 guard done > 0 else { throw error }
-                try opened.sync()
-                throw PartialWriteError(byteCount: done, startByteOffset: offset.bytes, volume: name, cause: error)
+                var synced = true
+                do { try opened.sync() } catch { synced = false }
+                throw PartialWriteError(byteCount: done, startByteOffset: offset.bytes, volume: name, cause: error, synced: synced)
             }
             try opened.sync()
             written = position - offset.bytes
@@ -277,9 +293,15 @@ struct PartialWriteError: ReportedError {
     var startByteOffset: UInt64
     var volume: String
     var cause: PoolError
+    /// False when the sync after the failure failed too (the pool handle was poisoned):
+    /// then those bytes are durable only as far as the last sync that completed.
+    var synced: Bool
 
     var description: String {
-        "\(cause); the \(byteCount) bytes before it were written and synced (\(volume) bytes \(startByteOffset) to \(startByteOffset + byteCount)), nothing after them"
+        let range = "(\(volume) bytes \(startByteOffset) to \(startByteOffset + byteCount))"
+        return synced
+            ? "\(cause); the \(byteCount) bytes before it were written and synced \(range), nothing after them"
+            : "\(cause); the \(byteCount) bytes before it were written but NOT synced \(range): reopen the pool to see what survived"
     }
 }
 
@@ -314,7 +336,7 @@ struct Read: ParsableCommand {
         let opened = try openForReading(pool, salvage)
         defer { try? opened.close() }
         let volume = try opened.openVolume(name: name)
-        let size = try volume.info().sizeBytes
+        let size = volume.size
         guard offset.bytes <= size else { throw PoolError.outOfRange("offset \(offset.bytes) beyond \(name)'s size \(size)") }
         let total = length?.bytes ?? (size - offset.bytes)
         // The whole range is checked before any output file is created or truncated.
@@ -347,7 +369,10 @@ struct Read: ParsableCommand {
             }
             done += UInt64(take)
         }
-        if let ownedDescriptor, fsync(ownedDescriptor) != 0 {
+        // A regular output file is made durable; a device, pipe or FIFO has nothing to sync.
+        var outputInfo = stat()
+        if let ownedDescriptor, fstat(ownedDescriptor, &outputInfo) == 0, (outputInfo.st_mode & S_IFMT) == S_IFREG,
+           fsync(ownedDescriptor) != 0 {
             throw PoolError.io(errno: errno, operation: "fsync \(output ?? "")", byteOffset: 0)
         }
     }

@@ -44,6 +44,10 @@ struct CLIHardeningTests {
         try CLI.run(["create", pool, "v", "--size", "1M"])
         let payload = randomBytes(8192, seed: 4)
         #expect(try CLI.run(["write", pool, "v"], stdin: payload).status == 0)
+        let itself = try shell("\"$LOGPOOL\" write \(quoted(pool)) v < \(quoted(pool))")
+        #expect(itself.status == 1 && itself.stderr.contains("pool file itself"), "\(itself.stderr)")
+        let devNull = try CLI.run(["read", pool, "v", "--output", "/dev/null"])
+        #expect(devNull.status == 0, "read --output /dev/null: \(devNull.stderr)")
         let result = try shell("\"$LOGPOOL\" write \(quoted(pool)) v <&-")
         #expect(result.status == 64 && result.stderr.contains("standard input is closed"), "\(result.stderr)")
         #expect(try CLI.run(["read", pool, "v", "--length", "8192"]).stdout == payload)
@@ -67,6 +71,9 @@ struct CLIHardeningTests {
         let rows = try JSONSerialization.jsonObject(with: try CLI.run(["list", pool, "--json"]).stdout) as? [[String: Any]]
         #expect(rows?.first?["mappedBytes"] as? Int == 0, "nothing may be written: \(String(describing: rows))")
 
+        // Standard input redirected from the same regular file is admitted whole too.
+        let redirected = try shell("\"$LOGPOOL\" write \(quoted(pool)) v < \(quoted(input))")
+        #expect(redirected.status == 1 && redirected.stderr.contains("pool full") && !redirected.stderr.contains("synced"), "\(redirected.stderr)")
         let streamed = try CLI.run(["write", pool, "v"], stdin: payload)
         #expect(streamed.status == 1, "\(streamed.stderr)")
         let pattern = try NSRegularExpression(pattern: "the ([0-9]+) bytes before it were written and synced \\(v bytes 0 to ([0-9]+)\\)")

@@ -142,7 +142,7 @@ struct HardeningTests {
     /// each at spread offsets, reading every range back.
     @Test("overwriting large exclusive ranges works on a full pool of every small geometry",
           arguments: [(4, 4096, CompressionMode.none), (8, 4096, .none), (8, 512, .none), (16, 4096, .none),
-                      (24, 4096, .none), (8, 4096, .lz4), (16, 65536, .none), (4, 1024, .lz4)])
+                      (24, 4096, .none), (24, 512, .none), (8, 4096, .lz4), (16, 65536, .none), (4, 1024, .lz4)])
     func overwriteOnFullSmallPool(megabytes: Int, blockSize: Int, compression: CompressionMode) throws {
         let capacity = megabytes << 20
         let device = SimulatedDevice(byteCount: capacity)
@@ -150,6 +150,23 @@ struct HardeningTests {
         let v = try pool.createVolume(name: "v", size: UInt64(64 << 20))
         var model = try fillUntilPoolFull(v, chunkByteCount: 1 << 20)
         #expect(model.count >= 1 << 20, "the pool must hold at least one unit")
+        // Scatter the free block ids first: random one-block overwrites free random old
+        // ids, and once the allocation cursor has swept past the id space's free tail
+        // (a quarter of the live ids) new ids come from those scattered holes, so a
+        // large overwrite dirties as many block-table leaves as it can.
+        var generator = SeededGenerator(seed: UInt64(megabytes * 100_000 + blockSize))
+        let blockCount = model.count / blockSize
+        for i in 0..<(blockCount / 4 + 300) {
+            let block = Int.random(in: 0..<blockCount, using: &generator)
+            let data = pattern(blockSize, seed: UInt8(truncatingIfNeeded: i))
+            do {
+                try v.write(at: UInt64(block * blockSize), from: data)
+            } catch {
+                Issue.record("\(megabytes) MiB, block \(blockSize), \(compression): one-block overwrite \(i) failed: \(error)")
+                return
+            }
+            model.replaceSubrange(block * blockSize..<(block + 1) * blockSize, with: data)
+        }
         for round in 0..<6 {
             for (length, skew) in [(1 << 20, 0), (768 << 10, 3000)] {
                 let span = model.count - length
