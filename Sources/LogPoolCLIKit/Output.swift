@@ -160,6 +160,10 @@ package func runMain<Root: ParsableCommand>(_ root: Root.Type, name: String, mov
         var command = try root.parseAsRoot()
         try command.run()
         exit(0)
+    } catch let code as ExitCode {
+        // A status the command chose after saying why itself (crashsim's violations,
+        // torture's signal).
+        exit(code.rawValue)
     } catch let error as any ReportedError {
         print("\(name): error: \(oneLine(error.description))", to: &err)
         exit(1)

@@ -240,6 +240,27 @@ struct CLIHardeningTests {
         #expect(write.text.contains("standard input is a terminal"), "\(write.text)")
     }
 
+    @Test("torture removes its pool and log when stopped with SIGTERM")
+    func tortureCleansUpOnSIGTERM() throws {
+        let directory = temporaryPath("torture-term")
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: CLI.simBinary)
+        process.arguments = ["torture", "--seconds", "60", "--dir", directory]
+        let err = Pipe()
+        process.standardError = err
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        // Wait until the pool exists, then stop the run.
+        for _ in 0..<200 where (try? FileManager.default.contentsOfDirectory(atPath: directory))?.isEmpty ?? true { usleep(50_000) }
+        kill(process.processIdentifier, SIGTERM)
+        process.waitUntilExit()
+        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(process.terminationStatus == 128 + SIGTERM, "\(stderr)")
+        #expect(stderr.contains("interrupted by signal 15") && !stderr.contains("error:"), "\(stderr)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory).isEmpty)
+    }
+
     @Test("demo --dir keeps its pool and says so; without --dir it leaves nothing behind")
     func demoSaysWhatItKeeps() throws {
         let directory = temporaryPath("demo")
