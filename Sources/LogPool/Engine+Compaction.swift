@@ -50,10 +50,13 @@ extension Engine {
         return result
     }
 
-    /// Bytes an extent may take once aligned (uncompressed blocks are page aligned).
-    func alignedByteCount(_ location: BlockLocation) -> UInt64 {
-        let alignment = location.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int(location.allocatedByteCount))
-        return location.allocatedByteCount + UInt64(alignment - PoolGeometry.sectorByteCount)
+    /// The order compaction appends copies in: uncompressed blocks first, then the
+    /// compressed ones, each group in id order. Uncompressed blocks are page aligned;
+    /// after a compressed block one may need up to a page of padding, so grouping them
+    /// pads once per group instead of once per alternation, and the compressed blocks
+    /// (sector aligned) pack back to back.
+    static func moveOrder(_ moves: [(UInt64, BlockLocation)]) -> [(UInt64, BlockLocation)] {
+        moves.filter { !$0.1.isCompressed } + moves.filter { $0.1.isCompressed }
     }
 
     /// Usable hole bytes inside `segments`.
@@ -113,7 +116,12 @@ extension Engine {
             trialVictims.insert(candidate)
             let trialMoving = moving + candidateBlocks
             let trialRewrite = nodesToRewrite(victims: trialVictims, movedIDs: trialMoving.map(\.0))
-            let written = trialMoving.reduce(UInt64(0)) { $0 + alignedByteCount($1.1) }
+            // The copies are appended in this order, so they pad and cross segment ends
+            // as a write of the same extents would (COMMIT §6: charging every
+            // uncompressed block a page of padding made moving a 75%-live segment look
+            // dearer than the segment it frees, and compaction stalled with a fifth of
+            // the pool dead).
+            let written = grossByteCount(of: Engine.moveOrder(trialMoving).lazy.map { (Int($0.1.allocatedByteCount), $0.1.isCompressed) })
                 + UInt64(trialRewrite.count) * UInt64(PoolGeometry.pageByteCount)
             // A sync the engine makes on its own inside the batch (the J-7 bound, after a
             // relocate record) moves the append point to the next 4 KiB boundary.
@@ -129,7 +137,8 @@ extension Engine {
                 best = (victims, moving, rewrite)
             }
         }
-        guard let (chosen, toMove, _) = best else { return false }
+        guard let (chosen, chosenMoves, _) = best else { return false }
+        let toMove = Engine.moveOrder(chosenMoves)
         // Copies must never land in a victim (it would then never empty).
         holes.removeAll { chosen.contains(segment(of: $0.byteOffset)) }
         var index = 0

@@ -203,9 +203,18 @@ extension Engine {
         let meta = metaLiveTotal + UInt64(dirtyPageCount) * page - UInt64(pendingPageReleases.count) * page
             + UInt64(plannedRoot().encodedByteCount)
             + UInt64(blockTableReservedPageCount(forAllocating: newBlockCount)) * page
-        let payload = UInt64(geometry.segmentCount) * geometry.segmentPayloadByteCount
+        let payload = UInt64(geometry.segmentCount) * usablePayloadByteCount
         let held = dataLiveTotal + meta + reserveByteCount + overwriteHeadroomByteCount + slack
         return payload > held ? payload - held : 0
+    }
+
+    /// What one segment can hold whatever the mix of extents: its payload less the
+    /// largest tail that can stay unfilled (one largest extent less a sector). That tail
+    /// is dead space no compaction can reclaim (a segment of 1 MiB holds 15 blocks of
+    /// 64 KiB, 983,040 bytes of its 1,048,064), so rule A-1 must not count it as room:
+    /// counting it let live data fill what physical admission could never find.
+    var usablePayloadByteCount: UInt64 {
+        geometry.segmentPayloadByteCount - UInt64(max(blockByteCount, PoolGeometry.pageByteCount) - PoolGeometry.sectorByteCount)
     }
 
     /// Room kept so that one atomic unit can always overwrite blocks its volume owns
@@ -610,19 +619,25 @@ extension Engine {
     /// segment end the run may cross, one largest extent lost at the tail plus the padding
     /// of the first block in the next segment (payload starts after the 512-byte header).
     func grossDataByteCount(_ encoded: [EncodedBlock]) -> UInt64 {
+        grossByteCount(of: encoded.lazy.map { ($0.allocatedByteCount, $0.flags & BlockLocation.flagCompressed != 0) })
+    }
+
+    /// ``grossDataByteCount(_:)`` for extents given as (allocated bytes, compressed), in
+    /// the order they will be appended (writes and compaction's copies).
+    func grossByteCount(of extents: some Sequence<(Int, Bool)>) -> UInt64 {
         let sector = PoolGeometry.sectorByteCount
         var total: UInt64 = 0
         var previousUncompressed: Int? = nil
-        for block in encoded {
-            total += UInt64(block.allocatedByteCount)
-            guard block.flags & BlockLocation.flagCompressed == 0 else {
+        for (allocatedByteCount, compressed) in extents {
+            total += UInt64(allocatedByteCount)
+            guard !compressed else {
                 previousUncompressed = nil
                 continue
             }
-            if previousUncompressed != block.allocatedByteCount {
-                total += UInt64(pageAlignment(for: block.allocatedByteCount) - sector)
+            if previousUncompressed != allocatedByteCount {
+                total += UInt64(pageAlignment(for: allocatedByteCount) - sector)
             }
-            previousUncompressed = block.allocatedByteCount
+            previousUncompressed = allocatedByteCount
         }
         let segmentEnds = total / geometry.segmentPayloadByteCount + 1
         return total + segmentEnds * UInt64(max(blockByteCount, PoolGeometry.pageByteCount) + PoolGeometry.pageByteCount - sector)
