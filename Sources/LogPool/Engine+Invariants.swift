@@ -72,10 +72,50 @@ extension Engine {
     }
 }
 
+extension Engine {
+    /// Where this engine's space state differs from `reopened`'s, an engine opened on
+    /// this pool's bytes after a sync (issue 14, invariant 3: the running engine must
+    /// not know less, or more, about space than a reopen rebuilds): per segment the live
+    /// data and metadata bytes and whether it is free, the totals, and the live block
+    /// count. Each line names both values. Holes are not compared: the running engine
+    /// forgets them at every checkpoint and rebuilds them when it needs space, while an
+    /// open rebuilds them at once.
+    func spaceStateDifferences(from reopened: Engine) -> [String] {
+        var differences: [String] = []
+        guard segmentStates.count == reopened.segmentStates.count else {
+            return ["segment count \(segmentStates.count), reopened \(reopened.segmentStates.count)"]
+        }
+        for s in 0..<segmentStates.count {
+            if dataLiveByteCounts[s] != reopened.dataLiveByteCounts[s] {
+                differences.append("segment \(s): data live \(dataLiveByteCounts[s]), reopened \(reopened.dataLiveByteCounts[s])")
+            }
+            if metaLiveByteCounts[s] != reopened.metaLiveByteCounts[s] {
+                differences.append("segment \(s): metadata live \(metaLiveByteCounts[s]), reopened \(reopened.metaLiveByteCounts[s])")
+            }
+            if (segmentStates[s] == .free) != (reopened.segmentStates[s] == .free) {
+                differences.append("segment \(s): \(segmentStates[s]), reopened \(reopened.segmentStates[s])")
+            }
+        }
+        if dataLiveTotal != reopened.dataLiveTotal { differences.append("data live total \(dataLiveTotal), reopened \(reopened.dataLiveTotal)") }
+        if metaLiveTotal != reopened.metaLiveTotal { differences.append("metadata live total \(metaLiveTotal), reopened \(reopened.metaLiveTotal)") }
+        if liveBlockCount != reopened.liveBlockCount { differences.append("live blocks \(liveBlockCount), reopened \(reopened.liveBlockCount)") }
+        if freeSegments.count != reopened.freeSegments.count {
+            differences.append("free segments \(freeSegments.count), reopened \(reopened.freeSegments.count)")
+        }
+        return differences
+    }
+}
+
 extension Pool {
     /// Consistency problems in the in-memory state (empty when consistent). For tests and
     /// `verify`; it walks every tree, so it is not for hot paths.
     public func internalConsistencyProblems() -> [String] {
         locked { engine.checkInvariants() }
+    }
+
+    /// Differences between this pool's space state and `reopened`'s, a pool opened on
+    /// this pool's bytes right after ``sync()`` (for tests: invariant 3 of issue 14).
+    public func spaceStateDifferences(from reopened: Pool) -> [String] {
+        locked { reopened.locked { engine.spaceStateDifferences(from: reopened.engine) } }
     }
 }

@@ -50,6 +50,16 @@ struct ModelTests {
                 Issue.record("seed \(seed) step \(step) after \(op): \(problems.prefix(3))")
                 return
             }
+            if op.isDurabilityPoint {
+                // Invariant 3 of issue 14: after a sync, the space state a reopen
+                // rebuilds is the running engine's.
+                let reopened = try Pool.open(on: SimulatedDevice(image: device.currentImage), mode: .readOnly)
+                let differences = pool.spaceStateDifferences(from: reopened)
+                guard differences.isEmpty else {
+                    Issue.record("seed \(seed) step \(step) after \(op): space state differs from a reopen: \(differences.prefix(4))")
+                    return
+                }
+            }
             switch Int.random(in: 0..<40, using: &rng) {
             case 0:
                 try pool.close()

@@ -72,7 +72,20 @@ struct SpaceTests {
                     return
                 }
             }
-            if op % 32 == 31 { try pool.sync() }
+            if op % 32 == 31 {
+                try pool.sync()
+                // Invariant 3: what the running engine knows about space is what a
+                // reopen of the synced bytes rebuilds (every 8th sync: a reopen reads
+                // the whole pool).
+                if op % 256 == 255 {
+                    let reopened = try Pool.open(on: SimulatedDevice(image: device.currentImage), mode: .readOnly)
+                    let differences = pool.spaceStateDifferences(from: reopened)
+                    guard differences.isEmpty else {
+                        Issue.record("seed \(seed), op \(op): space state differs from a reopen: \(differences.prefix(4))")
+                        return
+                    }
+                }
+            }
         }
         if overcommitPercent <= 115 { #expect(fullCount == 0, "seed \(seed): \(fullCount) poolFull") }
         try pool.close()
