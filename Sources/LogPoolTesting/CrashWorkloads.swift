@@ -66,6 +66,17 @@ public enum CrashWorkloads {
         if device.syncCount > syncsBefore { simulator.madeDurable() }
         simulator.opFinished(op, model: model)
         if op.isDurabilityPoint { simulator.madeDurable() }
+        if device.syncCount > syncsBefore { try checkSpaceState(pool, device, simulator: simulator, after: "\(op)") }
+    }
+
+    /// The live engine's space state must be what a reopen of the synced bytes rebuilds
+    /// (issue 14, invariant 3: a drift there made `poolFull` untrue); checked after every
+    /// op that synced. A difference fails the workload, naming both values.
+    static func checkSpaceState(_ pool: Pool, _ device: SimulatedDevice, simulator: CrashSimulator, after label: String) throws {
+        let reopened = try Pool.open(on: SimulatedDevice(image: device.currentImage), mode: .readOnly)
+        let differences = pool.spaceStateDifferences(from: reopened)
+        simulator.mark("space-state-checked")
+        guard differences.isEmpty else { throw SpaceStateDrift(after: label, differences: differences) }
     }
 
     /// An explicit op list on the random workloads' test pool of `seed` (shrinking
@@ -349,6 +360,7 @@ public enum CrashWorkloads {
             if device.syncCount > syncsBefore { simulator.madeDurable() }
             simulator.opFinished(label, model: model)
             if roll >= 85 && roll < 92 { simulator.madeDurable() }
+            if device.syncCount > syncsBefore { try checkSpaceState(pool, device, simulator: simulator, after: "near-full seed \(seed) step \(step): \(label)") }
             let problems = pool.internalConsistencyProblems()
             if !problems.isEmpty {
                 throw PoolError.invalidArgument("near-full seed \(seed) step \(step): the live pool is inconsistent: \(problems.prefix(3))")
@@ -508,4 +520,11 @@ public enum CrashWorkloads {
         }
         return FaultOutcome(fired: true, violations: violations)
     }
+}
+
+/// The live engine's space state differs from what a reopen rebuilds.
+public struct SpaceStateDrift: Error, CustomStringConvertible {
+    public var after: String
+    public var differences: [String]
+    public var description: String { "space state after \(after) differs from a reopen: \(differences.prefix(4).joined(separator: "; "))" }
 }
