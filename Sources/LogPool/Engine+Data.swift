@@ -134,7 +134,7 @@ extension Engine {
         }
         guard let next = freeSegments.popLast() else {
             poisonCause = "no space left for a \(byteCount)-byte extent that admission had allowed"
-            throw PoolError.poolFull(neededByteCount: UInt64(byteCount), availableByteCount: 0)
+            throw PoolError.poolFull(neededByteCount: UInt64(byteCount), availableByteCount: 0, figures: spaceFigures(.physical))
         }
         segmentStates[next] = .open
         openSegment = next
@@ -175,7 +175,7 @@ extension Engine {
         }
         let room = logicalRoom()
         guard room >= netByteCount + addedPageBytes else {
-            throw PoolError.poolFull(neededByteCount: netByteCount + addedPageBytes, availableByteCount: room)
+            throw PoolError.poolFull(neededByteCount: netByteCount + addedPageBytes, availableByteCount: room, figures: spaceFigures(.logical))
         }
         if physicalFits() { return }
         if hasSegmentsToFreeAtCheckpoint || holes.isEmpty {
@@ -190,7 +190,15 @@ extension Engine {
             guard try compactForSpace() else { break }
         }
         if physicalFits() { return }
-        throw PoolError.poolFull(neededByteCount: grossByteCount + pageBytes, availableByteCount: appendableByteCount)
+        throw PoolError.poolFull(neededByteCount: grossByteCount + pageBytes, availableByteCount: appendableByteCount,
+                                 figures: spaceFigures(.physical))
+    }
+
+    /// The figures a `poolFull` carries (live, dead, reserved), computed on refusal only.
+    func spaceFigures(_ rule: SpaceFigures.Rule) -> SpaceFigures {
+        let (live, dead) = liveAndDeadByteCounts()
+        return SpaceFigures(rule: rule, liveByteCount: live, deadByteCount: dead,
+                            reservedByteCount: reserveByteCount + overwriteHeadroomByteCount)
     }
 
     /// Bytes rule A-1 still allows: payload minus live data, metadata as the next
@@ -581,7 +589,7 @@ extension Engine {
         let addedPages = pageCounts(volume.map, slots: leafSlots).added
         let needed = UInt64(newBlocks) * bs + UInt64(addedPages) * UInt64(PoolGeometry.pageByteCount)
         let room = logicalRoomByteCount(newBlockCount: newBlocks)
-        guard room >= needed else { throw PoolError.poolFull(neededByteCount: needed, availableByteCount: room) }
+        guard room >= needed else { throw PoolError.poolFull(neededByteCount: needed, availableByteCount: room, figures: spaceFigures(.logical)) }
     }
 
     private func writeUnit(_ volume: VolumeState, byteOffset: UInt64, data: UnsafeRawBufferPointer) throws {

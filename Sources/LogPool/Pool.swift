@@ -426,7 +426,10 @@ extension Engine {
                           createdTime: volume.record.createdTime)
     }
 
-    func stats() -> PoolStats {
+    /// Live bytes (data and durable metadata) and dead bytes (written, referenced by
+    /// nothing: the rest of every used segment's payload, and of the open segment up to
+    /// the append point).
+    func liveAndDeadByteCounts() -> (live: UInt64, dead: UInt64) {
         var used: UInt64 = 0, dead: UInt64 = 0
         let payload = geometry.segmentPayloadByteCount
         for s in 0..<segmentStates.count {
@@ -436,10 +439,17 @@ extension Engine {
             case .free: break
             case .used: dead += payload > live ? payload - live : 0
             case .open:
-                let filled = appendByteOffset - geometry.segmentByteOffset(s) - UInt64(PoolGeometry.segmentHeaderByteCount)
+                let start = geometry.segmentByteOffset(s) + UInt64(PoolGeometry.segmentHeaderByteCount)
+                let filled = appendByteOffset > start ? appendByteOffset - start : 0
                 dead += filled > live ? filled - live : 0
             }
         }
+        return (used, dead)
+    }
+
+    func stats() -> PoolStats {
+        let (used, dead) = liveAndDeadByteCounts()
+        let payload = geometry.segmentPayloadByteCount
         let overhead = geometry.capacityByteCount - UInt64(geometry.segmentCount) * payload
         // Holes are dead space (written, unreferenced); unwritten space is the open
         // segment's remainder and the free segments.

@@ -5,7 +5,9 @@ import LogPoolFormat
 public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A write needs `neededByteCount` bytes of new space; only `availableByteCount` could
     /// be made available (after checkpoint and compaction). Nothing was changed.
-    case poolFull(neededByteCount: UInt64, availableByteCount: UInt64)
+    /// `figures` names the admission rule that refused it and the pool's live, dead and
+    /// reserved bytes at that moment (Specs/COMMIT.md §5.1).
+    case poolFull(neededByteCount: UInt64, availableByteCount: UInt64, figures: SpaceFigures)
     /// A write to a snapshot or through a read-only pool handle.
     case readOnly(String)
     case notFound(String)
@@ -31,8 +33,8 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .poolFull(let needed, let available):
-            "pool full: need \(needed) bytes of new space, \(available) available"
+        case .poolFull(let needed, let available, let figures):
+            "pool full: need \(needed) bytes of new space, \(available) available (\(figures))"
         case .readOnly(let what): "read-only: \(what)"
         case .notFound(let name): "not found: \(name)"
         case .exists(let name): "already exists: \(name)"
@@ -45,6 +47,42 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
         case .poisoned(let cause): "pool handle failed earlier and must be reopened: \(cause)"
         case .closed: "pool is closed"
         }
+    }
+}
+
+/// Why a write was refused with ``PoolError/poolFull(neededByteCount:availableByteCount:figures:)``.
+public struct SpaceFigures: Sendable, Equatable, CustomStringConvertible {
+    /// Which admission rule refused the write (Specs/COMMIT.md §5.1).
+    public enum Rule: String, Sendable, Equatable {
+        /// live data and metadata, the compaction reserve and the overwrite headroom
+        /// leave less than the write's net new bytes; no compaction can help.
+        case logical = "A-1"
+        /// after checkpointing and compacting, the unwritten space (free segments,
+        /// the open segment's rest and usable holes) is still short of the write's gross
+        /// bytes plus the reserve.
+        case physical = "A-2"
+    }
+
+    public var rule: Rule
+    /// Referenced data blocks and the durable checkpoint's metadata.
+    public var liveByteCount: UInt64
+    /// Written bytes no state references (reclaimable by checkpoint and compaction).
+    public var deadByteCount: UInt64
+    /// The compaction reserve plus the overwrite headroom.
+    public var reservedByteCount: UInt64
+
+    public init(rule: Rule, liveByteCount: UInt64, deadByteCount: UInt64, reservedByteCount: UInt64) {
+        self.rule = rule
+        self.liveByteCount = liveByteCount
+        self.deadByteCount = deadByteCount
+        self.reservedByteCount = reservedByteCount
+    }
+
+    public var description: String {
+        let why = rule == .logical
+            ? "live data, metadata, reserve and headroom leave no room"
+            : "unwritten space after checkpoint and compaction is short"
+        return "rule \(rule.rawValue): \(why); live \(liveByteCount), dead \(deadByteCount), reserved \(reservedByteCount)"
     }
 }
 

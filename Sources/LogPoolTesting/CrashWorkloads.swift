@@ -307,7 +307,7 @@ public enum CrashWorkloads {
                     simulator.opStarting(after)
                     do {
                         try pool.openVolume(name: "v").write(at: UInt64(range.lowerBound), from: data)
-                    } catch PoolError.poolFull(let needed, let available) {
+                    } catch PoolError.poolFull(let needed, let available, _) {
                         throw PoolError.invalidArgument("near-full seed \(seed) step \(step): \(label) of blocks v owns alone failed with poolFull (need \(needed), \(available) available): promise 4")
                     }
                     model.write("v", at: range.lowerBound, data)

@@ -200,7 +200,11 @@ struct HardeningTests {
         let (pool, device) = try makePool(capacity: 8 << 20)
         let v = try pool.createVolume(name: "v", size: 64 << 20)
         let writesBefore = device.writeCount
-        expectPoolError({ if case .poolFull = $0 { true } else { false } }) {
+        // The refusal names its rule and the pool's figures (issue 14): A-1, nothing live yet.
+        expectPoolError({ error in
+            guard case .poolFull(_, _, let figures) = error else { return false }
+            return figures.rule == .logical && figures.reservedByteCount > 0 && "\(error)".contains("rule A-1")
+        }) {
             try v.checkRoom(forWritingAt: 0, byteCount: 10 << 20)
         }
         try v.checkRoom(forWritingAt: 0, byteCount: 2 << 20)

@@ -64,7 +64,7 @@ struct SpaceTests {
             let index = Int.random(in: 0..<blocks, using: &generator)
             do {
                 try v.write(at: UInt64(index) * 4096, from: varyingBlock(&generator))
-            } catch PoolError.poolFull(let needed, let available) {
+            } catch PoolError.poolFull(let needed, let available, _) {
                 let s = pool.stats
                 fullCount += 1
                 guard s.deadBytes <= deadBound else {
