@@ -97,7 +97,7 @@ extension Engine {
             engine.recoveryReport.syncedJournalDamage = true
             engine.recoveryReport.syncedJournalLoss = loss
         }
-        engine.liveBlockCount = engine.refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
+        // liveBlockCount was set by loadCheckpoint and kept by replay's apply.
         engine.rebuildFreeSegmentList()
         if !readOnly {
             try engine.repairSegmentHeaders()
@@ -266,14 +266,10 @@ extension Engine {
         } else {
             var children: [TreeNode?] = []
             children.reserveCapacity(PageLayout.interiorFanout)
-            // Slot arithmetic saturates: a base beyond every tree only has to differ.
-            let span = PageLayout.capacity(kind: kind, height: level)
             for i in 0..<PageLayout.interiorFanout {
-                let (offset, overflow1) = UInt64(i).multipliedReportingOverflow(by: span)
-                let (childBase, overflow2) = base.addingReportingOverflow(offset)
                 children.append(try loadNode(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]),
-                                             kind: kind, level: level - 1, base: overflow1 || overflow2 ? .max : childBase,
-                                             cache: &cache))
+                                             kind: kind, level: level - 1,
+                                             base: PageLayout.childBase(base, index: i, kind: kind, level: level), cache: &cache))
             }
             node = TreeNode(level: level, words: [], children: children, disk: pointer)
         }

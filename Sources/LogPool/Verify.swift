@@ -455,12 +455,9 @@ struct Checker {
         }
         pages[pointer.byteOffset] = CheckedPage(kind: kind, level: level, checksum: pointer.checksum, words: words, base: base)
         guard level > 0 else { return }
-        let span = PageLayout.capacity(kind: kind, height: level)
         for i in 0..<PageLayout.interiorFanout {
-            let (offset, overflow1) = UInt64(i).multipliedReportingOverflow(by: span)
-            let (childBase, overflow2) = base.addingReportingOverflow(offset)
             try visit(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]), kind: kind, level: level - 1,
-                      base: overflow1 || overflow2 ? .max : childBase,
+                      base: PageLayout.childBase(base, index: i, kind: kind, level: level),
                       owner: owner, sb: sb, pages: &pages)
         }
     }
@@ -478,12 +475,10 @@ struct Checker {
             return
         }
         if level == 0 { return body(base, page.words) }
-        let span = PageLayout.capacity(kind: kind, height: level)
         for i in 0..<PageLayout.interiorFanout {
-            let (offset, overflow1) = UInt64(i).multipliedReportingOverflow(by: span)
-            let (childBase, overflow2) = base.addingReportingOverflow(offset)
             forEachLeaf(PagePointer(byteOffset: page.words[2 * i], checksum: page.words[2 * i + 1]), kind: kind, level: level - 1,
-                        base: overflow1 || overflow2 ? .max : childBase, pages: pages, visited: &visited, revisits: &revisits, body)
+                        base: PageLayout.childBase(base, index: i, kind: kind, level: level), pages: pages,
+                        visited: &visited, revisits: &revisits, body)
         }
     }
 

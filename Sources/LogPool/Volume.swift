@@ -39,6 +39,17 @@ public final class Volume: @unchecked Sendable {
         }
     }
 
+    /// The volume's state for a change of `length` bytes at `offset`: the pool writable,
+    /// the volume not a snapshot, the range inside it. Call under the pool's lock.
+    private func writableState(_ offset: UInt64, _ length: UInt64) throws -> VolumeState {
+        try pool.engine.checkWritable()
+        let volume = try state()
+        guard volume.record.kind == .volume else { throw PoolError.readOnly("\(volume.record.name) is a snapshot") }
+        guard length <= UInt64(Int.max) else { throw PoolError.outOfRange("length \(length)") }
+        try checkRange(volume, offset, Int(length))
+        return volume
+    }
+
     /// Reads `buffer.count` bytes at `offset`. Unwritten ranges read as zeros. Any offset
     /// and length inside the volume. A block failing its checksum throws `corrupt`.
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
@@ -66,10 +77,7 @@ public final class Volume: @unchecked Sendable {
     /// when there is no space.
     public func write(at offset: UInt64, from bytes: UnsafeRawBufferPointer) throws {
         try pool.locked {
-            try pool.engine.checkWritable()
-            let volume = try state()
-            guard volume.record.kind == .volume else { throw PoolError.readOnly("\(volume.record.name) is a snapshot") }
-            try checkRange(volume, offset, bytes.count)
+            let volume = try writableState(offset, UInt64(bytes.count))
             guard bytes.count > 0 else { return }
             try pool.engine.write(volume, byteOffset: offset, data: bytes)
         }
@@ -84,11 +92,7 @@ public final class Volume: @unchecked Sendable {
     /// compression makes overwritten blocks grow.
     public func checkRoom(forWritingAt offset: UInt64, byteCount: UInt64) throws {
         try pool.locked {
-            try pool.engine.checkWritable()
-            let volume = try state()
-            guard volume.record.kind == .volume else { throw PoolError.readOnly("\(volume.record.name) is a snapshot") }
-            guard byteCount <= UInt64(Int.max) else { throw PoolError.outOfRange("length \(byteCount)") }
-            try checkRange(volume, offset, Int(byteCount))
+            let volume = try writableState(offset, byteCount)
             try pool.engine.admitWholeWrite(volume, byteOffset: offset, byteCount: byteCount)
         }
     }
@@ -101,11 +105,7 @@ public final class Volume: @unchecked Sendable {
     /// Partial blocks at either end are rewritten with zeros. Atomic.
     public func discard(at offset: UInt64, length: UInt64) throws {
         try pool.locked {
-            try pool.engine.checkWritable()
-            let volume = try state()
-            guard volume.record.kind == .volume else { throw PoolError.readOnly("\(volume.record.name) is a snapshot") }
-            guard length <= UInt64(Int.max) else { throw PoolError.outOfRange("length \(length)") }
-            try checkRange(volume, offset, Int(length))
+            let volume = try writableState(offset, length)
             guard length > 0 else { return }
             try pool.engine.discard(volume, byteOffset: offset, byteCount: length)
         }

@@ -221,8 +221,7 @@ struct Write: ParsableCommand {
                 close(opened)
                 throw PoolError.invalidArgument("--input \(input) is not a regular file (use standard input for a pipe or device)")
             }
-            var poolInfo = stat()
-            if stat(pool, &poolInfo) == 0, poolInfo.st_dev == info.st_dev, poolInfo.st_ino == info.st_ino {
+            if isPoolFile(pool, info) {
                 close(opened)
                 throw PoolError.invalidArgument("--input is the pool file itself")
             }
@@ -239,10 +238,7 @@ struct Write: ParsableCommand {
             var info = stat()
             guard fstat(STDIN_FILENO, &info) == 0 else { throw PoolError.io(errno: errno, operation: "fstat standard input", byteOffset: 0) }
             if (info.st_mode & S_IFMT) == S_IFDIR { throw ValidationError("standard input is a directory") }
-            var poolInfo = stat()
-            if stat(pool, &poolInfo) == 0, poolInfo.st_dev == info.st_dev, poolInfo.st_ino == info.st_ino {
-                throw PoolError.invalidArgument("standard input is the pool file itself")
-            }
+            if isPoolFile(pool, info) { throw PoolError.invalidArgument("standard input is the pool file itself") }
             if (info.st_mode & S_IFMT) == S_IFREG {
                 // `< FILE`: a regular file's remaining length is known, so it is admitted
                 // whole like --input.
@@ -346,8 +342,8 @@ struct Read: ParsableCommand {
         let sink: CheckedOutput
         var ownedDescriptor: Int32? = nil
         if let output, output != "-" {
-            var target = stat(), source = stat()
-            if stat(output, &target) == 0, stat(pool, &source) == 0, target.st_dev == source.st_dev, target.st_ino == source.st_ino {
+            var target = stat()
+            if stat(output, &target) == 0, isPoolFile(pool, target) {
                 throw PoolError.invalidArgument("--output is the pool file itself")
             }
             let fd = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)

@@ -161,3 +161,10 @@ func printVolumeTable(_ rows: [VolumeInfo]) throws {
     }
     try printTable(table)
 }
+
+/// True when `info` is the pool file at `pool` itself: writing from it would copy the
+/// pool into a volume, reading into it would overwrite the pool.
+func isPoolFile(_ pool: String, _ info: stat) -> Bool {
+    var poolInfo = stat()
+    return stat(pool, &poolInfo) == 0 && poolInfo.st_dev == info.st_dev && poolInfo.st_ino == info.st_ino
+}

@@ -40,6 +40,15 @@ public enum PageLayout {
         level > 0 ? interiorFanout : (kind == .map ? mapLeafFanout : blockTableLeafFanout)
     }
 
+    /// The first leaf slot covered by child `index` of a node at `level` (≥ 1) whose own
+    /// first slot is `base`, saturating at UInt64.max (a crafted tree's slots only have to
+    /// stay distinct and in range, never wrap).
+    public static func childBase(_ base: UInt64, index: Int, kind: PageKind, level: Int) -> UInt64 {
+        let (offset, overflow1) = UInt64(index).multipliedReportingOverflow(by: capacity(kind: kind, height: level))
+        let (sum, overflow2) = base.addingReportingOverflow(offset)
+        return overflow1 || overflow2 ? .max : sum
+    }
+
     /// Number of leaf slots a tree of `height` levels (1 = a single leaf) addresses,
     /// saturating at UInt64.max. Table lookup: this is on every read's path.
     @inline(__always)
