@@ -119,6 +119,14 @@ extension Engine {
         for s in 0..<segmentStates.count where segmentStates[s] == .used {
             if dataLiveByteCounts[s] == 0 && metaLiveByteCounts[s] == 0 { segmentStates[s] = .free }
         }
+        // An open segment holding nothing live (its blocks all overwritten, this root in a
+        // hole) is free as well: a reopen frees it, and keeping it open counted its
+        // written bytes as dead where a reopen counts the segment free (issue 14,
+        // invariant 3). Appends then open a fresh segment.
+        if let open = openSegment, dataLiveByteCounts[open] == 0 && metaLiveByteCounts[open] == 0 {
+            segmentStates[open] = .free
+            openSegment = nil
+        }
         rebuildFreeSegmentList()
         checkpointCount += 1
         rootNeedsRewrite = false

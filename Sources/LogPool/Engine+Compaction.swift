@@ -21,12 +21,24 @@ extension Engine {
     /// it moves, and every node whose page is in a victim, with their ancestors. Only
     /// clean nodes count (dirty ones are written by the next checkpoint anyway).
     func nodesToRewrite(victims: Set<Int>, movedIDs: [UInt64]) -> Set<ObjectIdentifier> {
+        rewritePlan(victims: victims, movedIDs: movedIDs).nodes
+    }
+
+    /// ``nodesToRewrite(victims:movedIDs:)`` and how many of those nodes have their
+    /// current page outside the victims: the checkpoint releases each such page, and it
+    /// becomes a page-aligned hole of exactly one page, room again after the checkpoint.
+    func rewritePlan(victims: Set<Int>, movedIDs: [UInt64]) -> (nodes: Set<ObjectIdentifier>, releasedOutsideVictims: Int) {
         var result = Set<ObjectIdentifier>()
+        var outside = 0
+        func insert(_ node: TreeNode) {
+            guard result.insert(ObjectIdentifier(node)).inserted else { return }
+            if let s = geometry.segmentIndex(containing: node.disk.byteOffset), !victims.contains(s) { outside += 1 }
+        }
         for id in movedIDs {
             var node = blockTable.root
             var remainder = id
             while let current = node {
-                if !current.isDirty { result.insert(ObjectIdentifier(current)) }
+                if !current.isDirty { insert(current) }
                 if current.level == 0 { break }
                 let span = blockTable.span(level: current.level)
                 node = current.children[Int(remainder / span)]
@@ -41,13 +53,13 @@ extension Engine {
             if !node.isDirty, let s = geometry.segmentIndex(containing: node.disk.byteOffset), victims.contains(s) {
                 affected = true
             }
-            if affected && !node.isDirty { result.insert(ObjectIdentifier(node)) }
+            if affected && !node.isDirty { insert(node) }
             memo[ObjectIdentifier(node)] = affected
             return affected
         }
         if let root = blockTable.root { _ = visit(root) }
         for volume in volumes.values { if let root = volume.map.root { _ = visit(root) } }
-        return result
+        return (result, outside)
     }
 
     /// The order compaction appends copies in: uncompressed blocks first, then the
@@ -56,8 +68,39 @@ extension Engine {
     /// pads once per group instead of once per alternation, and the compressed blocks
     /// (sector aligned) pack back to back.
     static func moveOrder(_ moves: [(UInt64, BlockLocation)]) -> [(UInt64, BlockLocation)] {
-        moves.filter { !$0.1.isCompressed } + moves.filter { $0.1.isCompressed }
+        let sorted = moves.sorted { $0.0 < $1.0 }
+        return sorted.filter { !$0.1.isCompressed } + sorted.filter { $0.1.isCompressed }
     }
+
+    /// Block-table pages one compaction step may leave dirty before it checkpoints: a
+    /// quarter of a segment's payload. With the victim's live bytes that is what one step
+    /// needs beyond the victim (COMMIT §6), well inside the two reserve segments.
+    var compactionStepPageCount: Int { max(16, Int(geometry.segmentPayloadByteCount / 4) / PoolGeometry.pageByteCount) }
+
+    /// Adds the clean nodes on block `id`'s block-table path to `nodes`.
+    func cleanPath(of id: UInt64, into nodes: inout Set<ObjectIdentifier>) {
+        var node = blockTable.root
+        var remainder = id
+        while let current = node {
+            if !current.isDirty { nodes.insert(ObjectIdentifier(current)) }
+            if current.level == 0 { break }
+            let span = blockTable.span(level: current.level)
+            node = current.children[Int(remainder / span)]
+            remainder %= span
+        }
+    }
+
+    /// A checkpoint inside a compaction batch: afterwards the holes are recomputed
+    /// (released pages become room) without the victims' (copies never land there).
+    func checkpointKeepingVictims(_ victims: Set<Int>) throws {
+        try checkpoint()
+        rebuildHoles()
+        holes.removeAll { victims.contains(segment(of: $0.byteOffset)) }
+    }
+
+    /// True when a one-page hole is usable room (``usableHoleByteCount``): blocks are at
+    /// most a page.
+    var pageHolesAreRoom: Bool { blockByteCount <= PoolGeometry.pageByteCount }
 
     /// Usable hole bytes inside `segments`.
     func usableHoleByteCount(in segments: Set<Int>) -> UInt64 {
@@ -81,15 +124,21 @@ extension Engine {
         for volume in volumes.values { if let root = volume.map.root { visit(root) } }
     }
 
-    /// Compacts a batch of the emptiest used segments under one checkpoint
-    /// (Specs/COMMIT.md §6): copies their live blocks forward with journaled moves, marks
-    /// their pages (and ancestors) dirty, and checkpoints, after which they are free.
-    /// Victims are added, emptiest first, while the moves fit the unwritten space
+    /// Compacts a batch of the emptiest used segments (Specs/COMMIT.md §6): copies their
+    /// live blocks forward with journaled moves in steps, each ending in a checkpoint once
+    /// its block-table pages reach ``compactionStepPageCount``, then marks the victims'
+    /// pages (and ancestors) dirty and checkpoints, after which the victims are free.
+    /// Victims are added, emptiest first, while one step's bytes fit the unwritten space
     /// (reserve included: this is what the reserve is for) and the batch frees more than
-    /// it writes. Returns false when no batch gains anything.
+    /// it writes for good. Returns false when no batch gains anything.
     @discardableResult
     func compactOneBatch(maxLiveFraction: Double = 1.0, report: inout CompactionReport) throws -> Bool {
         let payload = geometry.segmentPayloadByteCount
+        if dirtyPageCount > compactionStepPageCount {
+            // Start from clean pages, so a step's budget is its own.
+            try checkpoint()
+            rebuildHoles()
+        }
         let candidates = segmentStates.indices
             .filter { segmentStates[$0] == .used && Double(liveByteCount($0)) < Double(payload) * maxLiveFraction }
             .sorted { liveByteCount($0) < liveByteCount($1) }
@@ -115,23 +164,36 @@ extension Engine {
             var trialVictims = victims
             trialVictims.insert(candidate)
             let trialMoving = moving + candidateBlocks
-            let trialRewrite = nodesToRewrite(victims: trialVictims, movedIDs: trialMoving.map(\.0))
+            let plan = rewritePlan(victims: trialVictims, movedIDs: trialMoving.map(\.0))
+            let trialRewrite = plan.nodes
             // The copies are appended in this order, so they pad and cross segment ends
             // as a write of the same extents would (COMMIT §6: charging every
             // uncompressed block a page of padding made moving a 75%-live segment look
             // dearer than the segment it frees, and compaction stalled with a fifth of
             // the pool dead).
-            let written = grossByteCount(of: Engine.moveOrder(trialMoving).lazy.map { (Int($0.1.allocatedByteCount), $0.1.isCompressed) })
-                + UInt64(trialRewrite.count) * UInt64(PoolGeometry.pageByteCount)
-            // A sync the engine makes on its own inside the batch (the J-7 bound, after a
-            // relocate record) moves the append point to the next 4 KiB boundary.
-            let syncWaste = (written / maxBatchDataByteCount + 2) * UInt64(PoolGeometry.durableAlignmentByteCount)
+            let page = UInt64(PoolGeometry.pageByteCount)
+            let data = grossByteCount(of: Engine.moveOrder(trialMoving).lazy.map { (Int($0.1.allocatedByteCount), $0.1.isCompressed) })
+            // A rewritten page whose old copy lies outside the victims gives that page back
+            // as a hole at the checkpoint that writes its new copy, so it needs room only
+            // until the end of its step and costs nothing once the batch is done (COMMIT
+            // §6). Pricing every page as lost made a segment of 80% live blocks whose ids
+            // spread over 70 block-table leaves look unprofitable, and compaction stalled
+            // with a ninth of the pool dead. Pages in the victims are their live bytes.
+            let returned = pageHolesAreRoom ? plan.releasedOutsideVictims : 0
+            let inside = trialRewrite.count - returned
+            let steps = returned / compactionStepPageCount + 1
+            let pagesAtOnce = inside + min(returned, compactionStepPageCount + PageLayout.heightMax)
+            // Each step's checkpoint writes a root and moves the append point to the next
+            // 4 KiB boundary; so does a sync the engine makes on its own inside the batch
+            // (the J-7 bound, after a relocate record).
+            let stepWaste = UInt64(steps) * (UInt64(plannedRoot().encodedByteCount) + UInt64(PoolGeometry.durableAlignmentByteCount))
+            let syncWaste = (data / maxBatchDataByteCount + 2) * UInt64(PoolGeometry.durableAlignmentByteCount) + stepWaste
             // Holes inside victims are not room: copies must land outside them.
-            guard written + fixed + syncWaste + usableHoleByteCount(in: trialVictims) <= room else { break }
+            guard data + UInt64(pagesAtOnce) * page + fixed + syncWaste + usableHoleByteCount(in: trialVictims) <= room else { break }
             victims = trialVictims
             moving = trialMoving
             rewrite = trialRewrite
-            let gain = Int64(UInt64(victims.count) * payload) - Int64(written)
+            let gain = Int64(UInt64(victims.count) * payload) - Int64(data + UInt64(inside) * page + syncWaste)
             if gain > bestGain {
                 bestGain = gain
                 best = (victims, moving, rewrite)
@@ -142,16 +204,26 @@ extension Engine {
         // Copies must never land in a victim (it would then never empty).
         holes.removeAll { chosen.contains(segment(of: $0.byteOffset)) }
         var index = 0
+        var chunkNodes = Set<ObjectIdentifier>()
         while index < toMove.count {
-            let chunk = toMove[index..<min(index + 1024, toMove.count)]
+            // A chunk is at most 1024 moves, and stops where the block-table pages it
+            // would dirty take the dirty pages past the step budget (COMMIT §6).
+            var end = index
+            chunkNodes.removeAll(keepingCapacity: true)
+            while end < toMove.count && end - index < 1024 {
+                if pageHolesAreRoom {
+                    cleanPath(of: toMove[end].0, into: &chunkNodes)
+                    if end > index && dirtyPageCount + chunkNodes.count > compactionStepPageCount { break }
+                }
+                end += 1
+            }
+            let chunk = toMove[index..<end]
             // Journal room first: a checkpoint between writing copies and journaling them
             // would see their segment empty and free it while the copies are about to
             // become the only ones (the relocate record is not applied yet).
             let payload = JournalIntent.relocate([]).payloadByteCount + chunk.count * 32
             if journal.freeByteCount < JournalWriter.worstCaseByteCount(payloadByteCount: payload) {
-                try checkpoint()
-                rebuildHoles()
-                holes.removeAll { chosen.contains(segment(of: $0.byteOffset)) }
+                try checkpointKeepingVictims(chosen)
             }
             var batch = WriteBatch()
             var moves: [BlockRelocation] = []
@@ -168,7 +240,13 @@ extension Engine {
             try deviceWrite(batch)
             try journalAndApply(.relocate(moves))
             report.blocksMoved += moves.count
-            index += chunk.count
+            index = end
+            // A step ends in a checkpoint: the pages it dirtied are written, their old
+            // copies are released and come back as holes, so the batch's page writes
+            // need room for one step, not for every page at once.
+            if pageHolesAreRoom && index < toMove.count && dirtyPageCount >= compactionStepPageCount {
+                try checkpointKeepingVictims(chosen)
+            }
         }
         // Recomputed after the moves: they dirtied block-table paths already.
         let pages = nodesToRewrite(victims: chosen, movedIDs: [])

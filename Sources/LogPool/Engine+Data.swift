@@ -184,7 +184,9 @@ extension Engine {
             rebuildHoles()
             if physicalFits() { return }
         }
-        var budget = segmentStates.count
+        // Every batch frees more than it writes, so this ends; the budget only bounds
+        // the time a refusal can take.
+        var budget = 4 * segmentStates.count
         while !physicalFits() && budget > 0 {
             budget -= 1
             guard try compactForSpace() else { break }
@@ -692,6 +694,7 @@ extension Engine {
             mappings.append(BlockMapping(blockIndex: indexes[i], blockID: allocateBlockID(), location: location))
         }
         try deviceWritePayload(batch, direct: directRuns)
+        writtenDataByteCount += encoded.reduce(UInt64(0)) { $0 + UInt64($1.allocatedByteCount) }
         try journalAndApply(compactIntent(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
     }
 

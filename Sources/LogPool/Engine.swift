@@ -125,6 +125,7 @@ final class Engine {
     /// Figures kept for `stats` and tests.
     var checkpointCount = 0
     var compactionMovedByteCount: UInt64 = 0
+    var writtenDataByteCount: UInt64 = 0
 
     init(device: BlockDevice, superblock: Superblock, readOnly: Bool) {
         self.device = device

@@ -28,6 +28,12 @@ public struct PoolStats: Sendable, Equatable, Codable {
     public var generation: UInt64
     /// Largest single write that is atomic across a crash.
     public var atomicWriteBytes: Int
+    /// Since the pool was opened: data bytes appended for callers' writes, as stored
+    /// (sector-aligned, compressed where LZ4 shrank the block). With ``movedDataBytes``
+    /// this gives the write amplification compaction adds.
+    public var writtenDataBytes: UInt64 = 0
+    /// Since the pool was opened: data bytes compaction copied forward.
+    public var movedDataBytes: UInt64 = 0
 }
 
 /// One row of ``Pool/list()``.
@@ -465,6 +471,7 @@ extension Engine {
                          segmentCount: Int(geometry.segmentCount), freeSegmentCount: freeSegments.count,
                          journalBytes: geometry.journalByteCount, compression: compression.description,
                          cleanlyClosed: !recoveryReport.wasMounted, generation: superblock.generation,
-                         atomicWriteBytes: Engine.atomicUnitByteCount)
+                         atomicWriteBytes: Engine.atomicUnitByteCount, writtenDataBytes: writtenDataByteCount,
+                         movedDataBytes: compactionMovedByteCount)
     }
 }

@@ -636,10 +636,34 @@ struct Checker {
                     repairable: true)
             }
         }
+        // The reserve is bytes the engine keeps unwritten (COMMIT §5.1, A-2): free
+        // segments and the usable holes of used ones (dead runs trimmed to whole 4 KiB
+        // units, counted in units of the largest extent), as the engine counts them.
+        // Counting free segments only warned on healthy full pools whose holes hold it.
         let free = rebuilt.filter { $0 == 0 }.count
-        if free < Int(geometry.reserveSegmentCount) {
+        let durable = UInt64(PoolGeometry.durableAlignmentByteCount), page = UInt64(PoolGeometry.pageByteCount)
+        let unit = UInt64(max(Int(sb.geometry.blockByteCount), PoolGeometry.pageByteCount))
+        var holeBytes: UInt64 = 0
+        func addHole(_ from: UInt64, _ to: UInt64) {
+            let start = (from + durable - 1) & ~(durable - 1), end = to & ~(durable - 1)
+            guard end > start else { return }
+            let usableStart = (start + page - 1) & ~(page - 1)
+            if end > usableStart { holeBytes += (end - usableStart) / unit * unit }
+        }
+        var cursor: [UInt64] = (0..<Int(geometry.segmentCount)).map { geometry.segmentByteOffset($0) + UInt64(PoolGeometry.segmentHeaderByteCount) }
+        for extent in extents {
+            guard let s = geometry.segmentIndex(containing: extent.start) else { continue }
+            if extent.start > cursor[s] { addHole(cursor[s], extent.start) }
+            cursor[s] = max(cursor[s], extent.start + extent.count)
+        }
+        for s in 0..<Int(geometry.segmentCount) where rebuilt[s] > 0 {
+            addHole(cursor[s], geometry.segmentByteOffset(s) + UInt64(geometry.segmentByteCount))
+        }
+        let unwritten = UInt64(free) * geometry.segmentPayloadByteCount + holeBytes
+        let reserve = UInt64(geometry.reserveSegmentCount) * UInt64(geometry.segmentByteCount)
+        if unwritten < reserve {
             add(.warning, "reserve-short", "segment usage", nil,
-                "\(free) free segments, the reserve is \(geometry.reserveSegmentCount): the next checkpoint may need compaction first")
+                "\(free) free segments and \(holeBytes) bytes of usable holes, \(unwritten) unwritten, less than the reserve of \(reserve) (\(geometry.reserveSegmentCount) segments): the next checkpoint may need compaction first")
         }
         return rebuilt
     }

@@ -15,7 +15,16 @@ struct Bench: ParsableCommand {
     @Option(help: "Directory for the pool and baseline files (default: the temporary directory).") var dir: String?
     @Option(help: "GiB written by the sequential workloads.") var gib: Int = 1
     @Option(help: "Compression modes to run: none, lz4 or both.") var compression: String = "both"
-    @Flag(help: "One JSON object.") var json = false
+    @Option(help: "Sections to run: all, suite (sequential, random, scrub, open) or overwrite (a full pool overwritten).")
+    var section: String = "all"
+    @Option(help: "MiB of the pools the overwrite section fills.") var overwriteMib: Int = 128
+    @Option(help: "Times the overwrite section overwrites the filled blocks.") var passes: Int = 2
+    @Flag(help: "One JSON object: {\"suite\": [...], \"overwrite\": [...]}.") var json = false
+
+    struct Report: Encodable {
+        var suite: [Row]
+        var overwrite: [OverwriteRow]
+    }
 
     struct Row: Encodable {
         var compression: String
@@ -36,26 +45,40 @@ struct Bench: ParsableCommand {
         case "both": modes = [.none, .lz4]
         default: throw ValidationError("--compression must be none, lz4 or both, not \(compression)")
         }
+        guard ["all", "suite", "overwrite"].contains(section) else {
+            throw ValidationError("--section must be all, suite or overwrite, not \(section)")
+        }
+        guard overwriteMib >= 16, overwriteMib <= 65536 else { throw ValidationError("--overwrite-mib must be 16...65536, not \(overwriteMib)") }
+        guard passes >= 1, passes <= 100 else { throw ValidationError("--passes must be 1...100, not \(passes)") }
         let directory = dir ?? NSTemporaryDirectory()
         var rows: [Row] = []
-        for mode in modes {
-            rows += try runSuite(mode: mode, directory: directory)
+        if section != "overwrite" {
+            for mode in modes {
+                rows += try runSuite(mode: mode, directory: directory)
+            }
         }
-        if json { return try printJSON(rows) }
-        var table = [["COMPRESSION", "WORKLOAD", "UNIT", "LOGPOOL", "RAW", "RATIO", "TARGET"]]
-        for r in rows {
-            table.append([r.compression, r.workload, r.unit, String(format: "%.1f", r.logpool),
-                          r.raw.map { String(format: "%.1f", $0) } ?? "-", r.ratio.map { String(format: "%.2f", $0) } ?? "-", r.target])
+        let overwrite = section == "suite" ? [] : try overwriteRows(directory: directory, poolMiB: overwriteMib, passes: passes)
+        if json { return try printJSON(Report(suite: rows, overwrite: overwrite)) }
+        if !rows.isEmpty {
+            var table = [["COMPRESSION", "WORKLOAD", "UNIT", "LOGPOOL", "RAW", "RATIO", "TARGET"]]
+            for r in rows {
+                table.append([r.compression, r.workload, r.unit, String(format: "%.1f", r.logpool),
+                              r.raw.map { String(format: "%.1f", $0) } ?? "-", r.ratio.map { String(format: "%.2f", $0) } ?? "-", r.target])
+            }
+            try printTable(table)
         }
-        try printTable(table)
+        if !overwrite.isEmpty {
+            if !rows.isEmpty { try out("") }
+            try printOverwriteTable(overwrite)
+        }
     }
 
     /// Flushes every dirty page in the system so one phase's writeback does not slow the next.
-    private func settle() {
+    func settle() {
         Glibc.sync()
     }
 
-    private func now() -> Double {
+    func now() -> Double {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
