@@ -190,6 +190,16 @@ extension Engine {
             let syncWaste = (data / maxBatchDataByteCount + 2) * UInt64(PoolGeometry.durableAlignmentByteCount) + stepWaste
             // Holes inside victims are not room: copies must land outside them.
             guard data + UInt64(pagesAtOnce) * page + fixed + syncWaste + usableHoleByteCount(in: trialVictims) <= room else { break }
+            // Bytes are an estimate; the allocator's dry run is exact about where the
+            // copies go (variable compressed extents strand hole tails).
+            let trialExtents = Engine.moveOrder(trialMoving).map { (Int($0.1.allocatedByteCount),
+                                                                    $0.1.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int($0.1.allocatedByteCount))) }
+            // The pages as execution checks them per chunk (victims' pages with every
+            // ancestor, plus one step's), so a batch chosen here is not refused there.
+            let victimPages = rewritePlan(victims: trialVictims, movedIDs: []).nodes.count
+            let stepPages = pageHolesAreRoom ? min(trialRewrite.count, compactionStepPageCount + PageLayout.heightMax) : trialRewrite.count
+            guard allocationFits(trialExtents, pageCount: victimPages + stepPages + PageLayout.heightMax,
+                                 keepFree: 0, excluding: trialVictims) else { break }
             victims = trialVictims
             moving = trialMoving
             rewrite = trialRewrite
@@ -203,6 +213,10 @@ extension Engine {
         let toMove = Engine.moveOrder(chosenMoves)
         // Copies must never land in a victim (it would then never empty).
         holes.removeAll { chosen.contains(segment(of: $0.byteOffset)) }
+        // The pages the last checkpoint writes for the victims (an upper bound: moves
+        // may dirty some of them first).
+        let victimPageCount = rewritePlan(victims: chosen, movedIDs: []).nodes.count
+        if toMove.isEmpty && !allocationFits([], pageCount: victimPageCount, keepFree: 0, excluding: chosen) { return false }
         var index = 0
         var chunkNodes = Set<ObjectIdentifier>()
         while index < toMove.count {
@@ -211,13 +225,20 @@ extension Engine {
             var end = index
             chunkNodes.removeAll(keepingCapacity: true)
             while end < toMove.count && end - index < 1024 {
-                if pageHolesAreRoom {
-                    cleanPath(of: toMove[end].0, into: &chunkNodes)
-                    if end > index && dirtyPageCount + chunkNodes.count > compactionStepPageCount { break }
-                }
+                cleanPath(of: toMove[end].0, into: &chunkNodes)
+                if pageHolesAreRoom && end > index && dirtyPageCount + chunkNodes.count > compactionStepPageCount { break }
                 end += 1
             }
             let chunk = toMove[index..<end]
+            // The selection priced the batch in bytes; this dry run of the allocator is
+            // exact for the chunk and the checkpoint after it. If it fails, the batch
+            // ends here: the blocks moved so far stay moved (a valid state), the victims
+            // stay used, and no progress is claimed, so admission refuses with poolFull
+            // rather than allocation running dry.
+            let chunkExtents = chunk.map { (Int($0.1.allocatedByteCount),
+                                            $0.1.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int($0.1.allocatedByteCount))) }
+            guard allocationFits(chunkExtents, pageCount: chunkNodes.count + PageLayout.heightMax + victimPageCount,
+                                 keepFree: 0, excluding: chosen) else { return false }
             // Journal room first: a checkpoint between writing copies and journaling them
             // would see their segment empty and free it while the copies are about to
             // become the only ones (the relocate record is not applied yet).
@@ -254,6 +275,8 @@ extension Engine {
         report.pagesRewritten += pages.count
         compactionMovedByteCount += toMove.reduce(UInt64(0)) { $0 + $1.1.allocatedByteCount }
         try checkpoint()
+        // The pages this batch released are room for the next one (its gain counted them).
+        rebuildHoles()
         report.segmentsCompacted += chosen.count
         return true
     }

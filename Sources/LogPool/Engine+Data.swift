@@ -108,40 +108,111 @@ extension Engine {
             poisonCause = "an extent of \(byteCount) bytes does not fit one segment"
             throw PoolError.invalidArgument("an extent of \(byteCount) bytes does not fit one segment")
         }
-        let align = UInt64(alignment)
-        func aligned(_ offset: UInt64) -> UInt64 { (offset + align - 1) & ~(align - 1) }
-        if let open = openSegment {
-            let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
-            let start = aligned(appendByteOffset)
-            if start + UInt64(byteCount) <= end {
-                appendByteOffset = start + UInt64(byteCount)
-                return start
-            }
-        }
-        if freeSegments.count <= Int(geometry.reserveSegmentCount),
-           let index = holes.firstIndex(where: { aligned($0.byteOffset) + UInt64(byteCount) <= $0.byteOffset + $0.byteCount }) {
-            let hole = holes[index]
-            let start = aligned(hole.byteOffset)
-            let end = start + UInt64(byteCount)
-            holes.remove(at: index)
-            if end < hole.byteOffset + hole.byteCount { holes.insert((end, hole.byteOffset + hole.byteCount - end), at: index) }
-            if start > hole.byteOffset { holes.insert((hole.byteOffset, start - hole.byteOffset), at: index) }
+        // The hole list moves into the plan and back, so placing into a hole copies nothing.
+        var plan = AllocationPlan(holes: holes, openSegment: openSegment, appendByteOffset: appendByteOffset, freeSegments: freeSegments)
+        holes = []
+        defer { holes = plan.holes }
+        switch place(byteCount: byteCount, alignment: alignment, in: &plan) {
+        case .open(let start):
+            appendByteOffset = plan.appendByteOffset
             return start
-        }
-        if let open = openSegment {
-            segmentStates[open] = .used
-            openSegment = nil
-        }
-        guard let next = freeSegments.popLast() else {
+        case .hole(let start):
+            return start
+        case .newSegment(let next, let start):
+            if let open = openSegment { segmentStates[open] = .used }
+            _ = freeSegments.popLast()
+            segmentStates[next] = .open
+            openSegment = next
+            batch.add(SegmentHeader(poolUUID: superblock.poolUUID, segmentIndex: UInt32(next), generation: superblock.generation).encode(),
+                      at: geometry.segmentByteOffset(next))
+            appendByteOffset = plan.appendByteOffset
+            return start
+        case nil:
             poisonCause = "no space left for a \(byteCount)-byte extent that admission had allowed"
             throw PoolError.poolFull(neededByteCount: UInt64(byteCount), availableByteCount: 0, figures: spaceFigures(.physical))
         }
-        segmentStates[next] = .open
-        openSegment = next
-        let start = geometry.segmentByteOffset(next)
-        batch.add(SegmentHeader(poolUUID: superblock.poolUUID, segmentIndex: UInt32(next), generation: superblock.generation).encode(), at: start)
-        appendByteOffset = start + UInt64(PoolGeometry.segmentHeaderByteCount) + UInt64(byteCount)
-        return start + UInt64(PoolGeometry.segmentHeaderByteCount)
+    }
+
+    /// The allocator's state, copied so admission can place extents without changing
+    /// anything (``place(byteCount:alignment:in:)``).
+    struct AllocationPlan {
+        var holes: [(byteOffset: UInt64, byteCount: UInt64)]
+        var openSegment: Int?
+        var appendByteOffset: UInt64
+        /// Free segments, the next to open last.
+        var freeSegments: [Int]
+    }
+
+    enum Placement {
+        case open(UInt64)
+        case hole(UInt64)
+        case newSegment(Int, UInt64)
+    }
+
+    /// Where ``allocateExtent(byteCount:alignment:batch:)`` puts an extent, updating
+    /// `plan` as the allocation would; nil when it would run dry. The one placement rule,
+    /// shared by allocation and by admission's dry runs, so what admission allows is
+    /// exactly what allocation can do (counting holes in whole units was not: variable
+    /// compressed extents strand the tail of each hole they fill, and a pool was
+    /// poisoned by an extent admission had allowed).
+    func place(byteCount: Int, alignment: Int, in plan: inout AllocationPlan) -> Placement? {
+        let align = UInt64(alignment)
+        func aligned(_ offset: UInt64) -> UInt64 { (offset + align - 1) & ~(align - 1) }
+        if let open = plan.openSegment {
+            let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
+            let start = aligned(plan.appendByteOffset)
+            if start + UInt64(byteCount) <= end {
+                plan.appendByteOffset = start + UInt64(byteCount)
+                return .open(start)
+            }
+        }
+        if plan.freeSegments.count <= Int(geometry.reserveSegmentCount),
+           let index = plan.holes.firstIndex(where: { aligned($0.byteOffset) + UInt64(byteCount) <= $0.byteOffset + $0.byteCount }) {
+            let hole = plan.holes[index]
+            let start = aligned(hole.byteOffset)
+            let end = start + UInt64(byteCount)
+            plan.holes.remove(at: index)
+            if end < hole.byteOffset + hole.byteCount { plan.holes.insert((end, hole.byteOffset + hole.byteCount - end), at: index) }
+            if start > hole.byteOffset { plan.holes.insert((hole.byteOffset, start - hole.byteOffset), at: index) }
+            return .hole(start)
+        }
+        guard let next = plan.freeSegments.popLast() else { return nil }
+        plan.openSegment = next
+        let start = geometry.segmentByteOffset(next) + UInt64(PoolGeometry.segmentHeaderByteCount)
+        plan.appendByteOffset = start + UInt64(byteCount)
+        return .newSegment(next, start)
+    }
+
+    /// Dry run: places `extents` (bytes, alignment) in order, then the next checkpoint's
+    /// pages and root, on a copy of the allocator. True when everything fits and, before
+    /// the checkpoint, at least `keepFree` free segments remain untouched.
+    /// The checkpoint's part starts at the next 4 KiB boundary (its sync moves the append
+    /// point there). Holes inside `excluding` are left out (compaction's victims).
+    func allocationFits(_ extents: some Sequence<(Int, Int)>, pageCount: Int, keepFree: Int, excluding: Set<Int> = []) -> Bool {
+        var plan = AllocationPlan(holes: holes, openSegment: openSegment, appendByteOffset: appendByteOffset, freeSegments: freeSegments)
+        if !excluding.isEmpty { plan.holes.removeAll { excluding.contains(segment(of: $0.byteOffset)) } }
+        for (byteCount, alignment) in extents {
+            guard place(byteCount: byteCount, alignment: alignment, in: &plan) != nil, plan.freeSegments.count >= keepFree else { return false }
+        }
+        if let open = plan.openSegment {
+            let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
+            let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
+            plan.appendByteOffset = min((plan.appendByteOffset + unit - 1) & ~(unit - 1), end)
+        }
+        let page = PoolGeometry.pageByteCount
+        for _ in 0..<(pageCount + dirtyPageCount) {
+            guard place(byteCount: page, alignment: page, in: &plan) != nil else { return false }
+        }
+        let root = Int(sectorAligned(UInt64(plannedRoot().encodedByteCount)))
+        return place(byteCount: root, alignment: PoolGeometry.sectorByteCount, in: &plan) != nil && plan.freeSegments.count >= keepFree
+    }
+
+    /// (bytes, alignment) of each encoded block, in allocation order.
+    func extents(of encoded: [EncodedBlock]) -> [(Int, Int)] {
+        encoded.map { block in
+            (block.allocatedByteCount,
+             block.flags & BlockLocation.flagCompressed == 0 ? pageAlignment(for: block.allocatedByteCount) : PoolGeometry.sectorByteCount)
+        }
     }
 
     /// Alignment for an uncompressed extent of `byteCount`: its own size up to a page.
@@ -157,26 +228,23 @@ extension Engine {
     ///   compaction reserve and the overwrite headroom, fit the pool. `netByteCount` is
     ///   the space the change adds for good (new blocks not replacing blocks this volume
     ///   owns alone). Failing A-1 is `poolFull`: no compaction can help.
-    /// - A-2 physical: `grossByteCount` (every byte about to be appended) plus the pages
-    ///   and the next checkpoint fit the unwritten space while keeping the compaction
-    ///   reserve. When it does not, a checkpoint (freeing dead segments) and then the
-    ///   compactor run until it does. A-1 guarantees that enough dead space exists for an
+    /// - A-2 physical: a dry run of the allocator (``allocationFits(_:pageCount:keepFree:excluding:)``)
+    ///   places `extents` (every block about to be appended, in order), then the next
+    ///   checkpoint's pages (those already dirty and `pageCount` more) and root, and
+    ///   leaves the reserve's free segments untouched. When it does not, a checkpoint
+    ///   (freeing dead segments) and then the compactor run until it does. A-1 guarantees that enough dead space exists for an
     ///   atomic unit of overwrite, so A-2 only fails when that space is too fragmented to
     ///   gather, and then also as `poolFull`.
-    func ensureSpace(netByteCount: UInt64, grossByteCount: UInt64, pageCount: Int, addedPageCount: Int,
+    func ensureSpace(netByteCount: UInt64, extents: [(Int, Int)], pageCount: Int, addedPageCount: Int,
                      newBlockCount: Int = 0) throws {
-        let slack = UInt64(blockByteCount + PoolGeometry.pageByteCount)
         let page = UInt64(PoolGeometry.pageByteCount)
-        let pageBytes = UInt64(pageCount) * page
         let addedPageBytes = UInt64(addedPageCount) * page
-        func logicalRoom() -> UInt64 { logicalRoomByteCount(newBlockCount: newBlockCount) }
-        func physicalFits() -> Bool {
-            appendableByteCount >= grossByteCount + pageBytes + checkpointNeedByteCount + reserveByteCount + slack
-        }
-        let room = logicalRoom()
+        let room = logicalRoomByteCount(newBlockCount: newBlockCount)
         guard room >= netByteCount + addedPageBytes else {
             throw PoolError.poolFull(neededByteCount: netByteCount + addedPageBytes, availableByteCount: room, figures: spaceFigures(.logical))
         }
+        let reserve = Int(geometry.reserveSegmentCount)
+        func physicalFits() -> Bool { allocationFits(extents, pageCount: pageCount, keepFree: reserve) }
         if physicalFits() { return }
         if hasSegmentsToFreeAtCheckpoint || holes.isEmpty {
             try checkpoint()
@@ -192,8 +260,8 @@ extension Engine {
             guard try compactForSpace() else { break }
         }
         if physicalFits() { return }
-        throw PoolError.poolFull(neededByteCount: grossByteCount + pageBytes, availableByteCount: appendableByteCount,
-                                 figures: spaceFigures(.physical))
+        let gross = extents.reduce(UInt64(0)) { $0 + UInt64($1.0) } + UInt64(pageCount) * page
+        throw PoolError.poolFull(neededByteCount: gross, availableByteCount: appendableByteCount, figures: spaceFigures(.physical))
     }
 
     /// The figures a `poolFull` carries (live, dead, reserved), computed on refusal only.
@@ -299,8 +367,8 @@ extension Engine {
         return id != 0 && refcounts[Int(id)] == 1 ? id : nil
     }
 
-    /// Recomputes ``holes``: every extent of a used segment's payload that no block and no
-    /// page of the state references. Only valid right after a checkpoint commit, when the
+    /// Recomputes ``holes``: every extent of a used segment's payload, or of the open
+    /// segment's below its append point, that no block and no page of the state references. Only valid right after a checkpoint commit, when the
     /// in-memory state is exactly the durable one (nothing dirty, nothing released since),
     /// so a hole is referenced by neither the durable checkpoint nor any journal record
     /// after its replay start (reuse rule R-2, Specs/COMMIT.md §5).
@@ -310,7 +378,7 @@ extension Engine {
         var extents = [[(UInt64, UInt64)]](repeating: [], count: segmentStates.count)
         func add(_ offset: UInt64, _ count: UInt64) {
             let s = segment(of: offset)
-            if segmentStates[s] == .used { extents[s].append((offset, count)) }
+            if segmentStates[s] != .free { extents[s].append((offset, count)) }
         }
         for id in 1..<blockIDLimit where refcounts[Int(id)] > 0 {
             let location = blockLocation(id)
@@ -332,14 +400,21 @@ extension Engine {
             let start = (from + unit - 1) & ~(unit - 1), end = to & ~(unit - 1)
             if end > start { holes.append((start, end - start)) }
         }
-        for s in 0..<segmentStates.count where segmentStates[s] == .used {
+        for s in 0..<segmentStates.count where segmentStates[s] != .free {
             let start = geometry.segmentByteOffset(s)
+            // The open segment's holes end at its append point (aligned down by
+            // `addHole`): above it, appends go on as before. Below it, dead bytes are as
+            // unreferenced as in a used segment (pages a checkpoint just released, blocks
+            // overwritten since), and leaving them out made the pages a compaction batch
+            // rewrote unusable until the segment filled: batches cycled without gaining.
+            let end = segmentStates[s] == .open ? min(appendByteOffset, start + UInt64(geometry.segmentByteCount))
+                : start + UInt64(geometry.segmentByteCount)
             var cursor = start + UInt64(PoolGeometry.segmentHeaderByteCount)
             for (offset, count) in extents[s].sorted(by: { $0.0 < $1.0 }) {
-                if offset > cursor { addHole(cursor, offset) }
+                if offset > cursor { addHole(cursor, min(offset, end)) }
                 cursor = max(cursor, offset + count)
             }
-            addHole(cursor, start + UInt64(geometry.segmentByteCount))
+            if end > cursor { addHole(cursor, end) }
         }
     }
 
@@ -657,7 +732,6 @@ extension Engine {
     /// record that also unmaps `unmapRanges`. Admission happens before any change.
     func writeBlocks(_ volume: VolumeState, indexes: [UInt64], contents: [BlockBytes], unmapRanges: [Range<UInt64>]) throws {
         let encoded = encodeAll(contents)
-        let dataBytes = grossDataByteCount(encoded)
         let payload = JournalIntent.map(volumeID: 0, unmapRanges: unmapRanges, mappings: []).payloadByteCount + contents.count * 40
         // Unmapping dirties at most the two boundary paths of each range.
         let pages = pagesForWrite(volume.map, indexes: indexes)
@@ -665,7 +739,7 @@ extension Engine {
         // Journal room first: its checkpoint would clean pages the estimate below counts.
         try ensureJournalSpace(payloadByteCount: payload)
         try ensureSpace(netByteCount: netNewByteCount(volume.map, indexes: indexes, encoded: encoded),
-                        grossByteCount: dataBytes, pageCount: pages.written + unmapPages.written, addedPageCount: pages.added + unmapPages.added,
+                        extents: extents(of: encoded), pageCount: pages.written + unmapPages.written, addedPageCount: pages.added + unmapPages.added,
                         newBlockCount: netNewBlockCount(volume.map, indexes: indexes))
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.
         reserveBlockIDs(contents.count)

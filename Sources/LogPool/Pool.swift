@@ -406,7 +406,7 @@ extension Engine {
             throw PoolError.invalidArgument("the volume table would outgrow one segment (\(limit) bytes): \(volumes.count) volumes and snapshots; use a pool with larger segments")
         }
         try ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
-        try ensureSpace(netByteCount: 0, grossByteCount: 0, pageCount: pageCount, addedPageCount: addedPageCount ?? pageCount)
+        try ensureSpace(netByteCount: 0, extents: [], pageCount: pageCount, addedPageCount: addedPageCount ?? pageCount)
     }
 
     func info(of volume: VolumeState) -> VolumeInfo {
