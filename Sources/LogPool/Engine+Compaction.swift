@@ -98,6 +98,14 @@ extension Engine {
         holes.removeAll { victims.contains(segment(of: $0.byteOffset)) }
     }
 
+    /// Free segments a batch of `victimCount` victims must leave untouched while it runs:
+    /// the reserve (or what is left of it) less the segments the victims give back at
+    /// its end, so a batch never ends with fewer free segments than min(reserve, free)
+    /// at its start.
+    func reserveKeptByCompaction(victimCount: Int) -> Int {
+        max(0, min(freeSegments.count, Int(geometry.reserveSegmentCount)) - victimCount)
+    }
+
     /// True when a one-page hole is usable room (``usableHoleByteCount``): blocks are at
     /// most a page.
     var pageHolesAreRoom: Bool { blockByteCount <= PoolGeometry.pageByteCount }
@@ -196,10 +204,17 @@ extension Engine {
                                                                     $0.1.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int($0.1.allocatedByteCount))) }
             // The pages as execution checks them per chunk (victims' pages with every
             // ancestor, plus one step's), so a batch chosen here is not refused there.
+            // Every page of every step is placed, none of the released ones counted back:
+            // the steps' checkpoints interleave with the copies, so where released pages
+            // land is not known here, and a batch chosen too tightly failed a later chunk.
+            // The batch may use the reserve only as far as its victims give it back
+            // (`keepFree`): a batch that ended with fewer free segments than it started
+            // with let the next one, failing half-way, take the last, and compaction
+            // could never run again (found by the overwrite bench, 90% LZ4 90/10).
             let victimPages = rewritePlan(victims: trialVictims, movedIDs: []).nodes.count
-            let stepPages = pageHolesAreRoom ? min(trialRewrite.count, compactionStepPageCount + PageLayout.heightMax) : trialRewrite.count
-            guard allocationFits(trialExtents, pageCount: victimPages + stepPages + PageLayout.heightMax,
-                                 keepFree: 0, excluding: trialVictims) else { break }
+            guard allocationFits(trialExtents, pageCount: victimPages + trialRewrite.count + PageLayout.heightMax,
+                                 keepFree: reserveKeptByCompaction(victimCount: trialVictims.count),
+                                 excluding: trialVictims) else { break }
             victims = trialVictims
             moving = trialMoving
             rewrite = trialRewrite
@@ -216,7 +231,8 @@ extension Engine {
         // The pages the last checkpoint writes for the victims (an upper bound: moves
         // may dirty some of them first).
         let victimPageCount = rewritePlan(victims: chosen, movedIDs: []).nodes.count
-        if toMove.isEmpty && !allocationFits([], pageCount: victimPageCount, keepFree: 0, excluding: chosen) { return false }
+        let keepFree = reserveKeptByCompaction(victimCount: chosen.count)
+        if toMove.isEmpty && !allocationFits([], pageCount: victimPageCount, keepFree: keepFree, excluding: chosen) { return false }
         var index = 0
         var chunkNodes = Set<ObjectIdentifier>()
         while index < toMove.count {
@@ -230,6 +246,14 @@ extension Engine {
                 end += 1
             }
             let chunk = toMove[index..<end]
+            // Journal room first: a checkpoint between writing copies and journaling them
+            // would see their segment empty and free it while the copies are about to
+            // become the only ones (the relocate record is not applied yet). It also comes
+            // before the dry run below, which then sees the holes it leaves.
+            let payload = JournalIntent.relocate([]).payloadByteCount + chunk.count * 32
+            if journal.freeByteCount < JournalWriter.worstCaseByteCount(payloadByteCount: payload) {
+                try checkpointKeepingVictims(chosen)
+            }
             // The selection priced the batch in bytes; this dry run of the allocator is
             // exact for the chunk and the checkpoint after it. If it fails, the batch
             // ends here: the blocks moved so far stay moved (a valid state), the victims
@@ -238,13 +262,8 @@ extension Engine {
             let chunkExtents = chunk.map { (Int($0.1.allocatedByteCount),
                                             $0.1.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int($0.1.allocatedByteCount))) }
             guard allocationFits(chunkExtents, pageCount: chunkNodes.count + PageLayout.heightMax + victimPageCount,
-                                 keepFree: 0, excluding: chosen) else { return false }
-            // Journal room first: a checkpoint between writing copies and journaling them
-            // would see their segment empty and free it while the copies are about to
-            // become the only ones (the relocate record is not applied yet).
-            let payload = JournalIntent.relocate([]).payloadByteCount + chunk.count * 32
-            if journal.freeByteCount < JournalWriter.worstCaseByteCount(payloadByteCount: payload) {
-                try checkpointKeepingVictims(chosen)
+                                 keepFree: keepFree, excluding: chosen) else {
+                return false
             }
             var batch = WriteBatch()
             var moves: [BlockRelocation] = []
@@ -261,6 +280,7 @@ extension Engine {
             try deviceWrite(batch)
             try journalAndApply(.relocate(moves))
             report.blocksMoved += moves.count
+            compactionMovedByteCount += chunk.reduce(UInt64(0)) { $0 + $1.1.allocatedByteCount }
             index = end
             // A step ends in a checkpoint: the pages it dirtied are written, their old
             // copies are released and come back as holes, so the batch's page writes
@@ -273,7 +293,6 @@ extension Engine {
         let pages = nodesToRewrite(victims: chosen, movedIDs: [])
         markDirty(pages)
         report.pagesRewritten += pages.count
-        compactionMovedByteCount += toMove.reduce(UInt64(0)) { $0 + $1.1.allocatedByteCount }
         try checkpoint()
         // The pages this batch released are room for the next one (its gain counted them).
         rebuildHoles()
