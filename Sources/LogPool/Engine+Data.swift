@@ -260,8 +260,12 @@ extension Engine {
             guard try compactForSpace() else { break }
         }
         if physicalFits() { return }
+        // Available: the unwritten space less the reserve this write may not take. The
+        // dry run can still refuse a write that fits in bytes (hole tails too short for
+        // its extents); the figures then show the dead space that was left.
         let gross = extents.reduce(UInt64(0)) { $0 + UInt64($1.0) } + UInt64(pageCount) * page
-        throw PoolError.poolFull(neededByteCount: gross, availableByteCount: appendableByteCount, figures: spaceFigures(.physical))
+        let available = appendableByteCount > reserveByteCount ? appendableByteCount - reserveByteCount : 0
+        throw PoolError.poolFull(neededByteCount: gross, availableByteCount: available, figures: spaceFigures(.physical))
     }
 
     /// The figures a `poolFull` carries (live, dead, reserved), computed on refusal only.
