@@ -200,8 +200,7 @@ extension Engine {
             guard data + UInt64(pagesAtOnce) * page + fixed + syncWaste + usableHoleByteCount(in: trialVictims) <= room else { break }
             // Bytes are an estimate; the allocator's dry run is exact about where the
             // copies go (variable compressed extents strand hole tails).
-            let trialExtents = Engine.moveOrder(trialMoving).map { (Int($0.1.allocatedByteCount),
-                                                                    $0.1.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int($0.1.allocatedByteCount))) }
+            let trialExtents = extents(of: Engine.moveOrder(trialMoving).lazy.map(\.1))
             // The pages as execution checks them per chunk (victims' pages with every
             // ancestor, plus one step's), so a batch chosen here is not refused there.
             // Every page of every step is placed, none of the released ones counted back:
@@ -259,8 +258,7 @@ extension Engine {
             // ends here: the blocks moved so far stay moved (a valid state), the victims
             // stay used, and no progress is claimed, so admission refuses with poolFull
             // rather than allocation running dry.
-            let chunkExtents = chunk.map { (Int($0.1.allocatedByteCount),
-                                            $0.1.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int($0.1.allocatedByteCount))) }
+            let chunkExtents = extents(of: chunk.lazy.map(\.1))
             guard allocationFits(chunkExtents, pageCount: chunkNodes.count + PageLayout.heightMax + victimPageCount,
                                  keepFree: keepFree, excluding: chosen) else {
                 return false
@@ -269,8 +267,8 @@ extension Engine {
             var moves: [BlockRelocation] = []
             for (id, location) in chunk {
                 let bytes = try deviceCall { try device.read(byteCount: Int(location.allocatedByteCount), at: location.byteOffset) }
-                let alignment = location.isCompressed ? PoolGeometry.sectorByteCount : pageAlignment(for: Int(location.allocatedByteCount))
-                let offset = try allocateExtent(byteCount: Int(location.allocatedByteCount), alignment: alignment, batch: &batch)
+                let extentAlignment = alignment(forExtentOf: Int(location.allocatedByteCount), compressed: location.isCompressed)
+                let offset = try allocateExtent(byteCount: Int(location.allocatedByteCount), alignment: extentAlignment, batch: &batch)
                 batch.add(bytes, at: offset)
                 var moved = location
                 moved.byteOffset = offset

@@ -209,10 +209,18 @@ extension Engine {
 
     /// (bytes, alignment) of each encoded block, in allocation order.
     func extents(of encoded: [EncodedBlock]) -> [(Int, Int)] {
-        encoded.map { block in
-            (block.allocatedByteCount,
-             block.flags & BlockLocation.flagCompressed == 0 ? pageAlignment(for: block.allocatedByteCount) : PoolGeometry.sectorByteCount)
-        }
+        encoded.map { ($0.allocatedByteCount, alignment(forExtentOf: $0.allocatedByteCount, compressed: $0.flags & BlockLocation.flagCompressed != 0)) }
+    }
+
+    /// (bytes, alignment) of each block at `locations`, in order (compaction's copies).
+    func extents(of locations: some Sequence<BlockLocation>) -> [(Int, Int)] {
+        locations.map { (Int($0.allocatedByteCount), alignment(forExtentOf: Int($0.allocatedByteCount), compressed: $0.isCompressed)) }
+    }
+
+    /// Where a block extent may start: any sector when compressed (they pack back to
+    /// back), else ``pageAlignment(for:)``.
+    func alignment(forExtentOf byteCount: Int, compressed: Bool) -> Int {
+        compressed ? PoolGeometry.sectorByteCount : pageAlignment(for: byteCount)
     }
 
     /// Alignment for an uncompressed extent of `byteCount`: its own size up to a page.
@@ -313,7 +321,7 @@ extension Engine {
     }
 
     /// The most A-2 can ask for one atomic unit written uncompressed: its blocks, the
-    /// padding and segment-end losses of ``grossDataByteCount(_:)``, the map pages of a
+    /// padding and segment-end losses of ``grossByteCount(of:)``, the map pages of a
     /// contiguous range (its leaves plus two paths), and a block-table leaf per new id
     /// up to every leaf of the id space (the sweeping allocator hands out whatever ids
     /// are free, and after random overwrites those are scattered over the whole table),
@@ -700,19 +708,14 @@ extension Engine {
         try writeBlocks(volume, indexes: Array(first...last), contents: contents, unmapRanges: [])
     }
 
-    /// Bytes allocation will take for `encoded`, appended in order (COMMIT §5.1): each
-    /// block's extent; alignment padding where an uncompressed block follows a compressed
-    /// one or starts the run (a run of equal uncompressed blocks stays aligned, so only its
+    /// Bytes allocation will take for extents given as (allocated bytes, compressed),
+    /// appended in order (COMMIT §5.1; compaction prices its copies with it): each
+    /// extent; alignment padding where an uncompressed block follows a compressed one or
+    /// starts the run (a run of equal uncompressed blocks stays aligned, so only its
     /// first block can be padded; counting every block's worst padding made a 1 MiB
     /// overwrite of 4 KiB blocks ask for 1.9 MiB and fail on small pools); and, at each
     /// segment end the run may cross, one largest extent lost at the tail plus the padding
     /// of the first block in the next segment (payload starts after the 512-byte header).
-    func grossDataByteCount(_ encoded: [EncodedBlock]) -> UInt64 {
-        grossByteCount(of: encoded.lazy.map { ($0.allocatedByteCount, $0.flags & BlockLocation.flagCompressed != 0) })
-    }
-
-    /// ``grossDataByteCount(_:)`` for extents given as (allocated bytes, compressed), in
-    /// the order they will be appended (writes and compaction's copies).
     func grossByteCount(of extents: some Sequence<(Int, Bool)>) -> UInt64 {
         let sector = PoolGeometry.sectorByteCount
         var total: UInt64 = 0
@@ -754,8 +757,8 @@ extension Engine {
         var mappings: [BlockMapping] = []
         mappings.reserveCapacity(encoded.count)
         for (i, block) in encoded.enumerated() {
-            let alignment = block.flags & BlockLocation.flagCompressed == 0 ? pageAlignment(for: block.allocatedByteCount) : PoolGeometry.sectorByteCount
-            let offset = try allocateExtent(byteCount: block.allocatedByteCount, alignment: alignment, batch: &batch)
+            let extentAlignment = alignment(forExtentOf: block.allocatedByteCount, compressed: block.flags & BlockLocation.flagCompressed != 0)
+            let offset = try allocateExtent(byteCount: block.allocatedByteCount, alignment: extentAlignment, batch: &batch)
             switch block.stored {
             case .borrowed(let raw) where raw.count == block.allocatedByteCount:
                 if let last = directRuns.last, last.byteOffset + UInt64(last.bytes.count) == offset,
