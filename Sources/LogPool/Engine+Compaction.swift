@@ -27,7 +27,7 @@ extension Engine {
     /// ``nodesToRewrite(victims:movedIDs:)`` and how many of those nodes have their
     /// current page outside the victims: the checkpoint releases each such page, and it
     /// becomes a page-aligned hole of exactly one page, room again after the checkpoint.
-    func rewritePlan(victims: Set<Int>, movedIDs: [UInt64]) -> (nodes: Set<ObjectIdentifier>, releasedOutsideVictims: Int) {
+    func rewritePlan(victims: Set<Int>, movedIDs: [UInt64]) -> (nodes: Set<ObjectIdentifier>, releasedOutsideVictims: Int, victimInteriorCount: Int) {
         var result = Set<ObjectIdentifier>()
         var outside = 0
         func insert(_ node: TreeNode) {
@@ -45,21 +45,12 @@ extension Engine {
                 remainder %= span
             }
         }
-        var memo: [ObjectIdentifier: Bool] = [:]
-        func visit(_ node: TreeNode) -> Bool {
-            if let known = memo[ObjectIdentifier(node)] { return known }
-            var affected = false
-            for child in node.children { if let child, visit(child) { affected = true } }
-            if !node.isDirty, let s = geometry.segmentIndex(containing: node.disk.byteOffset), victims.contains(s) {
-                affected = true
-            }
-            if affected && !node.isDirty { insert(node) }
-            memo[ObjectIdentifier(node)] = affected
-            return affected
+        var interior = 0
+        for node in victimPageNodes(victims: victims) {
+            insert(node)
+            if node.level > 0 { interior += 1 }
         }
-        if let root = blockTable.root { _ = visit(root) }
-        for volume in volumes.values { if let root = volume.map.root { _ = visit(root) } }
-        return (result, outside)
+        return (result, outside, interior)
     }
 
     /// The order compaction appends copies in: uncompressed blocks first, then the
@@ -115,6 +106,43 @@ extension Engine {
         let unit = UInt64(max(blockByteCount, PoolGeometry.pageByteCount))
         return holes.reduce(0) { total, hole in
             segments.contains(segment(of: hole.byteOffset)) ? total + usableByteCount(of: hole, unit: unit) : total
+        }
+    }
+
+    /// The clean nodes a compaction of `victims` rewrites at its end whatever it moves:
+    /// every node whose page lies in a victim, with its ancestors.
+    func victimPageNodes(victims: Set<Int>) -> [TreeNode] {
+        var result: [TreeNode] = []
+        var memo: [ObjectIdentifier: Bool] = [:]
+        func visit(_ node: TreeNode) -> Bool {
+            if let known = memo[ObjectIdentifier(node)] { return known }
+            var affected = false
+            for child in node.children { if let child, visit(child) { affected = true } }
+            if !node.isDirty, let s = geometry.segmentIndex(containing: node.disk.byteOffset), victims.contains(s) {
+                affected = true
+            }
+            if affected && !node.isDirty { result.append(node) }
+            memo[ObjectIdentifier(node)] = affected
+            return affected
+        }
+        if let root = blockTable.root { _ = visit(root) }
+        for volume in volumes.values { if let root = volume.map.root { _ = visit(root) } }
+        return result
+    }
+
+    /// Pages the end of a batch may still write for `victimNodes` (its
+    /// ``victimPageNodes(victims:)`` at the start). Every interior node counts: a step
+    /// may rewrite it and the end write it again (another child may still lie in a
+    /// victim), which is why the selection prices interior victim nodes twice. A leaf
+    /// counts while it is clean with its page in a victim and not in `besides` (the chunk
+    /// about to run dirties those, and they are counted there); once a step has
+    /// rewritten it outside the victims it needs nothing more.
+    func finalPageCount(_ victimNodes: [TreeNode], victims: Set<Int>, besides: Set<ObjectIdentifier>) -> Int {
+        victimNodes.reduce(0) { count, node in
+            if node.level > 0 { return count + 1 }
+            if node.isDirty || besides.contains(ObjectIdentifier(node)) { return count }
+            if let s = geometry.segmentIndex(containing: node.disk.byteOffset), !victims.contains(s) { return count }
+            return count + 1
         }
     }
 
@@ -201,17 +229,19 @@ extension Engine {
             // Bytes are an estimate; the allocator's dry run is exact about where the
             // copies go (variable compressed extents strand hole tails).
             let trialExtents = extents(of: Engine.moveOrder(trialMoving).lazy.map(\.1))
-            // The pages as execution checks them per chunk (victims' pages with every
-            // ancestor, plus one step's), so a batch chosen here is not refused there.
-            // Every page of every step is placed, none of the released ones counted back:
-            // the steps' checkpoints interleave with the copies, so where released pages
-            // land is not known here, and a batch chosen too tightly failed a later chunk.
+            // Every page the batch rewrites is placed once, none of the released ones
+            // counted back (the steps' checkpoints interleave with the copies, so where
+            // released pages land is not known here, and a batch chosen too tightly
+            // failed a later chunk), and interior nodes above the victims' pages twice (a
+            // step may rewrite one that the end writes again). Execution's per-chunk dry
+            // run never asks for more than what is left of this (COMMIT §6). Counting the
+            // victims' pages twice, as this once did, refused a single 85%-live victim on
+            // a 128 MiB LZ4 pool with 10 MB dead (the space property's long seed 115).
             // The batch may use the reserve only as far as its victims give it back
             // (`keepFree`): a batch that ended with fewer free segments than it started
             // with let the next one, failing half-way, take the last, and compaction
             // could never run again (found by the overwrite bench, 90% LZ4 90/10).
-            let victimPages = rewritePlan(victims: trialVictims, movedIDs: []).nodes.count
-            guard allocationFits(trialExtents, pageCount: victimPages + trialRewrite.count + PageLayout.heightMax,
+            guard allocationFits(trialExtents, pageCount: trialRewrite.count + plan.victimInteriorCount + PageLayout.heightMax,
                                  keepFree: reserveKeptByCompaction(victimCount: trialVictims.count),
                                  excluding: trialVictims) else { break }
             victims = trialVictims
@@ -229,7 +259,8 @@ extension Engine {
         holes.removeAll { chosen.contains(segment(of: $0.byteOffset)) }
         // The pages the last checkpoint writes for the victims (an upper bound: moves
         // may dirty some of them first).
-        let victimPageCount = rewritePlan(victims: chosen, movedIDs: []).nodes.count
+        let victimNodes = victimPageNodes(victims: chosen)
+        let victimPageCount = victimNodes.count
         let keepFree = reserveKeptByCompaction(victimCount: chosen.count)
         if toMove.isEmpty && !allocationFits([], pageCount: victimPageCount, keepFree: keepFree, excluding: chosen) { return false }
         var index = 0
@@ -259,7 +290,8 @@ extension Engine {
             // stay used, and no progress is claimed, so admission refuses with poolFull
             // rather than allocation running dry.
             let chunkExtents = extents(of: chunk.lazy.map(\.1))
-            guard allocationFits(chunkExtents, pageCount: chunkNodes.count + PageLayout.heightMax + victimPageCount,
+            guard allocationFits(chunkExtents, pageCount: chunkNodes.count + finalPageCount(victimNodes, victims: chosen, besides: chunkNodes)
+                                     + PageLayout.heightMax,
                                  keepFree: keepFree, excluding: chosen) else {
                 return false
             }
