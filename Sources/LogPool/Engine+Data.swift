@@ -117,6 +117,7 @@ extension Engine {
             appendByteOffset = plan.appendByteOffset
             return start
         case .hole(let start):
+            holesNeedTrim = true
             return start
         case .newSegment(let next, let start):
             if let open = openSegment { segmentStates[open] = .used }
@@ -186,8 +187,8 @@ extension Engine {
     /// Dry run: places `extents` (bytes, alignment) in order, then the next checkpoint's
     /// pages and root, on a copy of the allocator. True when everything fits and, before
     /// the checkpoint, at least `keepFree` free segments remain untouched.
-    /// The checkpoint's part starts at the next 4 KiB boundary (its sync moves the append
-    /// point there). Holes inside `excluding` are left out (compaction's victims).
+    /// The checkpoint's part starts at the next 4 KiB boundary, and holes shrink to whole
+    /// 4 KiB units (its sync moves the append point there and trims the holes). Holes inside `excluding` are left out (compaction's victims).
     func allocationFits(_ extents: some Sequence<(Int, Int)>, pageCount: Int, keepFree: Int, excluding: Set<Int> = []) -> Bool {
         var plan = AllocationPlan(holes: holes, openSegment: openSegment, appendByteOffset: appendByteOffset, freeSegments: freeSegments)
         if !excluding.isEmpty { plan.holes.removeAll { excluding.contains(segment(of: $0.byteOffset)) } }
@@ -199,6 +200,7 @@ extension Engine {
             let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
             plan.appendByteOffset = min((plan.appendByteOffset + unit - 1) & ~(unit - 1), end)
         }
+        plan.holes = Engine.wholeUnits(of: plan.holes)
         let page = PoolGeometry.pageByteCount
         for _ in 0..<(pageCount + dirtyPageCount) {
             guard place(byteCount: page, alignment: page, in: &plan) != nil else { return false }

@@ -531,11 +531,7 @@ extension Engine {
             if start < end { result.append((start, end - start)) }
         }
         // Trim the pieces to whole 4 KiB units, as rebuildHoles does.
-        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
-        holes = result.compactMap { hole in
-            let start = (hole.byteOffset + unit - 1) & ~(unit - 1), end = (hole.byteOffset + hole.byteCount) & ~(unit - 1)
-            return end > start ? (start, end - start) : nil
-        }
+        holes = Engine.wholeUnits(of: result)
     }
 
     /// Why a record's data does not verify, or nil when it does (or it has none).

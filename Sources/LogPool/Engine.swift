@@ -82,6 +82,9 @@ final class Engine {
     /// after a checkpoint commit (``rebuildHoles()``) and consumed by appends when free
     /// segments run short (slack-space recycling). Cleared at every checkpoint.
     var holes: [(byteOffset: UInt64, byteCount: UInt64)] = []
+    /// An extent went into a hole since the last sync, so a hole may now start inside a
+    /// 4 KiB unit that holds that extent: the next sync trims the holes to whole units.
+    var holesNeedTrim = false
     /// The durable checkpoint root's extent.
     var checkpointExtent: (byteOffset: UInt64, byteCount: UInt64)?
 
@@ -244,6 +247,23 @@ final class Engine {
             let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
             let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
             appendByteOffset = min((appendByteOffset + unit - 1) & ~(unit - 1), end)
+        }
+        // So do later writes into holes: the rest of a hole an extent went into shares
+        // that extent's last 4 KiB unit, which this sync made durable.
+        if holesNeedTrim {
+            holes = Engine.wholeUnits(of: holes)
+            holesNeedTrim = false
+        }
+    }
+
+    /// `holes` trimmed to whole 4 KiB units (``PoolGeometry/durableAlignmentByteCount``),
+    /// empty pieces dropped: what may be written without sharing a physical sector with
+    /// bytes a sync made durable (Specs/COMMIT.md §5.2, R-2).
+    static func wholeUnits(of holes: [(byteOffset: UInt64, byteCount: UInt64)]) -> [(byteOffset: UInt64, byteCount: UInt64)] {
+        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
+        return holes.compactMap { hole in
+            let start = (hole.byteOffset + unit - 1) & ~(unit - 1), end = (hole.byteOffset + hole.byteCount) & ~(unit - 1)
+            return end > start ? (start, end - start) : nil
         }
     }
 
