@@ -43,6 +43,9 @@ extension Bench {
         /// Of those, refused by A-1 (live data fills the pool: an overwrite whose LZ4
         /// size grew) rather than A-2 (room compaction could not gather).
         var logicalPoolFullCount: Int
+        /// Checkpoints during the overwrite phase (superblock generations): each writes
+        /// the dirty metadata pages, the main cost beyond data when compaction runs often.
+        var checkpointCount: UInt64
         var target: String
     }
 
@@ -149,15 +152,16 @@ extension Bench {
                             pattern: hot ? "90/10" : "uniform", deviceWA: deviceBytes / max(user, 1),
                             dataWA: (user + moved) / max(user, 1), throughputRatio: overwriteRate / fillRate,
                             p99WriteMicroseconds: p99, poolFullCount: poolFulls, logicalPoolFullCount: logical,
+                            checkpointCount: after.generation - before.generation,
                             target: mode == .none ? "0 poolFull, device WA <= 1.1" : "0 poolFull, device WA <= 1.3")
     }
 
     func printOverwriteTable(_ rows: [OverwriteRow]) throws {
-        var table = [["COMPRESSION", "FULL", "PATTERN", "DEVICE-WA", "DATA-WA", "TPUT/FILL", "P99-US", "POOLFULL", "TARGET"]]
+        var table = [["COMPRESSION", "FULL", "PATTERN", "DEVICE-WA", "DATA-WA", "TPUT/FILL", "P99-US", "CKPTS", "POOLFULL", "TARGET"]]
         for r in rows {
             table.append([r.compression, "\(r.fullPercent)%", r.pattern, String(format: "%.2f", r.deviceWA),
                           String(format: "%.2f", r.dataWA), String(format: "%.3f", r.throughputRatio),
-                          String(format: "%.0f", r.p99WriteMicroseconds),
+                          String(format: "%.0f", r.p99WriteMicroseconds), "\(r.checkpointCount)",
                           r.poolFullCount == 0 ? "0" : "\(r.poolFullCount) (\(r.logicalPoolFullCount) A-1)", r.target])
         }
         try printTable(table)
