@@ -16,7 +16,9 @@ public final class Volume: @unchecked Sendable {
         self.volumeState = state
     }
 
-    private func state() throws -> VolumeState {
+    /// The engine's state for this volume, checked usable and not deleted. Call under the
+    /// pool's lock.
+    func state() throws -> VolumeState {
         try pool.engine.checkUsable()
         guard !volumeState.isDeleted else { throw PoolError.notFound("\(volumeState.record.name) was deleted") }
         return volumeState

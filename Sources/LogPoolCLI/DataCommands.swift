@@ -1,0 +1,176 @@
+import ArgumentParser
+import Foundation
+import LogPool
+import LogPoolCLIKit
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Progress of a long copy on a terminal: bytes done, rate and ETA on one line of stderr,
+/// rewritten in place at most every quarter second, then a one-line summary. Nothing at
+/// all when stderr is not a terminal.
+final class TerminalProgress {
+    let label: String
+    let total: UInt64
+    let enabled = isatty(STDERR_FILENO) == 1
+    private let start = Date()
+    private var shown = Date.distantPast
+
+    init(_ label: String, total: UInt64) {
+        self.label = label
+        self.total = total
+    }
+
+    func update(_ done: UInt64) {
+        guard enabled, Date().timeIntervalSince(shown) >= 0.25 else { return }
+        shown = Date()
+        let seconds = max(Date().timeIntervalSince(start), 0.001)
+        let rate = Double(done) / seconds
+        let eta = rate > 0 && total > done ? String(format: "%.0f s", Double(total - done) / rate) : "-"
+        var err = StandardError()
+        print("\r\(label): \(formatBytes(done)) of \(formatBytes(total)), \(formatBytes(UInt64(rate)))/s, ETA \(eta)   ", terminator: "", to: &err)
+    }
+
+    func finish(_ summary: String) {
+        guard enabled else { return }
+        let seconds = Date().timeIntervalSince(start)
+        var err = StandardError()
+        print("\r\(label): \(summary) in \(String(format: "%.1f", seconds)) s" + String(repeating: " ", count: 20), to: &err)
+    }
+}
+
+struct MapCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "map",
+        abstract: "List a volume's mapped extents and holes, as qemu-img map shows a raw image.")
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The volume or snapshot.") var name: String
+    @Flag(help: "JSON: an array of {start, length, data} objects, as qemu-img map --output=json.") var json = false
+    @OptionGroup var salvage: SalvageOption
+
+    struct Entry: Encodable {
+        var start: UInt64
+        var length: UInt64
+        var data: Bool
+        var zero: Bool
+    }
+
+    func run() throws {
+        let opened = try openForReading(pool, salvage)
+        defer { try? opened.close() }
+        let extents = try opened.openVolume(name: name).extents()
+        if json {
+            try printJSON(extents.map { Entry(start: $0.offset, length: $0.length, data: $0.isMapped, zero: !$0.isMapped) })
+            return
+        }
+        var table = [["OFFSET", "LENGTH", "KIND"]]
+        for e in extents { table.append([String(e.offset), String(e.length), e.isMapped ? "data" : "hole"]) }
+        try printTable(table)
+    }
+}
+
+struct Export: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write a volume or snapshot as a sparse raw image.",
+        discussion: """
+            To a file: the file gets the volume's size and only mapped blocks are written, so \
+            holes stay holes (du shows only the data). To "-" (standard output, not a \
+            terminal): every byte, zeros streamed for holes. The pool is opened read-only and \
+            locked against writers for the whole export, so the image is one moment of the volume.
+            """)
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The volume or snapshot to export.") var name: String
+    @Argument(help: "The raw image to create or replace, or - for standard output.") var file: String
+    @OptionGroup var salvage: SalvageOption
+
+    func run() throws {
+        if file == "-" && isatty(STDOUT_FILENO) == 1 {
+            throw ValidationError("standard output is a terminal; redirect it, or give a FILE")
+        }
+        let opened = try openForReading(pool, salvage)
+        defer { try? opened.close() }
+        let volume = try opened.openVolume(name: name)
+        let size = volume.size
+        var fd = STDOUT_FILENO
+        var sparse = false
+        if file != "-" {
+            var target = stat()
+            if stat(file, &target) == 0 {
+                if isPoolFile(pool, target) { throw PoolError.invalidArgument("the image is the pool file itself") }
+                if (target.st_mode & S_IFMT) != S_IFREG {
+                    throw PoolError.invalidArgument("\(oneLine(file)) exists and is not a regular file; export writes regular files or standard output")
+                }
+            }
+            fd = open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "create \(file)", byteOffset: 0) }
+            sparse = true
+        }
+        defer { if fd != STDOUT_FILENO { close(fd) } }
+        let progress = TerminalProgress("export \(oneLine(name))", total: size)
+        let mapped = try volume.exportRaw(to: fd, sparse: sparse) { progress.update($0) }
+        if sparse && fsync(fd) != 0 { throw PoolError.io(errno: errno, operation: "fsync \(file)", byteOffset: 0) }
+        progress.finish("\(formatBytes(size)) image, \(formatBytes(mapped)) mapped")
+    }
+}
+
+struct Import: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a volume from a raw image; all-zero blocks stay unmapped.",
+        discussion: """
+            A regular file's holes are skipped without reading them (SEEK_DATA/SEEK_HOLE). From \
+            "-" (standard input) --size is required, and the input may be shorter (the rest \
+            reads as zeros) but not longer. If the import fails (pool full, a read error), the \
+            new volume is deleted again and the pool is as it was.
+            """)
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The raw image, or - for standard input.") var file: String
+    @Argument(help: "Name of the new volume.") var name: String
+    @Option(parsing: .unconditional, help: "Volume size (default: the file's size, rounded up to the block size).", transform: ByteSize.argument)
+    var size: ByteSize?
+
+    func run() throws {
+        var fd = STDIN_FILENO
+        var fileSize: UInt64? = nil
+        if file != "-" {
+            var target = stat()
+            if stat(file, &target) == 0, isPoolFile(pool, target) {
+                throw PoolError.invalidArgument("the image is the pool file itself")
+            }
+            fd = open(file, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "open \(file)", byteOffset: 0) }
+            var info = stat()
+            if fstat(fd, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG { fileSize = UInt64(info.st_size) }
+        }
+        defer { if fd != STDIN_FILENO { close(fd) } }
+        guard let volumeSize = size?.bytes ?? fileSize else {
+            throw ValidationError("--size is required when the image is not a regular file")
+        }
+        if let fileSize, volumeSize < fileSize {
+            throw ValidationError("--size \(volumeSize) is smaller than the image's \(fileSize) bytes")
+        }
+        let progress = TerminalProgress("import \(oneLine(name))", total: fileSize ?? volumeSize)
+        var written: UInt64 = 0
+        try withWritablePool(pool) { opened in
+            written = try opened.importRaw(from: fd, name: name, size: volumeSize) { progress.update($0) }
+        }
+        progress.finish("\(formatBytes(volumeSize)) volume, \(formatBytes(written)) of non-zero blocks written")
+    }
+}
+
+struct Discard: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Unmap a byte range of a volume: it reads as zeros and whole blocks are freed.")
+    @Argument(help: "Path of the pool file.") var pool: String
+    @Argument(help: "The volume.") var name: String
+    @Option(parsing: .unconditional, help: "Byte offset in the volume.", transform: ByteSize.argument) var offset: ByteSize
+    @Option(parsing: .unconditional, help: "Bytes to discard.", transform: ByteSize.argument) var length: ByteSize
+
+    func run() throws {
+        try withWritablePool(pool) { opened in
+            let volume = try opened.openVolume(name: name)
+            try volume.discard(at: offset.bytes, length: length.bytes)
+            try opened.sync()
+        }
+    }
+}
