@@ -9,7 +9,9 @@ let package = Package(
         .executable(name: "logpool-sim", targets: ["LogPoolSim"]),
     ],
     dependencies: [
-        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // `logpool serve` only; the library does not depend on it.
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
     ],
     targets: [
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
@@ -25,11 +27,16 @@ let package = Package(
             name: "LogPoolCLIKit",
             dependencies: ["LogPool", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
+        // The NBD server behind `logpool serve` (Specs/SERVE.md).
+        .target(
+            name: "LogPoolServe",
+            dependencies: ["LogPool", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
+        ),
         // The operator's `logpool`: no crash-simulation harness linked in.
         .executableTarget(
             name: "LogPoolCLI",
             dependencies: [
-                "LogPool", "LogPoolCLIKit",
+                "LogPool", "LogPoolCLIKit", "LogPoolServe",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

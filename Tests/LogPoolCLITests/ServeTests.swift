@@ -1,0 +1,230 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `logpool serve` against real NBD clients (qemu-img, qemu-io from qemu-utils) and a
+/// hostile client of our own (issue 10).
+@Suite("logpool serve (NBD)", .serialized)
+struct ServeTests {
+    /// A running `logpool serve` on a Unix socket; `stop()` sends SIGTERM and waits.
+    final class Server {
+        let process = Process()
+        let socket: String
+        let stderr = Pipe()
+
+        init(pool: String, arguments: [String] = []) throws {
+            socket = temporaryPath("nbd.sock")
+            process.executableURL = URL(fileURLWithPath: CLI.binary)
+            process.arguments = ["serve", pool, "--socket", socket] + arguments
+            process.standardError = stderr
+            process.standardOutput = FileHandle.nullDevice
+            try process.run()
+            for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { usleep(25_000) }
+        }
+
+        func url(_ name: String) -> String { "nbd+unix:///\(name)?socket=\(socket)" }
+
+        /// SIGTERM, then the exit status and what it logged.
+        func stop() -> (Int32, String) {
+            kill(process.processIdentifier, SIGTERM)
+            let log = String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            return (process.terminationStatus, log)
+        }
+    }
+
+    static var qemu: (img: String, io: String)? {
+        guard let img = DataCommandTests.which("qemu-img"), let io = DataCommandTests.which("qemu-io") else { return nil }
+        return (img, io)
+    }
+
+    /// Connects to a Unix socket; the raw descriptor.
+    static func connect(_ path: String) -> Int32 {
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
+        }
+        let ok = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        return ok == 0 ? fd : -1
+    }
+
+    @Test("qemu-img and qemu-io read and write volumes over NBD; snapshots are read-only; a bad client is dropped alone; SIGTERM closes cleanly")
+    func realClients() throws {
+        guard let qemu = Self.qemu else {
+            print("SKIPPED: qemu-img/qemu-io not found (Debian package qemu-utils; .ci/run installs it)")
+            return
+        }
+        signal(SIGPIPE, SIG_IGN)
+        let pool = temporaryPath("p.pool")
+        #expect(try CLI.run(["init", pool, "--size", "64M"]).status == 0)
+        #expect(try CLI.run(["create", pool, "disk", "--size", "16M"]).status == 0)
+        #expect(try CLI.run(["write", pool, "disk", "--offset", "64K"], stdin: Data(repeating: 0x5a, count: 8192)).status == 0)
+        #expect(try CLI.run(["snapshot", pool, "disk", "snap"]).status == 0)
+        let server = try Server(pool: pool)
+
+        let info = try CLI.run(["info", "-f", "raw", server.url("disk")], binary: qemu.img)
+        #expect(info.status == 0, "\(info.stderr)")
+        #expect(info.text.contains("16 MiB") || info.text.contains("16777216"), "\(info.text)")
+
+        // Unaligned pattern writes and reads, then the snapshot still holds the old bytes.
+        let io = try CLI.run(["-f", "raw", server.url("disk"), "-c", "write -P 0xab 1000 70000", "-c", "read -P 0xab 1000 70000",
+                              "-c", "flush", "-c", "read -P 0x00 0 1000"], binary: qemu.io)
+        #expect(io.status == 0 && !io.text.contains("Pattern verification failed"), "\(io.text) \(io.stderr)")
+        let snap = try CLI.run(["-f", "raw", "-r", server.url("snap"), "-c", "read -P 0x5a 65536 8192"], binary: qemu.io)
+        #expect(snap.status == 0 && !snap.text.contains("Pattern verification failed"), "\(snap.text) \(snap.stderr)")
+        let refused = try CLI.run(["-f", "raw", server.url("snap"), "-c", "write -P 1 0 4096"], binary: qemu.io)
+        // The export is flagged read-only, so qemu-io refuses to open it for writing.
+        #expect(refused.stderr.contains("Permission denied") || refused.text.contains("Operation not permitted"), "\(refused.text) \(refused.stderr)")
+
+        // A hostile client: garbage instead of the client flags, then a bad option magic.
+        for junk in [Data(repeating: 0xff, count: 64), Data([0, 0, 0, 1] + [UInt8](repeating: 0x41, count: 40))] {
+            let fd = Self.connect(server.socket)
+            #expect(fd >= 0)
+            var hello = [UInt8](repeating: 0, count: 18)
+            #expect(read(fd, &hello, 18) == 18)
+            _ = junk.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            var byte: UInt8 = 0
+            #expect(read(fd, &byte, 1) <= 0, "the server closes a malformed connection")
+            close(fd)
+        }
+
+        // qemu-img copies the whole export out; it compares equal to the export itself.
+        let out = temporaryPath("disk.raw")
+        #expect(try CLI.run(["convert", "-f", "raw", "-O", "raw", server.url("disk"), out], binary: qemu.img).status == 0)
+        let compared = try CLI.run(["compare", "-f", "raw", "-F", "raw", server.url("disk"), out], binary: qemu.img)
+        #expect(compared.status == 0, "\(compared.text) \(compared.stderr)")
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: out))
+        #expect(bytes.count == 16 << 20)
+        #expect(bytes[1000..<71000].allSatisfy { $0 == 0xab })
+        #expect(bytes[71000..<(72 << 10)].allSatisfy { $0 == 0x5a })
+
+        let (status, log) = server.stop()
+        #expect(status == 0, "\(log)")
+        #expect(log.contains("connected") && log.contains("closing the connection"), "\(log)")
+        // The pool was closed cleanly and holds what the clients wrote.
+        let cleanly = try CLI.run(["info", pool]).text.split(separator: "\n").first { $0.hasPrefix("cleanly closed") }
+        #expect(cleanly?.hasSuffix("yes") == true, "\(cleanly ?? "no line")")
+        #expect(try CLI.run(["read", pool, "disk", "--offset", "1000", "--length", "70000"]).stdout == Data(repeating: 0xab, count: 70000))
+    }
+
+    /// A minimal NBD client of our own: fixed newstyle, NBD_OPT_GO, simple replies.
+    struct RawClient {
+        let fd: Int32
+
+        func send(_ bytes: [UInt8]) { _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } }
+        func receive(_ count: Int) -> [UInt8]? {
+            var out = [UInt8](repeating: 0, count: count)
+            var got = 0
+            while got < count {
+                let n = out.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, count - got) }
+                if n <= 0 { return nil }
+                got += n
+            }
+            return out
+        }
+        static func be<T: FixedWidthInteger>(_ value: T) -> [UInt8] { withUnsafeBytes(of: value.bigEndian) { Array($0) } }
+        static func int<T: FixedWidthInteger>(_ bytes: ArraySlice<UInt8>) -> T { bytes.reduce(T(0)) { $0 << 8 | T($1) } }
+
+        /// Connects and negotiates `export` with NBD_OPT_GO; nil when refused.
+        static func open(_ socket: String, export: String) -> RawClient? {
+            let fd = ServeTests.connect(socket)
+            guard fd >= 0 else { return nil }
+            let client = RawClient(fd: fd)
+            guard client.receive(18) != nil else { return nil }
+            client.send(be(UInt32(3)))  // FIXED_NEWSTYLE | NO_ZEROES
+            let name = Array(export.utf8)
+            let data = be(UInt32(name.count)) + name + be(UInt16(0))
+            client.send(be(UInt64(0x4948_4156_454F_5054)) + be(UInt32(7)) + be(UInt32(data.count)) + data)
+            while true {
+                guard let header = client.receive(20) else { return nil }
+                let type: UInt32 = int(header[12..<16]), length: UInt32 = int(header[16..<20])
+                guard client.receive(Int(length)) != nil else { return nil }
+                if type == 1 { return client }  // ACK: transmission
+                if type & 0x8000_0000 != 0 { return nil }
+            }
+        }
+
+        /// Sends a request (no read of the reply).
+        func request(_ type: UInt16, handle: UInt64, offset: UInt64, length: UInt32, flags: UInt16 = 0, payload: [UInt8] = []) {
+            send(RawClient.be(UInt32(0x2560_9513)) + RawClient.be(flags) + RawClient.be(type) + RawClient.be(handle)
+                 + RawClient.be(offset) + RawClient.be(length) + payload)
+        }
+
+        /// Reads one simple reply: (handle, error), then `dataLength` bytes when error is 0.
+        func reply(dataLength: (UInt64) -> Int) -> (handle: UInt64, error: UInt32, data: [UInt8])? {
+            guard let header = receive(16) else { return nil }
+            let error: UInt32 = RawClient.int(header[4..<8]), handle: UInt64 = RawClient.int(header[8..<16])
+            let data = error == 0 ? (receive(dataLength(handle)) ?? []) : []
+            return (handle, error, data)
+        }
+    }
+
+    @Test("our own client: pipelined requests answered by handle; bad requests get EINVAL or EPERM and the connection stays")
+    func protocolErrors() throws {
+        signal(SIGPIPE, SIG_IGN)
+        let pool = temporaryPath("p.pool")
+        #expect(try CLI.run(["init", pool, "--size", "32M"]).status == 0)
+        #expect(try CLI.run(["create", pool, "disk", "--size", "1M"]).status == 0)
+        #expect(try CLI.run(["snapshot", pool, "disk", "snap"]).status == 0)
+        let server = try Server(pool: pool)
+        defer { _ = server.stop() }
+        #expect(RawClient.open(server.socket, export: "nope") == nil)
+        guard let client = RawClient.open(server.socket, export: "disk") else {
+            Issue.record("NBD_OPT_GO for disk was refused")
+            return
+        }
+        let block = [UInt8](repeating: 0x77, count: 4096)
+        // Pipelined: eight writes, a flush, eight reads, before any reply is read.
+        for i in 0..<8 { client.request(1, handle: UInt64(i), offset: UInt64(i) * 4096, length: 4096, payload: block) }
+        client.request(3, handle: 100, offset: 0, length: 0)
+        for i in 0..<8 { client.request(0, handle: UInt64(200 + i), offset: UInt64(i) * 4096, length: 4096) }
+        var seen = Set<UInt64>()
+        for _ in 0..<17 {
+            guard let r = client.reply(dataLength: { $0 >= 200 ? 4096 : 0 }) else { Issue.record("connection closed"); return }
+            #expect(r.error == 0, "handle \(r.handle) error \(r.error)")
+            if r.handle >= 200 { #expect(r.data == block) }
+            seen.insert(r.handle)
+        }
+        #expect(seen == Set((0..<8).map(UInt64.init) + [100] + (200..<208).map(UInt64.init)))
+        // Out of range, over 32 MiB, unknown command, an oversized write (payload dropped):
+        // EINVAL each, and the connection goes on.
+        client.request(0, handle: 1, offset: 1 << 20, length: 1)
+        #expect(client.reply(dataLength: { _ in 0 })?.error == 22)
+        client.request(0, handle: 2, offset: 0, length: (32 << 20) + 1)
+        #expect(client.reply(dataLength: { _ in 0 })?.error == 22)
+        client.request(42, handle: 3, offset: 0, length: 0)
+        #expect(client.reply(dataLength: { _ in 0 })?.error == 22)
+        client.request(1, handle: 4, offset: 0, length: (32 << 20) + 4096, payload: [UInt8](repeating: 1, count: (32 << 20) + 4096))
+        #expect(client.reply(dataLength: { _ in 0 })?.error == 22)
+        client.request(0, handle: 5, offset: 0, length: 4096)
+        let after = client.reply(dataLength: { _ in 4096 })
+        #expect(after?.error == 0 && after?.data == block, "the connection still serves after the refused write")
+        close(client.fd)
+        // A write to the snapshot: EPERM.
+        guard let snap = RawClient.open(server.socket, export: "snap") else { Issue.record("snap refused"); return }
+        snap.request(1, handle: 9, offset: 0, length: 4096, payload: block)
+        #expect(snap.reply(dataLength: { _ in 0 })?.error == 1)
+        // A wrong request magic closes that connection only.
+        snap.send([UInt8](repeating: 0xee, count: 28))
+        #expect(snap.receive(1) == nil)
+        close(snap.fd)
+        #expect(RawClient.open(server.socket, export: "disk") != nil)
+    }
+
+    @Test("serve refuses bad arguments before touching the pool")
+    func arguments() throws {
+        let pool = temporaryPath("p.pool")
+        #expect(try CLI.run(["init", pool, "--size", "16M"]).status == 0)
+        #expect(try CLI.run(["serve", pool]).status == 64)
+        #expect(try CLI.run(["serve", pool, "--listen", "localhost:99999"]).status == 64)
+        #expect(try CLI.run(["serve", pool, "--socket", temporaryPath("s.sock"), "--export", "nope"]).status == 1)
+        #expect(try CLI.run(["info", pool]).status == 0)
+    }
+}
