@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages LogPool builds against (Debian): liblz4 and libxxhash
-# with their pkg-config files, and qemu-utils, whose qemu-img the raw-image tests run
-# against. Idempotent; uses sudo when not root.
+# with their pkg-config files, and the real clients the tests run against: qemu-utils
+# (qemu-img, qemu-io) and libnbd-bin (nbdinfo, nbdcopy). Idempotent; uses sudo when not root.
 set -euo pipefail
-packages=(liblz4-dev libxxhash-dev pkg-config qemu-utils)
+packages=(liblz4-dev libxxhash-dev pkg-config qemu-utils libnbd-bin)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -30,7 +30,19 @@ extension Volume {
     public func extents() throws -> [VolumeExtent] {
         try pool.locked {
             let volume = try state()
-            return pool.engine.extents(of: volume)
+            return pool.engine.extents(of: volume, in: 0..<volume.record.sizeByteCount)
+        }
+    }
+
+    /// The runs of ``extents()`` that overlap `range`, clipped to it: only the part of the
+    /// map under the range is walked (NBD block status asks this per request).
+    public func extents(in range: Range<UInt64>) throws -> [VolumeExtent] {
+        try pool.locked {
+            let volume = try state()
+            guard range.upperBound <= volume.record.sizeByteCount else {
+                throw PoolError.outOfRange("\(range) of \(volume.record.name), which is \(volume.record.sizeByteCount) bytes")
+            }
+            return pool.engine.extents(of: volume, in: range)
         }
     }
 
@@ -255,31 +267,36 @@ struct RawImporter {
 }
 
 extension Engine {
-    /// Runs of mapped blocks and holes of `volume`, covering its size.
-    func extents(of volume: VolumeState) -> [VolumeExtent] {
+    /// Runs of mapped blocks and holes of `volume` inside `range` (within its size),
+    /// clipped to it; subtrees outside the range are not visited.
+    func extents(of volume: VolumeState, in range: Range<UInt64>) -> [VolumeExtent] {
         let bs = UInt64(blockByteCount)
-        let size = volume.record.sizeByteCount
         var result: [VolumeExtent] = []
+        guard !range.isEmpty else { return result }
         func add(_ offset: UInt64, _ length: UInt64, _ mapped: Bool) {
-            guard offset < size else { return }
-            let length = min(length, size - offset)
-            guard length > 0 else { return }
-            if let last = result.last, last.isMapped == mapped, last.offset + last.length == offset {
-                result[result.count - 1].length += length
+            let start = max(offset, range.lowerBound), end = min(offset + length, range.upperBound)
+            guard end > start else { return }
+            if let last = result.last, last.isMapped == mapped, last.offset + last.length == start {
+                result[result.count - 1].length += end - start
             } else {
-                result.append(VolumeExtent(offset: offset, length: length, isMapped: mapped))
+                result.append(VolumeExtent(offset: start, length: end - start, isMapped: mapped))
             }
         }
         let map = volume.map
+        let firstWanted = range.lowerBound / bs, endWanted = (range.upperBound + bs - 1) / bs
         func walk(_ node: TreeNode, firstBlock: UInt64) {
             if node.level == 0 {
-                for (i, id) in node.words.enumerated() { add((firstBlock + UInt64(i)) * bs, bs, id != 0) }
+                let from = Int(max(firstWanted, firstBlock) - firstBlock)
+                let to = Int(min(endWanted - firstBlock, UInt64(node.words.count)))
+                guard from < to else { return }
+                for i in from..<to { add((firstBlock + UInt64(i)) * bs, bs, node.words[i] != 0) }
                 return
             }
             let span = map.span(level: node.level)
             for (i, child) in node.children.enumerated() {
                 let start = firstBlock + UInt64(i) * span
-                if start * bs >= size { break }
+                if start >= endWanted { break }
+                if start + span <= firstWanted { continue }
                 if let child {
                     walk(child, firstBlock: start)
                 } else {
@@ -287,12 +304,22 @@ extension Engine {
                 }
             }
         }
-        if let root = map.root {
-            walk(root, firstBlock: 0)
+        if let root = map.root { walk(root, firstBlock: 0) }
+        // Whatever the map does not reach (no root, or past its capacity) is a hole; so is
+        // any gap (none arises, but the result must cover the range).
+        var filled: [VolumeExtent] = []
+        var cursor = range.lowerBound
+        for extent in result {
+            if extent.offset > cursor { filled.append(VolumeExtent(offset: cursor, length: extent.offset - cursor, isMapped: false)) }
+            filled.append(extent)
+            cursor = extent.offset + extent.length
         }
-        // Whatever the map does not reach (no root, or a size past its capacity) is a hole.
-        let covered = result.last.map { $0.offset + $0.length } ?? 0
-        if covered < size { add(covered, size - covered, false) }
-        return result
+        if cursor < range.upperBound { filled.append(VolumeExtent(offset: cursor, length: range.upperBound - cursor, isMapped: false)) }
+        // Merge neighbours of the same kind the gap filling may have created.
+        var merged: [VolumeExtent] = []
+        for extent in filled {
+            if let last = merged.last, last.isMapped == extent.isMapped { merged[merged.count - 1].length += extent.length } else { merged.append(extent) }
+        }
+        return merged
     }
 }

@@ -36,6 +36,12 @@ final class NBDConnection: ChannelInboundHandler {
     private var skipping = 0
     private var disconnecting = false
     private var readingPaused = false
+    /// NBD_OPT_STRUCTURED_REPLY was negotiated: READ and BLOCK_STATUS answer in chunks.
+    private var structured = false
+    /// The export for which NBD_OPT_SET_META_CONTEXT selected base:allocation.
+    private var allocationContextExport: String? = nil
+    /// base:allocation is active for the export being served.
+    private var blockStatusEnabled = false
     private var peer = "client"
     /// Requests in flight before reading stops (backpressure).
     static let maximumInFlight = 64
@@ -231,6 +237,36 @@ final class NBDConnection: ChannelInboundHandler {
                     self.errorReply(context, option, .errInvalid, "cannot list exports: \(error)")
                 }
             }
+        case .structuredReply:
+            guard payload.readableBytes == 0 else {
+                return errorReply(context, option, .errInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            }
+            structured = true
+            optionReply(context, option, .ack)
+        case .listMetaContext, .setMetaContext:
+            let set = NBD.Option(rawValue: option) == .setMetaContext
+            guard let (name, queries) = Self.parseMetaContextRequest(&payload) else {
+                return errorReply(context, option, .errInvalid, "malformed meta context request")
+            }
+            if set && !structured {
+                return errorReply(context, option, .errInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies first")
+            }
+            offload(context, { [server] in try server.openExport(name) != nil }) { result in
+                guard case .success(true) = result else {
+                    return self.errorReply(context, option, .errUnknown, "no export named \"\(name)\"")
+                }
+                // base:allocation is the one context: matched by its name, or (for LIST)
+                // by "base:" or by an empty query list.
+                let wanted = queries.contains(NBD.allocationContext) || (!set && (queries.isEmpty || queries.contains("base:")))
+                if wanted {
+                    var data = context.channel.allocator.buffer(capacity: 4 + NBD.allocationContext.utf8.count)
+                    data.writeInteger(NBD.allocationContextID)
+                    data.writeString(NBD.allocationContext)
+                    self.optionReply(context, option, .metaContext, data)
+                }
+                if set { self.allocationContextExport = wanted ? name : nil }
+                self.optionReply(context, option, .ack)
+            }
         case .startTLS:
             errorReply(context, option, .errPolicy, "TLS is not offered by this server")
         case .info, .go:
@@ -268,7 +304,24 @@ final class NBDConnection: ChannelInboundHandler {
         }
     }
 
+    /// Export name and queries of NBD_OPT_LIST/SET_META_CONTEXT data, or nil when malformed.
+    static func parseMetaContextRequest(_ payload: inout ByteBuffer) -> (String, [String])? {
+        guard let nameLength = payload.readInteger(as: UInt32.self), Int(nameLength) <= payload.readableBytes,
+              let name = payload.readString(length: Int(nameLength)),
+              let count = payload.readInteger(as: UInt32.self), Int(count) <= payload.readableBytes / 4
+        else { return nil }
+        var queries: [String] = []
+        for _ in 0..<count {
+            guard let length = payload.readInteger(as: UInt32.self), Int(length) <= payload.readableBytes,
+                  let query = payload.readString(length: Int(length))
+            else { return nil }
+            queries.append(query)
+        }
+        return payload.readableBytes == 0 ? (name, queries) : nil
+    }
+
     private func startTransmission(_ export: Export) {
+        blockStatusEnabled = structured && allocationContextExport == export.name
         server.log("\(peer): serving \(export.name) (\(export.size) bytes, \(export.readOnly ? "read-only" : "read-write"))")
         state = .transmission(export)
     }
@@ -288,10 +341,41 @@ final class NBDConnection: ChannelInboundHandler {
         }
     }
 
+    /// One structured reply chunk, the last of its request.
+    private func chunk(_ context: ChannelHandlerContext, handle: UInt64, type: UInt16, _ body: ByteBuffer) {
+        var body = body
+        var out = context.channel.allocator.buffer(capacity: 20)
+        out.writeInteger(NBD.structuredReplyMagic)
+        out.writeInteger(NBD.replyFlagDone)
+        out.writeInteger(type)
+        out.writeInteger(handle)
+        out.writeInteger(UInt32(body.readableBytes))
+        if body.readableBytes <= 64 << 10 {
+            out.writeBuffer(&body)
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        } else {
+            context.write(wrapOutboundOut(out), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(body), promise: nil)
+        }
+    }
+
+    /// An error answer: a structured error chunk where structured replies are on and the
+    /// command is READ or BLOCK_STATUS, else a simple reply.
+    private func fail(_ context: ChannelHandlerContext, _ command: NBD.Command?, handle: UInt64, error: UInt32) {
+        if structured && (command == .read || command == .blockStatus) {
+            var body = context.channel.allocator.buffer(capacity: 6)
+            body.writeInteger(error)
+            body.writeInteger(UInt16(0))
+            chunk(context, handle: handle, type: NBD.replyTypeError, body)
+        } else {
+            reply(context, handle: handle, error: error)
+        }
+    }
+
     private func handleRequest(_ context: ChannelHandlerContext, _ export: Export, command: NBD.Command?, flags: UInt16,
                                handle: UInt64, offset: UInt64, length: Int, payload: ByteBuffer) {
-        guard let command, command != .cache else {
-            return reply(context, handle: handle, error: NBD.einval)
+        guard let command, command != .cache, command != .blockStatus || blockStatusEnabled else {
+            return fail(context, command, handle: handle, error: NBD.einval)
         }
         if command == .disconnect {
             disconnecting = true
@@ -301,7 +385,10 @@ final class NBDConnection: ChannelInboundHandler {
         let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
         if command != .flush && (overflow || end > export.size || length > NBD.maximumPayload && command == .read) {
             server.log("\(peer): \(command) of \(length) bytes at \(offset) is outside \(export.name) (\(export.size) bytes)")
-            return reply(context, handle: handle, error: NBD.einval)
+            return fail(context, command, handle: handle, error: NBD.einval)
+        }
+        if command == .blockStatus && length == 0 {
+            return fail(context, command, handle: handle, error: NBD.einval)
         }
         if export.readOnly && [.write, .trim, .writeZeroes].contains(command) {
             return reply(context, handle: handle, error: NBD.eperm)
@@ -316,10 +403,23 @@ final class NBDConnection: ChannelInboundHandler {
         let allocator = context.channel.allocator
         let fua = flags & NBD.commandFUA != 0
         let noHole = flags & NBD.commandNoHole != 0
+        let structured = self.structured
+        let reqOne = flags & NBD.commandReqOne != 0
         let work: @Sendable () throws -> ByteBuffer? = {
             switch command {
+            case .blockStatus:
+                var extents = try volume.extents(in: offset..<(offset + UInt64(length)))
+                if reqOne { extents = Array(extents.prefix(1)) }
+                var body = allocator.buffer(capacity: 4 + 8 * extents.count)
+                body.writeInteger(NBD.allocationContextID)
+                for extent in extents {
+                    body.writeInteger(UInt32(extent.length))
+                    body.writeInteger(extent.isMapped ? UInt32(0) : NBD.stateHole | NBD.stateZero)
+                }
+                return body
             case .read:
-                var data = allocator.buffer(capacity: length)
+                var data = allocator.buffer(capacity: length + (structured ? 8 : 0))
+                if structured { data.writeInteger(offset) }
                 try data.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
                     try volume.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]))
                     return length
@@ -353,10 +453,16 @@ final class NBDConnection: ChannelInboundHandler {
             self.inFlight -= 1
             switch result {
             case .success(let data):
-                self.reply(context, handle: handle, error: 0, data: data)
+                if command == .blockStatus, let data {
+                    self.chunk(context, handle: handle, type: NBD.replyTypeBlockStatus, data)
+                } else if command == .read && self.structured, let data {
+                    self.chunk(context, handle: handle, type: NBD.replyTypeOffsetData, data)
+                } else {
+                    self.reply(context, handle: handle, error: 0, data: data)
+                }
             case .failure(let error):
                 self.server.log("\(self.peer): \(command) of \(length) bytes at \(offset) of \(export.name) failed: \(error)")
-                self.reply(context, handle: handle, error: nbdError(error))
+                self.fail(context, command, handle: handle, error: nbdError(error))
             }
             if self.disconnecting && self.inFlight == 0 {
                 context.close(promise: nil)

@@ -17,7 +17,7 @@ enum NBD {
     }
 
     enum Reply: UInt32 {
-        case ack = 1, server = 2, info = 3
+        case ack = 1, server = 2, info = 3, metaContext = 4
         case errUnsupported = 0x8000_0001, errPolicy = 0x8000_0002, errInvalid = 0x8000_0003
         case errUnknown = 0x8000_0006, errTooBig = 0x8000_0009
     }
@@ -42,11 +42,25 @@ enum NBD {
     static let requestHeaderByteCount = 28
 
     enum Command: UInt16 {
-        case read = 0, write = 1, disconnect = 2, flush = 3, trim = 4, cache = 5, writeZeroes = 6
+        case read = 0, write = 1, disconnect = 2, flush = 3, trim = 4, cache = 5, writeZeroes = 6, blockStatus = 7
     }
+
+    // Structured replies.
+    static let structuredReplyMagic: UInt32 = 0x668e_33ef
+    static let replyFlagDone: UInt16 = 1 << 0
+    static let replyTypeOffsetData: UInt16 = 1
+    static let replyTypeBlockStatus: UInt16 = 5
+    static let replyTypeError: UInt16 = (1 << 15) + 1
+
+    /// The one metadata context served, and the id it is given.
+    static let allocationContext = "base:allocation"
+    static let allocationContextID: UInt32 = 1
+    static let stateHole: UInt32 = 1 << 0
+    static let stateZero: UInt32 = 1 << 1
 
     static let commandFUA: UInt16 = 1 << 0
     static let commandNoHole: UInt16 = 1 << 1
+    static let commandReqOne: UInt16 = 1 << 3
     static let commandFastZero: UInt16 = 1 << 4
 
     // Errors (the protocol's fixed values, not the host's errno).

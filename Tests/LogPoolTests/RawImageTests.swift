@@ -60,6 +60,17 @@ struct RawImageTests {
         }
         let expected = Self.runs(mapped, blocks: blocks, bs: 4096)
         #expect(try volume.extents() == expected, "seed \(seed)")
+        // Any byte range (unaligned too): the same runs clipped to it.
+        for _ in 0..<50 {
+            let start = UInt64.random(in: 0..<(UInt64(blocks) * 4096), using: &g)
+            let end = UInt64.random(in: (start + 1)...(UInt64(blocks) * 4096), using: &g)
+            let clipped = expected.compactMap { e -> VolumeExtent? in
+                let s = max(e.offset, start), t = min(e.offset + e.length, end)
+                return t > s ? VolumeExtent(offset: s, length: t - s, isMapped: e.isMapped) : nil
+            }
+            #expect(try volume.extents(in: start..<end) == clipped, "seed \(seed), range \(start)..<\(end)")
+        }
+        #expect(throws: PoolError.self) { try volume.extents(in: 0..<(UInt64(blocks) * 4096 + 1)) }
         // A snapshot maps the same blocks; a fresh volume is one hole.
         let snapshot = try pool.snapshot(source: "v", name: "s")
         #expect(try snapshot.extents() == expected, "seed \(seed)")
@@ -90,7 +101,8 @@ struct RawImageTests {
         #expect(UInt64(info.st_blocks) * 512 <= mapped + 64 * 1024, "allocated \(info.st_blocks * 512) for \(mapped) mapped")
         // Byte-exact against the volume.
         let bytes = try Array(Data(contentsOf: URL(fileURLWithPath: image)))
-        #expect(bytes == (try volume.read(at: 0, length: 32 << 20)))
+        let exact = bytes == (try volume.read(at: 0, length: 32 << 20))
+        #expect(exact, "the image equals the volume byte for byte")
 
         let input = open(image, O_RDONLY)
         defer { close(input) }
@@ -98,7 +110,8 @@ struct RawImageTests {
         #expect(written == mapped)
         let imported = try pool.openVolume(name: "w")
         #expect(try imported.extents() == (try volume.extents()))
-        #expect(try imported.read(at: 0, length: 32 << 20) == bytes)
+        let importedExact = try imported.read(at: 0, length: 32 << 20) == bytes
+        #expect(importedExact, "the imported volume reads back the image")
     }
 
     @Test("a 1 GiB sparse file with one written block imports as one mapped block, without reading its holes")
@@ -118,7 +131,8 @@ struct RawImageTests {
         #expect(written == 4096)
         let volume = try pool.openVolume(name: "big")
         #expect(try volume.info().mappedBytes == 4096)
-        #expect(try volume.read(at: 700 << 20, length: 4096) == data)
+        let blockBack = try volume.read(at: 700 << 20, length: 4096) == data
+        #expect(blockBack)
         // Holes were skipped by seeking: far fewer chunks than 1 GiB / 1 MiB were read.
         #expect(reported.count < 64, "\(reported.count) progress steps")
     }
