@@ -164,6 +164,32 @@ struct ServeTests {
         #expect(try CLI.run([small, server.url("snap")], binary: nbdcopy).status != 0)
     }
 
+    @Test("a full pool answers ENOSPC over NBD, changes nothing, and overwrites still work")
+    func fullPool() throws {
+        guard let qemu = Self.qemu else {
+            print("SKIPPED: qemu-img/qemu-io not found (Debian package qemu-utils; .ci/run installs it)")
+            return
+        }
+        let pool = temporaryPath("p.pool")
+        #expect(try CLI.run(["init", pool, "--size", "16M", "--compression", "none"]).status == 0)
+        #expect(try CLI.run(["create", pool, "thin", "--size", "32M"]).status == 0)
+        let server = try Server(pool: pool)
+        let url = server.url("thin")
+        #expect(try CLI.run(["-f", "raw", url, "-c", "write -P 0x11 0 1M", "-c", "flush"], binary: qemu.io).status == 0)
+        // Far more than the pool holds: the write that does not fit is refused with ENOSPC.
+        let full = try CLI.run(["-f", "raw", url, "-c", "write -P 0x22 1M 30M"], binary: qemu.io)
+        #expect((full.text + full.stderr).contains("No space left on device"), "\(full.text) \(full.stderr)")
+        // Blocks the volume owns alone can still be overwritten, and read back.
+        let again = try CLI.run(["-f", "raw", url, "-c", "write -P 0x33 0 64k", "-c", "read -P 0x33 0 64k", "-c", "read -P 0x11 64k 960k"],
+                                binary: qemu.io)
+        #expect(again.status == 0 && !again.text.contains("Pattern verification failed") && !again.stderr.contains("error"),
+                "\(again.text) \(again.stderr)")
+        let (status, log) = server.stop()
+        #expect(status == 0)
+        #expect(log.contains("pool full"), "the refusal is logged: \(log.suffix(400))")
+        #expect(try CLI.run(["verify", pool]).status == 0)
+    }
+
     /// A minimal NBD client of our own: fixed newstyle, NBD_OPT_GO, simple replies.
     struct RawClient {
         let fd: Int32
