@@ -39,10 +39,15 @@ public final class NBDServer: Sendable {
         return exportNames.filter { all.contains($0) }
     }
 
-    /// Opens export `name`, or nil when it is not served.
+    /// Opens export `name`, or nil when it is not served. A name lookup, not a listing
+    /// (``exports()`` computes every volume's space figures, a walk of every map).
     func volume(named name: String) throws -> Volume? {
-        guard try exports().contains(name) else { return nil }
-        return try pool.openVolume(name: name)
+        if let exportNames, !exportNames.contains(name) { return nil }
+        do {
+            return try pool.openVolume(name: name)
+        } catch PoolError.notFound {
+            return nil
+        }
     }
 
     /// Export `name` as a client is served it, or nil when it is not served.

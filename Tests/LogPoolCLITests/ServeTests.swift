@@ -190,6 +190,17 @@ struct ServeTests {
         #expect(try CLI.run(["verify", pool]).status == 0)
     }
 
+    @Test("the thesis on a real kernel: ext4 on an overcommitted volume fills, the snapshot stays intact (scripts/thesis-ext4.sh)")
+    func ext4Thesis() throws {
+        let script = CLI.root.appendingPathComponent("scripts/thesis-ext4.sh").path
+        let result = try CLI.run([script, CLI.binary], binary: "/bin/bash")
+        if result.status == 77 {
+            print(result.text.split(separator: "\n").last.map(String.init) ?? "SKIPPED: thesis-ext4.sh")
+            return
+        }
+        #expect(result.status == 0, "thesis-ext4.sh exited \(result.status):\n\(result.text.suffix(3000))\n\(result.stderr.suffix(2000))")
+    }
+
     /// A minimal NBD client of our own: fixed newstyle, NBD_OPT_GO, simple replies.
     struct RawClient {
         let fd: Int32
