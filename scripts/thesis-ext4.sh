@@ -2,7 +2,9 @@
 # The go-volumes thesis on a real kernel: ext4 (a filesystem that is not copy-on-write) on an
 # overcommitted LogPool volume, served over NBD and attached through nbdfuse and a loop
 # device, sees ordinary write errors when the pool fills, and the snapshot taken before
-# stays intact: e2fsck -fn passes on it and its files match their checksums. Then freeing
+# stays intact: e2fsck -fn passes on it and its files match their checksums. The snapshot
+# is taken while ext4 is mounted (fsfreeze, then `logpool snapshot` through the server's
+# control socket). Then freeing
 # space (destroying another volume) lets e2fsck repair the full volume and its old files
 # read back unchanged.
 #
@@ -16,7 +18,7 @@ skip() { echo "SKIPPED: $*"; exit 77; }
 [ "$(id -u)" -eq 0 ] || skip "needs root (losetup, mount)"
 [ -c /dev/fuse ] || skip "needs /dev/fuse"
 [ -e /dev/loop-control ] || skip "needs loop devices (/dev/loop-control)"
-for tool in nbdfuse losetup mkfs.ext4 e2fsck mount umount sha256sum; do
+for tool in nbdfuse losetup mkfs.ext4 e2fsck fsfreeze mount umount sha256sum; do
     command -v "$tool" >/dev/null || skip "needs $tool (Debian: libnbd-bin, mount, e2fsprogs, coreutils)"
 done
 
@@ -77,15 +79,14 @@ mkdir "$work/mnt/keep"
 for i in 1 2 3 4; do head -c 3M /dev/urandom >"$work/mnt/keep/f$i"; done
 sync -f "$work/mnt/keep/f1"
 (cd "$work/mnt/keep" && sha256sum f1 f2 f3 f4) >"$work/sums"
-detach
-stop_server
 
-log "snapshot while the pool is quiet (the control socket will allow it while mounted)"
-"$logpool" snapshot "$pool" disk before
+log "snapshot while mounted: fsfreeze, logpool snapshot through the server's control socket, thaw"
+fsfreeze -f "$work/mnt"
+"$logpool" snapshot "$pool" disk before || { fsfreeze -u "$work/mnt"; exit 1; }
+fsfreeze -u "$work/mnt"
+"$logpool" list "$pool"
 
-log "fill the filesystem until the pool refuses writes"
-attach disk
-mount "$loop" "$work/mnt"
+log "keep writing until the pool refuses writes"
 set +e
 dd if=/dev/urandom of="$work/mnt/big" bs=1M count=400 status=none 2>"$work/dd.err"
 dd_status=$?

@@ -38,12 +38,24 @@ struct SalvageOption: ParsableArguments {
 /// Opens `path` read-only; with `--salvage`, accepting synced journal damage and saying
 /// on stderr what that loses.
 func openForReading(_ path: String, _ options: SalvageOption) throws -> Pool {
-    let opened = try Pool.open(at: path, mode: .readOnly, acceptJournalLoss: options.salvage)
+    if let served = ServedPool.current { return served }
+    let opened: Pool
+    do {
+        opened = try Pool.open(at: path, mode: .readOnly, acceptJournalLoss: options.salvage)
+    } catch PoolError.inUse(let why) {
+        try ControlClient.forward(poolPath: path, refusal: why)
+    }
     if opened.recoveryReport.syncedJournalDamage {
         var err = StandardError()
         print("logpool: warning: salvaging \(oneLine(path)): \(oneLine(opened.recoveryReport.syncedJournalLoss ?? "synced journal records are lost")); showing the pool as it was before them", to: &err)
     }
     return opened
+}
+
+/// Closes a pool `openForReading` returned, unless it is the served one (a command run
+/// through the control socket of `logpool serve`).
+func release(_ pool: Pool) {
+    if pool !== ServedPool.current { try? pool.close() }
 }
 
 struct Info: ParsableCommand {
@@ -74,7 +86,7 @@ struct Info: ParsableCommand {
 
     func run() throws {
         let opened = try openForReading(pool, salvage)
-        defer { try? opened.close() }
+        defer { release(opened) }
         let s = opened.stats
         let report = opened.recoveryReport
         let output = Output(stats: s, chosenSuperblockSlot: report.chosenSlot == 0 ? "A" : "B",
@@ -124,7 +136,7 @@ struct List: ParsableCommand {
 
     func run() throws {
         let opened = try openForReading(pool, salvage)
-        defer { try? opened.close() }
+        defer { release(opened) }
         let rows = try opened.list()
         if json { return try printJSON(rows.map(VolumeRow.init)) }
         try printVolumeTable(rows)
@@ -330,7 +342,7 @@ struct Read: ParsableCommand {
             throw ValidationError("standard output is a terminal; redirect it, or give --output FILE (--output - writes to the terminal anyway)")
         }
         let opened = try openForReading(pool, salvage)
-        defer { try? opened.close() }
+        defer { release(opened) }
         let volume = try opened.openVolume(name: name)
         let size = volume.size
         guard offset.bytes <= size else { throw PoolError.outOfRange("offset \(offset.bytes) beyond \(name)'s size \(size)") }

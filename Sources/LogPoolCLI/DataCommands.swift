@@ -58,7 +58,7 @@ struct MapCommand: ParsableCommand {
 
     func run() throws {
         let opened = try openForReading(pool, salvage)
-        defer { try? opened.close() }
+        defer { release(opened) }
         let extents = try opened.openVolume(name: name).extents()
         if json {
             try printJSON(extents.map { Entry(start: $0.offset, length: $0.length, data: $0.isMapped, zero: !$0.isMapped) })
@@ -89,7 +89,7 @@ struct Export: ParsableCommand {
             throw ValidationError("standard output is a terminal; redirect it, or give a FILE")
         }
         let opened = try openForReading(pool, salvage)
-        defer { try? opened.close() }
+        defer { release(opened) }
         let volume = try opened.openVolume(name: name)
         let size = volume.size
         var fd = STDOUT_FILENO

@@ -16,9 +16,11 @@ struct Serve: ParsableCommand {
             Holds the pool open for writing and serves each volume and snapshot as an NBD export \
             named after it (snapshots read-only). --socket serves on a Unix socket \
             (nbd+unix:///NAME?socket=PATH), --listen on TCP (nbd://HOST:PORT/NAME; port 10809 \
-            when none is given). One line per connection and per error goes to stderr. SIGINT or \
-            SIGTERM stops accepting, lets requests in flight finish, syncs and closes the pool \
-            cleanly, and exits 0.
+            when none is given). While it runs, info, list, create, snapshot, clone, destroy, \
+            rename, resize, compact, map and discard on the pool reach it through its control \
+            socket, POOL.control. One line per connection and per error goes to stderr. SIGINT \
+            or SIGTERM stops accepting, lets requests in flight finish, syncs and closes the \
+            pool cleanly, and exits 0.
             """)
     @Argument(help: "Path of the pool file.") var pool: String
     @Option(help: "Serve NBD on this Unix socket path (an old socket file there is replaced).") var socket: String?
@@ -65,6 +67,17 @@ struct Serve: ParsableCommand {
             var err = StandardError()
             print("logpool serve: \(line)", to: &err)
         }
+        let control: ControlServer
+        do {
+            control = try ControlServer(path: controlSocketPath(forPool: pool), pool: opened) { line in
+                var err = StandardError()
+                print("logpool serve: \(line)", to: &err)
+            }
+        } catch {
+            try? server.shutdown()
+            try? opened.close()
+            throw error
+        }
         do {
             if let socket { try server.listen(unixSocket: socket) }
             for address in listen {
@@ -72,6 +85,7 @@ struct Serve: ParsableCommand {
                 try server.listen(host: host, port: port)
             }
         } catch {
+            control.stop()
             try? server.shutdown()
             try? opened.close()
             throw error
@@ -89,6 +103,7 @@ struct Serve: ParsableCommand {
         stop.wait()
         var err = StandardError()
         print("logpool serve: stopping: finishing requests in flight, then syncing and closing the pool", to: &err)
+        control.stop()
         try server.shutdown()
         if let socket { unlink(socket) }
         try opened.close()

@@ -144,7 +144,19 @@ func printTable(_ rows: [[String]]) throws {
 /// Opens `path` read-write, runs `body`, and closes (checkpointing) the pool, also when
 /// `body` fails, so a refused command leaves the pool cleanly closed.
 func withWritablePool(_ path: String, _ body: (Pool) throws -> Void) throws {
-    let pool = try Pool.open(at: path)
+    if let served = ServedPool.current {
+        // A command sent to `logpool serve`'s control socket: the server's open pool,
+        // synced (not closed) after, so the change is durable when the client returns.
+        try body(served)
+        try served.sync()
+        return
+    }
+    let pool: Pool
+    do {
+        pool = try Pool.open(at: path)
+    } catch PoolError.inUse(let why) {
+        try ControlClient.forward(poolPath: path, refusal: why)
+    }
     do {
         try body(pool)
     } catch {

@@ -29,7 +29,42 @@ package struct StandardError: TextOutputStream {
     /// A closed or full stderr loses the message; it must not crash the command.
     package mutating func write(_ string: String) {
         let bytes = Array(string.utf8)
+        if OutputCapture.append(bytes, toStandardError: true) { return }
         _ = try? writeAll(bytes, to: STDERR_FILENO, what: "standard error", startingAt: 0)
+    }
+}
+
+/// What a command prints, captured instead of written, on the one thread that asked:
+/// `logpool serve` runs commands sent to its control socket in its own process and
+/// returns their output to the client (other threads, the server's own log lines among
+/// them, keep writing to the real descriptors).
+package enum OutputCapture {
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var owner: pthread_t? = nil
+    nonisolated(unsafe) private static var standardOutput: [UInt8] = []
+    nonisolated(unsafe) private static var standardError: [UInt8] = []
+
+    /// Runs `body` with this thread's output captured; returns what it printed.
+    package static func capturing(_ body: () -> Int32) -> (status: Int32, stdout: [UInt8], stderr: [UInt8]) {
+        lock.lock()
+        owner = pthread_self()
+        standardOutput = []
+        standardError = []
+        lock.unlock()
+        let status = body()
+        lock.lock()
+        defer { lock.unlock() }
+        owner = nil
+        return (status, standardOutput, standardError)
+    }
+
+    /// Appends `bytes` when the calling thread is capturing; false otherwise.
+    static func append(_ bytes: [UInt8], toStandardError: Bool) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let owner, pthread_equal(owner, pthread_self()) != 0 else { return false }
+        if toStandardError { standardError += bytes } else { standardOutput += bytes }
+        return true
     }
 }
 
@@ -100,6 +135,7 @@ package final class CheckedOutput: @unchecked Sendable {
     package static let standardOutput = CheckedOutput(fd: STDOUT_FILENO, what: "standard output")
 
     package func write(_ bytes: UnsafeRawBufferPointer) throws {
+        if fd == STDOUT_FILENO && OutputCapture.append(Array(bytes), toStandardError: false) { return }
         lock.lock()
         defer { lock.unlock() }
         byteCount += UInt64(try writeAll(bytes, to: fd, what: what, startingAt: byteCount))
@@ -156,17 +192,25 @@ package func runMain<Root: ParsableCommand>(_ root: Root.Type, name: String, mov
         print("\(name): error: argument \(i) is not valid UTF-8 (names and paths must be UTF-8)", to: &err)
         exit(64)
     }
+    exit(runCommand(root, name: name, arguments: nil))
+}
+
+/// Parses `arguments` (nil: the process's own) as a command of `root`, runs it, prints
+/// any error as one line on stderr, and returns the exit status: 0, the status the
+/// command chose, 1 for an error the pool or command reported, 64 for usage errors.
+package func runCommand<Root: ParsableCommand>(_ root: Root.Type, name: String, arguments: [String]?) -> Int32 {
+    var err = StandardError()
     do {
-        var command = try root.parseAsRoot()
+        var command = try root.parseAsRoot(arguments)
         try command.run()
-        exit(0)
+        return 0
     } catch let code as ExitCode {
         // A status the command chose after saying why itself (crashsim's violations,
         // torture's signal).
-        exit(code.rawValue)
+        return code.rawValue
     } catch let error as any ReportedError {
         print("\(name): error: \(oneLine(error.description))", to: &err)
-        exit(1)
+        return 1
     } catch {
         let code = root.exitCode(for: error)
         if code == .success {
@@ -176,13 +220,13 @@ package func runMain<Root: ParsableCommand>(_ root: Root.Type, name: String, mov
                 try out(root.fullMessage(for: error))
             } catch {
                 print("\(name): error: \(oneLine("\(error)"))", to: &err)
-                exit(1)
+                return 1
             }
-            exit(0)
+            return 0
         }
         let message = root.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
         let trimmed = message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message
         if !trimmed.isEmpty { print("\(name): error: \(oneLine(trimmed))", to: &err) }
-        exit(code.rawValue == 0 ? 1 : code.rawValue)
+        return code.rawValue == 0 ? 1 : code.rawValue
     }
 }

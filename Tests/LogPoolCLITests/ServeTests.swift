@@ -201,6 +201,43 @@ struct ServeTests {
         #expect(result.status == 0, "thesis-ext4.sh exited \(result.status):\n\(result.text.suffix(3000))\n\(result.stderr.suffix(2000))")
     }
 
+    @Test("while serving, the CLI reaches the pool through the control socket with the same output and exit codes")
+    func controlSocket() throws {
+        let pool = temporaryPath("p.pool")
+        #expect(try CLI.run(["init", pool, "--size", "32M"]).status == 0)
+        #expect(try CLI.run(["create", pool, "disk", "--size", "8M"]).status == 0)
+        #expect(try CLI.run(["write", pool, "disk"], stdin: Data(repeating: 9, count: 8192)).status == 0)
+        let offlineList = try CLI.run(["list", pool]).text
+        let offlineMap = try CLI.run(["map", pool, "disk", "--json"]).text
+        let server = try Server(pool: pool)
+        #expect(FileManager.default.fileExists(atPath: pool + ".control"))
+        // Same output as offline.
+        #expect(try CLI.run(["list", pool]).text == offlineList)
+        #expect(try CLI.run(["map", pool, "disk", "--json"]).text == offlineMap)
+        // Changes, and their errors with the offline exit codes and messages.
+        #expect(try CLI.run(["snapshot", pool, "disk", "snap"]).status == 0)
+        let exists = try CLI.run(["create", pool, "disk", "--size", "1M"])
+        #expect(exists.status == 1 && exists.stderr.contains("already exists"), "\(exists.stderr)")
+        let usage = try CLI.run(["create", pool, "x", "--size", "banana"])
+        #expect(usage.status == 64, "\(usage.stderr)")
+        #expect(try CLI.run(["create", pool, "more", "--size", "4M"]).status == 0)
+        #expect(try CLI.run(["discard", pool, "disk", "--offset", "0", "--length", "4K"]).status == 0)
+        // The new snapshot is served at once; commands that need stdin or files are refused clearly.
+        #expect(try CLI.run(["info", pool]).status == 0)
+        let write = try CLI.run(["write", pool, "disk"], stdin: Data([1]))
+        #expect(write.status == 1 && write.stderr.contains("control socket"), "\(write.stderr)")
+        let (status, log) = server.stop()
+        #expect(status == 0, "\(log)")
+        #expect(!FileManager.default.fileExists(atPath: pool + ".control"), "the control socket is removed at exit")
+        let list = try CLI.run(["list", pool]).text
+        #expect(list.contains("snap") && list.contains("more"), "\(list)")
+        // The discard made through the control socket is durable: block 0 is a hole now.
+        let map = try JSONSerialization.jsonObject(with: try CLI.run(["map", pool, "disk", "--json"]).stdout) as? [[String: Any]]
+        #expect(map?.first?["data"] as? Bool == false && map?.first?["length"] as? Int == 4096, "\(String(describing: map))")
+        #expect(map?.dropFirst().first?["data"] as? Bool == true)
+        #expect(try CLI.run(["verify", pool]).status == 0)
+    }
+
     /// A minimal NBD client of our own: fixed newstyle, NBD_OPT_GO, simple replies.
     struct RawClient {
         let fd: Int32
