@@ -238,6 +238,25 @@ struct ServeTests {
         #expect(try CLI.run(["verify", pool]).status == 0)
     }
 
+    @Test("fio's nbd engine: random writes at queue depth 16 verify (crc32c) on read-back")
+    func fio() throws {
+        guard let fio = DataCommandTests.which("fio") else {
+            print("SKIPPED: fio not found (Debian package fio; .ci/run installs it)")
+            return
+        }
+        let pool = temporaryPath("p.pool")
+        #expect(try CLI.run(["init", pool, "--size", "64M"]).status == 0)
+        #expect(try CLI.run(["create", pool, "disk", "--size", "32M"]).status == 0)
+        let server = try Server(pool: pool)
+        let run = try CLI.run(["--name=verify", "--ioengine=nbd", "--uri=\(server.url("disk"))", "--rw=randwrite", "--bs=4k",
+                               "--size=16M", "--iodepth=16", "--fsync=32", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                               "--randrepeat=1", "--output-format=terse"], binary: fio)
+        #expect(run.status == 0, "\(run.text.suffix(1000)) \(run.stderr.suffix(1000))")
+        let (status, log) = server.stop()
+        #expect(status == 0, "\(log)")
+        #expect(try CLI.run(["verify", pool]).status == 0)
+    }
+
     /// A minimal NBD client of our own: fixed newstyle, NBD_OPT_GO, simple replies.
     struct RawClient {
         let fd: Int32
