@@ -262,6 +262,21 @@ struct Write: ParsableCommand {
         defer { if fd != STDIN_FILENO { close(fd) } }
         let source = input ?? "standard input"
         var written: UInt64 = 0
+        // On a terminal: bytes, rate and (for a file) ETA while it runs.
+        let progress = TerminalProgress("write \(oneLine(name))", total: inputByteCount ?? 0)
+        do {
+            try copyInput(progress: progress, source: source, fd: fd, inputByteCount: inputByteCount, written: &written)
+        } catch {
+            progress.clear()
+            throw error
+        }
+        progress.clear()
+        var err = StandardError()
+        print("wrote \(written) bytes to \(oneLine(name)) at offset \(offset.bytes)", to: &err)
+    }
+
+    /// The copy loop of ``run()``: admits a file whole, writes 1 MiB units, syncs.
+    private func copyInput(progress: TerminalProgress, source: String, fd: Int32, inputByteCount: UInt64?, written: inout UInt64) throws {
         try withWritablePool(pool) { opened in
             let volume = try opened.openVolume(name: name)
             if let count = inputByteCount {
@@ -276,6 +291,7 @@ struct Write: ParsableCommand {
                     if count == 0 { break }
                     try chunk.withUnsafeBytes { try volume.write(at: position, from: UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
                     position += UInt64(count)
+                    progress.update(position - offset.bytes)
                     if count < chunk.count { break }
                 }
             } catch let error as PoolError {
@@ -290,8 +306,6 @@ struct Write: ParsableCommand {
             try opened.sync()
             written = position - offset.bytes
         }
-        var err = StandardError()
-        print("wrote \(written) bytes to \(oneLine(name)) at offset \(offset.bytes)", to: &err)
     }
 }
 

@@ -27,9 +27,21 @@ final class TerminalProgress {
         shown = Date()
         let seconds = max(Date().timeIntervalSince(start), 0.001)
         let rate = Double(done) / seconds
-        let eta = rate > 0 && total > done ? String(format: "%.0f s", Double(total - done) / rate) : "-"
         var err = StandardError()
+        guard total > 0 else {
+            // A stream of unknown length: bytes and rate only.
+            print("\r\(label): \(formatBytes(done)), \(formatBytes(UInt64(rate)))/s   ", terminator: "", to: &err)
+            return
+        }
+        let eta = rate > 0 && total > done ? String(format: "%.0f s", Double(total - done) / rate) : "-"
         print("\r\(label): \(formatBytes(done)) of \(formatBytes(total)), \(formatBytes(UInt64(rate)))/s, ETA \(eta)   ", terminator: "", to: &err)
+    }
+
+    /// Erases the progress line (the command prints its own summary).
+    func clear() {
+        guard enabled, shown != Date.distantPast else { return }
+        var err = StandardError()
+        print("\r" + String(repeating: " ", count: 79) + "\r", terminator: "", to: &err)
     }
 
     func finish(_ summary: String) {
