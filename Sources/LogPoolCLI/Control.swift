@@ -30,9 +30,9 @@ struct ControlAnswer: Codable {
 }
 
 /// The commands a served pool runs for a client. Commands that read the client's stdin
-/// or write files (write, read, import, export) run against NBD instead; verify and scrub
-/// read the file and need it unlocked.
-let controlCommands: Set<String> = ["info", "list", "create", "snapshot", "clone", "destroy", "rename", "resize", "compact", "map", "discard"]
+/// or write files (write, read, import, export) run against NBD instead; scrub reads the
+/// whole file and needs it unlocked. `verify` checks the served pool's live state.
+let controlCommands: Set<String> = ["info", "list", "create", "snapshot", "clone", "destroy", "rename", "resize", "compact", "map", "discard", "verify"]
 
 /// The control socket of the pool at `path`: `PATH.control`, next to it.
 func controlSocketPath(forPool path: String) -> String { path + ".control" }

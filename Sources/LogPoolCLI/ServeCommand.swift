@@ -17,7 +17,7 @@ struct Serve: ParsableCommand {
             named after it (snapshots read-only). --socket serves on a Unix socket \
             (nbd+unix:///NAME?socket=PATH), --listen on TCP (nbd://HOST:PORT/NAME; port 10809 \
             when none is given). While it runs, info, list, create, snapshot, clone, destroy, \
-            rename, resize, compact, map and discard on the pool reach it through its control \
+            rename, resize, compact, map, discard and verify on the pool reach it through its control \
             socket, POOL.control. One line per connection and per error goes to stderr. SIGINT \
             or SIGTERM stops accepting, lets requests in flight finish, syncs and closes the \
             pool cleanly, and exits 0.

@@ -224,6 +224,11 @@ struct ServeTests {
         #expect(try CLI.run(["discard", pool, "disk", "--offset", "0", "--length", "4K"]).status == 0)
         // The new snapshot is served at once; commands that need stdin or files are refused clearly.
         #expect(try CLI.run(["info", pool]).status == 0)
+        // verify checks the live state; --repair needs the file to itself.
+        let live = try CLI.run(["verify", pool])
+        #expect(live.status == 0 && live.text.contains("live state of the served pool: 0 errors"), "\(live.text) \(live.stderr)")
+        #expect(try CLI.run(["verify", pool, "--repair"]).status == 64)
+        #expect(try CLI.run(["scrub", pool]).status != 0)
         let write = try CLI.run(["write", pool, "disk"], stdin: Data([1]))
         #expect(write.status == 1 && write.stderr.contains("control socket"), "\(write.stderr)")
         let (status, log) = server.stop()
