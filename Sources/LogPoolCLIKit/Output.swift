@@ -29,7 +29,7 @@ package struct StandardError: TextOutputStream {
     /// A closed or full stderr loses the message; it must not crash the command.
     package mutating func write(_ string: String) {
         let bytes = Array(string.utf8)
-        if OutputCapture.append(bytes, toStandardError: true) { return }
+        if bytes.withUnsafeBytes({ OutputCapture.append($0, toStandardError: true) }) { return }
         _ = try? writeAll(bytes, to: STDERR_FILENO, what: "standard error", startingAt: 0)
     }
 }
@@ -58,12 +58,13 @@ package enum OutputCapture {
         return (status, standardOutput, standardError)
     }
 
-    /// Appends `bytes` when the calling thread is capturing; false otherwise.
-    static func append(_ bytes: [UInt8], toStandardError: Bool) -> Bool {
+    /// Appends `bytes` when the calling thread is capturing; false otherwise (then nothing
+    /// is copied: `read` streams megabytes through here).
+    static func append(_ bytes: UnsafeRawBufferPointer, toStandardError: Bool) -> Bool {
         lock.lock()
         defer { lock.unlock() }
         guard let owner, pthread_equal(owner, pthread_self()) != 0 else { return false }
-        if toStandardError { standardError += bytes } else { standardOutput += bytes }
+        if toStandardError { standardError.append(contentsOf: bytes) } else { standardOutput.append(contentsOf: bytes) }
         return true
     }
 }
@@ -135,7 +136,7 @@ package final class CheckedOutput: @unchecked Sendable {
     package static let standardOutput = CheckedOutput(fd: STDOUT_FILENO, what: "standard output")
 
     package func write(_ bytes: UnsafeRawBufferPointer) throws {
-        if fd == STDOUT_FILENO && OutputCapture.append(Array(bytes), toStandardError: false) { return }
+        if fd == STDOUT_FILENO && OutputCapture.append(bytes, toStandardError: false) { return }
         lock.lock()
         defer { lock.unlock() }
         byteCount += UInt64(try writeAll(bytes, to: fd, what: what, startingAt: byteCount))
