@@ -17,16 +17,12 @@ extension Engine {
     /// Live bytes (data and durable metadata) in segment `s`.
     func liveByteCount(_ s: Int) -> UInt64 { dataLiveByteCounts[s] + metaLiveByteCounts[s] }
 
-    /// The nodes a compaction of `victims` must rewrite: block-table paths of the blocks
-    /// it moves, and every node whose page is in a victim, with their ancestors. Only
-    /// clean nodes count (dirty ones are written by the next checkpoint anyway).
-    func nodesToRewrite(victims: Set<Int>, movedIDs: [UInt64]) -> Set<ObjectIdentifier> {
-        rewritePlan(victims: victims, movedIDs: movedIDs).nodes
-    }
-
-    /// ``nodesToRewrite(victims:movedIDs:)`` and how many of those nodes have their
-    /// current page outside the victims: the checkpoint releases each such page, and it
-    /// becomes a page-aligned hole of exactly one page, room again after the checkpoint.
+    /// The nodes a compaction of `victims` must rewrite (block-table paths of the blocks
+    /// it moves, and every node whose page is in a victim, with their ancestors; only
+    /// clean nodes, dirty ones are written by the next checkpoint anyway), and how many of
+    /// those nodes have their current page outside the victims: the checkpoint releases
+    /// each such page, and it becomes a page-aligned hole of exactly one page, room again
+    /// after the checkpoint.
     func rewritePlan(victims: Set<Int>, movedIDs: [UInt64]) -> (nodes: Set<ObjectIdentifier>, releasedOutsideVictims: Int, victimInteriorCount: Int) {
         var result = Set<ObjectIdentifier>()
         var outside = 0
@@ -34,17 +30,7 @@ extension Engine {
             guard result.insert(ObjectIdentifier(node)).inserted else { return }
             if let s = geometry.segmentIndex(containing: node.disk.byteOffset), !victims.contains(s) { outside += 1 }
         }
-        for id in movedIDs {
-            var node = blockTable.root
-            var remainder = id
-            while let current = node {
-                if !current.isDirty { insert(current) }
-                if current.level == 0 { break }
-                let span = blockTable.span(level: current.level)
-                node = current.children[Int(remainder / span)]
-                remainder %= span
-            }
-        }
+        for id in movedIDs { forEachCleanNode(onPathOf: id, insert) }
         var interior = 0
         for node in victimPageNodes(victims: victims) {
             insert(node)
@@ -68,12 +54,12 @@ extension Engine {
     /// needs beyond the victim (COMMIT §6), well inside the two reserve segments.
     var compactionStepPageCount: Int { max(16, Int(geometry.segmentPayloadByteCount / 4) / PoolGeometry.pageByteCount) }
 
-    /// Adds the clean nodes on block `id`'s block-table path to `nodes`.
-    func cleanPath(of id: UInt64, into nodes: inout Set<ObjectIdentifier>) {
+    /// Calls `body` with each clean node on block `id`'s block-table path, root first.
+    func forEachCleanNode(onPathOf id: UInt64, _ body: (TreeNode) -> Void) {
         var node = blockTable.root
         var remainder = id
         while let current = node {
-            if !current.isDirty { nodes.insert(ObjectIdentifier(current)) }
+            if !current.isDirty { body(current) }
             if current.level == 0 { break }
             let span = blockTable.span(level: current.level)
             node = current.children[Int(remainder / span)]
@@ -146,18 +132,14 @@ extension Engine {
         }
     }
 
-    /// Marks `nodes` dirty, releasing their durable pages at the next checkpoint.
-    private func markDirty(_ nodes: Set<ObjectIdentifier>) {
-        func visit(_ node: TreeNode) {
-            if node.level > 0 { for child in node.children { if let child { visit(child) } } }
-            if !node.isDirty && nodes.contains(ObjectIdentifier(node)) {
-                pendingPageReleases.append(node.disk.byteOffset)
-                node.disk = .none
-                dirtyPageCount += 1
-            }
+    /// Marks `nodes` (clean, each once) dirty, releasing their durable pages at the next
+    /// checkpoint.
+    private func markDirty(_ nodes: [TreeNode]) {
+        for node in nodes where !node.isDirty {
+            pendingPageReleases.append(node.disk.byteOffset)
+            node.disk = .none
+            dirtyPageCount += 1
         }
-        if let root = blockTable.root { visit(root) }
-        for volume in volumes.values { if let root = volume.map.root { visit(root) } }
     }
 
     /// Compacts a batch of the emptiest used segments (Specs/COMMIT.md §6): copies their
@@ -271,7 +253,7 @@ extension Engine {
             var end = index
             chunkNodes.removeAll(keepingCapacity: true)
             while end < toMove.count && end - index < 1024 {
-                cleanPath(of: toMove[end].0, into: &chunkNodes)
+                forEachCleanNode(onPathOf: toMove[end].0) { chunkNodes.insert(ObjectIdentifier($0)) }
                 if pageHolesAreRoom && end > index && dirtyPageCount + chunkNodes.count > compactionStepPageCount { break }
                 end += 1
             }
@@ -320,7 +302,7 @@ extension Engine {
             }
         }
         // Recomputed after the moves: they dirtied block-table paths already.
-        let pages = nodesToRewrite(victims: chosen, movedIDs: [])
+        let pages = victimPageNodes(victims: chosen)
         markDirty(pages)
         report.pagesRewritten += pages.count
         try checkpoint()

@@ -409,10 +409,8 @@ extension Engine {
         if let root = checkpointExtent { add(root.byteOffset, sectorAligned(root.byteCount)) }
         // Holes are trimmed to whole 4 KiB units so a write into one never shares a
         // physical sector with live data.
-        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
         func addHole(_ from: UInt64, _ to: UInt64) {
-            let start = (from + unit - 1) & ~(unit - 1), end = to & ~(unit - 1)
-            if end > start { holes.append((start, end - start)) }
+            if let hole = Engine.wholeUnits(from: from, to: to) { holes.append(hole) }
         }
         for s in 0..<segmentStates.count where segmentStates[s] != .free {
             let start = geometry.segmentByteOffset(s)

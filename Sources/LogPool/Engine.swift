@@ -260,11 +260,14 @@ final class Engine {
     /// empty pieces dropped: what may be written without sharing a physical sector with
     /// bytes a sync made durable (Specs/COMMIT.md §5.2, R-2).
     static func wholeUnits(of holes: [(byteOffset: UInt64, byteCount: UInt64)]) -> [(byteOffset: UInt64, byteCount: UInt64)] {
+        holes.compactMap { wholeUnits(from: $0.byteOffset, to: $0.byteOffset + $0.byteCount) }
+    }
+
+    /// The whole 4 KiB units inside `from..<to` as (offset, byte count), nil when none.
+    static func wholeUnits(from: UInt64, to: UInt64) -> (byteOffset: UInt64, byteCount: UInt64)? {
         let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
-        return holes.compactMap { hole in
-            let start = (hole.byteOffset + unit - 1) & ~(unit - 1), end = (hole.byteOffset + hole.byteCount) & ~(unit - 1)
-            return end > start ? (start, end - start) : nil
-        }
+        let start = (from + unit - 1) & ~(unit - 1), end = to & ~(unit - 1)
+        return end > start ? (start, end - start) : nil
     }
 
     // MARK: - Geometry helpers

@@ -305,21 +305,10 @@ extension Engine {
             }
         }
         if let root = map.root { walk(root, firstBlock: 0) }
-        // Whatever the map does not reach (no root, or past its capacity) is a hole; so is
-        // any gap (none arises, but the result must cover the range).
-        var filled: [VolumeExtent] = []
-        var cursor = range.lowerBound
-        for extent in result {
-            if extent.offset > cursor { filled.append(VolumeExtent(offset: cursor, length: extent.offset - cursor, isMapped: false)) }
-            filled.append(extent)
-            cursor = extent.offset + extent.length
-        }
-        if cursor < range.upperBound { filled.append(VolumeExtent(offset: cursor, length: range.upperBound - cursor, isMapped: false)) }
-        // Merge neighbours of the same kind the gap filling may have created.
-        var merged: [VolumeExtent] = []
-        for extent in filled {
-            if let last = merged.last, last.isMapped == extent.isMapped { merged[merged.count - 1].length += extent.length } else { merged.append(extent) }
-        }
-        return merged
+        // The walk covers the range in order up to what the map reaches; the rest (no
+        // root, or past the map's capacity) is a hole.
+        let covered = result.last.map { $0.offset + $0.length } ?? range.lowerBound
+        if covered < range.upperBound { add(covered, range.upperBound - covered, false) }
+        return result
     }
 }

@@ -641,12 +641,12 @@ struct Checker {
         // units, counted in units of the largest extent), as the engine counts them.
         // Counting free segments only warned on healthy full pools whose holes hold it.
         let free = rebuilt.filter { $0 == 0 }.count
-        let durable = UInt64(PoolGeometry.durableAlignmentByteCount), page = UInt64(PoolGeometry.pageByteCount)
+        let page = UInt64(PoolGeometry.pageByteCount)
         let unit = UInt64(max(Int(sb.geometry.blockByteCount), PoolGeometry.pageByteCount))
         var holeBytes: UInt64 = 0
         func addHole(_ from: UInt64, _ to: UInt64) {
-            let start = (from + durable - 1) & ~(durable - 1), end = to & ~(durable - 1)
-            guard end > start else { return }
+            guard let hole = Engine.wholeUnits(from: from, to: to) else { return }
+            let (start, end) = (hole.byteOffset, hole.byteOffset + hole.byteCount)
             let usableStart = (start + page - 1) & ~(page - 1)
             if end > usableStart { holeBytes += (end - usableStart) / unit * unit }
         }
