@@ -54,12 +54,13 @@ extension Volume {
     ///   or all zeros where the volume has holes (a new or truncated file is).
     /// - otherwise (a pipe, a terminal): every byte in order, zeros streamed for holes.
     ///
-    /// `progress` is called with the bytes done so far after each chunk. Returns the
+    /// `progress` is called with the bytes done so far after each chunk; an error it throws
+    /// stops the export and is rethrown (cancellation). Returns the
     /// bytes of mapped data written. The pool's lock is taken per chunk, so a writer on
     /// another thread may change the volume between chunks: export a snapshot for an
     /// image of one moment (the CLI holds the pool's file lock, so it has no writer).
     @discardableResult
-    public func exportRaw(to fd: Int32, sparse: Bool, progress: ((UInt64) -> Void)? = nil) throws -> UInt64 {
+    public func exportRaw(to fd: Int32, sparse: Bool, progress: ((UInt64) throws -> Void)? = nil) throws -> UInt64 {
         let size = self.size
         let chunk = 1 << 20
         var buffer = [UInt8](repeating: 0, count: chunk)
@@ -99,7 +100,7 @@ extension Volume {
                 }
                 at += UInt64(take)
                 done = at
-                progress?(done)
+                try progress?(done)
             }
         }
         if sparse && ftruncate(fd, off_t(size)) != 0 {
@@ -117,12 +118,13 @@ extension Pool {
     ///
     /// The image must hold exactly `size` bytes when it is a regular file (use a larger
     /// `size` to import into a bigger volume: the rest reads as zeros); from a pipe it may
-    /// be shorter (the rest is zeros) but not longer. If anything fails (the input, or
-    /// `poolFull`), the new volume is deleted again, so the pool is left as it was.
+    /// be shorter (the rest is zeros) but not longer. If anything fails (the input,
+    /// `poolFull`, or an error `progress` throws to cancel), the new volume is deleted
+    /// again, so the pool is left as it was.
     ///
     /// Returns the bytes of non-zero blocks written.
     @discardableResult
-    public func importRaw(from fd: Int32, name: String, size: UInt64, progress: ((UInt64) -> Void)? = nil) throws -> UInt64 {
+    public func importRaw(from fd: Int32, name: String, size: UInt64, progress: ((UInt64) throws -> Void)? = nil) throws -> UInt64 {
         let bs = UInt64(stats.blockSize)
         let volumeSize = (size + bs - 1) / bs * bs
         guard volumeSize > 0 else { throw PoolError.invalidArgument("an image of 0 bytes: give a size") }
@@ -160,7 +162,7 @@ struct RawImporter {
     let volumeSize: UInt64
     /// The file's size when it is a regular file (then holes are found by seeking).
     let fileSize: UInt64?
-    let progress: ((UInt64) -> Void)?
+    let progress: ((UInt64) throws -> Void)?
 
     func run() throws -> UInt64 {
         let chunk = 1 << 20
@@ -178,7 +180,7 @@ struct RawImporter {
                     if errno != EINVAL { throw PoolError.io(errno: errno, operation: "seek for data in the raw image", byteOffset: at) }
                 } else if UInt64(data) > at {
                     at = UInt64(data) / UInt64(blockByteCount) * UInt64(blockByteCount)
-                    progress?(at)
+                    try progress?(at)
                 }
             }
             var want = Int(min(UInt64(chunk), end - at))
@@ -196,7 +198,7 @@ struct RawImporter {
             }
             written += try writeNonZeroRuns(buffer, count: got, at: at)
             at += UInt64(got)
-            progress?(at)
+            try progress?(at)
             if fileSize == nil && got < want { break }
         }
         if fileSize == nil {

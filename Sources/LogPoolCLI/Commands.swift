@@ -223,7 +223,7 @@ struct Write: ParsableCommand {
         let fd: Int32
         var inputByteCount: UInt64? = nil
         if let input {
-            let opened = open(input, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+            let opened = openPath(input, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
             guard opened >= 0 else {
                 if errno == ENOENT { throw PoolError.notFound(input) }
                 throw PoolError.io(errno: errno, operation: "open \(input)", byteOffset: 0)
@@ -241,25 +241,25 @@ struct Write: ParsableCommand {
             fd = opened
             inputByteCount = UInt64(info.st_size)
         } else {
-            guard !StandardStreams.stdinWasClosed else {
+            guard !CommandStreams.inputWasClosed else {
                 throw ValidationError("standard input is closed; give the data on standard input or with --input FILE")
             }
-            guard isatty(STDIN_FILENO) == 0 else {
+            guard isatty(CommandStreams.input) == 0 else {
                 throw ValidationError("standard input is a terminal; pipe the data in (e.g. `cat FILE | logpool write ...`) or use --input FILE")
             }
             var info = stat()
-            guard fstat(STDIN_FILENO, &info) == 0 else { throw PoolError.io(errno: errno, operation: "fstat standard input", byteOffset: 0) }
+            guard fstat(CommandStreams.input, &info) == 0 else { throw PoolError.io(errno: errno, operation: "fstat standard input", byteOffset: 0) }
             if (info.st_mode & S_IFMT) == S_IFDIR { throw ValidationError("standard input is a directory") }
             if isPoolFile(pool, info) { throw PoolError.invalidArgument("standard input is the pool file itself") }
             if (info.st_mode & S_IFMT) == S_IFREG {
                 // `< FILE`: a regular file's remaining length is known, so it is admitted
                 // whole like --input.
-                let position = lseek(STDIN_FILENO, 0, SEEK_CUR)
+                let position = lseek(CommandStreams.input, 0, SEEK_CUR)
                 if position >= 0, info.st_size >= position { inputByteCount = UInt64(info.st_size - position) }
             }
-            fd = STDIN_FILENO
+            fd = CommandStreams.input
         }
-        defer { if fd != STDIN_FILENO { close(fd) } }
+        defer { if fd != CommandStreams.input { close(fd) } }
         let source = input ?? "standard input"
         var written: UInt64 = 0
         // On a terminal: bytes, rate and (for a file) ETA while it runs.
@@ -287,6 +287,7 @@ struct Write: ParsableCommand {
             var position = offset.bytes
             do {
                 while true {
+                    try CommandStreams.checkClient()
                     let count = try readFull(fd, into: &chunk, what: source)
                     if count == 0 { break }
                     try chunk.withUnsafeBytes { try volume.write(at: position, from: UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
@@ -352,7 +353,7 @@ struct Read: ParsableCommand {
     @OptionGroup var salvage: SalvageOption
 
     func run() throws {
-        if output == nil && isatty(STDOUT_FILENO) == 1 {
+        if output == nil && isatty(CommandStreams.output) == 1 {
             throw ValidationError("standard output is a terminal; redirect it, or give --output FILE (--output - writes to the terminal anyway)")
         }
         let opened = try openForReading(pool, salvage)
@@ -369,10 +370,10 @@ struct Read: ParsableCommand {
         var ownedDescriptor: Int32? = nil
         if let output, output != "-" {
             var target = stat()
-            if stat(output, &target) == 0, isPoolFile(pool, target) {
+            if statPath(output, &target) == 0, isPoolFile(pool, target) {
                 throw PoolError.invalidArgument("--output is the pool file itself")
             }
-            let fd = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            let fd = openPath(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "create \(output)", byteOffset: 0) }
             ownedDescriptor = fd
             sink = CheckedOutput(fd: fd, what: output)
@@ -383,6 +384,7 @@ struct Read: ParsableCommand {
         var buffer = [UInt8](repeating: 0, count: Int(min(UInt64(1 << 20), max(total, 1))))
         var done: UInt64 = 0
         while done < total {
+            try CommandStreams.checkClient()
             let take = Int(min(UInt64(buffer.count), total - done))
             try buffer.withUnsafeMutableBytes { raw in
                 let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<take])
@@ -415,5 +417,22 @@ struct Compact: ParsableCommand {
         guard let before, let after else { return }
         try out("compacted \(report.segmentsCompacted) segments: moved \(report.blocksMoved) blocks (\(formatBytes(report.bytesMoved))), rewrote \(report.pagesRewritten) metadata pages")
         try out("freed \(report.segmentsFreed) segments (\(formatBytes(report.bytesFreed))); dead \(formatBytes(before.deadBytes)) -> \(formatBytes(after.deadBytes)), free \(formatBytes(before.freeBytes)) -> \(formatBytes(after.freeBytes))")
+    }
+}
+
+struct SyncCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sync",
+        abstract: "Make every change the pool has acknowledged durable.",
+        discussion: """
+            Offline: opens the pool, recovers it if it was not closed cleanly, and closes it with \
+            a checkpoint. On a pool logpool serve holds: syncs the served pool, so every write \
+            any NBD client has had an answer for is durable when this returns (as an NBD FLUSH \
+            on any connection does).
+            """)
+    @Argument(help: "Path of the pool file.") var pool: String
+
+    func run() throws {
+        try withWritablePool(pool) { _ in }
     }
 }

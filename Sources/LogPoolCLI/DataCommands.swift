@@ -13,7 +13,7 @@ import Glibc
 final class TerminalProgress {
     let label: String
     let total: UInt64
-    let enabled = isatty(STDERR_FILENO) == 1
+    let enabled = isatty(CommandStreams.error) == 1
     private let start = Date()
     private var shown = Date.distantPast
 
@@ -89,7 +89,9 @@ struct Export: ParsableCommand {
             To a file: the file gets the volume's size and only mapped blocks are written, so \
             holes stay holes (du shows only the data). To "-" (standard output, not a \
             terminal): every byte, zeros streamed for holes. The pool is opened read-only and \
-            locked against writers for the whole export, so the image is one moment of the volume.
+            locked against writers for the whole export, so the image is one moment of the volume. \
+            On a pool logpool serve holds, the server exports a writable volume through a \
+            temporary snapshot (.export-PID-N, destroyed at the end), while clients keep writing.
             """)
     @Argument(help: "Path of the pool file.") var pool: String
     @Argument(help: "The volume or snapshot to export.") var name: String
@@ -97,30 +99,40 @@ struct Export: ParsableCommand {
     @OptionGroup var salvage: SalvageOption
 
     func run() throws {
-        if file == "-" && isatty(STDOUT_FILENO) == 1 {
+        if file == "-" && isatty(CommandStreams.output) == 1 {
             throw ValidationError("standard output is a terminal; redirect it, or give a FILE")
         }
         let opened = try openForReading(pool, salvage)
         defer { release(opened) }
-        let volume = try opened.openVolume(name: name)
+        var volume = try opened.openVolume(name: name)
         let size = volume.size
-        var fd = STDOUT_FILENO
+        // A served volume keeps taking writes: export one moment of it, a temporary
+        // snapshot, destroyed again whatever happens below.
+        var temporary: String? = nil
+        defer { if let temporary { ServedPool.destroyTemporary(temporary, in: opened) } }
+        if opened === ServedPool.current && !volume.isReadOnly {
+            (temporary, volume) = try ServedPool.temporarySnapshot(of: name, in: opened)
+        }
+        var fd = CommandStreams.output
         var sparse = false
         if file != "-" {
             var target = stat()
-            if stat(file, &target) == 0 {
+            if statPath(file, &target) == 0 {
                 if isPoolFile(pool, target) { throw PoolError.invalidArgument("the image is the pool file itself") }
                 if (target.st_mode & S_IFMT) != S_IFREG {
                     throw PoolError.invalidArgument("\(oneLine(file)) exists and is not a regular file; export writes regular files or standard output")
                 }
             }
-            fd = open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            fd = openPath(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "create \(file)", byteOffset: 0) }
             sparse = true
         }
-        defer { if fd != STDOUT_FILENO { close(fd) } }
+        defer { if fd != CommandStreams.output { close(fd) } }
         let progress = TerminalProgress("export \(oneLine(name))", total: size)
-        let mapped = try volume.exportRaw(to: fd, sparse: sparse) { progress.update($0) }
+        let mapped = try volume.exportRaw(to: fd, sparse: sparse) { done in
+            try CommandStreams.checkClient()
+            progress.update(done)
+        }
         if sparse && fsync(fd) != 0 { throw PoolError.io(errno: errno, operation: "fsync \(file)", byteOffset: 0) }
         progress.finish("\(formatBytes(size)) image, \(formatBytes(mapped)) mapped")
     }
@@ -142,19 +154,19 @@ struct Import: ParsableCommand {
     var size: ByteSize?
 
     func run() throws {
-        var fd = STDIN_FILENO
+        var fd = CommandStreams.input
         var fileSize: UInt64? = nil
         if file != "-" {
             var target = stat()
-            if stat(file, &target) == 0, isPoolFile(pool, target) {
+            if statPath(file, &target) == 0, isPoolFile(pool, target) {
                 throw PoolError.invalidArgument("the image is the pool file itself")
             }
-            fd = open(file, O_RDONLY | O_CLOEXEC)
+            fd = openPath(file, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "open \(file)", byteOffset: 0) }
             var info = stat()
             if fstat(fd, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG { fileSize = UInt64(info.st_size) }
         }
-        defer { if fd != STDIN_FILENO { close(fd) } }
+        defer { if fd != CommandStreams.input { close(fd) } }
         guard let volumeSize = size?.bytes ?? fileSize else {
             throw ValidationError("--size is required when the image is not a regular file")
         }
@@ -164,7 +176,10 @@ struct Import: ParsableCommand {
         let progress = TerminalProgress("import \(oneLine(name))", total: fileSize ?? volumeSize)
         var written: UInt64 = 0
         try withWritablePool(pool) { opened in
-            written = try opened.importRaw(from: fd, name: name, size: volumeSize) { progress.update($0) }
+            written = try opened.importRaw(from: fd, name: name, size: volumeSize) { done in
+                try CommandStreams.checkClient()
+                progress.update(done)
+            }
         }
         progress.finish("\(formatBytes(volumeSize)) volume, \(formatBytes(written)) of non-zero blocks written")
     }

@@ -16,9 +16,11 @@ struct Serve: ParsableCommand {
             Holds the pool open for writing and serves each volume and snapshot as an NBD export \
             named after it (snapshots read-only). --socket serves on a Unix socket \
             (nbd+unix:///NAME?socket=PATH), --listen on TCP (nbd://HOST:PORT/NAME; port 10809 \
-            when none is given). While it runs, info, list, create, snapshot, clone, destroy, \
-            rename, resize, compact, map, discard and verify on the pool reach it through its control \
-            socket, POOL.control. One line per connection and per error goes to stderr. SIGINT \
+            when none is given). While it runs, every command on the pool but scrub (info, list, \
+            create, snapshot, clone, destroy, rename, resize, compact, sync, map, discard, verify, \
+            read, write, export, import) reaches it through its control socket, POOL.control, \
+            and runs in the server with the client's stdin, stdout, stderr and directory; only \
+            the pool file's owner may use it. One line per connection and per error goes to stderr. SIGINT \
             or SIGTERM stops accepting, lets requests in flight finish, syncs and closes the \
             pool cleanly, and exits 0.
             """)
@@ -57,6 +59,9 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
+        // A client that goes away must not kill the server: writes to its closed socket
+        // or pipe fail with EPIPE instead.
+        signal(SIGPIPE, SIG_IGN)
         let opened = try Pool.open(at: pool, mode: readOnly ? .readOnly : .readWrite)
         let names = try opened.list().map(\.name)
         for name in export where !names.contains(name) {
@@ -69,7 +74,7 @@ struct Serve: ParsableCommand {
         }
         let control: ControlServer
         do {
-            control = try ControlServer(path: controlSocketPath(forPool: pool), pool: opened) { line in
+            control = try ControlServer(path: controlSocketPath(forPool: pool), poolPath: pool, pool: opened) { line in
                 var err = StandardError()
                 print("logpool serve: \(line)", to: &err)
             }

@@ -178,5 +178,5 @@ func printVolumeTable(_ rows: [VolumeInfo]) throws {
 /// pool into a volume, reading into it would overwrite the pool.
 func isPoolFile(_ pool: String, _ info: stat) -> Bool {
     var poolInfo = stat()
-    return stat(pool, &poolInfo) == 0 && poolInfo.st_dev == info.st_dev && poolInfo.st_ino == info.st_ino
+    return statPath(pool, &poolInfo) == 0 && poolInfo.st_dev == info.st_dev && poolInfo.st_ino == info.st_ino
 }

@@ -67,14 +67,30 @@ struct ScrubCommand: ParsableCommand {
         abstract: "Check everything verify does and read every live data block (exit 0 clean, 1 repaired, 4 errors left, 8 could not check).")
     @OptionGroup var options: CheckOptions
 
-    func run() throws { checkAndExit(options, scrub: true) }
+    func run() throws {
+        // Scrub reads every block of the file; a pool `logpool serve` holds says so.
+        do {
+            try Pool.open(at: options.pool, mode: .readOnly).close()
+        } catch PoolError.inUse(let why) {
+            do {
+                try ControlClient.forward(poolPath: options.pool, refusal: why)
+            } catch {
+                var err = StandardError()
+                print("logpool: error: could not check \(oneLine(options.pool)): \(oneLine("\(error)"))", to: &err)
+                throw ExitCode(8)
+            }
+        } catch {
+            // Reported by the check itself, with its fsck-like status.
+        }
+        checkAndExit(options, scrub: true)
+    }
 }
 
 /// Runs the check (and repair), prints the findings and exits with the fsck-like status.
 func checkAndExit(_ options: CheckOptions, scrub: Bool) -> Never {
     let (pool, repair, json) = (options.pool, options.repair, options.json)
     var err = StandardError()
-    let onTerminal = isatty(STDERR_FILENO) == 1 && !json
+    let onTerminal = isatty(CommandStreams.error) == 1 && !json
     let progress: ((ScrubProgress) -> Void)? = scrub && onTerminal ? { p in
         let rate = p.seconds > 0 ? Double(p.doneByteCount) / p.seconds : 0
         let eta = rate > 0 ? Double(p.totalByteCount - min(p.doneByteCount, p.totalByteCount)) / rate : 0

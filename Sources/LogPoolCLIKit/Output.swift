@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import LogPool
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -28,45 +29,93 @@ package struct StandardError: TextOutputStream {
 
     /// A closed or full stderr loses the message; it must not crash the command.
     package mutating func write(_ string: String) {
-        let bytes = Array(string.utf8)
-        if bytes.withUnsafeBytes({ OutputCapture.append($0, toStandardError: true) }) { return }
-        _ = try? writeAll(bytes, to: STDERR_FILENO, what: "standard error", startingAt: 0)
+        _ = try? writeAll(Array(string.utf8), to: CommandStreams.error, what: "standard error", startingAt: 0)
     }
 }
 
-/// What a command prints, captured instead of written, on the one thread that asked:
-/// `logpool serve` runs commands sent to its control socket in its own process and
-/// returns their output to the client (other threads, the server's own log lines among
-/// them, keep writing to the real descriptors).
-package enum OutputCapture {
-    private static let lock = NSLock()
-    nonisolated(unsafe) private static var owner: pthread_t? = nil
-    nonisolated(unsafe) private static var standardOutput: [UInt8] = []
-    nonisolated(unsafe) private static var standardError: [UInt8] = []
+/// The standard streams and working directory of a command that `logpool serve` runs
+/// for a client of its control socket (Specs/SERVE.md §3): the client's own descriptors,
+/// passed over the socket, so the command reads the client's stdin, writes the client's
+/// stdout and stderr, and resolves relative paths against the client's directory.
+package struct ClientStreams: Sendable {
+    package var input: Int32
+    package var output: Int32
+    package var error: Int32
+    /// An open descriptor of the client's working directory (for `openat`).
+    package var directory: Int32
+    /// The client started with stdin closed (it sent /dev/null instead).
+    package var inputWasClosed: Bool
+    /// The control connection: the client sends nothing after its request, so this is
+    /// readable only once the client has gone.
+    package var connection: Int32
+    /// True once the server is stopping: long commands stop at their next chunk.
+    package var stopping: @Sendable () -> Bool
+    /// Standard output of this command: the client's, counting its own bytes.
+    package let standardOutput: CheckedOutput
 
-    /// Runs `body` with this thread's output captured; returns what it printed.
-    package static func capturing(_ body: () -> Int32) -> (status: Int32, stdout: [UInt8], stderr: [UInt8]) {
-        lock.lock()
-        owner = pthread_self()
-        standardOutput = []
-        standardError = []
-        lock.unlock()
-        let status = body()
-        lock.lock()
-        defer { lock.unlock() }
-        owner = nil
-        return (status, standardOutput, standardError)
+    package init(input: Int32, output: Int32, error: Int32, directory: Int32, inputWasClosed: Bool, connection: Int32,
+                 stopping: @escaping @Sendable () -> Bool) {
+        (self.input, self.output, self.error, self.directory) = (input, output, error, directory)
+        self.inputWasClosed = inputWasClosed
+        self.connection = connection
+        self.stopping = stopping
+        standardOutput = CheckedOutput(fd: output, what: "standard output")
+    }
+}
+
+/// The streams of the command running on this thread: the process's own descriptors
+/// 0-2 and working directory, or a control-socket client's (``ClientStreams``) on the
+/// threads of `logpool serve` that run its clients' commands. Each command runs on one
+/// thread, so the table is keyed by thread; other threads, the server's own log lines
+/// among them, keep the process's descriptors.
+package enum CommandStreams {
+    private static let table = Mutex<[pthread_t: ClientStreams]>([:])
+
+    /// Runs `body` with this thread's streams set to `streams`.
+    package static func with<T>(_ streams: ClientStreams, _ body: () throws -> T) rethrows -> T {
+        table.withLock { $0[pthread_self()] = streams }
+        defer { _ = table.withLock { $0.removeValue(forKey: pthread_self()) } }
+        return try body()
     }
 
-    /// Appends `bytes` when the calling thread is capturing; false otherwise (then nothing
-    /// is copied: `read` streams megabytes through here).
-    static func append(_ bytes: UnsafeRawBufferPointer, toStandardError: Bool) -> Bool {
-        lock.lock()
-        defer { lock.unlock() }
-        guard let owner, pthread_equal(owner, pthread_self()) != 0 else { return false }
-        if toStandardError { standardError.append(contentsOf: bytes) } else { standardOutput.append(contentsOf: bytes) }
-        return true
+    /// The client's streams when this thread runs a control-socket command.
+    package static var client: ClientStreams? { table.withLock { $0[pthread_self()] } }
+
+    package static var input: Int32 { client?.input ?? STDIN_FILENO }
+    package static var output: Int32 { client?.output ?? STDOUT_FILENO }
+    package static var error: Int32 { client?.error ?? STDERR_FILENO }
+    /// The directory relative paths are resolved against (`AT_FDCWD`: this process's own).
+    package static var directory: Int32 { client?.directory ?? AT_FDCWD }
+    package static var inputWasClosed: Bool { client?.inputWasClosed ?? StandardStreams.stdinWasClosed }
+
+    /// Throws when this thread runs a control-socket client's command and that client has
+    /// gone (killed, or its connection closed) or the server is stopping, so a long copy
+    /// stops instead of writing for nobody. Cheap (one `poll`); call once per chunk.
+    package static func checkClient() throws {
+        guard let client else { return }
+        if client.stopping() { throw ClientGone(reason: "logpool serve is stopping") }
+        // POLLRDHUP (0x2000) needs _GNU_SOURCE, which the Glibc module lacks.
+        var entry = pollfd(fd: client.connection, events: Int16(POLLIN) | 0x2000, revents: 0)
+        if poll(&entry, 1, 0) > 0 && entry.revents != 0 {
+            throw ClientGone(reason: "the client closed its control connection")
+        }
     }
+}
+
+/// A control-socket command stopped because its client went away or the server stops.
+package struct ClientGone: ReportedError {
+    package var reason: String
+    package var description: String { "stopped: \(reason)" }
+}
+
+/// Opens `path` as `open(2)` would, relative paths against ``CommandStreams/directory``.
+package func openPath(_ path: String, _ flags: Int32, _ mode: mode_t = 0) -> Int32 {
+    openat(CommandStreams.directory, path, flags, mode)
+}
+
+/// `stat(2)` of `path`, relative paths against ``CommandStreams/directory``.
+package func statPath(_ path: String, _ info: inout stat) -> Int32 {
+    fstatat(CommandStreams.directory, path, &info, 0)
 }
 
 /// Which of descriptors 0-2 were closed when the process started. ``StandardStreams/guardDescriptors()``
@@ -133,10 +182,13 @@ package final class CheckedOutput: @unchecked Sendable {
         self.what = what
     }
 
-    package static let standardOutput = CheckedOutput(fd: STDOUT_FILENO, what: "standard output")
+    private static let processStandardOutput = CheckedOutput(fd: STDOUT_FILENO, what: "standard output")
+
+    /// Standard output of the command running on this thread: the process's, or a
+    /// control-socket client's (``ClientStreams``).
+    package static var standardOutput: CheckedOutput { CommandStreams.client?.standardOutput ?? processStandardOutput }
 
     package func write(_ bytes: UnsafeRawBufferPointer) throws {
-        if fd == STDOUT_FILENO && OutputCapture.append(bytes, toStandardError: false) { return }
         lock.lock()
         defer { lock.unlock() }
         byteCount += UInt64(try writeAll(bytes, to: fd, what: what, startingAt: byteCount))

@@ -16,10 +16,11 @@ struct CLI {
     }
 
     @discardableResult
-    static func run(_ arguments: [String], stdin: Data? = nil, binary: String = CLI.binary) throws -> Result {
+    static func run(_ arguments: [String], stdin: Data? = nil, binary: String = CLI.binary, directory: String? = nil) throws -> Result {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = arguments
+        if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
         let out = Pipe(), err = Pipe(), input = Pipe()
         process.standardOutput = out
         process.standardError = err

@@ -229,16 +229,48 @@ struct ServeTests {
         #expect(live.status == 0 && live.text.contains("live state of the served pool: 0 errors"), "\(live.text) \(live.stderr)")
         #expect(try CLI.run(["verify", pool, "--repair"]).status == 64)
         #expect(try CLI.run(["scrub", pool]).status != 0)
-        let write = try CLI.run(["write", pool, "disk"], stdin: Data([1]))
-        #expect(write.status == 1 && write.stderr.contains("control socket"), "\(write.stderr)")
+        let scrub = try CLI.run(["scrub", pool])
+        #expect(scrub.status == 8 && scrub.stderr.contains("stop the server first"), "\(scrub.stderr)")
+        // Data commands run in the server with the client's own stdin, stdout and working
+        // directory (passed over the socket): write, read, export (of a writable volume,
+        // through a temporary snapshot) and import, relative paths included.
+        let payload = Data((0..<20_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 1) })
+        let write = try CLI.run(["write", pool, "disk", "--offset", "4096"], stdin: payload)
+        #expect(write.status == 0, "\(write.stderr)")
+        let read = try CLI.run(["read", pool, "disk", "--offset", "4096", "--length", "20000"])
+        #expect(read.status == 0 && read.stdout == payload, "\(read.stderr)")
+        let directory = temporaryPath("client")
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let export = try CLI.run(["export", pool, "disk", "image.raw"], directory: directory)
+        #expect(export.status == 0, "\(export.stderr)")
+        let image = (try? Data(contentsOf: URL(fileURLWithPath: directory + "/image.raw"))) ?? Data()
+        #expect(image.count == 8 << 20)
+        #expect(image.count == 8 << 20 && image[4096..<24096] == payload && image[0..<4096].allSatisfy { $0 == 0 } && image[24096...].allSatisfy { $0 == 0 })
+        #expect(!(try CLI.run(["list", pool]).text.contains(".export-")), "the temporary snapshot is destroyed")
+        let imported = try CLI.run(["import", pool, "image.raw", "copy"], directory: directory)
+        #expect(imported.status == 0, "\(imported.stderr)")
+        #expect(try CLI.run(["read", pool, "copy"]).stdout == image)
+        let full = try CLI.run(["read", pool, "disk", "--output", "/dev/full"])
+        #expect(full.status == 1 && full.stderr.contains("at byte offset 0"), "\(full.stderr)")
+        #expect(try CLI.run(["sync", pool]).status == 0)
+        // Only the pool file's owner may use the control socket (peer credentials), even
+        // when the socket file would let others connect.
+        if getuid() == 0, let setpriv = DataCommandTests.which("setpriv") {
+            chmod(pool + ".control", 0o666)
+            let other = try CLI.run(["--reuid=65534", "--regid=65534", "--clear-groups", CLI.binary, "list", pool], binary: setpriv)
+            #expect(other.status == 1 && other.stderr.contains("accepts only uid 0"), "\(other.status) \(other.stderr)")
+        } else {
+            print("skipped: the control socket's uid check needs root and setpriv (util-linux)")
+        }
         let (status, log) = server.stop()
         #expect(status == 0, "\(log)")
         #expect(!FileManager.default.fileExists(atPath: pool + ".control"), "the control socket is removed at exit")
         let list = try CLI.run(["list", pool]).text
-        #expect(list.contains("snap") && list.contains("more"), "\(list)")
+        #expect(list.contains("snap") && list.contains("more") && list.contains("copy"), "\(list)")
         // The discard made through the control socket is durable: block 0 is a hole now.
         let map = try JSONSerialization.jsonObject(with: try CLI.run(["map", pool, "disk", "--json"]).stdout) as? [[String: Any]]
         #expect(map?.first?["data"] as? Bool == false && map?.first?["length"] as? Int == 4096, "\(String(describing: map))")
+        #expect(try CLI.run(["read", pool, "disk", "--offset", "4096", "--length", "20000"]).stdout == payload)
         #expect(map?.dropFirst().first?["data"] as? Bool == true)
         #expect(try CLI.run(["verify", pool]).status == 0)
     }
