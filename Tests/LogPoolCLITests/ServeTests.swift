@@ -190,15 +190,16 @@ struct ServeTests {
         #expect(try CLI.run(["verify", pool]).status == 0)
     }
 
-    @Test("the thesis on a real kernel: ext4 on an overcommitted volume fills, the snapshot stays intact (scripts/thesis-ext4.sh)")
-    func ext4Thesis() throws {
-        let script = CLI.root.appendingPathComponent("scripts/thesis-ext4.sh").path
-        let result = try CLI.run([script, CLI.binary], binary: "/bin/bash")
+    @Test("the thesis on a real kernel: ext4 and XFS on an overcommitted volume fill, the snapshot stays intact (scripts/thesis.sh)",
+          arguments: ["ext4", "xfs"])
+    func thesis(filesystem: String) throws {
+        let script = CLI.root.appendingPathComponent("scripts/thesis.sh").path
+        let result = try CLI.run([script, CLI.binary, filesystem], binary: "/bin/bash")
         if result.status == 77 {
-            print(result.text.split(separator: "\n").last.map(String.init) ?? "SKIPPED: thesis-ext4.sh")
+            print(result.text.split(separator: "\n").last.map(String.init) ?? "SKIPPED: thesis.sh \(filesystem)")
             return
         }
-        #expect(result.status == 0, "thesis-ext4.sh exited \(result.status):\n\(result.text.suffix(3000))\n\(result.stderr.suffix(2000))")
+        #expect(result.status == 0, "thesis.sh \(filesystem) exited \(result.status):\n\(result.text.suffix(3000))\n\(result.stderr.suffix(2000))")
     }
 
     @Test("while serving, the CLI reaches the pool through the control socket with the same output and exit codes")
