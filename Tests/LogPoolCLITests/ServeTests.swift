@@ -276,6 +276,63 @@ struct ServeTests {
         #expect(try CLI.run(["verify", pool]).status == 0)
     }
 
+    /// A TCP port on 127.0.0.1 that was free a moment ago.
+    static func freePort() -> Int {
+        let fd = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+        return Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    @Test("an ext4 image over TCP: imported, snapshotted and exported through the server, it compares equal to the NBD export and passes e2fsck -fn")
+    func ext4ImageOverTCP() throws {
+        guard let qemu = Self.qemu, let mkfs = DataCommandTests.which("mkfs.ext4"), let fsck = DataCommandTests.which("e2fsck") else {
+            print("SKIPPED: needs qemu-img and e2fsprogs (Debian packages qemu-utils, e2fsprogs; .ci/run installs them)")
+            return
+        }
+        // mkfs.ext4 on a regular file needs no root; the file is sparse.
+        let raw = temporaryPath("fs.raw")
+        #expect(FileManager.default.createFile(atPath: raw, contents: nil))
+        #expect(truncate(raw, 64 << 20) == 0)
+        let made = try CLI.run(["-q", "-F", "-E", "root_owner=0:0", raw], binary: mkfs)
+        #expect(made.status == 0, "\(made.stderr)")
+        let pool = temporaryPath("p.pool")
+        #expect(try CLI.run(["init", pool, "--size", "64M"]).status == 0)
+        let port = Self.freePort()
+        let server = try Server(pool: pool, arguments: ["--listen", "127.0.0.1:\(port)"])
+        // Import and snapshot through the control socket, then write over the live volume.
+        let imported = try CLI.run(["import", pool, raw, "fs"])
+        #expect(imported.status == 0, "\(imported.stderr)")
+        #expect(try CLI.run(["snapshot", pool, "fs", "fs@1"]).status == 0)
+        let tcp = "nbd://127.0.0.1:\(port)/"
+        let overwrite = try CLI.run(["-f", "raw", tcp + "fs", "-c", "write -P 0xee 0 1M"], binary: qemu.io)
+        #expect(overwrite.status == 0, "\(overwrite.text) \(overwrite.stderr)")
+        let info = try CLI.run(["info", "-f", "raw", tcp + "fs@1"], binary: qemu.img)
+        #expect(info.status == 0 && info.text.contains("64 MiB"), "\(info.text) \(info.stderr)")
+        // The exported snapshot equals the snapshot's NBD export and the image it came from,
+        // and is a clean ext4.
+        let exported = temporaryPath("fs1.raw")
+        let export = try CLI.run(["export", pool, "fs@1", exported])
+        #expect(export.status == 0, "\(export.stderr)")
+        let compared = try CLI.run(["compare", "-f", "raw", "-F", "raw", exported, tcp + "fs@1"], binary: qemu.img)
+        #expect(compared.status == 0, "\(compared.text) \(compared.stderr)")
+        #expect(try CLI.run(["compare", "-f", "raw", "-F", "raw", exported, raw], binary: qemu.img).status == 0)
+        let checked = try CLI.run(["-fn", exported], binary: fsck)
+        #expect(checked.status == 0, "\(checked.text) \(checked.stderr)")
+        // qemu-img convert over TCP writes the same bytes.
+        let converted = temporaryPath("fs1-nbd.raw")
+        #expect(try CLI.run(["convert", "-f", "raw", "-O", "raw", tcp + "fs@1", converted], binary: qemu.img).status == 0)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: converted)) == (try Data(contentsOf: URL(fileURLWithPath: exported))))
+        let (status, log) = server.stop()
+        #expect(status == 0, "\(log)")
+        #expect(log.contains("127.0.0.1"), "\(log)")
+    }
+
     @Test("fio's nbd engine: random writes at queue depth 16 verify (crc32c) on read-back")
     func fio() throws {
         guard let fio = DataCommandTests.which("fio") else {
