@@ -18,9 +18,16 @@ public protocol BlockDevice: AnyObject {
     func write(_ bytes: UnsafeRawBufferPointer, at byteOffset: UInt64) throws
     /// Makes every completed write durable.
     func sync() throws
+    /// True when reads, writes and syncs may run on several threads at once (a file:
+    /// `pread`, `pwrite` and `fdatasync` are). The engine then reads and fsyncs outside
+    /// the pool's lock (Specs/COMMIT.md §7); on other devices every call runs under it.
+    /// Default: false.
+    var allowsConcurrentAccess: Bool { get }
 }
 
 extension BlockDevice {
+    public var allowsConcurrentAccess: Bool { false }
+
     func read(byteCount: Int, at byteOffset: UInt64) throws -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: byteCount)
         try bytes.withUnsafeMutableBytes { try read(into: $0, at: byteOffset) }
@@ -157,6 +164,9 @@ public final class FileDevice: BlockDevice {
             done += n
         }
     }
+
+    /// `pread`, `pwrite` and `fdatasync` on one descriptor are safe from many threads.
+    public var allowsConcurrentAccess: Bool { true }
 
     public func sync() throws {
         if fdatasync(descriptor) != 0 {

@@ -29,6 +29,44 @@ extension Engine {
         unsyncedDataByteCount = 0
     }
 
+    /// What a sync whose fsync runs outside the lock covers: the journal through
+    /// `sequence` (exclusive), `usedByteCount` ring bytes of epoch `epoch`.
+    struct SyncTicket {
+        var sequence: UInt64
+        var usedByteCount: UInt64
+        var epoch: UInt64
+    }
+
+    /// The part of a group-commit sync under the lock (COMMIT §7): the journal batch is
+    /// written, queued payloads reach the device, later appends and hole reuse move to
+    /// whole 4 KiB units beyond everything written so far. The caller then fsyncs without
+    /// the lock and calls ``finishSync(_:failure:)`` with it.
+    func beginSync() throws -> SyncTicket {
+        try checkWritable()
+        if let batch = journal.takeBatch() {
+            try deviceWrite(batch.bytes, at: PoolGeometry.journalByteOffset + batch.ringByteOffset)
+        }
+        try deviceCall {}
+        let ticket = SyncTicket(sequence: journal.nextSequence, usedByteCount: journal.usedByteCount, epoch: journal.epoch)
+        deviceDirty = false
+        unsyncedDataByteCount = 0
+        alignAfterSync()
+        syncInFlight = true
+        return ticket
+    }
+
+    /// Under the lock again after the fsync of ``beginSync()``: the records it covered
+    /// are durable, or the pool is poisoned (a failed fsync loses what it covered).
+    func finishSync(_ ticket: SyncTicket, failure: (any Error)?) {
+        syncInFlight = false
+        if let failure {
+            poisonCause = (failure as? PoolError)?.description ?? "\(failure)"
+            deviceDirty = true
+        } else {
+            journal.markDurable(through: ticket.sequence, usedByteCount: ticket.usedByteCount, epoch: ticket.epoch)
+        }
+    }
+
     /// Writes a checkpoint and commits it with the older superblock slot
     /// (Specs/COMMIT.md §3):
     ///
@@ -107,7 +145,10 @@ extension Engine {
         try deviceWrite(slotBytes, at: PoolGeometry.superblockSlotByteOffsets[next.slotIndex])
         try deviceSync()
 
-        // Committed. Holes were computed against the previous commit; recompute on demand.
+        // Committed. Space dead since the previous commit becomes reusable below (free
+        // segments, holes): reads planned before it must be done with it first.
+        readers.waitUntilIdle()
+        // Holes were computed against the previous commit; recompute on demand.
         holes.removeAll()
         superblock = next
         metaLiveByteCounts = newMeta
@@ -146,6 +187,7 @@ extension Engine {
         next.flags = mounted ? Superblock.flagMounted : 0
         try deviceWrite(next.encode(), at: PoolGeometry.superblockSlotByteOffsets[next.slotIndex])
         try deviceSync()
+        readers.waitUntilIdle()
         superblock = next
         holes.removeAll()
         journal.resetAfterCheckpoint(epoch: generation)

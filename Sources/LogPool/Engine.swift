@@ -99,6 +99,10 @@ final class Engine {
 
     /// A device write happened since the last device sync.
     var deviceDirty = false
+    /// A ``Pool/sync()`` is in its fsync outside the pool's lock (group commit, COMMIT §7).
+    var syncInFlight = false
+    /// Reads executing outside the pool's lock (``ReadPlan``).
+    let readers = ReaderGate()
     /// Background payload writer (pools on files opened read-write); nil = every write is
     /// synchronous. `writeBehindPending` is set while writes may be queued in it.
     private(set) var writeBehind: WriteBehind? = nil
@@ -241,6 +245,13 @@ final class Engine {
         guard deviceDirty else { return }
         try deviceCall { try device.sync() }
         deviceDirty = false
+        alignAfterSync()
+    }
+
+    /// What a sync ends with, whether its fsync ran under the lock (``deviceSync()``) or
+    /// outside it (``beginSync()``, before the fsync is issued: nothing is written in
+    /// between, and writes made while it runs must start beyond what it covers).
+    func alignAfterSync() {
         // Later appends start on a fresh 4 KiB boundary: a torn write on a device with
         // 4 KiB physical sectors then cannot reach bytes this sync made durable.
         if let open = openSegment {

@@ -115,6 +115,15 @@ struct JournalWriter {
         durableUsedByteCount = usedByteCount
     }
 
+    /// After an fsync that ran outside the lock: durable through `sequence` (exclusive)
+    /// with `usedByteCount` ring bytes, if that is news in this epoch (a checkpoint or a
+    /// sync under the lock may have covered more meanwhile).
+    mutating func markDurable(through sequence: UInt64, usedByteCount used: UInt64, epoch: UInt64) {
+        guard epoch == self.epoch, sequence > durableSequence else { return }
+        durableSequence = sequence
+        durableUsedByteCount = used
+    }
+
     /// After a checkpoint commits, replay starts at `position` (sector aligned, nothing
     /// buffered) with the new epoch: everything before is history.
     mutating func resetAfterCheckpoint(epoch: UInt64) {

@@ -65,7 +65,9 @@ public final class Pool: @unchecked Sendable {
     /// Longest volume name in UTF-8 bytes.
     public static let nameByteCountMax = 255
 
-    let lock = NSLock()
+    /// The pool's lock. A condition too: ``sync()`` callers wait on it for an fsync in
+    /// flight, and ``close()`` for one to finish.
+    let lock = NSCondition()
     let engine: Engine
     private let fileDevice: FileDevice?
     public let path: String?
@@ -184,7 +186,10 @@ public final class Pool: @unchecked Sendable {
     public func close() throws {
         try locked {
             guard !engine.isClosed else { return }
+            // An fsync outside the lock, or reads, may still use the device.
+            while engine.syncInFlight { lock.wait() }
             defer {
+                engine.readers.waitUntilIdle()
                 engine.isClosed = true
                 engine.stopWriteBehind()
                 fileDevice?.closeDescriptor()
@@ -207,8 +212,35 @@ public final class Pool: @unchecked Sendable {
     }
 
     /// Makes every completed write and metadata change durable (one fsync).
+    ///
+    /// Group commit (Specs/COMMIT.md §7): on a file the fsync runs without the pool's
+    /// lock, so reads and writes go on meanwhile (what they write joins the next sync),
+    /// and a caller whose changes an fsync in flight already covers, or will once it
+    /// ends, shares it.
     public func sync() throws {
-        try locked { try engine.sync() }
+        lock.lock()
+        defer { lock.unlock() }
+        guard engine.device.allowsConcurrentAccess else { return try engine.sync() }
+        try engine.checkUsable()
+        guard !engine.readOnly else { return }
+        let target = engine.journal.nextSequence
+        // Every change is a journal record (the commit point of a write), so the records
+        // before `target` being durable is exactly what this call promises.
+        while engine.journal.durableSequence < target {
+            if engine.syncInFlight {
+                lock.wait()
+                try engine.checkUsable()
+                continue
+            }
+            let ticket = try engine.beginSync()
+            lock.unlock()
+            var failure: (any Error)? = nil
+            do { try engine.device.sync() } catch { failure = error }
+            lock.lock()
+            engine.finishSync(ticket, failure: failure)
+            lock.broadcast()
+            if let failure { throw failure }
+        }
     }
 
     /// Writes a checkpoint now (normally automatic): shortens the journal and makes

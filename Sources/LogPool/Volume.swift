@@ -54,13 +54,27 @@ public final class Volume: @unchecked Sendable {
 
     /// Reads `buffer.count` bytes at `offset`. Unwritten ranges read as zeros. Any offset
     /// and length inside the volume. A block failing its checksum throws `corrupt`.
+    ///
+    /// On a file the read is planned under the pool's lock and its `pread`s, checksums and
+    /// decompression run outside it (Specs/COMMIT.md §7), so reads from many threads run
+    /// at once and none waits for another call's I/O or a sync's fsync.
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
-        try pool.locked {
+        let engine = pool.engine
+        let plan: ReadPlan? = try pool.locked {
             let volume = try state()
             try checkRange(volume, offset, buffer.count)
-            guard buffer.count > 0 else { return }
-            try pool.engine.read(volume, byteOffset: offset, into: buffer)
+            guard buffer.count > 0 else { return nil }
+            guard engine.device.allowsConcurrentAccess else {
+                try engine.read(volume, byteOffset: offset, into: buffer)
+                return nil
+            }
+            let plan = try engine.planRead(volume, byteOffset: offset, byteCount: buffer.count)
+            engine.readers.enter()
+            return plan
         }
+        guard let plan else { return }
+        defer { engine.readers.leave() }
+        try plan.execute(on: engine.device, into: buffer)
     }
 
     /// Reads `length` bytes at `offset` into a new array.

@@ -1,0 +1,219 @@
+import Foundation
+import LogPoolFormat
+
+/// The read path (Specs/COMMIT.md §7): a read is planned under the pool's lock (map
+/// lookups, block locations, one tree descent per leaf) and executed outside it (`pread`,
+/// checksum, LZ4), so reads run on several threads at once and never wait for a write's
+/// work or a sync's fsync.
+///
+/// What a plan names must not be overwritten while it executes: block space becomes
+/// reusable only when a checkpoint commits (free segments, holes), and the checkpoint
+/// waits there for every read planned before it (``ReaderGate``).
+struct ReadPlan {
+    enum Step {
+        /// Unmapped: zeros.
+        case zeros(Range<Int>)
+        /// Whole uncompressed blocks lying back to back: one `pread` straight into the
+        /// destination, then each block's checksum.
+        case direct(Range<Int>, byteOffset: UInt64, blocks: [(id: UInt64, location: BlockLocation)])
+        /// Whole compressed blocks written back to back: one `pread` of their extents,
+        /// then each one checked and expanded into the destination.
+        case compressed(Range<Int>, byteOffset: UInt64, byteCount: Int, blocks: [(id: UInt64, location: BlockLocation)])
+        /// Part of one block: read (and expand) it whole, copy the part.
+        case partial(Range<Int>, id: UInt64, location: BlockLocation, offsetInBlock: Int)
+    }
+
+    var steps: [Step] = []
+    let blockByteCount: Int
+
+    /// Runs the plan: reads `device` and fills `destination`. Touches no engine state, so
+    /// it may run outside the pool's lock (on a device that allows concurrent access).
+    func execute(on device: BlockDevice, into destination: UnsafeMutableRawBufferPointer) throws {
+        var scratch: [UInt8] = []
+        for step in steps {
+            switch step {
+            case .zeros(let range):
+                UnsafeMutableRawBufferPointer(rebasing: destination[range]).initializeMemory(as: UInt8.self, repeating: 0)
+            case .direct(let range, let byteOffset, let blocks):
+                let span = UnsafeMutableRawBufferPointer(rebasing: destination[range])
+                try device.read(into: span, at: byteOffset)
+                for (i, block) in blocks.enumerated() {
+                    let piece = UnsafeRawBufferPointer(rebasing: span[(i * blockByteCount)..<((i + 1) * blockByteCount)])
+                    try Engine.verify(piece, id: block.id, location: block.location)
+                }
+            case .compressed(let range, let byteOffset, let byteCount, let blocks):
+                let stored = try device.read(byteCount: byteCount, at: byteOffset)
+                try stored.withUnsafeBytes { raw in
+                    for (i, block) in blocks.enumerated() {
+                        let from = Int(block.location.byteOffset - byteOffset)
+                        let piece = UnsafeRawBufferPointer(rebasing: raw[from..<from + Int(block.location.storedByteCount)])
+                        try Engine.verify(piece, id: block.id, location: block.location)
+                        let lower = range.lowerBound + i * blockByteCount
+                        try Engine.expand(piece, into: UnsafeMutableRawBufferPointer(rebasing: destination[lower..<lower + blockByteCount]),
+                                          id: block.id, location: block.location)
+                    }
+                }
+            case .partial(let range, let id, let location, let offsetInBlock):
+                if scratch.isEmpty { scratch = [UInt8](repeating: 0, count: blockByteCount) }
+                try scratch.withUnsafeMutableBytes { try Engine.readBlock(id, location: location, from: device, into: $0) }
+                scratch.withUnsafeBytes { raw in
+                    UnsafeMutableRawBufferPointer(rebasing: destination[range])
+                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[offsetInBlock..<offsetInBlock + range.count]))
+                }
+            }
+        }
+    }
+}
+
+/// Counts the reads executing outside the pool's lock. A reader enters while it holds
+/// the lock (planning) and leaves without it; whoever is about to make block space
+/// reusable, or close the device, waits under the lock until none is left. New readers
+/// need the lock to enter, so the wait ends.
+final class ReaderGate: @unchecked Sendable {
+    // `count` is guarded by `condition`.
+    private let condition = NSCondition()
+    private var count = 0
+
+    func enter() {
+        condition.lock()
+        count += 1
+        condition.unlock()
+    }
+
+    func leave() {
+        condition.lock()
+        count -= 1
+        if count == 0 { condition.broadcast() }
+        condition.unlock()
+    }
+
+    func waitUntilIdle() {
+        condition.lock()
+        while count > 0 { condition.wait() }
+        condition.unlock()
+    }
+}
+
+extension Engine {
+    // MARK: - Checking blocks
+
+    /// Throws `corrupt(data block)` unless `stored` matches block `id`'s checksum (promise 5:
+    /// a bad checksum is an error, never data).
+    static func verify(_ stored: UnsafeRawBufferPointer, id: UInt64, location: BlockLocation) throws {
+        let sum = Checksum.xxh3(stored)
+        guard sum == location.checksum else {
+            throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
+                                    detail: "block id \(id): checksum mismatch: expected \(hex(location.checksum)), found \(hex(sum))")
+        }
+    }
+
+    /// Decompresses verified stored bytes into exactly one block, or throws `corrupt`.
+    static func expand(_ stored: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer,
+                       id: UInt64, location: BlockLocation) throws {
+        guard BlockCompression.decompress(stored, into: destination) else {
+            throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
+                                    detail: "block id \(id): LZ4 data does not expand to \(destination.count) bytes")
+        }
+    }
+
+    /// Reads and checks the block at `location` into `destination` (exactly one block).
+    static func readBlock(_ id: UInt64, location: BlockLocation, from device: BlockDevice,
+                          into destination: UnsafeMutableRawBufferPointer) throws {
+        if !location.isCompressed && Int(location.storedByteCount) == destination.count {
+            try device.read(into: destination, at: location.byteOffset)
+            try verify(UnsafeRawBufferPointer(destination), id: id, location: location)
+            return
+        }
+        let stored = try device.read(byteCount: Int(location.storedByteCount), at: location.byteOffset)
+        try stored.withUnsafeBytes { try verify($0, id: id, location: location) }
+        guard location.isCompressed else {
+            throw PoolError.corrupt(structure: "data block", byteOffset: location.byteOffset,
+                                    detail: "block id \(id): stored \(stored.count) bytes uncompressed, expected \(destination.count)")
+        }
+        try stored.withUnsafeBytes { try expand($0, into: destination, id: id, location: location) }
+    }
+
+    /// Reads and checks block `id` into `destination` (exactly one block), under the lock.
+    func readBlock(_ id: UInt64, into destination: UnsafeMutableRawBufferPointer) throws {
+        let location = blockLocation(id)
+        if writeBehindPending { try deviceCall {} }
+        try Engine.readBlock(id, location: location, from: device, into: destination)
+    }
+
+    // MARK: - Planning reads
+
+    /// The plan for reading `byteCount` bytes of `volume` from `byteOffset` (range checked
+    /// by the caller). Runs of whole, uncompressed, physically adjacent blocks become one
+    /// `pread`, as do runs of compressed blocks written back to back. Queued payload
+    /// writes reach the device first, so the plan reads what the map says.
+    func planRead(_ volume: VolumeState, byteOffset: UInt64, byteCount: Int) throws -> ReadPlan {
+        if writeBehindPending { try deviceCall {} }
+        var plan = ReadPlan(blockByteCount: blockByteCount)
+        let bs = UInt64(blockByteCount)
+        let runLimit = 256
+        var done = 0
+        while done < byteCount {
+            let position = byteOffset + UInt64(done)
+            let blockIndex = position / bs
+            let inBlock = Int(position % bs)
+            let take = min(blockByteCount - inBlock, byteCount - done)
+            let id = mapLookup(volume.map, blockIndex: blockIndex)
+            if id == 0 {
+                // Extend over the following unmapped blocks.
+                var end = done + take
+                var next = blockIndex + 1
+                while end < byteCount, mapLookup(volume.map, blockIndex: next) == 0 {
+                    end = min(end + blockByteCount, byteCount)
+                    next += 1
+                }
+                plan.steps.append(.zeros(done..<end))
+                done = end
+                continue
+            }
+            let location = blockLocation(id)
+            guard inBlock == 0 && take == blockByteCount else {
+                plan.steps.append(.partial(done..<done + take, id: id, location: location, offsetInBlock: inBlock))
+                done += take
+                continue
+            }
+            var blocks: [(id: UInt64, location: BlockLocation)] = [(id, location)]
+            var next = blockIndex + 1
+            var extentEnd = location.byteOffset + (location.isCompressed ? location.allocatedByteCount : bs)
+            while (blocks.count + 1) * blockByteCount <= byteCount - done, blocks.count < runLimit {
+                let nextID = mapLookup(volume.map, blockIndex: next)
+                guard nextID != 0 else { break }
+                let nextLocation = blockLocation(nextID)
+                if location.isCompressed {
+                    guard nextLocation.isCompressed, nextLocation.byteOffset == extentEnd else { break }
+                    extentEnd += nextLocation.allocatedByteCount
+                } else {
+                    guard !nextLocation.isCompressed, Int(nextLocation.storedByteCount) == blockByteCount,
+                          nextLocation.byteOffset == extentEnd else { break }
+                    extentEnd += bs
+                }
+                blocks.append((nextID, nextLocation))
+                next += 1
+            }
+            let range = done..<done + blocks.count * blockByteCount
+            if location.isCompressed {
+                plan.steps.append(.compressed(range, byteOffset: location.byteOffset,
+                                              byteCount: Int(extentEnd - location.byteOffset), blocks: blocks))
+            } else if Int(location.storedByteCount) == blockByteCount {
+                plan.steps.append(.direct(range, byteOffset: location.byteOffset, blocks: blocks))
+            } else {
+                plan.steps.append(.partial(done..<done + take, id: id, location: location, offsetInBlock: 0))
+                done += take
+                continue
+            }
+            done = range.upperBound
+        }
+        return plan
+    }
+
+    /// Reads `destination.count` bytes of `volume` from `byteOffset` under the lock (range
+    /// checked by the caller). A failed read does not poison the pool: it changed nothing.
+    func read(_ volume: VolumeState, byteOffset: UInt64, into destination: UnsafeMutableRawBufferPointer) throws {
+        let plan = try planRead(volume, byteOffset: byteOffset, byteCount: destination.count)
+        try plan.execute(on: device, into: destination)
+    }
+}
