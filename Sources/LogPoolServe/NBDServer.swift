@@ -16,6 +16,8 @@ public final class NBDServer: Sendable {
     public let exportNames: [String]?
     public let readOnly: Bool
     let group: MultiThreadedEventLoopGroup
+    /// Threads that run engine calls (the event loops never block on the pool).
+    static let workerCount = 4
     let threadPool: NIOThreadPool
     let log: @Sendable (String) -> Void
     private let channels = Mutex<[Channel]>([])
@@ -28,7 +30,7 @@ public final class NBDServer: Sendable {
         self.readOnly = readOnly || pool.isReadOnly
         self.log = log
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        threadPool = NIOThreadPool(numberOfThreads: 4)
+        threadPool = NIOThreadPool(numberOfThreads: Self.workerCount)
         threadPool.start()
     }
 
