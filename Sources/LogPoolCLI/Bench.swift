@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import LogPool
 import LogPoolCLIKit
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -311,6 +312,8 @@ struct Bench: ParsableCommand {
         rows.append(Row(compression: label, workload: "rand-read-4K", unit: "IOPS", logpool: poolRandR, raw: rawRandR,
                         ratio: poolRandR / rawRandR, target: mode == .none ? ">= 0.50" : "-"))
 
+        rows += try concurrencyRows(pool: pool, volume: volume, readOffsets: readOffsets, oneThreadIOPS: poolRandR, label: label)
+
         // snapshot of the fully written volume; baseline: copying the raw file.
         settle()
         t0 = now()
@@ -394,6 +397,73 @@ struct Bench: ParsableCommand {
             rows.append(Row(compression: label, workload: "usable-of-1GiB-pool", unit: "%", logpool: Double(filled) / Double(1 << 30) * 100,
                             raw: nil, ratio: nil, target: ">= 90 (overhead < 10%)"))
         }
+        return rows
+    }
+}
+
+extension Bench {
+    /// Reads from two threads against one (the same offsets split in two), and read
+    /// latency while another thread writes with a sync every 32 writes against read
+    /// latency alone (Specs/COMMIT.md §7: reads run outside the lock and never wait for
+    /// an fsync).
+    func concurrencyRows(pool: Pool, volume: Volume, readOffsets: [Int], oneThreadIOPS: Double, label: String) throws -> [Row] {
+        var rows: [Row] = []
+        let halves = [Array(readOffsets[0..<(readOffsets.count / 2)]), Array(readOffsets[(readOffsets.count / 2)...])]
+        var twoThreads = 0.0
+        for _ in 0..<3 {
+            settle()
+            let group = DispatchGroup()
+            let t0 = now()
+            for half in halves {
+                group.enter()
+                Thread {
+                    var buffer = [UInt8](repeating: 0, count: 4096)
+                    for offset in half { try? buffer.withUnsafeMutableBytes { try volume.read(at: UInt64(offset), into: $0) } }
+                    group.leave()
+                }.start()
+            }
+            group.wait()
+            twoThreads = max(twoThreads, Double(readOffsets.count) / (now() - t0))
+        }
+        rows.append(Row(compression: label, workload: "rand-read-4K-2-threads", unit: "IOPS", logpool: twoThreads, raw: oneThreadIOPS,
+                        ratio: twoThreads / oneThreadIOPS, target: ">= 1.6 (vs 1 thread)"))
+
+        // p99 of 4 KiB reads, alone and while a writer syncs every 32 writes.
+        let written = try pool.createVolume(name: "bench-writer", size: 64 << 20)
+        func readLatencies() -> [Double] {
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            var latencies: [Double] = []
+            latencies.reserveCapacity(8192)
+            for offset in readOffsets.prefix(8192) {
+                let t0 = now()
+                try? buffer.withUnsafeMutableBytes { try volume.read(at: UInt64(offset), into: $0) }
+                latencies.append(now() - t0)
+            }
+            return latencies.sorted()
+        }
+        settle()
+        let alone = readLatencies()
+        let stop = Mutex(false)
+        let writerDone = DispatchSemaphore(value: 0)
+        Thread {
+            var generator = SplitMix(seed: 99)
+            let block = [UInt8](repeating: 0x5a, count: 4096)
+            var count = 0
+            while !stop.withLock({ $0 }) {
+                let offset = UInt64(generator.next() % UInt64((64 << 20) / 4096)) * 4096
+                try? written.write(at: offset, from: block)
+                count += 1
+                if count % 32 == 0 { try? pool.sync() }
+            }
+            writerDone.signal()
+        }.start()
+        let busy = readLatencies()
+        stop.withLock { $0 = true }
+        writerDone.wait()
+        try pool.delete(name: "bench-writer")
+        func p99(_ sorted: [Double]) -> Double { sorted[min(sorted.count - 1, sorted.count * 99 / 100)] * 1_000_000 }
+        rows.append(Row(compression: label, workload: "read-p99-during-syncs", unit: "us", logpool: p99(busy), raw: p99(alone),
+                        ratio: p99(busy) / p99(alone), target: "<= 2 (vs no writer)"))
         return rows
     }
 }
