@@ -65,9 +65,10 @@ public final class Pool: @unchecked Sendable {
     /// Longest volume name in UTF-8 bytes.
     public static let nameByteCountMax = 255
 
-    /// The pool's lock. A condition too: ``sync()`` callers wait on it for an fsync in
-    /// flight, and ``close()`` for one to finish.
-    let lock = NSCondition()
+    /// The pool's lock: exclusive for changes, shared for planning reads. A condition
+    /// too: ``sync()`` callers wait on it for an fsync in flight, and ``close()`` for one
+    /// to finish.
+    let lock = PoolLock()
     let engine: Engine
     private let fileDevice: FileDevice?
     public let path: String?
@@ -177,6 +178,14 @@ public final class Pool: @unchecked Sendable {
 
     func locked<T>(_ body: () throws -> T) rethrows -> T {
         lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+
+    /// `body` under the lock shared with other such calls: it must only read the
+    /// engine's state (reads' planning, COMMIT §7).
+    func sharedLocked<T>(_ body: () throws -> T) rethrows -> T {
+        lock.lockShared()
         defer { lock.unlock() }
         return try body()
     }

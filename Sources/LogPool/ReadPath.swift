@@ -217,3 +217,54 @@ extension Engine {
         try plan.execute(on: device, into: destination)
     }
 }
+
+/// The pool's lock (Specs/COMMIT.md §7): exclusive for every call that changes the
+/// engine's state, shared for planning reads, so reads on several threads plan at once.
+/// A POSIX read-write lock set to prefer writers, so a stream of reads cannot starve a
+/// write (glibc's default prefers readers). ``wait()`` and ``broadcast()`` give the
+/// exclusive side a condition, for group commit's waiters.
+final class PoolLock: @unchecked Sendable {
+    private let rw: UnsafeMutablePointer<pthread_rwlock_t>
+    private let changed = NSCondition()
+    /// Bumped by ``broadcast()``, under `changed`.
+    private var generation: UInt64 = 0
+
+    init() {
+        rw = .allocate(capacity: 1)
+        var attributes = pthread_rwlockattr_t()
+        pthread_rwlockattr_init(&attributes)
+        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
+        pthread_rwlock_init(rw, &attributes)
+        pthread_rwlockattr_destroy(&attributes)
+    }
+
+    deinit {
+        pthread_rwlock_destroy(rw)
+        rw.deallocate()
+    }
+
+    func lock() { pthread_rwlock_wrlock(rw) }
+    func lockShared() { pthread_rwlock_rdlock(rw) }
+    func unlock() { pthread_rwlock_unlock(rw) }
+
+    /// Called with the lock held exclusively: releases it, waits for the next
+    /// ``broadcast()``, takes it again.
+    func wait() {
+        changed.lock()
+        let seen = generation
+        changed.unlock()
+        unlock()
+        changed.lock()
+        while generation == seen { changed.wait() }
+        changed.unlock()
+        lock()
+    }
+
+    /// Wakes every ``wait()`` (called with the lock held exclusively).
+    func broadcast() {
+        changed.lock()
+        generation &+= 1
+        changed.broadcast()
+        changed.unlock()
+    }
+}

@@ -60,28 +60,36 @@ public final class Volume: @unchecked Sendable {
     /// at once and none waits for another call's I/O or a sync's fsync.
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         let engine = pool.engine
-        let plan: ReadPlan? = try pool.locked {
+        guard engine.device.allowsConcurrentAccess else {
+            return try pool.locked {
+                let volume = try state()
+                try checkRange(volume, offset, buffer.count)
+                guard buffer.count > 0 else { return }
+                try engine.read(volume, byteOffset: offset, into: buffer)
+            }
+        }
+        // Planning only reads the engine's state, so it shares the lock with other reads;
+        // payloads still queued for the device need the exclusive lock to drain first.
+        func plan() throws -> ReadPlan? {
             let volume = try state()
             try checkRange(volume, offset, buffer.count)
             guard buffer.count > 0 else { return nil }
-            guard engine.device.allowsConcurrentAccess else {
-                try engine.read(volume, byteOffset: offset, into: buffer)
-                return nil
-            }
             let plan = try engine.planRead(volume, byteOffset: offset, byteCount: buffer.count)
             engine.readers.enter()
             return plan
         }
-        guard let plan else { return }
+        let shared: ReadPlan?? = try pool.sharedLocked { engine.writeBehindPending ? .none : .some(try plan()) }
+        let planned = try shared ?? pool.locked { try plan() }
+        guard let planned else { return }
         defer { engine.readers.leave() }
-        try plan.execute(on: engine.device, into: buffer)
+        try planned.execute(on: engine.device, into: buffer)
     }
 
     /// Reads `length` bytes at `offset` into a new array.
     public func read(at offset: UInt64, length: Int) throws -> [UInt8] {
         guard length >= 0 else { throw PoolError.outOfRange("negative length \(length)") }
         // Check the range before allocating: a huge length is an error, not an allocation.
-        try pool.locked { try checkRange(try state(), offset, length) }
+        try pool.sharedLocked { try checkRange(try state(), offset, length) }
         var bytes = [UInt8](repeating: 0, count: length)
         try bytes.withUnsafeMutableBytes { try read(at: offset, into: $0) }
         return bytes
