@@ -320,6 +320,10 @@ final class ControlServer: @unchecked Sendable {
                 continue
             }
             _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+            // A client that connects and sends nothing must not hold a command slot for
+            // ever: its request has 10 s to arrive.
+            var timeout = timeval(tv_sec: 10, tv_usec: 0)
+            _ = setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             running.enter()
             Thread {
                 self.serve(client)
