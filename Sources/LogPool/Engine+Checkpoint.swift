@@ -21,12 +21,18 @@ extension Engine {
     func sync() throws {
         try checkUsable()
         guard !readOnly else { return }
-        if let batch = journal.takeBatch() {
-            try deviceWrite(batch.bytes, at: PoolGeometry.journalByteOffset + batch.ringByteOffset)
-        }
+        try writeJournalBatch()
         try deviceSync()
         journal.markDurable()
         unsyncedDataByteCount = 0
+    }
+
+    /// Pads the journal's buffered records to a 4 KiB boundary and writes them (the part of
+    /// a sync before its fsync).
+    private func writeJournalBatch() throws {
+        if let batch = journal.takeBatch() {
+            try deviceWrite(batch.bytes, at: PoolGeometry.journalByteOffset + batch.ringByteOffset)
+        }
     }
 
     /// What a sync whose fsync runs outside the lock covers: the journal through
@@ -43,9 +49,7 @@ extension Engine {
     /// the lock and calls ``finishSync(_:failure:)`` with it.
     func beginSync() throws -> SyncTicket {
         try checkWritable()
-        if let batch = journal.takeBatch() {
-            try deviceWrite(batch.bytes, at: PoolGeometry.journalByteOffset + batch.ringByteOffset)
-        }
+        try writeJournalBatch()
         try deviceCall {}
         let ticket = SyncTicket(sequence: journal.nextSequence, usedByteCount: journal.usedByteCount, epoch: journal.epoch)
         deviceDirty = false

@@ -1,5 +1,6 @@
 import Foundation
 import LogPoolFormat
+import Synchronization
 
 /// The read path (Specs/COMMIT.md §7): a read is planned under the pool's lock (map
 /// lookups, block locations, one tree descent per leaf) and executed outside it (`pread`,
@@ -67,30 +68,19 @@ struct ReadPlan {
 
 /// Counts the reads executing outside the pool's lock. A reader enters while it holds
 /// the lock (planning) and leaves without it; whoever is about to make block space
-/// reusable, or close the device, waits under the lock until none is left. New readers
-/// need the lock to enter, so the wait ends.
-final class ReaderGate: @unchecked Sendable {
-    // `count` is guarded by `condition`.
-    private let condition = NSCondition()
-    private var count = 0
+/// reusable, or close the device, waits with the lock held exclusively until none is
+/// left. New readers need the lock to enter, so the wait ends. An atomic count: entering
+/// and leaving sit on every read, the wait only at checkpoints and close, where polling
+/// for the few reads in flight costs nothing that matters.
+final class ReaderGate: Sendable {
+    private let count = Atomic<Int>(0)
 
-    func enter() {
-        condition.lock()
-        count += 1
-        condition.unlock()
-    }
+    func enter() { count.add(1, ordering: .acquiring) }
 
-    func leave() {
-        condition.lock()
-        count -= 1
-        if count == 0 { condition.broadcast() }
-        condition.unlock()
-    }
+    func leave() { count.subtract(1, ordering: .releasing) }
 
     func waitUntilIdle() {
-        condition.lock()
-        while count > 0 { condition.wait() }
-        condition.unlock()
+        while count.load(ordering: .acquiring) > 0 { usleep(20) }
     }
 }
 
@@ -210,12 +200,6 @@ extension Engine {
         return plan
     }
 
-    /// Reads `destination.count` bytes of `volume` from `byteOffset` under the lock (range
-    /// checked by the caller). A failed read does not poison the pool: it changed nothing.
-    func read(_ volume: VolumeState, byteOffset: UInt64, into destination: UnsafeMutableRawBufferPointer) throws {
-        let plan = try planRead(volume, byteOffset: byteOffset, byteCount: destination.count)
-        try plan.execute(on: device, into: destination)
-    }
 }
 
 /// The pool's lock (Specs/COMMIT.md §7): exclusive for every call that changes the

@@ -60,16 +60,7 @@ public final class Volume: @unchecked Sendable {
     /// at once and none waits for another call's I/O or a sync's fsync.
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         let engine = pool.engine
-        guard engine.device.allowsConcurrentAccess else {
-            return try pool.locked {
-                let volume = try state()
-                try checkRange(volume, offset, buffer.count)
-                guard buffer.count > 0 else { return }
-                try engine.read(volume, byteOffset: offset, into: buffer)
-            }
-        }
-        // Planning only reads the engine's state, so it shares the lock with other reads;
-        // payloads still queued for the device need the exclusive lock to drain first.
+        // Call under the lock. A plan returned has entered the reader gate.
         func plan() throws -> ReadPlan? {
             let volume = try state()
             try checkRange(volume, offset, buffer.count)
@@ -78,6 +69,16 @@ public final class Volume: @unchecked Sendable {
             engine.readers.enter()
             return plan
         }
+        guard engine.device.allowsConcurrentAccess else {
+            // Every device call under the lock (the crash simulator's device).
+            return try pool.locked {
+                guard let planned = try plan() else { return }
+                defer { engine.readers.leave() }
+                try planned.execute(on: engine.device, into: buffer)
+            }
+        }
+        // Planning only reads the engine's state, so it shares the lock with other reads;
+        // payloads still queued for the device need the exclusive lock to drain first.
         let shared: ReadPlan?? = try pool.sharedLocked { engine.writeBehindPending ? .none : .some(try plan()) }
         let planned = try shared ?? pool.locked { try plan() }
         guard let planned else { return }
