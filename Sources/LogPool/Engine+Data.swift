@@ -440,6 +440,7 @@ extension Engine {
 
     /// Makes room in the journal ring for a record, checkpointing when it is too full.
     func ensureJournalSpace(payloadByteCount: Int) throws {
+        try ensureMounted()
         let worst = JournalWriter.worstCaseByteCount(payloadByteCount: payloadByteCount)
         if journal.freeByteCount < worst || journal.usedByteCount > journal.ringByteCount / 4 * 3 {
             try checkpoint()
@@ -448,6 +449,7 @@ extension Engine {
 
     /// Journals `intent` (buffered; durable at the next sync) and applies it.
     func journalAndApply(_ intent: JournalIntent) throws {
+        assert(superblock.isMounted, "a change was journaled before the mounted flag was committed (ensureMounted)")
         if let flushed = journal.append(intent) {
             try deviceWrite(flushed.bytes, at: PoolGeometry.journalByteOffset + flushed.ringByteOffset)
         }

@@ -115,6 +115,7 @@ extension Pool {
 
     /// Differences between this pool's space state and `reopened`'s, a pool opened on
     /// this pool's bytes right after ``sync()`` (for tests: invariant 3 of issue 14).
+    /// Only meaningful while ``hasUnsyncedChanges`` is false.
     public func spaceStateDifferences(from reopened: Pool) -> [String] {
         locked { reopened.locked { engine.spaceStateDifferences(from: reopened.engine) } }
     }

@@ -99,7 +99,14 @@ extension Engine {
         }
         // liveBlockCount was set by loadCheckpoint and kept by replay's apply.
         engine.rebuildFreeSegmentList()
-        if !readOnly {
+        engine.resumeRootSegment()
+        // A cleanly closed pool that replay left as it was needs no commit now: the first
+        // change commits the mounted flag (``ensureMounted()``), so opening and closing
+        // a pool without changing it writes nothing (COMMIT §4 step 7).
+        let unchanged = !sb.isMounted && engine.superblock.generation == sb.generation
+            && engine.recoveryReport.replayedRecordCount == 0 && engine.replayWrittenSegments.isEmpty
+            && choice.otherSlotProblem == nil && !engine.rootNeedsRewrite && engine.recoveryReport.findings.isEmpty
+        if !readOnly && !unchanged {
             try engine.repairSegmentHeaders()
             try engine.checkpoint(mounted: true)
             if choice.otherSlotProblem != nil {
@@ -110,6 +117,35 @@ extension Engine {
             }
         }
         return engine
+    }
+
+    /// Appends go on in the segment that holds the durable checkpoint root, after its
+    /// last live extent, when the rest of it is a hole: a clean close leaves the open
+    /// segment's unwritten tail there, and starting a fresh segment at every open threw
+    /// that tail away (20 one-line CLI writes left ~20 MiB dead in a 64 MiB pool). The
+    /// tail is a hole (R-2: right after open's replay, no durable state references it,
+    /// trimmed to whole 4 KiB units), so writing there is as safe as writing into any
+    /// hole (COMMIT §5.2 R-3).
+    func resumeRootSegment() {
+        guard openSegment == nil, let root = checkpointExtent, !readOnly else { return }
+        let s = segment(of: root.byteOffset)
+        let end = geometry.segmentByteOffset(s) + UInt64(geometry.segmentByteCount)
+        guard segmentStates[s] == .used,
+              let h = holes.firstIndex(where: { $0.byteOffset + $0.byteCount == end && $0.byteOffset >= root.byteOffset + root.byteCount })
+        else { return }
+        appendByteOffset = holes[h].byteOffset
+        holes.remove(at: h)
+        segmentStates[s] = .open
+        openSegment = s
+    }
+
+    /// The first change after an open that committed nothing commits the mounted flag
+    /// first (a new epoch, nothing else), exactly as open did before: a crash from here
+    /// on is recovered as one of a mounted pool (J-7 applies), and `cleanlyClosed` is
+    /// reported false. Called before every journal record (``ensureJournalSpace(payloadByteCount:)``).
+    func ensureMounted() throws {
+        guard !superblock.isMounted else { return }
+        try checkpoint(mounted: true)
     }
 
     /// Segments that replayed records wrote into were opened in the crashed epoch, so

@@ -1,7 +1,7 @@
 import Foundation
 import LogPoolFormat
 
-/// Pool-wide figures. `used + dead + free + reserve + overhead == capacity`.
+/// Pool-wide figures. `used + dead + unwritten + reserve + overhead == capacity`.
 public struct PoolStats: Sendable, Equatable, Codable {
     /// Size of the pool file.
     public var capacityBytes: UInt64
@@ -9,8 +9,17 @@ public struct PoolStats: Sendable, Equatable, Codable {
     public var usedBytes: UInt64
     /// Written bytes no longer referenced, reclaimed by checkpoint and compaction.
     public var deadBytes: UInt64
-    /// Unwritten bytes available to new data (excludes the reserve).
+    /// The part of ``deadBytes`` the next checkpoint gives back on its own: segments with
+    /// nothing live left in them. The rest needs compaction (live data moved out first).
+    public var deadAtCheckpointBytes: UInt64 = 0
+    /// Bytes new data can still take: the payload less live data, metadata, the reserve
+    /// and the overwrite headroom (admission rule A-1). Dead space counts as available,
+    /// because a write that needs it checkpoints and compacts on its own; so this reads
+    /// 0 only when live data really fills the pool.
     public var freeBytes: UInt64
+    /// Unwritten bytes (free segments and the open segment's rest) less the reserve:
+    /// what writes take before anything has to be reclaimed.
+    public var unwrittenBytes: UInt64 = 0
     /// Segments held back so a checkpoint and a compaction can always run.
     public var reserveBytes: UInt64
     /// Superblocks, journal ring, segment headers and the unused file tail.
@@ -22,6 +31,9 @@ public struct PoolStats: Sendable, Equatable, Codable {
     public var segmentCount: Int
     public var freeSegmentCount: Int
     public var journalBytes: UInt64
+    /// Journal bytes written since the last checkpoint (a checkpoint starts on its own
+    /// when they pass three quarters of ``journalBytes``).
+    public var journalUsedBytes: UInt64 = 0
     public var compression: String
     /// False when the pool was open for writing and not closed (it was recovered).
     public var cleanlyClosed: Bool
@@ -203,9 +215,20 @@ public final class Pool: @unchecked Sendable {
                 engine.stopWriteBehind()
                 fileDevice?.closeDescriptor()
             }
-            if !engine.readOnly && engine.poisonCause == nil {
+            // A pool whose durable slot is not mounted has not changed since a clean
+            // open (every change commits the mounted flag first): nothing to write.
+            if !engine.readOnly && engine.poisonCause == nil && engine.superblock.isMounted {
                 try engine.checkpoint(mounted: false)
             }
+        }
+    }
+
+    /// True when changes were made since the last completed ``sync()`` (or checkpoint):
+    /// a crash now could lose them.
+    public var hasUnsyncedChanges: Bool {
+        locked {
+            engine.deviceDirty || engine.writeBehindPending || engine.journal.hasPendingBytes
+                || engine.journal.durableSequence < engine.journal.nextSequence
         }
     }
 
@@ -503,14 +526,18 @@ extension Engine {
         let unwritten = segmentRoomByteCount
         let reserve = min(reserveByteCount + overwriteHeadroomByteCount, unwritten)
         let capacity = geometry.capacityByteCount
-        let free = unwritten - reserve
         assert(used + dead + unwritten + overhead == capacity, "space figures do not add up")
         let snapshots = volumes.values.filter { $0.record.kind == .snapshot }.count
-        return PoolStats(capacityBytes: capacity, usedBytes: used, deadBytes: dead, freeBytes: free,
+        var deadAtCheckpoint: UInt64 = 0
+        for s in 0..<segmentStates.count where segmentStates[s] == .used && liveByteCount(s) == 0 {
+            deadAtCheckpoint += payload
+        }
+        return PoolStats(capacityBytes: capacity, usedBytes: used, deadBytes: dead, deadAtCheckpointBytes: deadAtCheckpoint,
+                         freeBytes: logicalRoomByteCount(newBlockCount: 0), unwrittenBytes: unwritten - reserve,
                          reserveBytes: reserve, overheadBytes: overhead, volumeCount: volumes.count - snapshots,
                          snapshotCount: snapshots, blockSize: blockByteCount, segmentSize: Int(geometry.segmentByteCount),
                          segmentCount: Int(geometry.segmentCount), freeSegmentCount: freeSegments.count,
-                         journalBytes: geometry.journalByteCount, compression: compression.description,
+                         journalBytes: geometry.journalByteCount, journalUsedBytes: journal.usedByteCount, compression: compression.description,
                          cleanlyClosed: !recoveryReport.wasMounted, generation: superblock.generation,
                          atomicWriteBytes: Engine.atomicUnitByteCount, writtenDataBytes: writtenDataByteCount,
                          movedDataBytes: compactionMovedByteCount)

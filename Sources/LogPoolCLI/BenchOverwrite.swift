@@ -85,7 +85,7 @@ extension Bench {
         guard truncated == 0 else { throw PoolError.io(errno: errno, operation: "ftruncate \(path)", byteOffset: 0) }
         let device = CountingDevice(try FileDevice(path: path, mode: .readWrite))
         let pool = try Pool.create(on: device, capacity: capacity, segmentSize: 1 << 20, compression: mode)
-        let target = pool.stats.freeBytes * UInt64(fullPercent) / 100
+        let target = pool.stats.unwrittenBytes * UInt64(fullPercent) / 100
         // Big enough that the pool fills before the volume does, whatever LZ4 gets.
         let volume = try pool.createVolume(name: "v", size: capacity * 4)
         var g = SplitMix(seed: UInt64(fullPercent * 10 + (hot ? 1 : 0)))

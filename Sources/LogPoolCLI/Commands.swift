@@ -96,8 +96,10 @@ struct Info: ParsableCommand {
         var rows = [
             ["capacity", formatBytes(s.capacityBytes)],
             ["used", formatBytes(s.usedBytes)],
-            ["dead (awaiting compaction)", formatBytes(s.deadBytes)],
-            ["free", formatBytes(s.freeBytes)],
+            ["dead (reclaimable)", formatBytes(s.deadBytes)],
+            ["  freed by the next checkpoint", formatBytes(s.deadAtCheckpointBytes)],
+            ["free (dead space included)", formatBytes(s.freeBytes)],
+            ["unwritten", formatBytes(s.unwrittenBytes)],
             ["reserve", formatBytes(s.reserveBytes)],
             ["overhead", formatBytes(s.overheadBytes)],
             ["volumes", "\(s.volumeCount)"],
@@ -416,7 +418,7 @@ struct Compact: ParsableCommand {
         }
         guard let before, let after else { return }
         try out("compacted \(report.segmentsCompacted) segments: moved \(report.blocksMoved) blocks (\(formatBytes(report.bytesMoved))), rewrote \(report.pagesRewritten) metadata pages")
-        try out("freed \(report.segmentsFreed) segments (\(formatBytes(report.bytesFreed))); dead \(formatBytes(before.deadBytes)) -> \(formatBytes(after.deadBytes)), free \(formatBytes(before.freeBytes)) -> \(formatBytes(after.freeBytes))")
+        try out("freed \(report.segmentsFreed) segments (\(formatBytes(report.bytesFreed))); dead \(formatBytes(before.deadBytes)) -> \(formatBytes(after.deadBytes)), unwritten \(formatBytes(before.unwrittenBytes)) -> \(formatBytes(after.unwrittenBytes))")
     }
 }
 

@@ -10,7 +10,7 @@ struct LogPoolCommand: ParsableCommand {
         discussion: "Sizes take plain bytes or a number with K, M, G, T, P or E (powers of 1024; 1.5G, 1GiB and 1GB all accepted). Exit status: 0 success, 1 an error the pool reported, 64 a usage error (verify and scrub: 0 clean, 1 repaired, 4 errors left, 8 could not check).",
         version: logPoolVersion,
         subcommands: [Init.self, Info.self, Create.self, List.self, Snapshot.self, Clone.self, Destroy.self,
-                      Rename.self, Resize.self, Write.self, Read.self, MapCommand.self, Export.self, Import.self, Discard.self, Serve.self, Compact.self, SyncCommand.self, VerifyCommand.self, ScrubCommand.self, Demo.self, Bench.self])
+                      Rename.self, Resize.self, Write.self, Read.self, MapCommand.self, Export.self, Import.self, Discard.self, Serve.self, Compact.self, SyncCommand.self, VerifyCommand.self, ScrubCommand.self, Demo.self, Bench.self, BenchProbe.self])
 }
 
 /// This build's version and the pool format it reads and writes.

@@ -181,13 +181,13 @@ struct TortureChild: ParsableCommand {
             let bytes = Array((line + "\n").utf8)
             _ = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
         }
-        let pool = try Pool.open(at: self.pool)
+        var pool = try Pool.open(at: self.pool)
         var model = LogPoolTesting.model(of: try contents(of: pool))
         var workload = WorkloadGenerator(seed: seed, weights: .swarm(seed: seed))
         for k in 1...max(1, ops) {
             let op = workload.next(model)
             note("B \(k)")
-            try apply(op, to: pool, model: &model)
+            try apply(op, to: &pool, model: &model, reopen: { [path = self.pool] in try Pool.open(at: path) })
             if op.isDurabilityPoint { note("S \(k)") }
         }
         try pool.close()

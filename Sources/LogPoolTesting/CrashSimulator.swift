@@ -138,7 +138,7 @@ public struct CrashFigures: Codable, Sendable {
         "replay-stop:bad-record-checksum", "replay-stop:bad-data-checksum",
         "relocate-replayed", "relocate-discarded", "segment-header-rewritten",
         "journal-synced-damage-reported", "damage-reported-on-read",
-        "checkpoint-on-full-pool", "pool-full", "large-exclusive-overwrite", "fsync-eio-fail-stop", "write-err-fail-stop",
+        "checkpoint-on-full-pool", "pool-full", "large-exclusive-overwrite", "reopened-clean", "fsync-eio-fail-stop", "write-err-fail-stop",
     ]
 
     mutating func mark(_ name: String) { marks[name, default: 0] += 1 }
@@ -654,7 +654,11 @@ public final class CrashSimulator {
             if !matchesLive(got, digest: Self.digest(got)) {
                 violation(id, "prefix", "recovered state matches no state from op \(durableIndex) to \(states.count - 1) (the durable one and later): \(firstDifference(got, states[durableIndex].content ?? [:])) (against op \(durableIndex)); last ops: \(opLog.suffix(6))")
             }
-            if pool.stats.generation <= durableGeneration {
+            // A cleanly closed slot with nothing to replay is not committed at open
+            // (COMMIT §4 step 7): its generation may stay; any other recovery commits.
+            let report = pool.recoveryReport
+            let mustCommit = report.wasMounted || report.replayedRecordCount > 0 || report.otherSlotProblem != nil
+            if pool.stats.generation < durableGeneration || (mustCommit && pool.stats.generation == durableGeneration) {
                 violation(id, "generation", "recovered generation \(pool.stats.generation), the durable image already had \(durableGeneration)")
             }
             let problems = pool.internalConsistencyProblems()
@@ -811,7 +815,7 @@ public final class CrashSimulator {
         var model = LogPoolTesting.model(of: got)
         let second = nested(.secondCrash, secondDevice, model: model)
         do {
-            let pool = try Pool.open(on: secondDevice)
+            var pool = try Pool.open(on: secondDevice)
             var workload = WorkloadGenerator(seed: id.hash)
             // Six random ops, a checkpoint, four more, a compaction, a sync; each random op
             // is drawn from the model as it is then, so it is valid.
@@ -823,7 +827,7 @@ public final class CrashSimulator {
                 apply(op, to: &after)
                 second.opStarting(after)
                 do {
-                    try apply(op, to: pool, model: &model)
+                    try apply(op, to: &pool, model: &model, reopen: { try Pool.open(on: secondDevice) })
                 } catch PoolError.poolFull {
                     continue  // nothing changed (checked by the near-full workload)
                 }

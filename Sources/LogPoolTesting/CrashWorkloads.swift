@@ -44,7 +44,7 @@ public enum CrashWorkloads {
         var workload = WorkloadGenerator(seed: seed, weights: .swarm(seed: seed))
         for _ in 0..<opCount {
             let op = workload.next(model)
-            try step(op, pool: pool, device: device, model: &model, simulator: simulator)
+            try step(op, pool: &pool, device: device, model: &model, simulator: simulator)
             if let only, device.syncCount >= only.point { break }
         }
         let problems = pool.internalConsistencyProblems()
@@ -56,17 +56,18 @@ public enum CrashWorkloads {
 
     /// Runs one op under the simulator: applies it, records its state and what its
     /// success made durable.
-    static func step(_ op: Op, pool: Pool, device: SimulatedDevice, model: inout ReferenceModel, simulator: CrashSimulator) throws {
+    static func step(_ op: Op, pool: inout Pool, device: SimulatedDevice, model: inout ReferenceModel, simulator: CrashSimulator) throws {
         let syncsBefore = device.syncCount
         var after = model
         apply(op, to: &after)
         simulator.opStarting(after)
-        try apply(op, to: pool, model: &model)
+        try apply(op, to: &pool, model: &model, reopen: { try Pool.open(on: device) })
+        if case .reopen = op { simulator.mark("reopened-clean") }
         // A sync inside this op made everything before it durable.
         if device.syncCount > syncsBefore { simulator.madeDurable() }
         simulator.opFinished(op, model: model)
         if op.isDurabilityPoint { simulator.madeDurable() }
-        if device.syncCount > syncsBefore { try checkSpaceState(pool, device, simulator: simulator, after: "\(op)") }
+        if device.syncCount > syncsBefore, !pool.hasUnsyncedChanges { try checkSpaceState(pool, device, simulator: simulator, after: "\(op)") }
     }
 
     /// The live engine's space state must be what a reopen of the synced bytes rebuilds
@@ -94,7 +95,7 @@ public enum CrashWorkloads {
         defer { simulator.detach(from: device) }
         for op in ops where isApplicable(op, to: model) {
             do {
-                try step(op, pool: pool, device: device, model: &model, simulator: simulator)
+                try step(op, pool: &pool, device: device, model: &model, simulator: simulator)
             } catch PoolError.notFound, PoolError.exists, PoolError.outOfRange, PoolError.invalidArgument, PoolError.readOnly {
                 continue
             }
@@ -140,8 +141,8 @@ public enum CrashWorkloads {
     /// apply to the state it meets (deleting a snapshot when there is none) is a no-op.
     public static let coreOps = ["write-aligned", "write-unaligned", "overwrite", "discard", "snapshot", "clone",
                                  "delete-snapshot", "delete-volume", "resize-grow", "resize-shrink", "rename", "compact"]
-    /// What follows each op: nothing, a sync or a checkpoint.
-    public static let followers = ["", "sync", "checkpoint"]
+    /// What follows each op: nothing, a sync, a checkpoint, or a clean close and reopen.
+    public static let followers = ["", "sync", "checkpoint", "reopen"]
     /// Choices per step: core op × follower.
     public static var choicesPerStep: Int { coreOps.count * followers.count }
 
@@ -169,7 +170,7 @@ public enum CrashWorkloads {
     public static func sequence(index: UInt64, length: Int, physicalSectorByteCount: Int, samples: Int = 3, lyingSync: Bool = false,
                                 only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
         let device = SimulatedDevice(byteCount: 8 << 20)
-        let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10,
+        var pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10,
                                    compression: index % 2 == 0 ? .none : .lz4)
         var model = ReferenceModel()
         for name in ["a", "b"] {
@@ -197,8 +198,8 @@ public enum CrashWorkloads {
             counter += 1
             var ops: [Op] = []
             if let op = coreOp(parts[0], model: model, counter: counter) { ops.append(op) }
-            if parts.count > 1 { ops.append(parts[1] == "sync" ? .sync : .checkpoint) }
-            for op in ops { try CrashWorkloads.step(op, pool: pool, device: device, model: &model, simulator: simulator) }
+            if parts.count > 1 { ops.append(parts[1] == "sync" ? .sync : parts[1] == "reopen" ? .reopen : .checkpoint) }
+            for op in ops { try CrashWorkloads.step(op, pool: &pool, device: device, model: &model, simulator: simulator) }
             if let only, device.syncCount >= only.point { break }
         }
         let problems = pool.internalConsistencyProblems()
@@ -245,7 +246,7 @@ public enum CrashWorkloads {
     public static func nearFull(seed: UInt64, steps: Int, physicalSectorByteCount: Int, samples: Int = 3, compoundEvery: Int = 0, lyingSync: Bool = false,
                                 only: CrashStateID? = nil, onViolation: ((CrashViolation) -> Void)? = nil) throws -> CrashSimulator {
         let device = SimulatedDevice(byteCount: 8 << 20)
-        let pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10, compression: .none)
+        var pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: 4096, segmentSize: 64 << 10, compression: .none)
         var model = ReferenceModel()
         try pool.createVolume(name: "v", size: 7 << 20)
         model.create("v", size: 7 << 20)
@@ -296,7 +297,7 @@ public enum CrashWorkloads {
             let syncsBefore = device.syncCount
             let generationBefore = pool.stats.generation
             let stats = pool.stats
-            let nearlyFull = stats.freeBytes < stats.capacityBytes / 10
+            let nearlyFull = stats.unwrittenBytes < stats.capacityBytes / 10
             var label = ""
             do {
                 if let range = exclusiveRange {
@@ -342,6 +343,13 @@ public enum CrashWorkloads {
                 } else if roll < 92 {
                     label = "sync"
                     try pool.sync()
+                } else if roll < 95 {
+                    // A clean close and a reopen: the next change commits the mounted flag
+                    // and appends resume in the root's segment (COMMIT §4 step 7, R-3).
+                    label = "reopen"
+                    try pool.close()
+                    pool = try Pool.open(on: device)
+                    simulator.mark("reopened-clean")
                 } else {
                     label = "compact"
                     _ = try pool.compact()
@@ -359,8 +367,10 @@ public enum CrashWorkloads {
             if pool.stats.generation > generationBefore, nearlyFull { simulator.mark("checkpoint-on-full-pool") }
             if device.syncCount > syncsBefore { simulator.madeDurable() }
             simulator.opFinished(label, model: model)
-            if roll >= 85 && roll < 92 { simulator.madeDurable() }
-            if device.syncCount > syncsBefore { try checkSpaceState(pool, device, simulator: simulator, after: "near-full seed \(seed) step \(step): \(label)") }
+            if roll >= 85 && roll < 95 { simulator.madeDurable() }
+            if device.syncCount > syncsBefore, !pool.hasUnsyncedChanges {
+                try checkSpaceState(pool, device, simulator: simulator, after: "near-full seed \(seed) step \(step): \(label)")
+            }
             let problems = pool.internalConsistencyProblems()
             if !problems.isEmpty {
                 throw PoolError.invalidArgument("near-full seed \(seed) step \(step): the live pool is inconsistent: \(problems.prefix(3))")
@@ -482,7 +492,7 @@ public enum CrashWorkloads {
             var after = model
             apply(op, to: &after)
             do {
-                try apply(op, to: pool, model: &model)
+                try apply(op, to: &pool, model: &model, reopen: { try Pool.open(on: device) })
             } catch PoolError.io {
                 failedOp = op.description
                 inProgress = logical(after)
@@ -502,6 +512,8 @@ public enum CrashWorkloads {
             try pool.sync()
             violations.append("fail-stop: sync after the failed \(failedOp) succeeded")
         } catch PoolError.poisoned {
+        } catch PoolError.closed where failedOp == Op.reopen.description {
+            // The close of a reopen failed: the handle is closed all the same.
         } catch {
             violations.append("fail-stop: sync after the failed \(failedOp) threw \(error), not poisoned")
         }

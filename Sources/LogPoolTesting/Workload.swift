@@ -12,11 +12,13 @@ public enum Op: CustomStringConvertible, Sendable {
     case sync
     case checkpoint
     case compact
+    /// Close the pool (a clean close) and open it again read-write.
+    case reopen
 
     /// Ops whose success means everything before them is durable.
     public var isDurabilityPoint: Bool {
         switch self {
-        case .sync, .checkpoint, .compact: true
+        case .sync, .checkpoint, .compact, .reopen: true
         default: false
         }
     }
@@ -33,13 +35,14 @@ public enum Op: CustomStringConvertible, Sendable {
         case .sync: "sync"
         case .checkpoint: "checkpoint"
         case .compact: "compact"
+        case .reopen: "reopen"
         }
     }
 }
 
 /// Relative weights of the kinds of op a workload draws.
 public struct OpWeights: Sendable, CustomStringConvertible {
-    public var write = 45, discard = 7, branch = 6, delete = 4, rename = 3, resize = 5, sync = 20, checkpoint = 8, compact = 2
+    public var write = 45, discard = 7, branch = 6, delete = 4, rename = 3, resize = 5, sync = 20, checkpoint = 8, compact = 2, reopen = 0
 
     public init() {}
 
@@ -58,11 +61,12 @@ public struct OpWeights: Sendable, CustomStringConvertible {
         weights.sync = draw([5, 10, 20, 40])
         weights.checkpoint = draw([0, 2, 5, 10])
         weights.compact = draw([0, 1, 3])
+        weights.reopen = draw([0, 0, 1, 3])
         return weights
     }
 
     public var description: String {
-        "write \(write) discard \(discard) branch \(branch) delete \(delete) rename \(rename) resize \(resize) sync \(sync) checkpoint \(checkpoint) compact \(compact)"
+        "write \(write) discard \(discard) branch \(branch) delete \(delete) rename \(rename) resize \(resize) sync \(sync) checkpoint \(checkpoint) compact \(compact) reopen \(reopen)"
     }
 }
 
@@ -92,7 +96,7 @@ public struct WorkloadGenerator: Sendable {
         counter += 1
         let w = weights
         let kinds: [(Int, Int)] = [(0, w.write), (1, w.discard), (2, w.branch), (3, w.delete), (4, w.rename),
-                                   (5, w.resize), (6, w.sync), (7, w.checkpoint), (8, w.compact)]
+                                   (5, w.resize), (6, w.sync), (7, w.checkpoint), (8, w.compact), (9, w.reopen)]
         var roll = Int.random(in: 0..<max(1, kinds.reduce(0) { $0 + $1.1 }), using: &generator)
         var kind = 6
         for (k, weight) in kinds {
@@ -128,6 +132,7 @@ public struct WorkloadGenerator: Sendable {
             return .resize(v, Int.random(in: 1...24, using: &generator) * blockSize)
         case 7: return .checkpoint
         case 8: return .compact
+        case 9: return .reopen
         default: return .sync
         }
     }
@@ -143,7 +148,7 @@ public func apply(_ op: Op, to model: inout ReferenceModel) {
     case .delete(let n): model.delete(n)
     case .rename(let a, let b): model.rename(a, to: b)
     case .resize(let v, let n): model.resize(v, size: n)
-    case .sync, .checkpoint, .compact: break
+    case .sync, .checkpoint, .compact, .reopen: break
     }
 }
 
@@ -161,7 +166,7 @@ public func isApplicable(_ op: Op, to model: ReferenceModel) -> Bool {
     case .delete(let n): return model.volumes[n] != nil
     case .rename(let a, let b): return model.volumes[a] != nil && model.volumes[b] == nil
     case .resize(let v, let n): return writable(v) != nil && n > 0
-    case .sync, .checkpoint, .compact: return true
+    case .sync, .checkpoint, .compact, .reopen: return true
     }
 }
 
@@ -172,8 +177,10 @@ public func model(of contents: [String: ReferenceModel.Entry]) -> ReferenceModel
     return model
 }
 
-/// Runs `op` on the pool and, when it succeeds, on the model.
-public func apply(_ op: Op, to pool: Pool, model: inout ReferenceModel) throws {
+/// Runs `op` on the pool and, when it succeeds, on the model. `reopen` opens the pool
+/// again after `.reopen` closed it (the caller knows its device or path); without it
+/// `.reopen` is refused.
+public func apply(_ op: Op, to pool: inout Pool, model: inout ReferenceModel, reopen: (() throws -> Pool)? = nil) throws {
     switch op {
     case .write(let v, let o, let d):
         try pool.openVolume(name: v).write(at: UInt64(o), from: d)
@@ -202,6 +209,10 @@ public func apply(_ op: Op, to pool: Pool, model: inout ReferenceModel) throws {
         try pool.checkpoint()
     case .compact:
         _ = try pool.compact()
+    case .reopen:
+        guard let reopen else { throw PoolError.invalidArgument("reopen: this workload cannot open its pool again") }
+        try pool.close()
+        pool = try reopen()
     }
 }
 

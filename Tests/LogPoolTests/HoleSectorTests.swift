@@ -20,7 +20,7 @@ struct HoleSectorTests {
         }
         let volume = try pool.createVolume(name: "v", size: UInt64(capacity) * 2)
         var blocks = 0
-        let target = pool.stats.freeBytes * 85 / 100
+        let target = pool.stats.unwrittenBytes * 85 / 100
         while pool.stats.usedBytes < target {
             try volume.write(at: UInt64(blocks) * 4096, from: block())
             blocks += 1

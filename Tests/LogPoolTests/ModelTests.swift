@@ -32,7 +32,7 @@ struct ModelTests {
             // Keep sizes multiples of this pool's block size.
             if case .resize(let v, let n) = op { op = .resize(v, max(1, n / 4096) * blockSize * 4) }
             do {
-                try apply(op, to: pool, model: &model)
+                try apply(op, to: &pool, model: &model)
             } catch PoolError.poolFull {
                 // Allowed only for writes; the model stays as it was (nothing changed).
                 guard case .write = op else { Issue.record("seed \(seed) step \(step): poolFull on \(op)"); return }

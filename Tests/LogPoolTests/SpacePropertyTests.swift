@@ -133,7 +133,7 @@ struct SpaceRun {
     }
 
     mutating func go() throws {
-        let free = pool.stats.freeBytes
+        let free = pool.stats.unwrittenBytes
         let total = free * UInt64(config.overcommitPercent) / 100
         for _ in 0..<config.volumeCount {
             let blocks = max(1, Int(total / UInt64(config.volumeCount) / UInt64(block)))

@@ -41,7 +41,7 @@ struct SpaceTests {
         let capacity = megabytes << 20
         let device = SimulatedDevice(byteCount: capacity)
         let pool = try Pool.create(on: device, capacity: UInt64(capacity), segmentSize: segmentMegabytes << 20, compression: .lz4)
-        let size = UInt64(pool.stats.freeBytes) * UInt64(overcommitPercent) / 100 / 4096 * 4096
+        let size = UInt64(pool.stats.unwrittenBytes) * UInt64(overcommitPercent) / 100 / 4096 * 4096
         let v = try pool.createVolume(name: "v", size: size)
         var generator = SeededGenerator(seed: seed)
         var written: UInt64 = 0
