@@ -15,7 +15,7 @@ extension Engine {
         func checkName(_ name: String) throws {
             do { try Pool.validate(name: name, strict: false) } catch { throw bad("volume name is invalid: \(error)") }
             let limit = Int(geometry.segmentPayloadByteCount) - PoolGeometry.pageByteCount
-            guard plannedRoot().unpaddedByteCount + 58 + name.utf8.count <= limit else {
+            guard plannedRootUnpaddedByteCount + CheckpointRoot.volumeRowByteCount(name: name) <= limit else {
                 throw bad("the volume table would outgrow one segment")
             }
         }
@@ -37,6 +37,7 @@ extension Engine {
             let record = VolumeRecord(id: id, kind: .volume, name: name, sizeByteCount: size, createdTime: time,
                                       originID: 0, mapRoot: .none, mapHeight: height)
             volumes[id] = VolumeState(record: record, map: Tree(kind: .map, root: nil, height: height))
+            volumeRowByteTotal += CheckpointRoot.volumeRowByteCount(name: name)
             volumeIDsByName[name] = id
             nextVolumeID = id + 1
         case .branch(let id, let sourceID, let kind, let name, let time):
@@ -48,6 +49,7 @@ extension Engine {
             let record = VolumeRecord(id: id, kind: kind, name: name, sizeByteCount: source.record.sizeByteCount,
                                       createdTime: time, originID: sourceID, mapRoot: .none, mapHeight: source.map.height)
             volumes[id] = VolumeState(record: record, map: source.map)
+            volumeRowByteTotal += CheckpointRoot.volumeRowByteCount(name: name)
             volumeIDsByName[name] = id
             nextVolumeID = id + 1
         case .delete(let id):
@@ -55,11 +57,13 @@ extension Engine {
             if let root = volume.map.root { release(root, kind: .map) }
             volume.isDeleted = true
             volumes[id] = nil
+            volumeRowByteTotal -= CheckpointRoot.volumeRowByteCount(name: volume.record.name)
             volumeIDsByName[volume.record.name] = nil
         case .rename(let id, let name):
             guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
             guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }
             volumeIDsByName[volume.record.name] = nil
+            volumeRowByteTotal += CheckpointRoot.volumeRowByteCount(name: name) - CheckpointRoot.volumeRowByteCount(name: volume.record.name)
             volume.record.name = name
             volumeIDsByName[name] = id
         case .resize(let id, let size):

@@ -204,7 +204,7 @@ extension Engine {
             // Each step's checkpoint writes a root and moves the append point to the next
             // 4 KiB boundary; so does a sync the engine makes on its own inside the batch
             // (the J-7 bound, after a relocate record).
-            let stepWaste = UInt64(steps) * (UInt64(plannedRoot().encodedByteCount) + UInt64(PoolGeometry.durableAlignmentByteCount))
+            let stepWaste = UInt64(steps) * (UInt64(plannedRootByteCount) + UInt64(PoolGeometry.durableAlignmentByteCount))
             let syncWaste = (data / maxBatchDataByteCount + 2) * UInt64(PoolGeometry.durableAlignmentByteCount) + stepWaste
             // Holes inside victims are not room: copies must land outside them.
             guard data + UInt64(pagesAtOnce) * page + fixed + syncWaste + usableHoleByteCount(in: trialVictims) <= room else { break }

@@ -205,7 +205,7 @@ extension Engine {
         for _ in 0..<(pageCount + dirtyPageCount) {
             guard place(byteCount: page, alignment: page, in: &plan) != nil else { return false }
         }
-        let root = Int(sectorAligned(UInt64(plannedRoot().encodedByteCount)))
+        let root = Int(sectorAligned(UInt64(plannedRootByteCount)))
         return place(byteCount: root, alignment: PoolGeometry.sectorByteCount, in: &plan) != nil && plan.freeSegments.count >= keepFree
     }
 
@@ -293,7 +293,7 @@ extension Engine {
         let page = UInt64(PoolGeometry.pageByteCount)
         let slack = UInt64(blockByteCount + PoolGeometry.pageByteCount)
         let meta = metaLiveTotal + UInt64(dirtyPageCount) * page - UInt64(pendingPageReleases.count) * page
-            + UInt64(plannedRoot().encodedByteCount)
+            + UInt64(plannedRootByteCount)
             + UInt64(blockTableReservedPageCount(forAllocating: newBlockCount)) * page
         let payload = UInt64(geometry.segmentCount) * usablePayloadByteCount
         let held = dataLiveTotal + meta + reserveByteCount + overwriteHeadroomByteCount + slack

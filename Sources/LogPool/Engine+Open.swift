@@ -187,6 +187,7 @@ extension Engine {
         for record in root.volumes {
             let map = Tree(kind: .map, root: try loadNode(record.mapRoot, kind: .map, level: record.mapHeight - 1, base: 0, cache: &cache), height: record.mapHeight)
             volumes[record.id] = VolumeState(record: record, map: map)
+            volumeRowByteTotal += CheckpointRoot.volumeRowByteCount(name: record.name)
             volumeIDsByName[record.name] = record.id
         }
         // The id-indexed arrays are sized only once the pages that justify the limit have

@@ -466,7 +466,7 @@ extension Engine {
         default: break
         }
         let limit = Int(geometry.segmentPayloadByteCount) - PoolGeometry.pageByteCount
-        guard plannedRoot().unpaddedByteCount + growth <= limit else {
+        guard plannedRootUnpaddedByteCount + growth <= limit else {
             throw PoolError.invalidArgument("the volume table would outgrow one segment (\(limit) bytes): \(volumes.count) volumes and snapshots; use a pool with larger segments")
         }
         try ensureJournalSpace(payloadByteCount: intent.payloadByteCount)

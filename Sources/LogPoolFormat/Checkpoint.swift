@@ -70,7 +70,17 @@ public struct CheckpointRoot: Sendable, Equatable {
     /// Encoded length before sector padding (independent of the usage values, so the
     /// root's own extent can be planned before the usage table is final).
     public var unpaddedByteCount: Int {
-        Self.headerByteCount + volumes.reduce(0) { $0 + 56 + 2 + $1.name.utf8.count } + segmentLiveByteCounts.count * 8 + 8
+        Self.unpaddedByteCount(volumeRowByteTotal: volumes.reduce(0) { $0 + Self.volumeRowByteCount(name: $1.name) },
+                               segmentCount: segmentLiveByteCounts.count)
+    }
+
+    /// The encoded length of one volume row (58 bytes and the name).
+    public static func volumeRowByteCount(name: String) -> Int { 56 + 2 + name.utf8.count }
+
+    /// ``unpaddedByteCount`` of a root whose volume rows take `volumeRowByteTotal` bytes,
+    /// without building it.
+    public static func unpaddedByteCount(volumeRowByteTotal: Int, segmentCount: Int) -> Int {
+        headerByteCount + volumeRowByteTotal + segmentCount * 8 + 8
     }
 
     public var encodedByteCount: Int { Int(sectorAligned(UInt64(unpaddedByteCount))) }
