@@ -141,18 +141,23 @@ extension Engine {
         var plan = ReadPlan(blockByteCount: blockByteCount)
         let bs = UInt64(blockByteCount)
         let runLimit = 256
+        var map = MapCursor(volume.map)
+        // One retain of the location cache for the whole plan, not an exclusivity check
+        // and a retain per block.
+        let locations = self.locations
+        func locate(_ id: UInt64) -> BlockLocation { id < UInt64(locations.count) ? locations[Int(id)] : .free }
         var done = 0
         while done < byteCount {
             let position = byteOffset + UInt64(done)
             let blockIndex = position / bs
             let inBlock = Int(position % bs)
             let take = min(blockByteCount - inBlock, byteCount - done)
-            let id = mapLookup(volume.map, blockIndex: blockIndex)
+            let id = map.id(at: blockIndex)
             if id == 0 {
                 // Extend over the following unmapped blocks.
                 var end = done + take
                 var next = blockIndex + 1
-                while end < byteCount, mapLookup(volume.map, blockIndex: next) == 0 {
+                while end < byteCount, map.id(at: next) == 0 {
                     end = min(end + blockByteCount, byteCount)
                     next += 1
                 }
@@ -160,7 +165,7 @@ extension Engine {
                 done = end
                 continue
             }
-            let location = blockLocation(id)
+            let location = locate(id)
             guard inBlock == 0 && take == blockByteCount else {
                 plan.steps.append(.partial(done..<done + take, id: id, location: location, offsetInBlock: inBlock))
                 done += take
@@ -170,9 +175,9 @@ extension Engine {
             var next = blockIndex + 1
             var extentEnd = location.byteOffset + (location.isCompressed ? location.allocatedByteCount : bs)
             while (blocks.count + 1) * blockByteCount <= byteCount - done, blocks.count < runLimit {
-                let nextID = mapLookup(volume.map, blockIndex: next)
+                let nextID = map.id(at: next)
                 guard nextID != 0 else { break }
-                let nextLocation = blockLocation(nextID)
+                let nextLocation = locate(nextID)
                 if location.isCompressed {
                     guard nextLocation.isCompressed, nextLocation.byteOffset == extentEnd else { break }
                     extentEnd += nextLocation.allocatedByteCount

@@ -60,3 +60,39 @@ struct Tree {
 
     var capacity: UInt64 { PageLayout.capacity(kind: kind, height: height) }
 }
+
+/// Looks up a map's slots in increasing order with one tree descent per leaf, not per
+/// slot (issue 11: a read of many blocks costs a descent per leaf): the current leaf's
+/// words are kept and reused while the slots stay inside it.
+struct MapCursor {
+    let tree: Tree
+    private var words: [UInt64] = []
+    /// Slots [base, base + fanout) are covered by `words` (empty: an unmapped subtree).
+    private var base: UInt64 = 1
+    private var end: UInt64 = 0
+    private let fanout = UInt64(PageLayout.mapLeafFanout)
+
+    init(_ tree: Tree) { self.tree = tree }
+
+    /// The block id at `slot` (0 = unmapped), descending only when `slot` leaves the
+    /// current leaf.
+    mutating func id(at slot: UInt64) -> UInt64 {
+        if slot < base || slot >= end { descend(to: slot) }
+        return words.isEmpty ? 0 : words[Int(slot - base)]
+    }
+
+    private mutating func descend(to slot: UInt64) {
+        base = slot - slot % fanout
+        end = base + fanout
+        words = []
+        guard slot < tree.capacity, var node = tree.root else { return }
+        var remainder = slot
+        while node.level > 0 {
+            let span = tree.span(level: node.level)
+            guard let child = node.children[Int(remainder / span)] else { return }
+            remainder %= span
+            node = child
+        }
+        words = node.words
+    }
+}

@@ -312,7 +312,7 @@ struct Bench: ParsableCommand {
         for i in 0..<(total >> 20) { _ = big.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 1 << 20, off_t(i << 20)) } }
         let rawSeqR = Double(total) / (now() - t0) / 1e6
         rows.append(Row(compression: label, workload: "seq-read-1M", unit: "MB/s", logpool: poolSeqR, raw: rawSeqR,
-                        ratio: poolSeqR / rawSeqR, target: "-"))
+                        ratio: poolSeqR / rawSeqR, target: ">= 0.80"))
 
         // rand-read-4K over the sequentially written volume.
         let reads = 32768
@@ -330,7 +330,7 @@ struct Bench: ParsableCommand {
             poolRandR = max(poolRandR, Double(reads) / (now() - t0))
         }
         rows.append(Row(compression: label, workload: "rand-read-4K", unit: "IOPS", logpool: poolRandR, raw: rawRandR,
-                        ratio: poolRandR / rawRandR, target: mode == .none ? ">= 0.50" : "-"))
+                        ratio: poolRandR / rawRandR, target: mode == .none ? ">= 0.70" : "-"))
 
         rows += try concurrencyRows(pool: pool, volume: volume, readOffsets: readOffsets, oneThreadIOPS: poolRandR, label: label)
 
@@ -384,7 +384,7 @@ struct Bench: ParsableCommand {
         let replayed = recovered.recoveryReport.replayedRecordCount
         try recovered.close()
         rows.append(Row(compression: label, workload: "open-after-crash", unit: "ms", logpool: openCrash, raw: nil, ratio: nil,
-                        target: "\(replayed) records replayed, gen \(generation)"))
+                        target: "<= 150 ms (\(replayed) records replayed, gen \(generation))"))
         rows.append(Row(compression: label, workload: "peak-rss-per-GiB", unit: "MiB", logpool: rssPerGiB, raw: nil, ratio: nil, target: "-"))
 
         // The hard case for LZ4, reported beside the typical one.

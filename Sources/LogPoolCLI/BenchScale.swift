@@ -39,6 +39,7 @@ struct BenchProbe: ParsableCommand {
     @Option var coldReads: Int = 0
     @Option var reads: Int = 0
     @Option var seed: UInt64 = 1
+    @Option(help: "Passes of 1 MiB sequential reads over the whole volume (for profiling).") var sequentialPasses: Int = 0
 
     func run() throws {
         guard coldReads >= 0, reads >= 0, coldReads <= 10_000_000, reads <= 10_000_000 else {
@@ -66,6 +67,15 @@ struct BenchProbe: ParsableCommand {
             }
             cold = try run(coldReads)
             warm = try run(reads)
+        }
+        if sequentialPasses > 0 {
+            let v = try opened.openVolume(name: volume)
+            var big = [UInt8](repeating: 0, count: 1 << 20)
+            let start = monotonicSeconds()
+            for _ in 0..<min(sequentialPasses, 1000) {
+                for i in 0..<(v.size >> 20) { try big.withUnsafeMutableBytes { try v.read(at: i << 20, into: $0) } }
+            }
+            FileHandle.standardError.write(Data("sequential: \(Double(v.size) * Double(min(sequentialPasses, 1000)) / (monotonicSeconds() - start) / 1e6) MB/s\n".utf8))
         }
         let report = opened.recoveryReport
         let clean = opened.stats.cleanlyClosed

@@ -5,8 +5,16 @@ import CXXHash
 public enum Checksum {
     /// XXH3-64 of `bytes` with `seed`. Journal records and metadata pages are seeded with
     /// the pool's salt so that a record of another pool never verifies here.
+    ///
+    /// On x86-64 it calls libxxhash's runtime-dispatched entry point, which uses AVX2 or
+    /// AVX-512 where the CPU has them (the plain entry point is the SSE2 baseline): the
+    /// same hash, computed about twice as fast, and reads checksum every block they return.
     public static func xxh3(_ bytes: UnsafeRawBufferPointer, seed: UInt64 = 0) -> UInt64 {
+        #if arch(x86_64)
+        XXH3_64bits_withSeed_dispatch(bytes.baseAddress, bytes.count, seed)
+        #else
         XXH3_64bits_withSeed(bytes.baseAddress, bytes.count, seed)
+        #endif
     }
 
     public static func xxh3(_ bytes: [UInt8], seed: UInt64 = 0) -> UInt64 {
@@ -30,7 +38,11 @@ public struct XXH3Streaming: ~Copyable {
     }
 
     public mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        #if arch(x86_64)
+        XXH3_64bits_update_dispatch(state, bytes.baseAddress, bytes.count)
+        #else
         XXH3_64bits_update(state, bytes.baseAddress, bytes.count)
+        #endif
     }
 
     public func digest() -> UInt64 { XXH3_64bits_digest(state) }
