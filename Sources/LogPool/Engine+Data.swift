@@ -190,6 +190,7 @@ extension Engine {
     /// The checkpoint's part starts at the next 4 KiB boundary, and holes shrink to whole
     /// 4 KiB units (its sync moves the append point there and trims the holes). Holes inside `excluding` are left out (compaction's victims).
     func allocationFits(_ extents: some Sequence<(Int, Int)>, pageCount: Int, keepFree: Int, excluding: Set<Int> = []) -> Bool {
+        if surelyFits(extents, pageCount: pageCount, keepFree: keepFree) { return true }
         var plan = AllocationPlan(holes: holes, openSegment: openSegment, appendByteOffset: appendByteOffset, freeSegments: freeSegments)
         if !excluding.isEmpty { plan.holes.removeAll { excluding.contains(segment(of: $0.byteOffset)) } }
         for (byteCount, alignment) in extents {
@@ -207,6 +208,33 @@ extension Engine {
         }
         let root = Int(sectorAligned(UInt64(plannedRootByteCount)))
         return place(byteCount: root, alignment: PoolGeometry.sectorByteCount, in: &plan) != nil && plan.freeSegments.count >= keepFree
+    }
+
+    /// A conservative shortcut for ``allocationFits(_:pageCount:keepFree:excluding:)``:
+    /// true only when the open segment's rest and the free segments beyond `keepFree`
+    /// hold everything whatever the placement order, counting each extent with its
+    /// worst alignment padding, every page of the next checkpoint (those already dirty
+    /// too), the root, the 4 KiB step of each sync, and the largest extent lost at the
+    /// end of every segment used. Then the exact dry run, which walks every dirty page
+    /// one at a time (thousands between checkpoints), is not needed; when the shortcut
+    /// says no, the exact dry run decides as before.
+    func surelyFits(_ extents: some Sequence<(Int, Int)>, pageCount: Int, keepFree: Int) -> Bool {
+        let usable = freeSegments.count - keepFree
+        guard usable >= 0 else { return false }
+        let page = UInt64(PoolGeometry.pageByteCount)
+        let root = sectorAligned(UInt64(plannedRootByteCount))
+        var need: UInt64 = 0
+        var largest = max(page, root)
+        for (byteCount, alignment) in extents {
+            need += UInt64(byteCount + alignment)
+            largest = max(largest, UInt64(byteCount))
+        }
+        need += UInt64(pageCount + dirtyPageCount) * page * 2 + root + 2 * page
+        var room = UInt64(usable) * geometry.segmentPayloadByteCount
+        if let open = openSegment {
+            room += geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount) - min(appendByteOffset, geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount))
+        }
+        return need + UInt64(usable + 1) * largest <= room
     }
 
     /// (bytes, alignment) of each encoded block, in allocation order.
