@@ -292,10 +292,12 @@ public final class Pool: @unchecked Sendable {
     public var engineDeviceForTests: BlockDevice { engine.device }
 
     /// What open found: chosen superblock slot, replay, repaired mismatches.
-    public var recoveryReport: RecoveryReport { locked { engine.recoveryReport } }
+    public var recoveryReport: RecoveryReport { sharedLocked { engine.recoveryReport } }
 
+    /// Pool-wide space and state figures. Computed under the lock shared with reads (it
+    /// changes nothing), so it does not wait for other reads nor stop them.
     public var stats: PoolStats {
-        locked { engine.stats() }
+        sharedLocked { engine.stats() }
     }
 
     // MARK: - Volumes
@@ -448,7 +450,7 @@ public final class Pool: @unchecked Sendable {
 
     /// Every volume and snapshot, by name, with its space figures.
     public func list() throws -> [VolumeInfo] {
-        try locked {
+        try sharedLocked {
             try engine.checkUsable()
             return engine.volumes.values.map { engine.info(of: $0) }.sorted { $0.name < $1.name }
         }

@@ -24,10 +24,10 @@ public final class Volume: @unchecked Sendable {
         return volumeState
     }
 
-    public var name: String { (try? pool.locked { try state().record.name }) ?? "" }
+    public var name: String { (try? pool.sharedLocked { try state().record.name }) ?? "" }
 
     /// Logical size in bytes.
-    public var size: UInt64 { (try? pool.locked { try state().record.sizeByteCount }) ?? 0 }
+    public var size: UInt64 { (try? pool.sharedLocked { try state().record.sizeByteCount }) ?? 0 }
 
     /// Snapshots are read-only, and so is every volume of a read-only pool.
     public var isReadOnly: Bool {
@@ -141,7 +141,7 @@ public final class Volume: @unchecked Sendable {
 
     /// Space figures for this volume.
     public func info() throws -> VolumeInfo {
-        try pool.locked { pool.engine.info(of: try state()) }
+        try pool.sharedLocked { pool.engine.info(of: try state()) }
     }
 }
 

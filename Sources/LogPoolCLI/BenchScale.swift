@@ -40,6 +40,8 @@ struct BenchProbe: ParsableCommand {
     @Option var reads: Int = 0
     @Option var seed: UInt64 = 1
     @Option(help: "Passes of 1 MiB sequential reads over the whole volume (for profiling).") var sequentialPasses: Int = 0
+    @Option(help: "Random 4 KiB writes (sync every 32) before dropping the pool without closing it, as a crash would (for profiling recovery).")
+    var crashAfterWrites: Int = 0
 
     func run() throws {
         guard coldReads >= 0, reads >= 0, coldReads <= 10_000_000, reads <= 10_000_000 else {
@@ -76,6 +78,20 @@ struct BenchProbe: ParsableCommand {
                 for i in 0..<(v.size >> 20) { try big.withUnsafeMutableBytes { try v.read(at: i << 20, into: $0) } }
             }
             FileHandle.standardError.write(Data("sequential: \(Double(v.size) * Double(min(sequentialPasses, 1000)) / (monotonicSeconds() - start) / 1e6) MB/s\n".utf8))
+        }
+        if crashAfterWrites > 0 {
+            let v = try opened.openVolume(name: volume)
+            let blocks = v.size / 4096
+            guard blocks > 0 else { throw ValidationError("volume \(volume) is empty") }
+            var generator = SplitMix(seed: seed)
+            let block = [UInt8](repeating: 0xA5, count: 4096)
+            for k in 0..<min(crashAfterWrites, 10_000_000) {
+                try v.write(at: (generator.next() % blocks) * 4096, from: block)
+                if k % 32 == 31 { try opened.sync() }
+            }
+            try opened.sync()
+            try opened.abandonForBenchmark()
+            return
         }
         let report = opened.recoveryReport
         let clean = opened.stats.cleanlyClosed
