@@ -139,10 +139,9 @@ extension Engine {
             }
             for move in moves {
                 let old = blockLocation(move.blockID)
-                dataLiveByteCounts[segment(of: old.byteOffset)] -= old.allocatedByteCount
+                space.removeData(old.allocatedByteCount, at: old.byteOffset)
                 setBlockLocation(move.blockID, move.location)
-                dataLiveByteCounts[segment(of: move.location.byteOffset)] += move.location.allocatedByteCount
-                dataLiveTotal = dataLiveTotal - old.allocatedByteCount + move.location.allocatedByteCount
+                space.addData(move.location.allocatedByteCount, at: move.location.byteOffset)
                 markWritten(move.location)
             }
         }
@@ -181,15 +180,13 @@ extension Engine {
             leafForWriting(&blockTable, slot: id)
         }
         storeBlockLocation(id, location, leaf: leaf, index: index)
-        dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
-        dataLiveTotal += location.allocatedByteCount
+        space.addData(location.allocatedByteCount, at: location.byteOffset)
         markWritten(location)
     }
 
     /// During replay, a segment a record wrote into is not free (reuse rule R-1).
     private func markWritten(_ location: BlockLocation) {
-        let s = segment(of: location.byteOffset)
-        if segmentStates[s] == .free { segmentStates[s] = .used }
+        space.markWritten(location.byteOffset)
     }
 }
 

@@ -112,6 +112,19 @@ extension Engine {
             }
             let page = PageLayout.encode(kind: kind, level: node.level, words: words, salt: salt)
             let offset = try allocateExtent(byteCount: PoolGeometry.pageByteCount, alignment: PoolGeometry.pageByteCount, batch: &batch)
+            // Decode after encode: a page that would not read back as meant is a bug
+            // caught before anything is written, not metadata the next open refuses.
+            let decoded = Result { () throws(CorruptionError) in
+                try PageLayout.decode(page.bytes, kind: kind, level: node.level, expectedChecksum: page.checksum, salt: salt, byteOffset: offset)
+            }
+            switch decoded {
+            case .failure(let error):
+                throw encodingFailure("a \(kind) page of level \(node.level) does not decode: \(error)")
+            case .success(let back) where back != words:
+                throw encodingFailure("a \(kind) page of level \(node.level) decodes to other slots than it was encoded with")
+            case .success:
+                break
+            }
             batch.add(page.bytes, at: offset)
             newMeta[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
             node.disk = PagePointer(byteOffset: offset, checksum: page.checksum)
@@ -126,10 +139,19 @@ extension Engine {
         if let old = checkpointExtent { newMeta[segment(of: old.byteOffset)] -= sectorAligned(old.byteCount) }
         newMeta[segment(of: rootOffset)] += UInt64(rootByteCount)
         root.segmentLiveByteCounts = zip(dataLiveByteCounts, newMeta).map { $0 + $1 }
-        for (s, delta) in testUsageSkew where s < root.segmentLiveByteCounts.count {
-            root.segmentLiveByteCounts[s] = UInt64(max(0, Int64(root.segmentLiveByteCounts[s]) + delta))
-        }
         let encodedRoot = root.encode(salt: salt)
+        let decodedRoot = Result { () throws(CorruptionError) in
+            try CheckpointRoot.decode(encodedRoot.bytes, expectedChecksum: encodedRoot.checksum, salt: salt,
+                                      byteOffset: rootOffset, geometry: geometry)
+        }
+        switch decodedRoot {
+        case .failure(let error):
+            throw encodingFailure("the checkpoint root does not decode: \(error)")
+        case .success(let back) where back != root:
+            throw encodingFailure("the checkpoint root decodes to other contents than it was encoded with")
+        case .success:
+            break
+        }
         batch.add(encodedRoot.bytes, at: rootOffset)
         try deviceWrite(batch)
         try deviceSync()
@@ -153,28 +175,24 @@ extension Engine {
         // segments, holes): reads planned before it must be done with it first.
         readers.waitUntilIdle()
         // Holes were computed against the previous commit; recompute on demand.
-        holes.removeAll()
+        space.forgetHoles()
         superblock = next
-        metaLiveByteCounts = newMeta
-        metaLiveTotal = newMeta.reduce(0, +)
+        space.setMetaLive(newMeta)
         checkpointExtent = (rootOffset, UInt64(rootByteCount))
         pendingPageReleases.removeAll()
         dirtyPageCount = 0
         journal.resetAfterCheckpoint(epoch: generation)
-        for s in 0..<segmentStates.count where segmentStates[s] == .used {
-            if dataLiveByteCounts[s] == 0 && metaLiveByteCounts[s] == 0 { segmentStates[s] = .free }
-        }
-        // An open segment holding nothing live (its blocks all overwritten, this root in a
-        // hole) is free as well: a reopen frees it, and keeping it open counted its
-        // written bytes as dead where a reopen counts the segment free (issue 14,
-        // invariant 3). Appends then open a fresh segment.
-        if let open = openSegment, dataLiveByteCounts[open] == 0 && metaLiveByteCounts[open] == 0 {
-            segmentStates[open] = .free
-            openSegment = nil
-        }
-        rebuildFreeSegmentList()
+        // Segments with nothing live left become free, the open one too.
+        space.freeEmptySegments()
         checkpointCount += 1
         rootNeedsRewrite = false
+    }
+
+    /// A checkpoint's own output failed decode-after-encode: a bug. The pool is poisoned
+    /// (nothing of this checkpoint is committed; a reopen recovers the durable state).
+    func encodingFailure(_ detail: String) -> PoolError {
+        poisonCause = "checkpoint refused: \(detail)"
+        return PoolError.poisoned(poisonCause ?? detail)
     }
 
     /// Nothing changed since the last checkpoint (no journal record, no dirty page): the
@@ -193,12 +211,12 @@ extension Engine {
         try deviceSync()
         readers.waitUntilIdle()
         superblock = next
-        holes.removeAll()
+        space.forgetHoles()
         journal.resetAfterCheckpoint(epoch: generation)
         checkpointCount += 1
     }
 
     func rebuildFreeSegmentList() {
-        freeSegments = segmentStates.indices.reversed().filter { segmentStates[$0] == .free }
+        space.rebuildFreeList()
     }
 }

@@ -15,7 +15,7 @@ public struct CompactionReport: Sendable, Equatable {
 
 extension Engine {
     /// Live bytes (data and durable metadata) in segment `s`.
-    func liveByteCount(_ s: Int) -> UInt64 { dataLiveByteCounts[s] + metaLiveByteCounts[s] }
+    func liveByteCount(_ s: Int) -> UInt64 { space.liveByteCount(s) }
 
     /// The nodes a compaction of `victims` must rewrite (block-table paths of the blocks
     /// it moves, and every node whose page is in a victim, with their ancestors; only
@@ -72,7 +72,7 @@ extension Engine {
     func checkpointKeepingVictims(_ victims: Set<Int>) throws {
         try checkpoint()
         rebuildHoles()
-        holes.removeAll { victims.contains(segment(of: $0.byteOffset)) }
+        space.dropHoles(in: victims)
     }
 
     /// Free segments a batch of `victimCount` victims must leave untouched while it runs:
@@ -238,7 +238,7 @@ extension Engine {
         guard let (chosen, chosenMoves, _) = best else { return false }
         let toMove = Engine.moveOrder(chosenMoves)
         // Copies must never land in a victim (it would then never empty).
-        holes.removeAll { chosen.contains(segment(of: $0.byteOffset)) }
+        space.dropHoles(in: chosen)
         // The pages the last checkpoint writes for the victims (an upper bound: moves
         // may dirty some of them first).
         let victimNodes = victimPageNodes(victims: chosen)

@@ -108,25 +108,12 @@ extension Engine {
             poisonCause = "an extent of \(byteCount) bytes does not fit one segment"
             throw PoolError.invalidArgument("an extent of \(byteCount) bytes does not fit one segment")
         }
-        // The hole list moves into the plan and back, so placing into a hole copies nothing.
-        var plan = AllocationPlan(holes: holes, openSegment: openSegment, appendByteOffset: appendByteOffset, freeSegments: freeSegments)
-        holes = []
-        defer { holes = plan.holes }
-        switch place(byteCount: byteCount, alignment: alignment, in: &plan) {
-        case .open(let start):
-            appendByteOffset = plan.appendByteOffset
-            return start
-        case .hole(let start):
-            holesNeedTrim = true
+        switch space.allocate(byteCount: byteCount, alignment: alignment) {
+        case .open(let start), .hole(let start):
             return start
         case .newSegment(let next, let start):
-            if let open = openSegment { segmentStates[open] = .used }
-            _ = freeSegments.popLast()
-            segmentStates[next] = .open
-            openSegment = next
             batch.add(SegmentHeader(poolUUID: superblock.poolUUID, segmentIndex: UInt32(next), generation: superblock.generation).encode(),
                       at: geometry.segmentByteOffset(next))
-            appendByteOffset = plan.appendByteOffset
             return start
         case nil:
             poisonCause = "no space left for a \(byteCount)-byte extent that admission had allowed"
@@ -134,54 +121,10 @@ extension Engine {
         }
     }
 
-    /// The allocator's state, copied so admission can place extents without changing
-    /// anything (``place(byteCount:alignment:in:)``).
-    struct AllocationPlan {
-        var holes: [(byteOffset: UInt64, byteCount: UInt64)]
-        var openSegment: Int?
-        var appendByteOffset: UInt64
-        /// Free segments, the next to open last.
-        var freeSegments: [Int]
-    }
-
-    enum Placement {
-        case open(UInt64)
-        case hole(UInt64)
-        case newSegment(Int, UInt64)
-    }
-
-    /// Where ``allocateExtent(byteCount:alignment:batch:)`` puts an extent, updating
-    /// `plan` as the allocation would; nil when it would run dry. The one placement rule,
-    /// shared by allocation and by admission's dry runs, so what admission allows is
-    /// exactly what allocation can do (counting holes in whole units was not: variable
-    /// compressed extents strand the tail of each hole they fill, and a pool was
-    /// poisoned by an extent admission had allowed).
+    /// ``SegmentSpace/place(byteCount:alignment:in:)``: the one placement rule, shared by
+    /// allocation and admission's dry runs.
     func place(byteCount: Int, alignment: Int, in plan: inout AllocationPlan) -> Placement? {
-        let align = UInt64(alignment)
-        func aligned(_ offset: UInt64) -> UInt64 { (offset + align - 1) & ~(align - 1) }
-        if let open = plan.openSegment {
-            let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
-            let start = aligned(plan.appendByteOffset)
-            if start + UInt64(byteCount) <= end {
-                plan.appendByteOffset = start + UInt64(byteCount)
-                return .open(start)
-            }
-        }
-        if plan.freeSegments.count <= Int(geometry.reserveSegmentCount),
-           let index = plan.holes.firstIndex(where: { aligned($0.byteOffset) + UInt64(byteCount) <= $0.byteOffset + $0.byteCount }) {
-            let hole = plan.holes[index]
-            let start = aligned(hole.byteOffset)
-            let end = start + UInt64(byteCount)
-            plan.holes.remove(at: index)
-            if end < hole.byteOffset + hole.byteCount { plan.holes.insert((end, hole.byteOffset + hole.byteCount - end), at: index) }
-            if start > hole.byteOffset { plan.holes.insert((hole.byteOffset, start - hole.byteOffset), at: index) }
-            return .hole(start)
-        }
-        guard let next = plan.freeSegments.popLast() else { return nil }
-        plan.openSegment = next
-        let start = geometry.segmentByteOffset(next) + UInt64(PoolGeometry.segmentHeaderByteCount)
-        plan.appendByteOffset = start + UInt64(byteCount)
-        return .newSegment(next, start)
+        space.place(byteCount: byteCount, alignment: alignment, in: &plan)
     }
 
     /// Dry run: places `extents` (bytes, alignment) in order, then the next checkpoint's
@@ -191,7 +134,7 @@ extension Engine {
     /// 4 KiB units (its sync moves the append point there and trims the holes). Holes inside `excluding` are left out (compaction's victims).
     func allocationFits(_ extents: some Sequence<(Int, Int)>, pageCount: Int, keepFree: Int, excluding: Set<Int> = []) -> Bool {
         if surelyFits(extents, pageCount: pageCount, keepFree: keepFree) { return true }
-        var plan = AllocationPlan(holes: holes, openSegment: openSegment, appendByteOffset: appendByteOffset, freeSegments: freeSegments)
+        var plan = space.allocator
         if !excluding.isEmpty { plan.holes.removeAll { excluding.contains(segment(of: $0.byteOffset)) } }
         for (byteCount, alignment) in extents {
             guard place(byteCount: byteCount, alignment: alignment, in: &plan) != nil, plan.freeSegments.count >= keepFree else { return false }
@@ -201,7 +144,7 @@ extension Engine {
             let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
             plan.appendByteOffset = min((plan.appendByteOffset + unit - 1) & ~(unit - 1), end)
         }
-        plan.holes = Engine.wholeUnits(of: plan.holes)
+        plan.holes = SegmentSpace.wholeUnits(of: plan.holes)
         let page = PoolGeometry.pageByteCount
         for _ in 0..<(pageCount + dirtyPageCount) {
             guard place(byteCount: page, alignment: page, in: &plan) != nil else { return false }
@@ -415,8 +358,10 @@ extension Engine {
     /// so a hole is referenced by neither the durable checkpoint nor any journal record
     /// after its replay start (reuse rule R-2, Specs/COMMIT.md §5).
     func rebuildHoles() {
-        holes.removeAll()
+        space.forgetHoles()
         guard dirtyPageCount == 0, pendingPageReleases.isEmpty, !journal.hasPendingBytes else { return }
+        var holes: [(byteOffset: UInt64, byteCount: UInt64)] = []
+        defer { space.setHoles(holes) }
         var extents = [[(UInt64, UInt64)]](repeating: [], count: segmentStates.count)
         func add(_ offset: UInt64, _ count: UInt64) {
             let s = segment(of: offset)
@@ -438,7 +383,7 @@ extension Engine {
         // Holes are trimmed to whole 4 KiB units so a write into one never shares a
         // physical sector with live data.
         func addHole(_ from: UInt64, _ to: UInt64) {
-            if let hole = Engine.wholeUnits(from: from, to: to) { holes.append(hole) }
+            if let hole = SegmentSpace.wholeUnits(from: from, to: to) { holes.append(hole) }
         }
         for s in 0..<segmentStates.count where segmentStates[s] != .free {
             let start = geometry.segmentByteOffset(s)
@@ -460,10 +405,7 @@ extension Engine {
 
     /// True when a checkpoint would free at least one segment.
     var hasSegmentsToFreeAtCheckpoint: Bool {
-        for s in 0..<segmentStates.count where segmentStates[s] == .used {
-            if dataLiveByteCounts[s] == 0 && metaLiveByteCounts[s] == 0 { return true }
-        }
-        return !pendingPageReleases.isEmpty
+        space.hasEmptyUsedSegment || !pendingPageReleases.isEmpty
     }
 
     /// Makes room in the journal ring for a record, checkpointing when it is too full.

@@ -18,8 +18,7 @@ extension Engine {
             parentChecksum: 0, flags: 0, createdTime: createdTime)
         let engine = Engine(device: device, superblock: provisional, readOnly: false)
         engine.checkpointExtent = nil
-        for s in 0..<engine.segmentStates.count { engine.segmentStates[s] = .free }
-        engine.rebuildFreeSegmentList()
+        engine.space.markAllFree()
         try engine.checkpoint(mounted: false)
         try engine.checkpoint(mounted: true)
         return engine
@@ -133,10 +132,7 @@ extension Engine {
         guard segmentStates[s] == .used,
               let h = holes.firstIndex(where: { $0.byteOffset + $0.byteCount == end && $0.byteOffset >= root.byteOffset + root.byteCount })
         else { return }
-        appendByteOffset = holes[h].byteOffset
-        holes.remove(at: h)
-        segmentStates[s] = .open
-        openSegment = s
+        space.resume(s, atHole: h)
     }
 
     /// The first change after an open that committed nothing commits the mounted flag
@@ -202,6 +198,8 @@ extension Engine {
         locations = [BlockLocation](repeating: .free, count: Int(blockIDLimit))
         // Rebuild refcounts from every unique map leaf and usage from every referenced
         // block and page (Specs/FORMAT.md §5.3: refcounts are derived, never trusted).
+        var metaLiveByteCounts = [UInt64](repeating: 0, count: space.count)
+        var dataLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         for (offset, page) in cache {
             let (kind, node) = (page.kind, page.node)
             metaLiveByteCounts[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
@@ -238,19 +236,17 @@ extension Engine {
         guard present == referenced else {
             throw corrupt("block table", sb.checkpointByteOffset, "\(referenced - present) referenced block ids have no block-table page")
         }
-        for s in 0..<segmentStates.count {
+        for s in 0..<space.count {
             let rebuilt = dataLiveByteCounts[s] + metaLiveByteCounts[s]
             if rebuilt != root.segmentLiveByteCounts[s] {
                 recoveryReport.findings.append("segment \(s): checkpoint stored \(root.segmentLiveByteCounts[s]) live bytes, rebuilt \(rebuilt)")
                 rootNeedsRewrite = true
             }
-            segmentStates[s] = rebuilt == 0 ? .free : .used
         }
+        space.load(dataLive: dataLiveByteCounts, metaLive: metaLiveByteCounts)
         checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
         // Replay's id bound (``apply``) starts from the checkpoint's live count.
         liveBlockCount = referenced
-        dataLiveTotal = dataLiveByteCounts.reduce(0, +)
-        metaLiveTotal = metaLiveByteCounts.reduce(0, +)
     }
 
     /// A page loaded at open, with the first slot it covers.
@@ -339,102 +335,23 @@ extension Engine {
             }
             return Array(window.bytes[0..<count])
         }
-        /// The `count` bytes at `position`, or nil when they cannot be read: an unreadable
-        /// record ends replay like a damaged one (J-7 then decides whether that is a torn
-        /// tail or damage inside synced space).
-        func recordBytes(_ count: Int) throws -> [UInt8]? {
-            do {
-                return try ringBytes(position, count)
-            } catch PoolError.io(let code, let operation, let at) {
-                stop = "record at ring offset \(position) is unreadable (\(operation), errno \(code), byte offset \(at))"
-                stopAt(position, expected, torn: true)
-                recoveryReport.replayStopKind = .unreadable
-                return nil
-            }
-        }
-        let header = JournalRecordLayout.headerByteCount
-        var position = Int(superblock.journalReplayByteOffset)
-        var expected = superblock.journalReplaySequence
-        var consumed = 0
-        var records: [(offset: Int, record: JournalRecord)] = []
-        var stop = "end of journal"
-        var durable = superblock.journalReplaySequence
-        // Records of epoch g+1 follow epoch g's stretch directly (a checkpoint syncs the
-        // journal before it commits), so replay chains into them: after falling back to
-        // the older slot because the newer one is damaged, nothing synced under the newer
-        // one is lost. A record of any other epoch ends replay (J-4).
-        var epoch = superblock.generation
-        var stopped = false
+        let scan = JournalScan.scan(ringByteCount: ringByteCount, start: Int(superblock.journalReplayByteOffset),
+                                    sequence: superblock.journalReplaySequence, epoch: superblock.generation, salt: salt,
+                                    read: ringBytes)
+        let durable = scan.durableSequence
+        var stop = scan.stop.reason
+        var stopped = scan.stop.kind != .endOfRing
         func stopAt(_ ringOffset: Int, _ sequence: UInt64, torn: Bool) {
             stopped = true
             recoveryReport.replayStopRingOffset = ringOffset
             recoveryReport.replayStopSequence = sequence
             recoveryReport.replayStopWasTorn = torn
         }
-        scan: while consumed < ringByteCount {
-            let inSector = position % PoolGeometry.sectorByteCount
-            if inSector != 0 && PoolGeometry.sectorByteCount - inSector < header {
-                consumed += PoolGeometry.sectorByteCount - inSector
-                position += PoolGeometry.sectorByteCount - inSector
-            }
-            if ringByteCount - position < header {
-                consumed += ringByteCount - position
-                position = 0
-                continue
-            }
-            let fileOffset = PoolGeometry.journalByteOffset + UInt64(position)
-            let decodedHeader: JournalRecord.Header
-            guard let headerBytes = try recordBytes(header) else { break scan }
-            do {
-                decodedHeader = try headerBytes.withUnsafeBytes { raw in
-                    Result { () throws(CorruptionError) in try JournalRecord.decodeHeader(raw, byteOffset: fileOffset) }
-                }.get()
-            } catch {
-                stop = "no valid record at ring offset \(position) (\(error.detail))"
-                stopAt(position, expected, torn: false)
-                recoveryReport.replayStopKind = headerBytes.allSatisfy { $0 == 0 } ? .cleanEnd : .tornHeader
-                break scan
-            }
-            guard decodedHeader.epoch == epoch || decodedHeader.epoch == epoch + 1 else {
-                stop = "record at ring offset \(position) is from epoch \(decodedHeader.epoch), not \(epoch)"
-                stopAt(position, expected, torn: false)
-                recoveryReport.replayStopKind = .staleLap
-                break scan
-            }
-            guard decodedHeader.sequence == expected else {
-                stop = "record at ring offset \(position) has sequence \(decodedHeader.sequence), expected \(expected)"
-                stopAt(position, expected, torn: false)
-                recoveryReport.replayStopKind = decodedHeader.sequence < expected ? .staleLap : .sequenceGap
-                break scan
-            }
-            let size = header + decodedHeader.payloadByteCount
-            guard size <= ringByteCount - position else {
-                stop = "record at ring offset \(position) runs past the ring's end"
-                stopAt(position, expected, torn: true)
-                recoveryReport.replayStopKind = .pastRingEnd
-                break scan
-            }
-            let record: JournalRecord
-            guard let bytes = try recordBytes(size) else { break scan }
-            do {
-                record = try JournalRecord.decode(bytes, salt: salt, byteOffset: fileOffset)
-            } catch {
-                stop = "torn or damaged record at ring offset \(position) (\(error.detail))"
-                stopAt(position, expected, torn: true)
-                recoveryReport.replayStopKind = .badRecordChecksum
-                break scan
-            }
-            records.append((position, record))
-            epoch = record.epoch
-            durable = max(durable, record.durableSequence)
-            expected += 1
-            consumed += size
-            position += size
-            if case .wrap = record.intent {
-                consumed += ringByteCount - position
-                position = 0
-            }
+        if stopped {
+            stopAt(scan.stop.ringOffset, scan.stop.sequence, torn: scan.stop.torn)
+            recoveryReport.replayStopKind = scan.stop.kind
         }
+        let records = scan.records
         var applied = 0
         var written: [(UInt64, UInt64)] = []
         var lastEpoch = superblock.generation
@@ -461,7 +378,7 @@ extension Engine {
         recoveryReport.replayedRecordCount = applied
         recoveryReport.replayStopReason = stop
         if !stopped {
-            stopAt(position % ringByteCount, expected, torn: false)
+            stopAt(scan.stop.ringOffset, scan.stop.sequence, torn: false)
             recoveryReport.replayStopKind = .endOfRing
         }
         removeHoles(overlapping: written)
@@ -568,7 +485,7 @@ extension Engine {
             if start < end { result.append((start, end - start)) }
         }
         // Trim the pieces to whole 4 KiB units, as rebuildHoles does.
-        holes = Engine.wholeUnits(of: result)
+        space.setHoles(SegmentSpace.wholeUnits(of: result))
     }
 
     /// Why a record's data does not verify, or nil when it does (or it has none).

@@ -52,8 +52,7 @@ extension Engine {
         refcounts[index] -= 1
         if refcounts[index] == 0 {
             let location = blockLocation(id)
-            dataLiveByteCounts[segment(of: location.byteOffset)] -= location.allocatedByteCount
-            dataLiveTotal -= location.allocatedByteCount
+            space.removeData(location.allocatedByteCount, at: location.byteOffset)
             liveBlockCount -= 1
         }
     }

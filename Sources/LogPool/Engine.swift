@@ -14,15 +14,6 @@ final class VolumeState {
     }
 }
 
-enum SegmentState: Equatable {
-    /// Holds nothing any durable state references; may be written.
-    case free
-    /// The segment appends go to.
-    case open
-    /// Written since it was last free; reused only after a checkpoint finds it empty.
-    case used
-}
-
 /// The single-threaded heart of a pool. ``Pool`` serialises every call with a lock.
 ///
 /// Invariants (Specs/COMMIT.md):
@@ -70,25 +61,18 @@ final class Engine {
     /// cannot make the id-indexed arrays grow beyond what the records replayed justify.
     var idSpaceHighWater: UInt64 = 0
 
-    // Segments.
-    var segmentStates: [SegmentState]
-    var dataLiveByteCounts: [UInt64]
-    var metaLiveByteCounts: [UInt64]
-    /// Sums of the two arrays above, kept in step with them.
-    var dataLiveTotal: UInt64 = 0
-    var metaLiveTotal: UInt64 = 0
-    /// Free segments, highest index first, so `popLast` hands out the lowest.
-    var freeSegments: [Int] = []
-    var openSegment: Int? = nil
-    /// Absolute file offset of the next append in the open segment.
-    var appendByteOffset: UInt64 = 0
-    /// Dead extents of used segments that no durable state references, computed right
-    /// after a checkpoint commit (``rebuildHoles()``) and consumed by appends when free
-    /// segments run short (slack-space recycling). Cleared at every checkpoint.
-    var holes: [(byteOffset: UInt64, byteCount: UInt64)] = []
-    /// An extent went into a hole since the last sync, so a hole may now start inside a
-    /// 4 KiB unit that holds that extent: the next sync trims the holes to whole units.
-    var holesNeedTrim = false
+    // Segments: states, live bytes, the allocator (Specs/COMMIT.md §5). Changed only
+    // through its methods; the properties below read it.
+    var space: SegmentSpace
+    var segmentStates: [SegmentState] { space.states }
+    var dataLiveByteCounts: [UInt64] { space.dataLive }
+    var metaLiveByteCounts: [UInt64] { space.metaLive }
+    var dataLiveTotal: UInt64 { space.dataLiveTotal }
+    var metaLiveTotal: UInt64 { space.metaLiveTotal }
+    var freeSegments: [Int] { space.freeSegments }
+    var openSegment: Int? { space.openSegment }
+    var appendByteOffset: UInt64 { space.appendByteOffset }
+    var holes: [(byteOffset: UInt64, byteCount: UInt64)] { space.holes }
     /// The durable checkpoint root's extent.
     var checkpointExtent: (byteOffset: UInt64, byteCount: UInt64)?
 
@@ -128,11 +112,6 @@ final class Engine {
     /// next checkpoint writes a new root even when nothing else changed (repair).
     var rootNeedsRewrite = false
 
-    /// Test-only hook: per-segment amounts added to the live byte counts the next
-    /// checkpoints store, to make leaks (+) and accounting errors (-) on purpose for the
-    /// checker's tests. Empty in every real use.
-    var testUsageSkew: [Int: Int64] = [:]
-
     /// Figures kept for `stats` and tests.
     var checkpointCount = 0
     var compactionMovedByteCount: UInt64 = 0
@@ -146,10 +125,7 @@ final class Engine {
         self.salt = superblock.poolSalt
         self.blockByteCount = Int(superblock.geometry.blockByteCount)
         self.compression = superblock.compression
-        let count = Int(superblock.geometry.segmentCount)
-        segmentStates = [SegmentState](repeating: .used, count: count)
-        dataLiveByteCounts = [UInt64](repeating: 0, count: count)
-        metaLiveByteCounts = [UInt64](repeating: 0, count: count)
+        space = SegmentSpace(geometry: superblock.geometry)
         blockTable = Tree(kind: .blockTable, root: nil, height: 1)
         checkpointExtent = (superblock.checkpointByteOffset, superblock.checkpointByteCount)
         journal = JournalWriter(ringByteCount: superblock.geometry.journalByteCount, salt: superblock.poolSalt,
@@ -256,33 +232,7 @@ final class Engine {
     /// outside it (``beginSync()``, before the fsync is issued: nothing is written in
     /// between, and writes made while it runs must start beyond what it covers).
     func alignAfterSync() {
-        // Later appends start on a fresh 4 KiB boundary: a torn write on a device with
-        // 4 KiB physical sectors then cannot reach bytes this sync made durable.
-        if let open = openSegment {
-            let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
-            let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
-            appendByteOffset = min((appendByteOffset + unit - 1) & ~(unit - 1), end)
-        }
-        // So do later writes into holes: the rest of a hole an extent went into shares
-        // that extent's last 4 KiB unit, which this sync made durable.
-        if holesNeedTrim {
-            holes = Engine.wholeUnits(of: holes)
-            holesNeedTrim = false
-        }
-    }
-
-    /// `holes` trimmed to whole 4 KiB units (``PoolGeometry/durableAlignmentByteCount``),
-    /// empty pieces dropped: what may be written without sharing a physical sector with
-    /// bytes a sync made durable (Specs/COMMIT.md §5.2, R-2).
-    static func wholeUnits(of holes: [(byteOffset: UInt64, byteCount: UInt64)]) -> [(byteOffset: UInt64, byteCount: UInt64)] {
-        holes.compactMap { wholeUnits(from: $0.byteOffset, to: $0.byteOffset + $0.byteCount) }
-    }
-
-    /// The whole 4 KiB units inside `from..<to` as (offset, byte count), nil when none.
-    static func wholeUnits(from: UInt64, to: UInt64) -> (byteOffset: UInt64, byteCount: UInt64)? {
-        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
-        let start = (from + unit - 1) & ~(unit - 1), end = to & ~(unit - 1)
-        return end > start ? (start, end - start) : nil
+        space.alignAfterSync()
     }
 
     // MARK: - Geometry helpers
@@ -291,12 +241,7 @@ final class Engine {
         (sizeByteCount + UInt64(blockByteCount) - 1) / UInt64(blockByteCount)
     }
 
-    func segment(of byteOffset: UInt64) -> Int {
-        guard let s = geometry.segmentIndex(containing: byteOffset) else {
-            preconditionFailure("byte offset \(byteOffset) is outside the data area; every location is validated when decoded")
-        }
-        return s
-    }
+    func segment(of byteOffset: UInt64) -> Int { space.segment(of: byteOffset) }
 
     var reserveByteCount: UInt64 { UInt64(geometry.reserveSegmentCount) * UInt64(geometry.segmentByteCount) }
 
@@ -305,13 +250,7 @@ final class Engine {
     var appendableByteCount: UInt64 { segmentRoomByteCount + usableHoleByteCount }
 
     /// The open segment's remainder plus every free segment's payload.
-    var segmentRoomByteCount: UInt64 {
-        var total = UInt64(freeSegments.count) * geometry.segmentPayloadByteCount
-        if let open = openSegment {
-            total += geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount) - appendByteOffset
-        }
-        return total
-    }
+    var segmentRoomByteCount: UInt64 { space.roomByteCount }
 
     /// Hole bytes counted only in whole units of the largest extent an append needs (a
     /// block or a page), so fragmentation cannot make the figure a promise it can't keep.

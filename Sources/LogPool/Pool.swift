@@ -288,9 +288,6 @@ public final class Pool: @unchecked Sendable {
 
     public var isReadOnly: Bool { engine.readOnly }
 
-    /// The device this pool runs on (tests reopen its image).
-    public var engineDeviceForTests: BlockDevice { engine.device }
-
     /// What open found: chosen superblock slot, replay, repaired mismatches.
     public var recoveryReport: RecoveryReport { sharedLocked { engine.recoveryReport } }
 

@@ -645,7 +645,7 @@ struct Checker {
         let unit = UInt64(max(Int(sb.geometry.blockByteCount), PoolGeometry.pageByteCount))
         var holeBytes: UInt64 = 0
         func addHole(_ from: UInt64, _ to: UInt64) {
-            guard let hole = Engine.wholeUnits(from: from, to: to) else { return }
+            guard let hole = SegmentSpace.wholeUnits(from: from, to: to) else { return }
             let (start, end) = (hole.byteOffset, hole.byteOffset + hole.byteCount)
             let usableStart = (start + page - 1) & ~(page - 1)
             if end > usableStart { holeBytes += (end - usableStart) / unit * unit }

@@ -7,7 +7,7 @@ import Testing
 struct CompressionAndAtomicityTests {
     @Test("a block is stored compressed only when that saves a sector")
     func compressionRule() throws {
-        let (pool, _) = try makePool(compression: .lz4)
+        let (pool, device) = try makePool(compression: .lz4)
         let v = try pool.createVolume(name: "v", size: 64 * 4096)
         var generator = SeededGenerator(seed: 5)
         let random = (0..<(16 * 4096)).map { _ in UInt8.random(in: 0...255, using: &generator) }
@@ -24,7 +24,7 @@ struct CompressionAndAtomicityTests {
         #expect(try v.read(at: 32 * 4096, length: text.count) == text)
         // Through sync and reopen, and a partial read of a compressed block.
         try pool.sync()
-        let (reopened, _) = try reopen(pool.engineDeviceForTests as! SimulatedDevice)
+        let (reopened, _) = try reopen(device)
         #expect(try reopened.openVolume(name: "v").read(at: 32 * 4096 + 100, length: 50) == Array(text[100..<150]))
     }
 

@@ -25,6 +25,28 @@ private func problems(_ report: VerifyReport) -> [String] {
     report.problems.map(\.code)
 }
 
+/// Changes the checkpoint root the newest valid slot of `image` names and commits the
+/// change in that slot (new root checksum, slot re-encoded): a damaged state built from
+/// the format alone, as a bug in the engine could have written it.
+private func rewriteCheckpointRoot(_ image: inout [UInt8], _ change: (inout CheckpointRoot) -> Void) throws {
+    func slot(_ index: Int) -> Result<Superblock, CorruptionError> {
+        let offset = Int(PoolGeometry.superblockSlotByteOffsets[index])
+        let bytes = Array(image[offset..<offset + PoolGeometry.superblockByteCount])
+        return Result { () throws(CorruptionError) in try Superblock.decode(bytes, slotIndex: index) }
+    }
+    var sb = try chooseSuperblock(slot(0), slot(1)).chosen
+    let start = Int(sb.checkpointByteOffset), count = Int(sb.checkpointByteCount)
+    var root = try CheckpointRoot.decode(Array(image[start..<start + count]), expectedChecksum: sb.checkpointChecksum,
+                                         salt: sb.poolSalt, byteOffset: sb.checkpointByteOffset, geometry: sb.geometry)
+    change(&root)
+    let encoded = root.encode(salt: sb.poolSalt)
+    #expect(encoded.bytes.count == count, "the changed root must keep its size")
+    image.replaceSubrange(start..<start + count, with: encoded.bytes)
+    sb.checkpointChecksum = encoded.checksum
+    let slotOffset = Int(PoolGeometry.superblockSlotByteOffsets[sb.slotIndex])
+    image.replaceSubrange(slotOffset..<slotOffset + PoolGeometry.superblockByteCount, with: sb.encode())
+}
+
 /// Opens `image` read-only to find where things are (the checker itself never does).
 private func locate<T>(_ image: [UInt8], _ body: (Engine) throws -> T) throws -> T {
     let pool = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
@@ -234,9 +256,13 @@ struct VerifyTests {
         try v.write(at: 0, from: pattern(256 << 10, seed: 4))
         let used = (0..<pool.engine.segmentStates.count).filter { pool.engine.dataLiveByteCounts[$0] > 0 }
         #expect(used.count >= 2)
-        pool.engine.testUsageSkew = [used[0]: 8192, used[1]: -4096, used[1] + 40: 512]
         try pool.checkpoint()
-        let image = device.currentImage
+        var image = device.currentImage
+        try rewriteCheckpointRoot(&image) { root in
+            for (s, delta) in [(used[0], Int64(8192)), (used[1], -4096), (used[1] + 40, 512)] {
+                root.segmentLiveByteCounts[s] = UInt64(Int64(root.segmentLiveByteCounts[s]) + delta)
+            }
+        }
         let report = try verify(image)
         #expect(report.leakedSegmentCount == 2 && report.leakedByteCount == 8192 + 512, "\(report.problems)")
         #expect(report.accountingErrorSegmentCount == 1 && report.accountingErrorByteCount == 4096)
