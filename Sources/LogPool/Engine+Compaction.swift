@@ -324,6 +324,15 @@ extension Engine {
         try checkWritable()
         var report = CompactionReport()
         let freeBefore = segmentStates.filter { $0 == .free }.count
+        // Unchanged since a clean open (the slot is not mounted): no segment is waiting
+        // for a checkpoint to free it. With no segment below the batch threshold either,
+        // there is nothing to do, and nothing is written (an idle `logpool compact` used
+        // to commit two slots).
+        let payload = Double(geometry.segmentPayloadByteCount)
+        if !superblock.isMounted,
+           !segmentStates.indices.contains(where: { segmentStates[$0] == .used && Double(liveByteCount($0)) < payload * 0.9 }) {
+            return report
+        }
         try checkpoint()
         var budget = segmentStates.count
         while budget > 0 {

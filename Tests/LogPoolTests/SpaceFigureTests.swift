@@ -22,6 +22,18 @@ struct SpaceFigureTests {
         #expect(copy.currentImage == image)
     }
 
+    @Test("compacting a cleanly closed pool with nothing to reclaim writes nothing")
+    func idleCompactWritesNothing() throws {
+        let (pool, device) = try makePool()
+        let v = try pool.createVolume(name: "v", size: 64 * 4096)
+        try v.write(at: 0, from: pattern(64 * 4096, seed: 2))
+        try pool.close()
+        let (reopened, copy) = try reopen(device)
+        let report = try reopened.compact()
+        try reopened.close()
+        #expect(report.segmentsCompacted == 0 && copy.writeCount == 0, "compaction wrote \(copy.writeCount) times")
+    }
+
     @Test("the first change after a clean open marks the pool mounted before anything else")
     func firstChangeMounts() throws {
         let (pool, device) = try makePool()
