@@ -173,10 +173,7 @@ extension Engine {
             largest = max(largest, UInt64(byteCount))
         }
         need += UInt64(pageCount + dirtyPageCount) * page * 2 + root + 2 * page
-        var room = UInt64(usable) * geometry.segmentPayloadByteCount
-        if let open = openSegment {
-            room += geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount) - min(appendByteOffset, geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount))
-        }
+        let room = segmentRoomByteCount - UInt64(keepFree) * geometry.segmentPayloadByteCount
         return need + UInt64(usable + 1) * largest <= room
     }
 

@@ -8,8 +8,9 @@ extension Engine {
     /// Tests call it after every operation ("strict mode").
     func checkInvariants() -> [String] {
         var problems: [String] = []
-        if plannedRootUnpaddedByteCount != plannedRoot().unpaddedByteCount {
-            problems.append("volume row bytes \(volumeRowByteTotal) do not match the volume table (root \(plannedRoot().unpaddedByteCount) bytes unpadded)")
+        let rootByteCount = plannedRoot().unpaddedByteCount
+        if plannedRootUnpaddedByteCount != rootByteCount {
+            problems.append("volume row bytes \(volumeRowByteTotal) do not match the volume table (root \(rootByteCount) bytes unpadded)")
         }
         var parents: [ObjectIdentifier: Int] = [:]
         var nodes: [ObjectIdentifier: TreeNode] = [:]

@@ -339,18 +339,15 @@ extension Engine {
                                     sequence: superblock.journalReplaySequence, epoch: superblock.generation, salt: salt,
                                     read: ringBytes)
         let durable = scan.durableSequence
+        // Where the scan stopped, unless a record's data stops replay earlier (below).
         var stop = scan.stop.reason
-        var stopped = scan.stop.kind != .endOfRing
-        func stopAt(_ ringOffset: Int, _ sequence: UInt64, torn: Bool) {
-            stopped = true
+        func stopAt(_ ringOffset: Int, _ sequence: UInt64, torn: Bool, kind: ReplayStopKind) {
             recoveryReport.replayStopRingOffset = ringOffset
             recoveryReport.replayStopSequence = sequence
             recoveryReport.replayStopWasTorn = torn
+            recoveryReport.replayStopKind = kind
         }
-        if stopped {
-            stopAt(scan.stop.ringOffset, scan.stop.sequence, torn: scan.stop.torn)
-            recoveryReport.replayStopKind = scan.stop.kind
-        }
+        stopAt(scan.stop.ringOffset, scan.stop.sequence, torn: scan.stop.torn, kind: scan.stop.kind)
         let records = scan.records
         var applied = 0
         var written: [(UInt64, UInt64)] = []
@@ -362,8 +359,7 @@ extension Engine {
             // be a torn batch whose data never landed.
             if record.sequence >= durable, let failure = try dataFailure(record) {
                 stop = "record \(record.sequence) at ring offset \(offset): \(failure)"
-                stopAt(offset, record.sequence, torn: true)
-                recoveryReport.replayStopKind = .badDataChecksum
+                stopAt(offset, record.sequence, torn: true, kind: .badDataChecksum)
                 if case .relocate = record.intent { recoveryReport.discardedRelocate = true }
                 break
             }
@@ -377,10 +373,6 @@ extension Engine {
         }
         recoveryReport.replayedRecordCount = applied
         recoveryReport.replayStopReason = stop
-        if !stopped {
-            stopAt(scan.stop.ringOffset, scan.stop.sequence, torn: false)
-            recoveryReport.replayStopKind = .endOfRing
-        }
         removeHoles(overlapping: written)
         replayWrittenSegments = Set(written.compactMap { geometry.segmentIndex(containing: $0.0) })
         if lastEpoch > superblock.generation {

@@ -94,15 +94,7 @@ extension Engine {
 
     /// The leaf holding `slot`, or nil when that part of the tree is empty.
     func leafForReading(_ tree: Tree, slot: UInt64) -> (leaf: TreeNode, index: Int)? {
-        guard slot < tree.capacity, var node = tree.root else { return nil }
-        var remainder = slot
-        while node.level > 0 {
-            let span = tree.span(level: node.level)
-            guard let child = node.children[Int(remainder / span)] else { return nil }
-            remainder %= span
-            node = child
-        }
-        return (node, Int(remainder))
+        tree.leaf(containing: slot)
     }
 
     // MARK: - Volume maps

@@ -59,6 +59,20 @@ struct Tree {
     }
 
     var capacity: UInt64 { PageLayout.capacity(kind: kind, height: height) }
+
+    /// The leaf holding `slot` and the slot's index in it, or nil when that part of the
+    /// tree is empty.
+    func leaf(containing slot: UInt64) -> (leaf: TreeNode, index: Int)? {
+        guard slot < capacity, var node = root else { return nil }
+        var remainder = slot
+        while node.level > 0 {
+            let span = span(level: node.level)
+            guard let child = node.children[Int(remainder / span)] else { return nil }
+            remainder %= span
+            node = child
+        }
+        return (node, Int(remainder))
+    }
 }
 
 /// Looks up a map's slots in increasing order with one tree descent per leaf, not per
@@ -84,15 +98,6 @@ struct MapCursor {
     private mutating func descend(to slot: UInt64) {
         base = slot - slot % fanout
         end = base + fanout
-        words = []
-        guard slot < tree.capacity, var node = tree.root else { return }
-        var remainder = slot
-        while node.level > 0 {
-            let span = tree.span(level: node.level)
-            guard let child = node.children[Int(remainder / span)] else { return }
-            remainder %= span
-            node = child
-        }
-        words = node.words
+        words = tree.leaf(containing: slot)?.leaf.words ?? []
     }
 }
