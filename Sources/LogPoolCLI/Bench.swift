@@ -332,7 +332,7 @@ struct Bench: ParsableCommand {
         rows.append(Row(compression: label, workload: "rand-read-4K", unit: "IOPS", logpool: poolRandR, raw: rawRandR,
                         ratio: poolRandR / rawRandR, target: mode == .none ? ">= 0.70" : "-"))
 
-        rows += try concurrencyRows(pool: pool, volume: volume, readOffsets: readOffsets, oneThreadIOPS: poolRandR, label: label)
+        rows += try concurrencyRows(pool: pool, volume: volume, readOffsets: readOffsets, oneThreadIOPS: poolRandR, label: label, directory: directory)
 
         // snapshot of the fully written volume; baseline: copying the raw file.
         settle()
@@ -426,7 +426,7 @@ extension Bench {
     /// latency while another thread writes with a sync every 32 writes against read
     /// latency alone (Specs/COMMIT.md §7: reads run outside the lock and never wait for
     /// an fsync).
-    func concurrencyRows(pool: Pool, volume: Volume, readOffsets: [Int], oneThreadIOPS: Double, label: String) throws -> [Row] {
+    func concurrencyRows(pool: Pool, volume: Volume, readOffsets: [Int], oneThreadIOPS: Double, label: String, directory: String) throws -> [Row] {
         var rows: [Row] = []
         let halves = [Array(readOffsets[0..<(readOffsets.count / 2)]), Array(readOffsets[(readOffsets.count / 2)...])]
         var twoThreads = 0.0
@@ -461,29 +461,53 @@ extension Bench {
             }
             return latencies.sorted()
         }
+        /// Read latencies while `writeOne` runs on another thread, with `syncAll` after
+        /// every 32 calls.
+        func latencies(whileWriting writeOne: @escaping @Sendable (UInt64) -> Void, sync syncAll: @escaping @Sendable () -> Void) -> [Double] {
+            let stop = Mutex(false)
+            let writerDone = DispatchSemaphore(value: 0)
+            Thread {
+                var generator = SplitMix(seed: 99)
+                var count = 0
+                while !stop.withLock({ $0 }) {
+                    writeOne(UInt64(generator.next() % UInt64((64 << 20) / 4096)) * 4096)
+                    count += 1
+                    if count % 32 == 0 { syncAll() }
+                }
+                writerDone.signal()
+            }.start()
+            let busy = readLatencies()
+            stop.withLock { $0 = true }
+            writerDone.wait()
+            return busy
+        }
         settle()
         let alone = readLatencies()
-        let stop = Mutex(false)
-        let writerDone = DispatchSemaphore(value: 0)
-        Thread {
-            var generator = SplitMix(seed: 99)
-            let block = [UInt8](repeating: 0x5a, count: 4096)
-            var count = 0
-            while !stop.withLock({ $0 }) {
-                let offset = UInt64(generator.next() % UInt64((64 << 20) / 4096)) * 4096
-                try? written.write(at: offset, from: block)
-                count += 1
-                if count % 32 == 0 { try? pool.sync() }
-            }
-            writerDone.signal()
-        }.start()
-        let busy = readLatencies()
-        stop.withLock { $0 = true }
-        writerDone.wait()
+        let block = [UInt8](repeating: 0x5a, count: 4096)
+        let busy = latencies(whileWriting: { offset in try? written.write(at: offset, from: block) },
+                             sync: { try? pool.sync() })
+        // The same writer without its syncs: what the writes' turns under the lock cost
+        // readers, so that the difference from `busy` is what the fsyncs cost them.
+        settle()
+        let busyNoSync = latencies(whileWriting: { offset in try? written.write(at: offset, from: block) }, sync: {})
         try pool.delete(name: "bench-writer")
+        // The floor: the same writer on a plain file (no lock shared with the reader), so
+        // what remains is the machine (two cores, the kernel's writeback), not LogPool.
+        let filePath = directory + "/logpool-bench-\(getpid()).writer"
+        let fileFD = open(filePath, O_RDWR | O_CREAT | O_TRUNC, 0o644)
+        guard fileFD >= 0 else { throw PoolError.io(errno: errno, operation: "open \(filePath)", byteOffset: 0) }
+        defer { close(fileFD); unlink(filePath) }
+        settle()
+        let fileBusy = latencies(whileWriting: { offset in
+            _ = block.withUnsafeBytes { pwrite(fileFD, $0.baseAddress, 4096, off_t(offset)) }
+        }, sync: { fdatasync(fileFD) })
         func p99(_ sorted: [Double]) -> Double { sorted[min(sorted.count - 1, sorted.count * 99 / 100)] * 1_000_000 }
         rows.append(Row(compression: label, workload: "read-p99-during-syncs", unit: "us", logpool: p99(busy), raw: p99(alone),
                         ratio: p99(busy) / p99(alone), target: "<= 2 (vs no writer)"))
+        rows.append(Row(compression: label, workload: "read-p99-during-writes-no-sync", unit: "us", logpool: p99(busyNoSync), raw: p99(alone),
+                        ratio: p99(busyNoSync) / p99(alone), target: "the writes alone (vs no writer)"))
+        rows.append(Row(compression: label, workload: "read-p99-during-file-syncs", unit: "us", logpool: p99(fileBusy), raw: p99(alone),
+                        ratio: p99(fileBusy) / p99(alone), target: "floor: the writer on a plain file"))
         return rows
     }
 }
