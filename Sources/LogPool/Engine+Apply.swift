@@ -87,8 +87,7 @@ extension Engine {
             // mirrors ``reserveBlockIDs`` (the live count here is the writer's before the
             // same write, and one write reserves at most one unit's ids), so a recovered
             // limit also stays within FORMAT C-6 and the pool reopens.
-            idSpaceHighWater = max(idSpaceHighWater, blockIDLimit,
-                                   idSpaceLimit(forAllocating: Engine.idsPerWriteMax(blockByteCount: blockByteCount)))
+            ids.raiseHighWater(forAllocating: Engine.idsPerWriteMax(blockByteCount: blockByteCount))
             // Ids in increasing order (what the live path writes) are distinct without a set.
             var newIDs = Set<UInt64>()
             var increasing = true
@@ -115,9 +114,8 @@ extension Engine {
                 }
                 let old = leaf.words[index]
                 leaf.words[index] = m.blockID
-                refcounts[Int(m.blockID)] += 1
+                ids.retain(m.blockID)
                 if old != 0 { dropBlockReference(old) }
-                liveBlockCount += 1
             }
         case .mapRun(let volumeID, let index, let id, let offset, let stored, let checksums):
             // Same checks and effect as the `map` it stands for; the run's arithmetic is
@@ -132,7 +130,7 @@ extension Engine {
             try apply(.map(volumeID: volumeID, unmapRanges: [], mappings: mappings), recordByteOffset: recordByteOffset)
         case .relocate(let moves):
             for move in moves {
-                guard move.blockID < blockIDLimit, refcounts[Int(move.blockID)] > 0 else {
+                guard ids.refcount(move.blockID) > 0 else {
                     throw bad("relocated block id \(move.blockID) is not in use")
                 }
                 try checkLocation(move.location, bad)
@@ -157,12 +155,12 @@ extension Engine {
     /// `newIDs` nil: the caller knows the ids are distinct (strictly increasing).
     private func checkNewBlock(_ id: UInt64, _ location: BlockLocation, newIDs: UnsafeMutablePointer<Set<UInt64>>?,
                                _ bad: (String) -> PoolError) throws {
-        // The id must be one the writer could have reserved (``idSpaceHighWater``): the
+        // The id must be one the writer could have reserved (``BlockIDs/highWater``): the
         // bound keeps a damaged or crafted record from making the id-indexed arrays huge.
-        guard id >= 1, id < idSpaceHighWater else {
-            throw bad("new block id \(id) is out of range (the id space reaches \(idSpaceHighWater) here)")
+        guard id >= 1, id < ids.highWater else {
+            throw bad("new block id \(id) is out of range (the id space reaches \(ids.highWater) here)")
         }
-        guard id >= blockIDLimit || refcounts[Int(id)] == 0, newIDs?.pointee.insert(id).inserted ?? true else {
+        guard ids.refcount(id) == 0, newIDs?.pointee.insert(id).inserted ?? true else {
             throw bad("new block id \(id) is already in use")
         }
         try checkLocation(location, bad)
@@ -170,11 +168,7 @@ extension Engine {
 
     /// Enters a new block in the table (refcount still 0; the caller maps it).
     private func createBlock(_ id: UInt64, _ location: BlockLocation, cursor: inout LeafCursor) {
-        while blockIDLimit <= id {
-            refcounts.append(0)
-            locations.append(.free)
-            blockIDLimit += 1
-        }
+        ids.extend(to: id + 1)
         grow(&blockTable, toCover: id + 1)
         let (leaf, index) = cursor.leaf(for: id, fanout: PageLayout.blockTableLeafFanout) {
             leafForWriting(&blockTable, slot: id)

@@ -167,8 +167,7 @@ extension Engine {
         let considered = Array(candidates.prefix(64))
         var blocksBySegment: [Int: [(UInt64, BlockLocation)]] = [:]
         let consideredSet = Set(considered)
-        for id in 1..<blockIDLimit where refcounts[Int(id)] > 0 {
-            let location = blockLocation(id)
+        ids.forEachLive { id, location in
             let s = segment(of: location.byteOffset)
             if consideredSet.contains(s) { blocksBySegment[s, default: []].append((id, location)) }
         }

@@ -346,7 +346,7 @@ extension Engine {
             node = child
         }
         let id = node.words[Int(remainder)]
-        return id != 0 && refcounts[Int(id)] == 1 ? id : nil
+        return id != 0 && ids.refcount(id) == 1 ? id : nil
     }
 
     /// Recomputes ``holes``: every extent of a used segment's payload, or of the open
@@ -364,10 +364,7 @@ extension Engine {
             let s = segment(of: offset)
             if segmentStates[s] != .free { extents[s].append((offset, count)) }
         }
-        for id in 1..<blockIDLimit where refcounts[Int(id)] > 0 {
-            let location = blockLocation(id)
-            add(location.byteOffset, location.allocatedByteCount)
-        }
+        ids.forEachLive { _, location in add(location.byteOffset, location.allocatedByteCount) }
         var seen = Set<ObjectIdentifier>()
         func visit(_ node: TreeNode) {
             guard seen.insert(ObjectIdentifier(node)).inserted else { return }

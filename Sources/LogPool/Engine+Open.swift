@@ -96,7 +96,7 @@ extension Engine {
             engine.recoveryReport.syncedJournalDamage = true
             engine.recoveryReport.syncedJournalLoss = loss
         }
-        // liveBlockCount was set by loadCheckpoint and kept by replay's apply.
+        // The live block count was set by loadCheckpoint and kept by replay's apply.
         engine.rebuildFreeSegmentList()
         engine.resumeRootSegment()
         // A cleanly closed pool that replay left as it was needs no commit now: the first
@@ -193,9 +193,8 @@ extension Engine {
         guard root.blockIDLimit <= limitMax else {
             throw corrupt("checkpoint", sb.checkpointByteOffset, "block id limit \(root.blockIDLimit) exceeds \(limitMax), the most that a block table of \(tableLeafCount) leaf pages allows (FORMAT C-6)")
         }
-        blockIDLimit = root.blockIDLimit
-        refcounts = [UInt32](repeating: 0, count: Int(blockIDLimit))
-        locations = [BlockLocation](repeating: .free, count: Int(blockIDLimit))
+        var ids = BlockIDs(limit: root.blockIDLimit)
+        let blockIDLimit = ids.limit
         // Rebuild refcounts from every unique map leaf and usage from every referenced
         // block and page (Specs/FORMAT.md §5.3: refcounts are derived, never trusted).
         var metaLiveByteCounts = [UInt64](repeating: 0, count: space.count)
@@ -209,18 +208,18 @@ extension Engine {
                 guard id < blockIDLimit else {
                     throw corrupt("map page", offset, "names block id \(id), beyond the block id limit \(blockIDLimit)")
                 }
-                refcounts[Int(id)] += 1
+                ids.retain(id)
             }
         }
         metaLiveByteCounts[segment(of: sb.checkpointByteOffset)] += sectorAligned(sb.checkpointByteCount)
         // (Two ids at one location is a check for `verify`; open only needs each
         // referenced entry to be in range.) One pass over the table's leaves.
         var entries: [(UInt64, BlockLocation)] = []
-        entries.reserveCapacity(refcounts.count)
+        entries.reserveCapacity(ids.liveCount)
         forEachBlockEntry { id, location in
             guard id < blockIDLimit else { return }
-            locations[Int(id)] = location
-            if refcounts[Int(id)] > 0 { entries.append((id, location)) }
+            ids.setLocation(location, of: id)
+            if ids.refcount(id) > 0 { entries.append((id, location)) }
         }
         var present = 0
         for (id, location) in entries {
@@ -232,7 +231,7 @@ extension Engine {
             }
             dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
         }
-        let referenced = refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
+        let referenced = ids.liveCount
         guard present == referenced else {
             throw corrupt("block table", sb.checkpointByteOffset, "\(referenced - present) referenced block ids have no block-table page")
         }
@@ -246,7 +245,7 @@ extension Engine {
         space.load(dataLive: dataLiveByteCounts, metaLive: metaLiveByteCounts)
         checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
         // Replay's id bound (``apply``) starts from the checkpoint's live count.
-        liveBlockCount = referenced
+        self.ids = ids
     }
 
     /// A page loaded at open, with the first slot it covers.

@@ -14,7 +14,7 @@ extension Engine {
             if copy.level > 0 {
                 for child in copy.children { child?.parentCount += 1 }
             } else if kind == .map {
-                for id in copy.words where id != 0 { refcounts[Int(id)] += 1 }
+                for id in copy.words where id != 0 { ids.retain(id) }
             }
             slot.parentCount -= 1
             slot = copy
@@ -47,13 +47,8 @@ extension Engine {
 
     /// One fewer leaf names block `id`; at zero the block is free and its space dead.
     func dropBlockReference(_ id: UInt64) {
-        let index = Int(id)
-        precondition(refcounts[index] > 0, "block \(id) released more often than referenced")
-        refcounts[index] -= 1
-        if refcounts[index] == 0 {
-            let location = blockLocation(id)
+        if let location = ids.release(id) {
             space.removeData(location.allocatedByteCount, at: location.byteOffset)
-            liveBlockCount -= 1
         }
     }
 
@@ -126,15 +121,6 @@ extension Engine {
         return leaf.words[index]
     }
 
-    /// Points logical block `blockIndex` at block `id` (0 unmaps), adjusting refcounts.
-    func mapSet(_ tree: inout Tree, blockIndex: UInt64, id: UInt64) {
-        let (leaf, index) = leafForWriting(&tree, slot: blockIndex)
-        let old = leaf.words[index]
-        leaf.words[index] = id
-        if id != 0 { refcounts[Int(id)] += 1 }
-        if old != 0 { dropBlockReference(old) }
-    }
-
     /// Unmaps logical blocks in `range`. Whole subtrees inside the range are released
     /// without being read or copied; only the two boundary paths are made unique.
     func mapUnmap(_ tree: inout Tree, range: Range<UInt64>) {
@@ -201,9 +187,7 @@ extension Engine {
     // MARK: - Block table
 
     @inline(__always)
-    func blockLocation(_ id: UInt64) -> BlockLocation {
-        id < UInt64(locations.count) ? locations[Int(id)] : .free
-    }
+    func blockLocation(_ id: UInt64) -> BlockLocation { ids.location(id) }
 
     /// The entry as the block table's leaf holds it (what the next checkpoint writes).
     func blockLocationInTable(_ id: UInt64) -> BlockLocation {
@@ -250,15 +234,11 @@ extension Engine {
         leaf.words[w] = location.byteOffset
         leaf.words[w + 1] = UInt64(location.storedByteCount) | UInt64(location.flags) << 32
         leaf.words[w + 2] = location.checksum
-        locations[Int(id)] = location
+        ids.setLocation(location, of: id)
     }
 
-    /// Ids the block table keeps beyond the live ones: at least a quarter of the live
-    /// count plus 64, and always room for a whole batch.
-    func idSpaceLimit(forAllocating count: Int) -> UInt64 {
-        let live = UInt64(max(0, liveBlockCount + count))
-        return max(blockIDLimit, live + live / 4 + 64 + UInt64(count))
-    }
+    /// Ids the block table keeps beyond the live ones (``BlockIDs/idSpaceLimit(forAllocating:)``).
+    func idSpaceLimit(forAllocating count: Int) -> UInt64 { ids.idSpaceLimit(forAllocating: count) }
 
     /// Most ids one write reserves: the blocks one atomic unit can touch.
     static func idsPerWriteMax(blockByteCount: Int) -> Int { atomicUnitByteCount / blockByteCount + 1 }
@@ -276,38 +256,14 @@ extension Engine {
 
     /// Grows the id space so `count` allocations find free ids (call before a batch).
     func reserveBlockIDs(_ count: Int) {
-        let limit = idSpaceLimit(forAllocating: count)
-        while blockIDLimit < limit {
-            refcounts.append(0)
-            locations.append(.free)
-            blockIDLimit += 1
-        }
+        ids.reserve(forAllocating: count)
         // The table's height always covers the id space (checkpoint invariant C-4).
         grow(&blockTable, toCover: blockIDLimit)
     }
 
-    /// The next free block id at or after the allocation cursor, wrapping once. Ids are
-    /// handed out in sweep order, so blocks written together get nearby ids and share
-    /// block-table pages; that keeps compaction from rewriting the whole table (it moves
-    /// a segment's blocks, which were written together). The caller reserved the batch
-    /// with ``reserveBlockIDs(_:)``, so a free id exists and the sweep never laps itself.
-    func allocateBlockID() -> UInt64 {
-        let id = nextFreeBlockID(from: allocationCursor)
-        allocationCursor = id + 1
-        return id
-    }
-
-    private func nextFreeBlockID(from start: UInt64) -> UInt64 {
-        var id = start
-        var steps: UInt64 = 0
-        while true {
-            if id >= blockIDLimit { id = 1 }
-            if refcounts[Int(id)] == 0 { return id }
-            id += 1
-            steps += 1
-            precondition(steps <= blockIDLimit, "no free block id: reserveBlockIDs was not called")
-        }
-    }
+    /// The next free block id (``BlockIDs/allocate()``); the caller reserved the batch
+    /// with ``reserveBlockIDs(_:)``.
+    func allocateBlockID() -> UInt64 { ids.allocate() }
 
     /// Pages that writing the leaf slots `slots` of `tree` would dirty or create, computed
     /// without changing anything (admission runs before any change). A clean node on the
@@ -402,20 +358,7 @@ extension Engine {
 
     /// The ids the next `count` calls of ``allocateBlockID()`` will return after
     /// ``reserveBlockIDs(_:)`` (computed without changing anything).
-    func peekBlockIDs(_ count: Int) -> [UInt64] {
-        let limit = idSpaceLimit(forAllocating: count)
-        var result: [UInt64] = []
-        result.reserveCapacity(count)
-        var id = allocationCursor
-        var steps: UInt64 = 0
-        while result.count < count && steps <= limit {
-            if id >= limit { id = 1 }
-            if id >= blockIDLimit || refcounts[Int(id)] == 0 { result.append(id) }
-            id += 1
-            steps += 1
-        }
-        return result
-    }
+    func peekBlockIDs(_ count: Int) -> [UInt64] { ids.peek(count) }
 
     /// Pages a write of new blocks at `indexes` of `map` can dirty: map paths plus the
     /// block-table paths of the ids it will take.

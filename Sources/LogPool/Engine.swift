@@ -43,23 +43,14 @@ final class Engine {
 
     // Block table: block id → location. Refcounts are derived (Specs/FORMAT.md §5.3).
     var blockTable: Tree
-    var blockIDLimit: UInt64 = 1
     /// Nodes in the block table (it only ever grows).
     var blockTableNodeCount = 0
-    var refcounts: [UInt32] = [0]
-    /// Every block-table entry by id, kept equal to the table's leaves: a read finds a
-    /// block's location with one array load instead of a second tree walk (the walks'
-    /// dependent cache misses dominated random reads).
-    var locations: [BlockLocation] = [.free]
-    /// Ids with a nonzero refcount.
-    var liveBlockCount = 0
-    /// Where the next block-id search starts (see ``allocateBlockID()``).
-    var allocationCursor: UInt64 = 1
-    /// The highest id-space limit the writer can have reached so far (``idSpaceLimit``
-    /// evaluated before every map record, as the writer reserves before every write):
-    /// a replayed record naming a new id at or above it is damage, so a crafted record
-    /// cannot make the id-indexed arrays grow beyond what the records replayed justify.
-    var idSpaceHighWater: UInt64 = 0
+    /// Refcounts, the flat location cache (equal to the table's leaves: a read finds a
+    /// block's location with one array load instead of a second tree walk), the live
+    /// count and the allocation sweep. Changed only through its methods.
+    var ids = BlockIDs()
+    var blockIDLimit: UInt64 { ids.limit }
+    var liveBlockCount: Int { ids.liveCount }
 
     // Segments: states, live bytes, the allocator (Specs/COMMIT.md §5). Changed only
     // through its methods; the properties below read it.

@@ -234,8 +234,8 @@ public final class Pool: @unchecked Sendable {
 
     /// Drops the handle as a crash would: syncs nothing more, checkpoints nothing, and
     /// releases the file. What was synced survives; the next open replays the journal.
-    /// For benchmarks and crash tests on real files.
-    public func abandonForBenchmark() throws {
+    /// For the benchmark's crash rows: `package`, so no embedding app sees it.
+    package func abandonForBenchmark() throws {
         locked {
             engine.isClosed = true
             engine.stopWriteBehind()
@@ -484,7 +484,7 @@ extension Engine {
                 let bytes = blockLocation(id).allocatedByteCount
                 mapped += 1
                 allocated += bytes
-                if mine && refcounts[Int(id)] == 1 { exclusive += bytes }
+                if mine && ids.refcount(id) == 1 { exclusive += bytes }
             }
         }
         if let root = volume.map.root { walk(root, exclusivePath: true) }

@@ -144,7 +144,7 @@ extension Engine {
         var map = MapCursor(volume.map)
         // One retain of the location cache for the whole plan, not an exclusivity check
         // and a retain per block.
-        let locations = self.locations
+        let locations = ids.locations
         func locate(_ id: UInt64) -> BlockLocation { id < UInt64(locations.count) ? locations[Int(id)] : .free }
         var done = 0
         while done < byteCount {

@@ -305,8 +305,7 @@ struct Checker {
             extents.append(ReferencedExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount, structure: "block"))
         }
         guard let engine else { return }
-        for id in 1..<max(1, Int(engine.blockIDLimit)) where engine.refcounts[id] > 0 {
-            let location = engine.locations[id]
+        engine.ids.forEachLive { _, location in
             extents.append(ReferencedExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount, structure: "block"))
         }
         let ring = sb.geometry.journalByteCount
@@ -746,9 +745,7 @@ struct Checker {
                                 entries: [BlockLocation], progress: ((ScrubProgress) -> Void)?) throws {
         var blocks: [(id: UInt64, location: BlockLocation)] = []
         if let engine {
-            for id in 1..<Int(engine.blockIDLimit) where engine.refcounts[id] > 0 {
-                blocks.append((UInt64(id), engine.locations[id]))
-            }
+            engine.ids.forEachLive { id, location in blocks.append((id, location)) }
         } else {
             for (id, location) in entries.enumerated() where location.storedByteCount > 0 { blocks.append((UInt64(id), location)) }
         }

@@ -90,13 +90,13 @@ struct HardeningTests {
         let engine = pool.engine
         let id = engine.volumeIDsByName["v"]!
         let location = BlockLocation(byteOffset: engine.geometry.dataAreaByteOffset + 4096, storedByteCount: 4096, flags: 0, checksum: 1)
-        let before = engine.refcounts.count
+        let before = engine.ids.refcounts.count
         for blockID in [engine.geometry.capacityByteCount / 512, 1 << 20, UInt64(before) + 100_000] {
             expectCorrupt(structure: "journal record", detailContains: "out of range") {
                 try engine.apply(.map(volumeID: id, unmapRanges: [], mappings: [BlockMapping(blockIndex: 0, blockID: blockID, location: location)]))
             }
         }
-        #expect(engine.refcounts.count == before)
+        #expect(engine.ids.refcounts.count == before)
         #expect(pool.internalConsistencyProblems() == [])
     }
 
