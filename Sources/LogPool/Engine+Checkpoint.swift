@@ -82,6 +82,10 @@ extension Engine {
     /// 6. in memory: released pages stop counting, empty segments become free, the
     ///    journal restarts at its current position under the new epoch.
     func checkpoint(mounted: Bool = true) throws {
+        try exclusively { try writeCheckpoint(mounted: mounted) }
+    }
+
+    private func writeCheckpoint(mounted: Bool) throws {
         try checkWritable()
         try sync()
         if journal.nextSequence == superblock.journalReplaySequence && dirtyPageCount == 0

@@ -313,6 +313,10 @@ extension Engine {
 
     /// One batch on behalf of admission (``ensureSpace``).
     func compactForSpace() throws -> Bool {
+        try exclusively { try compactOneBatchForSpace() }
+    }
+
+    private func compactOneBatchForSpace() throws -> Bool {
         var report = CompactionReport()
         return try compactOneBatch(report: &report)
     }

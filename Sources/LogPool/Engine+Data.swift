@@ -355,6 +355,10 @@ extension Engine {
     /// so a hole is referenced by neither the durable checkpoint nor any journal record
     /// after its replay start (reuse rule R-2, Specs/COMMIT.md §5).
     func rebuildHoles() {
+        exclusively { findHoles() }
+    }
+
+    private func findHoles() {
         space.forgetHoles()
         guard dirtyPageCount == 0, pendingPageReleases.isEmpty, !journal.hasPendingBytes else { return }
         var holes: [(byteOffset: UInt64, byteCount: UInt64)] = []
@@ -575,7 +579,6 @@ extension Engine {
                         extents: extents(of: encoded), pageCount: pages.written + unmapPages.written, addedPageCount: pages.added + unmapPages.added,
                         newBlockCount: netNewBlockCount(volume.map, indexes: indexes))
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.
-        reserveBlockIDs(contents.count)
         var batch = WriteBatch()
         // Whole uncompressed blocks go to disk straight from the caller's buffer, one
         // pwrite per run that is contiguous both there and in the segment.
@@ -598,11 +601,17 @@ extension Engine {
             }
             let location = BlockLocation(byteOffset: offset, storedByteCount: UInt32(block.stored.count),
                                          flags: block.flags, checksum: block.checksum)
-            mappings.append(BlockMapping(blockIndex: indexes[i], blockID: allocateBlockID(), location: location))
+            mappings.append(BlockMapping(blockIndex: indexes[i], blockID: 0, location: location))
         }
         try deviceWritePayload(batch, direct: directRuns)
         writtenDataByteCount += encoded.reduce(UInt64(0)) { $0 + UInt64($1.allocatedByteCount) }
-        try journalAndApply(compactIntent(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
+        // The change readers see (COMMIT §7.3): ids (the ones admission peeked: nothing
+        // else changes the id space meanwhile), the record, the maps.
+        try exclusively {
+            reserveBlockIDs(contents.count)
+            for i in mappings.indices { mappings[i].blockID = allocateBlockID() }
+            try journalAndApply(compactIntent(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
+        }
     }
 
     /// `mapRun` when the mappings are one run (consecutive indexes, ids and locations of

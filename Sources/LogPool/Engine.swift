@@ -1,5 +1,6 @@
 import Foundation
 import LogPoolFormat
+import Synchronization
 
 /// A volume or snapshot as the engine holds it in memory.
 final class VolumeState {
@@ -76,6 +77,26 @@ final class Engine {
     // Journal ring.
     var journal: JournalWriter
 
+    /// Set while a volume write runs under the writers' mutex alone (``Pool/writerLocked(_:)``):
+    /// the lock ``exclusively(_:)`` takes around changes readers plan from. Nil when the
+    /// caller holds the whole lock.
+    var exclusiveLock: PoolLock? = nil
+
+    /// Runs `body` with the read-write lock held exclusively (COMMIT §7.3): everything
+    /// that changes what reads plan from (volumes, maps, block ids and locations) and
+    /// everything that makes space reusable (checkpoints, compaction, holes) runs inside.
+    /// A no-op when the caller already holds the whole lock; nests.
+    func exclusively<T>(_ body: () throws -> T) rethrows -> T {
+        guard let lock = exclusiveLock else { return try body() }
+        lock.enterExclusive()
+        exclusiveLock = nil
+        defer {
+            exclusiveLock = lock
+            lock.leaveExclusive()
+        }
+        return try body()
+    }
+
     /// A device write happened since the last device sync.
     var deviceDirty = false
     /// A ``Pool/sync()`` is in its fsync outside the pool's lock (group commit, COMMIT §7).
@@ -85,10 +106,21 @@ final class Engine {
     /// Background payload writer (pools on files opened read-write); nil = every write is
     /// synchronous. `writeBehindPending` is set while writes may be queued in it.
     private(set) var writeBehind: WriteBehind? = nil
-    var writeBehindPending = false
+    /// Atomic: set by a volume write under the writers' mutex alone, read by reads
+    /// planning under the shared lock (a set flag sends them to the whole lock to drain).
+    private let writeBehindFlag = Atomic<Bool>(false)
+    var writeBehindPending: Bool {
+        get { writeBehindFlag.load(ordering: .acquiring) }
+        set { writeBehindFlag.store(newValue, ordering: .releasing) }
+    }
 
-    // Failure state.
-    var poisonCause: String? = nil
+    // Failure state. The cause sits in a mutex: a volume write can poison the pool while
+    // reads (under the shared lock only) check it.
+    private let poison = Mutex<String?>(nil)
+    var poisonCause: String? {
+        get { poison.withLock { $0 } }
+        set { poison.withLock { $0 = newValue } }
+    }
     var isClosed = false
 
     /// What open found and did (superblock choice, replay stop, usage mismatches).

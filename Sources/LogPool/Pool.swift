@@ -194,11 +194,26 @@ public final class Pool: @unchecked Sendable {
         return try body()
     }
 
+    /// `body` under the writers' mutex only (COMMIT §7.3): reads keep planning while it
+    /// runs, and the engine takes the read-write lock exclusively around each change to
+    /// what they plan from (``Engine/exclusively(_:)``). On a device without concurrent
+    /// access (the crash simulator's) the whole lock, as before.
+    func writerLocked<T>(_ body: () throws -> T) rethrows -> T {
+        guard engine.device.allowsConcurrentAccess else { return try locked(body) }
+        lock.lockWriter()
+        engine.exclusiveLock = lock
+        defer {
+            engine.exclusiveLock = nil
+            lock.unlockWriter()
+        }
+        return try body()
+    }
+
     /// `body` under the lock shared with other such calls: it must only read the
     /// engine's state (reads' planning, COMMIT §7).
     func sharedLocked<T>(_ body: () throws -> T) rethrows -> T {
         lock.lockShared()
-        defer { lock.unlock() }
+        defer { lock.unlockShared() }
         return try body()
     }
 
@@ -250,9 +265,15 @@ public final class Pool: @unchecked Sendable {
     /// and a caller whose changes an fsync in flight already covers, or will once it
     /// ends, shares it.
     public func sync() throws {
-        lock.lock()
-        defer { lock.unlock() }
-        guard engine.device.allowsConcurrentAccess else { return try engine.sync() }
+        guard engine.device.allowsConcurrentAccess else { return try locked { try engine.sync() } }
+        // Nothing a sync changes is what reads plan from (journal, write-behind queue,
+        // append point), so it holds the writers' mutex only (§7.3) and reads go on.
+        lock.lockWriter()
+        engine.exclusiveLock = lock
+        defer {
+            engine.exclusiveLock = nil
+            lock.unlockWriter()
+        }
         try engine.checkUsable()
         guard !engine.readOnly else { return }
         let target = engine.journal.nextSequence
@@ -260,15 +281,19 @@ public final class Pool: @unchecked Sendable {
         // before `target` being durable is exactly what this call promises.
         while engine.journal.durableSequence < target {
             if engine.syncInFlight {
-                lock.wait()
+                engine.exclusiveLock = nil
+                lock.waitWriter()
+                engine.exclusiveLock = lock
                 try engine.checkUsable()
                 continue
             }
             let ticket = try engine.beginSync()
-            lock.unlock()
+            engine.exclusiveLock = nil
+            lock.unlockWriter()
             var failure: (any Error)? = nil
             do { try engine.device.sync() } catch { failure = error }
-            lock.lock()
+            lock.lockWriter()
+            engine.exclusiveLock = lock
             engine.finishSync(ticket, failure: failure)
             lock.broadcast()
             if let failure { throw failure }
@@ -294,7 +319,9 @@ public final class Pool: @unchecked Sendable {
     /// Pool-wide space and state figures. Computed under the lock shared with reads (it
     /// changes nothing), so it does not wait for other reads nor stop them.
     public var stats: PoolStats {
-        sharedLocked { engine.stats() }
+        // Space and journal figures change under the writers' mutex alone (a volume
+        // write's admission and allocation), so this takes the whole lock.
+        locked { engine.stats() }
     }
 
     // MARK: - Volumes

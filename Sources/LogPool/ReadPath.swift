@@ -136,8 +136,9 @@ extension Engine {
     /// by the caller). Runs of whole, uncompressed, physically adjacent blocks become one
     /// `pread`, as do runs of compressed blocks written back to back. Queued payload
     /// writes reach the device first, so the plan reads what the map says.
+    /// The caller has drained queued payloads (``writeBehindPending`` is false): under
+    /// the shared lock a drain would race a volume write queueing more.
     func planRead(_ volume: VolumeState, byteOffset: UInt64, byteCount: Int) throws -> ReadPlan {
-        if writeBehindPending { try deviceCall {} }
         var plan = ReadPlan(blockByteCount: blockByteCount)
         let bs = UInt64(blockByteCount)
         let runLimit = 256
@@ -207,13 +208,24 @@ extension Engine {
 
 }
 
-/// The pool's lock (Specs/COMMIT.md §7): exclusive for every call that changes the
-/// engine's state, shared for planning reads, so reads on several threads plan at once.
-/// A POSIX read-write lock set to prefer writers, so a stream of reads cannot starve a
-/// write (glibc's default prefers readers). ``wait()`` and ``broadcast()`` give the
-/// exclusive side a condition, for group commit's waiters.
+/// The pool's lock (Specs/COMMIT.md §7), two locks taken in one order:
+///
+/// - the *writers' mutex*, held by every call that changes the engine's state, so
+///   changes are serialised;
+/// - the *read-write lock*, shared for planning reads (so reads on several threads plan
+///   at once) and exclusive while the state reads plan from changes. A POSIX read-write
+///   lock set to prefer writers, so a stream of reads cannot starve a write (glibc's
+///   default prefers readers).
+///
+/// ``lock()`` takes both, as every change used to. A volume write takes only the
+/// writers' mutex (``lockWriter()``) and the read-write lock exclusively just around
+/// the part that changes what readers plan from (``enterExclusive()``,
+/// `Engine.exclusively`), so reads plan while it admits, encodes, allocates and writes its
+/// payload. ``wait()`` and ``broadcast()`` give the exclusive side a condition, for
+/// group commit's waiters.
 final class PoolLock: @unchecked Sendable {
     private let rw: UnsafeMutablePointer<pthread_rwlock_t>
+    private let writers: UnsafeMutablePointer<pthread_mutex_t>
     private let changed = NSCondition()
     /// Bumped by ``broadcast()``, under `changed`.
     private var generation: UInt64 = 0
@@ -225,16 +237,43 @@ final class PoolLock: @unchecked Sendable {
         pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
         pthread_rwlock_init(rw, &attributes)
         pthread_rwlockattr_destroy(&attributes)
+        writers = .allocate(capacity: 1)
+        pthread_mutex_init(writers, nil)
     }
 
     deinit {
         pthread_rwlock_destroy(rw)
         rw.deallocate()
+        pthread_mutex_destroy(writers)
+        writers.deallocate()
     }
 
-    func lock() { pthread_rwlock_wrlock(rw) }
-    func lockShared() { pthread_rwlock_rdlock(rw) }
-    func unlock() { pthread_rwlock_unlock(rw) }
+    /// Both locks: the caller may change anything.
+    func lock() {
+        pthread_mutex_lock(writers)
+        enterExclusive()
+    }
+    func unlock() {
+        pthread_rwlock_unlock(rw)
+        pthread_mutex_unlock(writers)
+    }
+    /// The read-write lock shared: the caller only reads what readers plan from.
+    func lockShared() {
+        for _ in 0..<Self.spinCount where pthread_rwlock_tryrdlock(rw) == 0 { return }
+        pthread_rwlock_rdlock(rw)
+    }
+    func unlockShared() { pthread_rwlock_unlock(rw) }
+    /// The writers' mutex alone: the caller is the only one changing the state, and takes
+    /// ``enterExclusive()`` around changes to what readers plan from.
+    func lockWriter() { pthread_mutex_lock(writers) }
+    func unlockWriter() { pthread_mutex_unlock(writers) }
+    /// With the writers' mutex held: the read-write lock exclusively.
+    func enterExclusive() {
+        for _ in 0..<Self.spinCount where pthread_rwlock_trywrlock(rw) == 0 { return }
+        pthread_rwlock_wrlock(rw)
+    }
+    static let spinCount = 2000
+    func leaveExclusive() { pthread_rwlock_unlock(rw) }
 
     /// Called with the lock held exclusively: releases it, waits for the next
     /// ``broadcast()``, takes it again.
@@ -249,7 +288,19 @@ final class PoolLock: @unchecked Sendable {
         lock()
     }
 
-    /// Wakes every ``wait()`` (called with the lock held exclusively).
+    /// ``wait()`` for a caller holding the writers' mutex alone.
+    func waitWriter() {
+        changed.lock()
+        let seen = generation
+        changed.unlock()
+        unlockWriter()
+        changed.lock()
+        while generation == seen { changed.wait() }
+        changed.unlock()
+        lockWriter()
+    }
+
+    /// Wakes every ``wait()`` and ``waitWriter()`` (called with the writers' mutex held).
     func broadcast() {
         changed.lock()
         generation &+= 1

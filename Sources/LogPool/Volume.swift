@@ -72,6 +72,7 @@ public final class Volume: @unchecked Sendable {
         guard engine.device.allowsConcurrentAccess else {
             // Every device call under the lock (the crash simulator's device).
             return try pool.locked {
+                if engine.writeBehindPending { try engine.deviceCall {} }
                 guard let planned = try plan() else { return }
                 defer { engine.readers.leave() }
                 try planned.execute(on: engine.device, into: buffer)
@@ -80,7 +81,10 @@ public final class Volume: @unchecked Sendable {
         // Planning only reads the engine's state, so it shares the lock with other reads;
         // payloads still queued for the device need the exclusive lock to drain first.
         let shared: ReadPlan?? = try pool.sharedLocked { engine.writeBehindPending ? .none : .some(try plan()) }
-        let planned = try shared ?? pool.locked { try plan() }
+        let planned = try shared ?? pool.locked {
+            try engine.deviceCall {}
+            return try plan()
+        }
         guard let planned else { return }
         defer { engine.readers.leave() }
         try planned.execute(on: engine.device, into: buffer)
@@ -101,7 +105,7 @@ public final class Volume: @unchecked Sendable {
     /// ``sync()``. Throws `readOnly` on a snapshot and `poolFull` before changing anything
     /// when there is no space.
     public func write(at offset: UInt64, from bytes: UnsafeRawBufferPointer) throws {
-        try pool.locked {
+        try pool.writerLocked {
             let volume = try writableState(offset, UInt64(bytes.count))
             guard bytes.count > 0 else { return }
             try pool.engine.write(volume, byteOffset: offset, data: bytes)
