@@ -277,27 +277,20 @@ final class PoolLock: @unchecked Sendable {
 
     /// Called with the lock held exclusively: releases it, waits for the next
     /// ``broadcast()``, takes it again.
-    func wait() {
-        changed.lock()
-        let seen = generation
-        changed.unlock()
-        unlock()
-        changed.lock()
-        while generation == seen { changed.wait() }
-        changed.unlock()
-        lock()
-    }
+    func wait() { waitForBroadcast(releasing: unlock, retaking: lock) }
 
     /// ``wait()`` for a caller holding the writers' mutex alone.
-    func waitWriter() {
+    func waitWriter() { waitForBroadcast(releasing: unlockWriter, retaking: lockWriter) }
+
+    private func waitForBroadcast(releasing release: () -> Void, retaking retake: () -> Void) {
         changed.lock()
         let seen = generation
         changed.unlock()
-        unlockWriter()
+        release()
         changed.lock()
         while generation == seen { changed.wait() }
         changed.unlock()
-        lockWriter()
+        retake()
     }
 
     /// Wakes every ``wait()`` and ``waitWriter()`` (called with the writers' mutex held).
