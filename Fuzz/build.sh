@@ -71,7 +71,7 @@ build_module() {
     if up_to_date "$dir/$name.o" "$stamp" "${sources[@]}" "${deps[@]}" "$FUZZ_DIR/build.sh"; then return 0; fi
     log "compiling module $name ($flavor: ${flags[*]}, ${#sources[@]} files)"
     rm -f "$dir/$name.o" "$dir/$name.o.flags"
-    "$SWIFTC" "${flags[@]}" -parse-as-library -wmo -module-name "$name" \
+    "$SWIFTC" "${flags[@]}" -parse-as-library -wmo -module-name "$name" -package-name logpool \
         -emit-module -emit-module-path "$dir/$name.swiftmodule" \
         -c -o "$dir/$name.o" -I "$dir" "${CMODULES[@]}" "${sources[@]}"
     printf '%s' "$stamp" >"$dir/$name.o.flags"
