@@ -1,19 +1,17 @@
 import LogPoolFormat
 
 /// The block-id space (Specs/ARCHITECTURE.md §2): how many map leaves name each id
-/// (refcounts, derived from the maps: Specs/FORMAT.md §5.3), the flat cache of each id's
-/// location (kept equal to the block table's leaves by the engine, which owns the table's
-/// pages), how many ids are live, and the allocation sweep.
+/// (refcounts, derived from the maps: Specs/FORMAT.md §5.3), how many ids are live, and
+/// the allocation sweep. Where a block lies is the block table's alone (its leaves, read
+/// through the engine): there is no second, flat copy of the locations.
 ///
 /// A value type changed only through its methods, which keep `liveCount` equal to the
-/// number of nonzero refcounts and both arrays exactly `limit` long. The engine calls
+/// number of nonzero refcounts and the refcount array exactly `limit` long. The engine calls
 /// them from the tree operations and `apply`; ``BlockIDsTests`` checks them alone.
 struct BlockIDs {
     /// Ids `0..<limit` exist (0 is never a block: it means "unmapped").
     private(set) var limit: UInt64 = 1
     private(set) var refcounts: [UInt32] = [0]
-    /// Each id's location as the block table holds it (`.free` for ids without an entry).
-    private(set) var locations: [BlockLocation] = [.free]
     /// Ids with a nonzero refcount.
     private(set) var liveCount = 0
     /// Where the next id search starts (see ``allocate()``).
@@ -30,14 +28,10 @@ struct BlockIDs {
     init(limit: UInt64) {
         self.limit = max(1, limit)
         refcounts = [UInt32](repeating: 0, count: Int(self.limit))
-        locations = [BlockLocation](repeating: .free, count: Int(self.limit))
     }
 
     @inline(__always)
     func refcount(_ id: UInt64) -> UInt32 { id < limit ? refcounts[Int(id)] : 0 }
-
-    @inline(__always)
-    func location(_ id: UInt64) -> BlockLocation { id < limit ? locations[Int(id)] : .free }
 
     /// One more map leaf names `id` (which is below the limit).
     @inline(__always)
@@ -47,22 +41,16 @@ struct BlockIDs {
         refcounts[index] += 1
     }
 
-    /// One fewer map leaf names `id`. Returns the id's location when that was the last
-    /// reference (the block is free and its space dead), nil otherwise.
+    /// One fewer map leaf names `id`. Returns true when that was the last reference (the
+    /// block is free and its space dead).
     @inline(__always)
-    mutating func release(_ id: UInt64) -> BlockLocation? {
+    mutating func release(_ id: UInt64) -> Bool {
         let index = Int(id)
         precondition(refcounts[index] > 0, "block \(id) released more often than referenced")
         refcounts[index] -= 1
-        guard refcounts[index] == 0 else { return nil }
+        guard refcounts[index] == 0 else { return false }
         liveCount -= 1
-        return locations[index]
-    }
-
-    /// Records `location` as `id`'s entry (the engine writes the same into the table).
-    @inline(__always)
-    mutating func setLocation(_ location: BlockLocation, of id: UInt64) {
-        locations[Int(id)] = location
+        return true
     }
 
     /// Grows the space so ids below `newLimit` exist (never shrinks).
@@ -70,7 +58,6 @@ struct BlockIDs {
         guard newLimit > limit else { return }
         let added = Int(newLimit - limit)
         refcounts.append(contentsOf: repeatElement(0, count: added))
-        locations.append(contentsOf: repeatElement(.free, count: added))
         limit = newLimit
     }
 
@@ -125,10 +112,5 @@ struct BlockIDs {
             steps += 1
         }
         return result
-    }
-
-    /// Calls `body` with every live id and its location, in id order.
-    func forEachLive(_ body: (UInt64, BlockLocation) throws -> Void) rethrows {
-        for id in 1..<Int(limit) where refcounts[id] > 0 { try body(UInt64(id), locations[id]) }
     }
 }

@@ -167,7 +167,7 @@ extension Engine {
         let considered = Array(candidates.prefix(64))
         var blocksBySegment: [Int: [(UInt64, BlockLocation)]] = [:]
         let consideredSet = Set(considered)
-        ids.forEachLive { id, location in
+        forEachLiveBlock { id, location in
             let s = segment(of: location.byteOffset)
             if consideredSet.contains(s) { blocksBySegment[s, default: []].append((id, location)) }
         }

@@ -363,12 +363,20 @@ extension Engine {
         guard dirtyPageCount == 0, pendingPageReleases.isEmpty, !journal.hasPendingBytes else { return }
         var holes: [(byteOffset: UInt64, byteCount: UInt64)] = []
         defer { space.setHoles(holes) }
-        var extents = [[(UInt64, UInt64)]](repeating: [], count: segmentStates.count)
+        // One bit per 4 KiB unit of the data area, set where any live byte lies: memory is
+        // capacity / 32768 whatever was written (a list of every live extent, sorted per
+        // segment, took 16 bytes per live block at every open).
+        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
+        let firstUnit = geometry.dataAreaByteOffset / unit
+        let unitCount = Int((geometry.dataAreaEndByteOffset + unit - 1) / unit - firstUnit)
+        var live = [UInt64](repeating: 0, count: (unitCount + 63) / 64)
         func add(_ offset: UInt64, _ count: UInt64) {
-            let s = segment(of: offset)
-            if segmentStates[s] != .free { extents[s].append((offset, count)) }
+            guard count > 0, segmentStates[segment(of: offset)] != .free else { return }
+            for u in Int(offset / unit - firstUnit)..<Int((offset + count + unit - 1) / unit - firstUnit) {
+                live[u >> 6] |= 1 << UInt64(u & 63)
+            }
         }
-        ids.forEachLive { _, location in add(location.byteOffset, location.allocatedByteCount) }
+        forEachLiveBlock { _, location in add(location.byteOffset, location.allocatedByteCount) }
         var seen = Set<ObjectIdentifier>()
         func visit(_ node: TreeNode) {
             guard seen.insert(ObjectIdentifier(node)).inserted else { return }
@@ -378,26 +386,30 @@ extension Engine {
         if let root = blockTable.root { visit(root) }
         for volume in volumes.values { if let root = volume.map.root { visit(root) } }
         if let root = checkpointExtent { add(root.byteOffset, sectorAligned(root.byteCount)) }
-        // Holes are trimmed to whole 4 KiB units so a write into one never shares a
-        // physical sector with live data.
-        func addHole(_ from: UInt64, _ to: UInt64) {
-            if let hole = SegmentSpace.wholeUnits(from: from, to: to) { holes.append(hole) }
-        }
+        // Holes are runs of whole 4 KiB units with no live byte, so a write into one never
+        // shares a physical sector with live data.
         for s in 0..<segmentStates.count where segmentStates[s] != .free {
             let start = geometry.segmentByteOffset(s)
-            // The open segment's holes end at its append point (aligned down by
-            // `addHole`): above it, appends go on as before. Below it, dead bytes are as
-            // unreferenced as in a used segment (pages a checkpoint just released, blocks
-            // overwritten since), and leaving them out made the pages a compaction batch
-            // rewrote unusable until the segment filled: batches cycled without gaining.
+            // The open segment's holes end at its append point (aligned down): above it,
+            // appends go on as before. Below it, dead bytes are as unreferenced as in a
+            // used segment (pages a checkpoint just released, blocks overwritten since),
+            // and leaving them out made the pages a compaction batch rewrote unusable
+            // until the segment filled: batches cycled without gaining.
             let end = segmentStates[s] == .open ? min(appendByteOffset, start + UInt64(geometry.segmentByteCount))
                 : start + UInt64(geometry.segmentByteCount)
-            var cursor = start + UInt64(PoolGeometry.segmentHeaderByteCount)
-            for (offset, count) in extents[s].sorted(by: { $0.0 < $1.0 }) {
-                if offset > cursor { addHole(cursor, min(offset, end)) }
-                cursor = max(cursor, offset + count)
+            let from = (start + UInt64(PoolGeometry.segmentHeaderByteCount) + unit - 1) / unit - firstUnit
+            let to = end / unit - firstUnit
+            guard to > from else { continue }
+            var runStart: UInt64? = nil
+            for u in from..<to {
+                let free = live[Int(u >> 6)] & (1 << (u & 63)) == 0
+                if free, runStart == nil { runStart = u }
+                if !free, let first = runStart {
+                    holes.append(((first + firstUnit) * unit, (u - first) * unit))
+                    runStart = nil
+                }
             }
-            if end > cursor { addHole(cursor, end) }
+            if let first = runStart { holes.append(((first + firstUnit) * unit, (to - first) * unit)) }
         }
     }
 

@@ -42,13 +42,10 @@ extension Engine {
         }
         if dirty != dirtyPageCount { problems.append("dirty page count \(dirtyPageCount), found \(dirty)") }
         var data = [UInt64](repeating: 0, count: segmentStates.count)
-        if ids.locations.count != Int(blockIDLimit) || ids.refcounts.count != Int(blockIDLimit) {
-            problems.append("id arrays hold \(ids.locations.count) locations and \(ids.refcounts.count) refcounts, limit \(blockIDLimit)")
+        if ids.refcounts.count != Int(blockIDLimit) {
+            problems.append("the refcount array holds \(ids.refcounts.count) ids, limit \(blockIDLimit)")
         }
         for id in 1..<Int(blockIDLimit) {
-            if expectedRefcounts[id] > 0 && blockLocationInTable(UInt64(id)) != ids.location(UInt64(id)) {
-                problems.append("block \(id): location cache differs from the block table")
-            }
             if ids.refcount(UInt64(id)) != expectedRefcounts[id] {
                 problems.append("block \(id): refcount \(ids.refcount(UInt64(id))), rebuilt \(expectedRefcounts[id])")
             }

@@ -214,15 +214,9 @@ extension Engine {
         metaLiveByteCounts[segment(of: sb.checkpointByteOffset)] += sectorAligned(sb.checkpointByteCount)
         // (Two ids at one location is a check for `verify`; open only needs each
         // referenced entry to be in range.) One pass over the table's leaves.
-        var entries: [(UInt64, BlockLocation)] = []
-        entries.reserveCapacity(ids.liveCount)
-        forEachBlockEntry { id, location in
-            guard id < blockIDLimit else { return }
-            ids.setLocation(location, of: id)
-            if ids.refcount(id) > 0 { entries.append((id, location)) }
-        }
         var present = 0
-        for (id, location) in entries {
+        try forEachBlockEntry { id, location in
+            guard id < blockIDLimit, ids.refcount(id) > 0 else { return }
             present += 1
             guard location.storedByteCount > 0, location.storedByteCount <= geometry.blockByteCount,
                   geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)

@@ -47,7 +47,8 @@ extension Engine {
 
     /// One fewer leaf names block `id`; at zero the block is free and its space dead.
     func dropBlockReference(_ id: UInt64) {
-        if let location = ids.release(id) {
+        if ids.release(id) {
+            let location = blockLocation(id)
             space.removeData(location.allocatedByteCount, at: location.byteOffset)
         }
     }
@@ -186,39 +187,37 @@ extension Engine {
 
     // MARK: - Block table
 
-    @inline(__always)
-    func blockLocation(_ id: UInt64) -> BlockLocation { ids.location(id) }
-
-    /// The entry as the block table's leaf holds it (what the next checkpoint writes).
-    func blockLocationInTable(_ id: UInt64) -> BlockLocation {
+    /// Block `id`'s entry in the block table (`.free` where the table has no leaf for it):
+    /// the one record of where a block lies.
+    func blockLocation(_ id: UInt64) -> BlockLocation {
         guard let (leaf, index) = leafForReading(blockTable, slot: id) else { return .free }
-        let w = index * 3
-        let packed = leaf.words[w + 1]
-        return BlockLocation(byteOffset: leaf.words[w], storedByteCount: UInt32(truncatingIfNeeded: packed),
-                             flags: UInt32(truncatingIfNeeded: packed >> 32), checksum: leaf.words[w + 2])
+        return BlockTableCursor.entry(leaf.words, index)
     }
 
     /// Calls `body` with every block-table entry that lies in an existing leaf, in id
     /// order, without a tree walk per id.
-    func forEachBlockEntry(_ body: (UInt64, BlockLocation) -> Void) {
+    func forEachBlockEntry(_ body: (UInt64, BlockLocation) throws -> Void) rethrows {
         guard let root = blockTable.root else { return }
-        func walk(_ node: TreeNode, base: UInt64) {
+        func walk(_ node: TreeNode, base: UInt64) throws {
             if node.level == 0 {
                 for slot in 0..<PageLayout.blockTableLeafFanout {
-                    let w = slot * 3
-                    let packed = node.words[w + 1]
-                    body(base + UInt64(slot), BlockLocation(
-                        byteOffset: node.words[w], storedByteCount: UInt32(truncatingIfNeeded: packed),
-                        flags: UInt32(truncatingIfNeeded: packed >> 32), checksum: node.words[w + 2]))
+                    try body(base + UInt64(slot), BlockTableCursor.entry(node.words, slot))
                 }
                 return
             }
             let span = blockTable.span(level: node.level)
             for (i, child) in node.children.enumerated() {
-                if let child { walk(child, base: base + UInt64(i) * span) }
+                if let child { try walk(child, base: base + UInt64(i) * span) }
             }
         }
-        walk(root, base: 0)
+        try walk(root, base: 0)
+    }
+
+    /// Calls `body` with every live block (nonzero refcount) and its location, in id order.
+    func forEachLiveBlock(_ body: (UInt64, BlockLocation) throws -> Void) rethrows {
+        try forEachBlockEntry { id, location in
+            if ids.refcount(id) > 0 { try body(id, location) }
+        }
     }
 
     func setBlockLocation(_ id: UInt64, _ location: BlockLocation) {
@@ -227,14 +226,12 @@ extension Engine {
         storeBlockLocation(id, location, leaf: leaf, index: index)
     }
 
-    /// Writes `location` into slot `index` of the (unique, dirty) block-table leaf, and
-    /// into the flat cache.
+    /// Writes `location` into slot `index` of the (unique, dirty) block-table leaf.
     func storeBlockLocation(_ id: UInt64, _ location: BlockLocation, leaf: TreeNode, index: Int) {
         let w = index * 3
         leaf.words[w] = location.byteOffset
         leaf.words[w + 1] = UInt64(location.storedByteCount) | UInt64(location.flags) << 32
         leaf.words[w + 2] = location.checksum
-        ids.setLocation(location, of: id)
     }
 
     /// Ids the block table keeps beyond the live ones (``BlockIDs/idSpaceLimit(forAllocating:)``).

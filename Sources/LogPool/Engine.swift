@@ -46,9 +46,8 @@ final class Engine {
     var blockTable: Tree
     /// Nodes in the block table (it only ever grows).
     var blockTableNodeCount = 0
-    /// Refcounts, the flat location cache (equal to the table's leaves: a read finds a
-    /// block's location with one array load instead of a second tree walk), the live
-    /// count and the allocation sweep. Changed only through its methods.
+    /// Refcounts, the live count and the allocation sweep. Changed only through its
+    /// methods. Locations live only in the block table's leaves.
     var ids = BlockIDs()
     var blockIDLimit: UInt64 { ids.limit }
     var liveBlockCount: Int { ids.liveCount }

@@ -501,6 +501,7 @@ extension Engine {
 
     func info(of volume: VolumeState) -> VolumeInfo {
         var mapped: UInt64 = 0, allocated: UInt64 = 0, exclusive: UInt64 = 0
+        var table = BlockTableCursor(blockTable)
         func walk(_ node: TreeNode, exclusivePath: Bool) {
             let mine = exclusivePath && node.parentCount == 1
             if node.level > 0 {
@@ -508,7 +509,7 @@ extension Engine {
                 return
             }
             for id in node.words where id != 0 {
-                let bytes = blockLocation(id).allocatedByteCount
+                let bytes = table.location(of: id).allocatedByteCount
                 mapped += 1
                 allocated += bytes
                 if mine && ids.refcount(id) == 1 { exclusive += bytes }

@@ -143,10 +143,8 @@ extension Engine {
         let bs = UInt64(blockByteCount)
         let runLimit = 256
         var map = MapCursor(volume.map)
-        // One retain of the location cache for the whole plan, not an exclusivity check
-        // and a retain per block.
-        let locations = ids.locations
-        func locate(_ id: UInt64) -> BlockLocation { id < UInt64(locations.count) ? locations[Int(id)] : .free }
+        var table = BlockTableCursor(blockTable)
+        func locate(_ id: UInt64) -> BlockLocation { table.location(of: id) }
         var done = 0
         while done < byteCount {
             let position = byteOffset + UInt64(done)

@@ -101,3 +101,35 @@ struct MapCursor {
         words = tree.leaf(containing: slot)?.leaf.words ?? []
     }
 }
+
+/// Looks up block-table entries with one tree descent per leaf, like ``MapCursor``: ids
+/// written together are allocated together (``BlockIDs/allocate()``), so a read of a run
+/// of blocks finds their entries in one or two leaves.
+struct BlockTableCursor {
+    let tree: Tree
+    private var words: [UInt64] = []
+    private var base: UInt64 = 1
+    private var end: UInt64 = 0
+    private let fanout = UInt64(PageLayout.blockTableLeafFanout)
+
+    init(_ tree: Tree) { self.tree = tree }
+
+    /// Block `id`'s entry (`.free` where the table has no leaf for it).
+    mutating func location(of id: UInt64) -> BlockLocation {
+        if id < base || id >= end {
+            base = id - id % fanout
+            end = base + fanout
+            words = tree.leaf(containing: id)?.leaf.words ?? []
+        }
+        return words.isEmpty ? .free : Self.entry(words, Int(id - base))
+    }
+
+    /// Entry `index` of a block-table leaf's words (3 words per entry: FORMAT §5).
+    @inline(__always)
+    static func entry(_ words: [UInt64], _ index: Int) -> BlockLocation {
+        let w = index * 3
+        let packed = words[w + 1]
+        return BlockLocation(byteOffset: words[w], storedByteCount: UInt32(truncatingIfNeeded: packed),
+                             flags: UInt32(truncatingIfNeeded: packed >> 32), checksum: words[w + 2])
+    }
+}

@@ -305,7 +305,7 @@ struct Checker {
             extents.append(ReferencedExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount, structure: "block"))
         }
         guard let engine else { return }
-        engine.ids.forEachLive { _, location in
+        engine.forEachLiveBlock { _, location in
             extents.append(ReferencedExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount, structure: "block"))
         }
         let ring = sb.geometry.journalByteCount
@@ -745,7 +745,7 @@ struct Checker {
                                 entries: [BlockLocation], progress: ((ScrubProgress) -> Void)?) throws {
         var blocks: [(id: UInt64, location: BlockLocation)] = []
         if let engine {
-            engine.ids.forEachLive { id, location in blocks.append((id, location)) }
+            engine.forEachLiveBlock { id, location in blocks.append((id, location)) }
         } else {
             for (id, location) in entries.enumerated() where location.storedByteCount > 0 { blocks.append((UInt64(id), location)) }
         }

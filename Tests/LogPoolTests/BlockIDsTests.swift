@@ -9,15 +9,11 @@ import Testing
 /// count.
 @Suite("Block ids")
 struct BlockIDsTests {
-    func location(_ n: UInt64) -> BlockLocation {
-        BlockLocation(byteOffset: 1 << 20 + n * 4096, storedByteCount: 4096, flags: 0, checksum: n)
-    }
-
     func check(_ ids: BlockIDs, _ context: String, sourceLocation: SourceLocation = #_sourceLocation) {
         #expect(ids.liveCount == ids.refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }, "\(context): live count drifted",
                 sourceLocation: sourceLocation)
-        #expect(ids.refcounts.count == Int(ids.limit) && ids.locations.count == Int(ids.limit),
-                "\(context): arrays not \(ids.limit) long", sourceLocation: sourceLocation)
+        #expect(ids.refcounts.count == Int(ids.limit), "\(context): refcounts not \(ids.limit) long",
+                sourceLocation: sourceLocation)
         #expect(ids.refcount(0) == 0, "\(context): id 0 referenced", sourceLocation: sourceLocation)
     }
 
@@ -40,7 +36,6 @@ struct BlockIDsTests {
                         let id = ids.allocate()
                         #expect(id >= 1 && id < ids.limit, "\(context): id \(id) outside 1..<\(ids.limit)")
                         #expect(model[id] == nil, "\(context): allocated live id \(id)")
-                        ids.setLocation(location(id), of: id)
                         ids.retain(id)
                         model[id] = 1
                         taken.append(id)
@@ -57,9 +52,9 @@ struct BlockIDsTests {
                     model[id]! -= 1
                     if model[id] == 0 {
                         model[id] = nil
-                        #expect(freed == location(id), "\(context): last release of \(id) returned \(String(describing: freed))")
+                        #expect(freed, "\(context): the last release of \(id) did not free it")
                     } else {
-                        #expect(freed == nil, "\(context): release of \(id) with references left returned a location")
+                        #expect(!freed, "\(context): release of \(id) with references left freed it")
                     }
                 }
                 check(ids, context)
@@ -100,10 +95,10 @@ struct BlockIDsTests {
         #expect(ids.highWater == before, "a smaller live count never lowers the mark")
     }
 
-    @Test("ids beyond the limit read as unreferenced and free; extend never shrinks")
+    @Test("ids beyond the limit read as unreferenced; extend never shrinks")
     func beyondLimit() {
         var ids = BlockIDs(limit: 4)
-        #expect(ids.refcount(100) == 0 && ids.location(100) == .free)
+        #expect(ids.refcount(100) == 0)
         ids.extend(to: 2)
         #expect(ids.limit == 4)
         ids.extend(to: 9)
