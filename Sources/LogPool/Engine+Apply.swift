@@ -54,7 +54,7 @@ extension Engine {
             nextVolumeID = id + 1
         case .delete(let id):
             guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
-            if let root = volume.map.root { release(root, kind: .map) }
+            if let root = volume.map.root { try release(root, kind: .map) }
             volume.isDeleted = true
             volumes[id] = nil
             volumeRowByteTotal -= CheckpointRoot.volumeRowByteCount(name: volume.record.name)
@@ -72,7 +72,7 @@ extension Engine {
             let oldCount = blockCount(sizeByteCount: volume.record.sizeByteCount)
             let newCount = blockCount(sizeByteCount: size)
             if newCount < oldCount {
-                mapUnmap(&volume.map, range: newCount..<oldCount)
+                try mapUnmap(&volume.map, range: newCount..<oldCount)
             } else {
                 grow(&volume.map, toCover: newCount)
             }
@@ -103,19 +103,19 @@ extension Engine {
                     try checkNewBlock(m.blockID, m.location, newIDs: &newIDs, bad)
                 }
             }
-            for range in ranges { mapUnmap(&volume.map, range: range) }
+            for range in ranges { try mapUnmap(&volume.map, range: range) }
             // One descent per leaf, not per block: within this loop nothing shares or
             // cleans these trees, so a leaf made unique and dirty stays so.
             var mapLeaf = LeafCursor(), tableLeaf = LeafCursor()
             for m in mappings {
-                createBlock(m.blockID, m.location, cursor: &tableLeaf)
-                let (leaf, index) = mapLeaf.leaf(for: m.blockIndex, fanout: PageLayout.mapLeafFanout) {
-                    leafForWriting(&volume.map, slot: m.blockIndex)
+                try createBlock(m.blockID, m.location, cursor: &tableLeaf)
+                let (leaf, index) = try mapLeaf.leaf(for: m.blockIndex, fanout: PageLayout.mapLeafFanout) {
+                    try leafForWriting(&volume.map, slot: m.blockIndex)
                 }
                 let old = leaf.words[index]
                 leaf.words[index] = m.blockID
                 ids.retain(m.blockID)
-                if old != 0 { dropBlockReference(old) }
+                if old != 0 { try dropBlockReference(old) }
             }
         case .mapRun(let volumeID, let index, let id, let offset, let stored, let checksums):
             // Same checks and effect as the `map` it stands for; the run's arithmetic is
@@ -136,9 +136,9 @@ extension Engine {
                 try checkLocation(move.location, bad)
             }
             for move in moves {
-                let old = blockLocation(move.blockID)
+                let old = try blockLocation(move.blockID)
                 space.removeData(old.allocatedByteCount, at: old.byteOffset)
-                setBlockLocation(move.blockID, move.location)
+                try setBlockLocation(move.blockID, move.location)
                 space.addData(move.location.allocatedByteCount, at: move.location.byteOffset)
                 markWritten(move.location)
             }
@@ -167,11 +167,11 @@ extension Engine {
     }
 
     /// Enters a new block in the table (refcount still 0; the caller maps it).
-    private func createBlock(_ id: UInt64, _ location: BlockLocation, cursor: inout LeafCursor) {
+    private func createBlock(_ id: UInt64, _ location: BlockLocation, cursor: inout LeafCursor) throws {
         ids.extend(to: id + 1)
         grow(&blockTable, toCover: id + 1)
-        let (leaf, index) = cursor.leaf(for: id, fanout: PageLayout.blockTableLeafFanout) {
-            leafForWriting(&blockTable, slot: id)
+        let (leaf, index) = try cursor.leaf(for: id, fanout: PageLayout.blockTableLeafFanout) {
+            try leafForWriting(&blockTable, slot: id)
         }
         storeBlockLocation(id, location, leaf: leaf, index: index)
         space.addData(location.allocatedByteCount, at: location.byteOffset)
@@ -190,9 +190,9 @@ struct LeafCursor {
     private var firstSlot: UInt64 = 0
     private var node: TreeNode? = nil
 
-    mutating func leaf(for slot: UInt64, fanout: Int, descend: () -> (leaf: TreeNode, index: Int)) -> (leaf: TreeNode, index: Int) {
+    mutating func leaf(for slot: UInt64, fanout: Int, descend: () throws -> (leaf: TreeNode, index: Int)) rethrows -> (leaf: TreeNode, index: Int) {
         if let node, slot >= firstSlot, slot - firstSlot < UInt64(fanout) { return (node, Int(slot - firstSlot)) }
-        let found = descend()
+        let found = try descend()
         node = found.leaf
         firstSlot = slot - UInt64(found.index)
         return found

@@ -95,8 +95,11 @@ extension Engine {
         var batch = WriteBatch()
         var newMeta = metaLiveByteCounts
         for offset in pendingPageReleases { newMeta[segment(of: offset)] -= UInt64(PoolGeometry.pageByteCount) }
+        // Table leaves written here join the cache once committed (evictable from then on).
+        var writtenTableLeaves: [TreeNode] = []
         func writeDirty(_ node: TreeNode, kind: PageKind) throws {
             guard node.isDirty else { return }
+            if kind == .blockTable && node.level == 0 { writtenTableLeaves.append(node) }
             var words: [UInt64]
             if node.level > 0 {
                 words = []
@@ -190,6 +193,7 @@ extension Engine {
         space.freeEmptySegments()
         checkpointCount += 1
         rootNeedsRewrite = false
+        pageCache.admit(writtenTableLeaves)
     }
 
     /// A checkpoint's own output failed decode-after-encode: a bug. The pool is poisoned

@@ -71,7 +71,7 @@ extension Engine {
     /// (released pages become room) without the victims' (copies never land there).
     func checkpointKeepingVictims(_ victims: Set<Int>) throws {
         try checkpoint()
-        rebuildHoles()
+        try rebuildHoles()
         space.dropHoles(in: victims)
     }
 
@@ -133,9 +133,11 @@ extension Engine {
     }
 
     /// Marks `nodes` (clean, each once) dirty, releasing their durable pages at the next
-    /// checkpoint.
-    private func markDirty(_ nodes: [TreeNode]) {
+    /// checkpoint. An evicted block-table leaf is read back first (only table leaves are
+    /// ever evicted); dirty, it stays resident until the checkpoint writes it.
+    private func markDirty(_ nodes: [TreeNode]) throws {
         for node in nodes where !node.isDirty {
+            if node.level == 0 && node.words.isEmpty { _ = try tableLeafWords(node) }
             pendingPageReleases.append(node.disk.byteOffset)
             node.disk = .none
             dirtyPageCount += 1
@@ -155,7 +157,7 @@ extension Engine {
         if dirtyPageCount > compactionStepPageCount {
             // Start from clean pages, so a step's budget is its own.
             try checkpoint()
-            rebuildHoles()
+            try rebuildHoles()
         }
         let candidates = segmentStates.indices
             .filter { segmentStates[$0] == .used && Double(liveByteCount($0)) < Double(payload) * maxLiveFraction }
@@ -167,7 +169,7 @@ extension Engine {
         let considered = Array(candidates.prefix(64))
         var blocksBySegment: [Int: [(UInt64, BlockLocation)]] = [:]
         let consideredSet = Set(considered)
-        forEachLiveBlock { id, location in
+        try forEachLiveBlock { id, location in
             let s = segment(of: location.byteOffset)
             if consideredSet.contains(s) { blocksBySegment[s, default: []].append((id, location)) }
         }
@@ -302,11 +304,11 @@ extension Engine {
         }
         // Recomputed after the moves: they dirtied block-table paths already.
         let pages = victimPageNodes(victims: chosen)
-        markDirty(pages)
+        try markDirty(pages)
         report.pagesRewritten += pages.count
         try checkpoint()
         // The pages this batch released are room for the next one (its gain counted them).
-        rebuildHoles()
+        try rebuildHoles()
         report.segmentsCompacted += chosen.count
         return true
     }

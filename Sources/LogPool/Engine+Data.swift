@@ -227,7 +227,7 @@ extension Engine {
         if hasSegmentsToFreeAtCheckpoint || holes.isEmpty {
             try checkpoint()
             if physicalFits() { return }
-            rebuildHoles()
+            try rebuildHoles()
             if physicalFits() { return }
         }
         // Every batch frees more than it writes, so this ends; the budget only bounds
@@ -314,12 +314,12 @@ extension Engine {
     /// Net new bytes a write of `encoded` at `indexes` adds: the whole block where the
     /// slot is unmapped or its block is shared, only the growth where the volume owns the
     /// old block alone (compression can make new data bigger).
-    func netNewByteCount(_ map: Tree, indexes: [UInt64], encoded: [EncodedBlock]) -> UInt64 {
+    func netNewByteCount(_ map: Tree, indexes: [UInt64], encoded: [EncodedBlock]) throws -> UInt64 {
         var total: UInt64 = 0
         for (i, blockIndex) in indexes.enumerated() {
             let new = UInt64(encoded[i].allocatedByteCount)
             if let old = exclusiveBlock(map, blockIndex: blockIndex) {
-                let oldBytes = blockLocation(old).allocatedByteCount
+                let oldBytes = try blockLocation(old).allocatedByteCount
                 total += new > oldBytes ? new - oldBytes : 0
             } else {
                 total += new
@@ -354,11 +354,11 @@ extension Engine {
     /// in-memory state is exactly the durable one (nothing dirty, nothing released since),
     /// so a hole is referenced by neither the durable checkpoint nor any journal record
     /// after its replay start (reuse rule R-2, Specs/COMMIT.md §5).
-    func rebuildHoles() {
-        exclusively { findHoles() }
+    func rebuildHoles() throws {
+        try exclusively { try findHoles() }
     }
 
-    private func findHoles() {
+    private func findHoles() throws {
         space.forgetHoles()
         guard dirtyPageCount == 0, pendingPageReleases.isEmpty, !journal.hasPendingBytes else { return }
         var holes: [(byteOffset: UInt64, byteCount: UInt64)] = []
@@ -376,7 +376,9 @@ extension Engine {
                 live[u >> 6] |= 1 << UInt64(u & 63)
             }
         }
-        forEachLiveBlock { _, location in add(location.byteOffset, location.allocatedByteCount) }
+        // A leaf that cannot be read throws before any hole is listed: a partial marking
+        // would offer live space as holes.
+        try forEachLiveBlock { _, location in add(location.byteOffset, location.allocatedByteCount) }
         var seen = Set<ObjectIdentifier>()
         func visit(_ node: TreeNode) {
             guard seen.insert(ObjectIdentifier(node)).inserted else { return }
@@ -418,11 +420,18 @@ extension Engine {
         space.hasEmptyUsedSegment || !pendingPageReleases.isEmpty
     }
 
-    /// Makes room in the journal ring for a record, checkpointing when it is too full.
+    /// Dirty pages are the only copy of what they hold until a checkpoint writes them, so
+    /// they cannot be evicted: past half the cache's budget (at least 64 pages) the next
+    /// change checkpoints first, which keeps memory bounded under any write load.
+    var dirtyPageBound: Int { max(64, pageCache.budgetPageCount / 2) }
+
+    /// Makes room in the journal ring for a record, checkpointing when it is too full or
+    /// when too many pages are dirty (``dirtyPageBound``).
     func ensureJournalSpace(payloadByteCount: Int) throws {
         try ensureMounted()
         let worst = JournalWriter.worstCaseByteCount(payloadByteCount: payloadByteCount)
-        if journal.freeByteCount < worst || journal.usedByteCount > journal.ringByteCount / 4 * 3 {
+        if journal.freeByteCount < worst || journal.usedByteCount > journal.ringByteCount / 4 * 3
+            || dirtyPageCount > dirtyPageBound {
             try checkpoint()
         }
     }
@@ -436,7 +445,14 @@ extension Engine {
         if journal.buffer.byteCount >= 1 << 20, let early = journal.takeFullSectors() {
             try deviceWrite(early.bytes, at: PoolGeometry.journalByteOffset + early.ringByteOffset)
         }
-        try apply(intent)
+        do {
+            try apply(intent)
+        } catch {
+            // The record is in the journal and the state may be half changed (a block-table
+            // page that could not be read): nothing more may be written.
+            poisonCause = poisonCause ?? "a journaled change could not be applied: \(error)"
+            throw error
+        }
         // Bound the batch a crash can tear (FORMAT.md J-7): damage to the newest synced
         // batch cannot be told from a torn tail (no later record proves it was synced),
         // so keep that batch small by syncing on our own.

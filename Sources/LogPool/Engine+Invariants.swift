@@ -50,7 +50,10 @@ extension Engine {
                 problems.append("block \(id): refcount \(ids.refcount(UInt64(id))), rebuilt \(expectedRefcounts[id])")
             }
             if expectedRefcounts[id] > 0 {
-                let location = blockLocation(UInt64(id))
+                guard let location = try? blockLocation(UInt64(id)) else {
+                    problems.append("block \(id): its block-table leaf cannot be read")
+                    continue
+                }
                 data[segment(of: location.byteOffset)] += location.allocatedByteCount
             }
         }

@@ -8,7 +8,8 @@ extension Engine {
     /// to slot B and generation 2 to slot A, so both slots are valid and chained from
     /// the start (Specs/COMMIT.md §1).
     static func format(device: BlockDevice, geometry: PoolGeometry, compression: CompressionMode,
-                       uuid: [UInt8], createdTime: Int64) throws -> Engine {
+                       uuid: [UInt8], createdTime: Int64,
+                       metadataCacheByteCount: Int = Engine.defaultMetadataCacheByteCount) throws -> Engine {
         // A provisional generation-0 superblock that is never written; its fields only seed
         // the in-memory state.
         let provisional = Superblock(
@@ -16,7 +17,7 @@ extension Engine {
             checkpointByteOffset: geometry.dataAreaByteOffset + UInt64(PoolGeometry.segmentHeaderByteCount),
             checkpointByteCount: 512, checkpointChecksum: 0, journalReplayByteOffset: 0, journalReplaySequence: 1,
             parentChecksum: 0, flags: 0, createdTime: createdTime)
-        let engine = Engine(device: device, superblock: provisional, readOnly: false)
+        let engine = Engine(device: device, superblock: provisional, readOnly: false, metadataCacheByteCount: metadataCacheByteCount)
         engine.checkpointExtent = nil
         engine.space.markAllFree()
         try engine.checkpoint(mounted: false)
@@ -36,7 +37,8 @@ extension Engine {
     /// torn tail. With `salvage` it replays up to the damage and reports the loss in
     /// `recoveryReport` (`syncedJournalDamage`, `syncedJournalLoss`); read-write, the
     /// recovery checkpoint then commits without the synced records after the damage.
-    static func open(device: BlockDevice, readOnly: Bool, salvage: Bool = false) throws -> Engine {
+    static func open(device: BlockDevice, readOnly: Bool, salvage: Bool = false,
+                     metadataCacheByteCount: Int = Engine.defaultMetadataCacheByteCount) throws -> Engine {
         let size = try device.byteCount()
         let slotsEnd = PoolGeometry.superblockSlotByteOffsets[1] + UInt64(PoolGeometry.superblockByteCount)
         guard size > 0 else {
@@ -66,7 +68,7 @@ extension Engine {
             throw PoolError.corrupt(structure: "pool file", byteOffset: size,
                                     detail: "truncated: file is \(size) bytes, the superblock describes \(sb.geometry.dataAreaEndByteOffset) (capacity \(sb.geometry.capacityByteCount))")
         }
-        let engine = Engine(device: device, superblock: sb, readOnly: readOnly)
+        let engine = Engine(device: device, superblock: sb, readOnly: readOnly, metadataCacheByteCount: metadataCacheByteCount)
         engine.recoveryReport.chosenSlot = sb.slotIndex
         engine.recoveryReport.generation = sb.generation
         engine.recoveryReport.otherSlotProblem = choice.otherSlotProblem
@@ -76,7 +78,7 @@ extension Engine {
         // . Replay then removes every hole a replayed record wrote into, and the
         // recovery checkpoint may use the rest: a pool that was nearly full when it
         // crashed still has room to recover.
-        engine.rebuildHoles()
+        try engine.rebuildHoles()
         try engine.replayJournal()
         // A cleanly closed slot has nothing to replay, unless replay chained into the
         // next epoch (its slot damaged): check then too.
@@ -275,17 +277,17 @@ extension Engine {
             node.parentCount += 1
             return node
         }
-        guard geometry.isValidExtent(byteOffset: pointer.byteOffset, byteCount: UInt64(PoolGeometry.pageByteCount)) else {
-            throw corrupt(name, pointer.byteOffset, "page pointer is outside every segment")
+        if kind == .blockTable && level == 0 {
+            // Table leaves are read on first use, through the cache (``PageCache``);
+            // a damaged one is reported then, by the call that needs it.
+            guard geometry.isValidExtent(byteOffset: pointer.byteOffset, byteCount: UInt64(PoolGeometry.pageByteCount)) else {
+                throw corrupt(name, pointer.byteOffset, "page pointer is outside every segment")
+            }
+            let node = TreeNode(level: 0, words: [], children: [], disk: pointer)
+            cache[pointer.byteOffset] = LoadedPage(kind: kind, node: node, base: base)
+            return node
         }
-        let bytes = try device.read(byteCount: PoolGeometry.pageByteCount, at: pointer.byteOffset)
-        let words: [UInt64]
-        do {
-            words = try PageLayout.decode(bytes, kind: kind, level: level, expectedChecksum: pointer.checksum,
-                                          salt: salt, byteOffset: pointer.byteOffset)
-        } catch {
-            throw PoolError(error)
-        }
+        let words = try readPage(pointer, kind: kind, level: level)
         let node: TreeNode
         if level == 0 {
             node = TreeNode(level: 0, words: words, children: [], disk: pointer)

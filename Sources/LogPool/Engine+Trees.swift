@@ -34,21 +34,27 @@ extension Engine {
 
     /// Drops one parent of `node`; when none is left, releases its page and its children
     /// (map leaves drop a reference to every block they name).
-    func release(_ node: TreeNode, kind: PageKind) {
+    func release(_ node: TreeNode, kind: PageKind) throws {
         node.parentCount -= 1
         guard node.parentCount == 0 else { return }
         if node.isDirty { dirtyPageCount -= 1 } else { pendingPageReleases.append(node.disk.byteOffset) }
         if node.level > 0 {
-            for child in node.children { if let child { release(child, kind: kind) } }
+            for child in node.children { if let child { try release(child, kind: kind) } }
         } else if kind == .map {
-            for id in node.words where id != 0 { dropBlockReference(id) }
+            for id in node.words where id != 0 { try dropBlockReference(id) }
         }
     }
 
     /// One fewer leaf names block `id`; at zero the block is free and its space dead.
-    func dropBlockReference(_ id: UInt64) {
+    func dropBlockReference(_ id: UInt64) throws {
         if ids.release(id) {
-            let location = blockLocation(id)
+            let location = try blockLocation(id)
+            guard location.storedByteCount > 0, location.storedByteCount <= geometry.blockByteCount,
+                  geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
+            else {
+                throw PoolError.corrupt(structure: "block table", byteOffset: superblock.checkpointByteOffset,
+                                        detail: "block id \(id) was referenced but its entry (offset \(location.byteOffset), \(location.storedByteCount) bytes) is invalid")
+            }
             space.removeData(location.allocatedByteCount, at: location.byteOffset)
         }
     }
@@ -70,10 +76,13 @@ extension Engine {
 
     /// Returns the leaf holding `slot`, made unique and dirty along the whole path, creating
     /// missing nodes. `slot` must be below the tree's capacity.
-    func leafForWriting(_ tree: inout Tree, slot: UInt64) -> (leaf: TreeNode, index: Int) {
+    func leafForWriting(_ tree: inout Tree, slot: UInt64) throws -> (leaf: TreeNode, index: Int) {
         precondition(slot < tree.capacity, "slot \(slot) beyond tree capacity \(tree.capacity)")
         var node = tree.root ?? newNode(kind: tree.kind, level: tree.height - 1)
-        if tree.root != nil { makeUnique(&node, kind: tree.kind) }
+        if tree.root != nil {
+            try makeResident(node, kind: tree.kind)
+            makeUnique(&node, kind: tree.kind)
+        }
         tree.root = node
         var remainder = slot
         while node.level > 0 {
@@ -81,11 +90,20 @@ extension Engine {
             let childIndex = Int(remainder / span)
             remainder %= span
             var child = node.children[childIndex] ?? newNode(kind: tree.kind, level: node.level - 1)
-            if node.children[childIndex] != nil { makeUnique(&child, kind: tree.kind) }
+            if node.children[childIndex] != nil {
+                try makeResident(child, kind: tree.kind)
+                makeUnique(&child, kind: tree.kind)
+            }
             node.children[childIndex] = child
             node = child
         }
         return (node, Int(remainder))
+    }
+
+    /// Reads an evicted block-table leaf back before it is changed; making it dirty
+    /// right after pins it (``PageCache``).
+    func makeResident(_ node: TreeNode, kind: PageKind) throws {
+        if kind == .blockTable && node.level == 0 && node.words.isEmpty { _ = try tableLeafWords(node) }
     }
 
     /// The leaf holding `slot`, or nil when that part of the tree is empty.
@@ -124,28 +142,28 @@ extension Engine {
 
     /// Unmaps logical blocks in `range`. Whole subtrees inside the range are released
     /// without being read or copied; only the two boundary paths are made unique.
-    func mapUnmap(_ tree: inout Tree, range: Range<UInt64>) {
+    func mapUnmap(_ tree: inout Tree, range: Range<UInt64>) throws {
         let range = range.clamped(to: 0..<tree.capacity)
         guard !range.isEmpty, tree.root != nil else { return }
         if range == 0..<tree.capacity, let root = tree.root {
-            release(root, kind: .map)
+            try release(root, kind: .map)
             tree.root = nil
             return
         }
         guard var root = tree.root else { return }
         makeUnique(&root, kind: .map)
         tree.root = root
-        unmap(root, base: 0, range: range, tree: tree)
+        try unmap(root, base: 0, range: range, tree: tree)
     }
 
-    private func unmap(_ node: TreeNode, base: UInt64, range: Range<UInt64>, tree: Tree) {
+    private func unmap(_ node: TreeNode, base: UInt64, range: Range<UInt64>, tree: Tree) throws {
         if node.level == 0 {
             for slot in range {
                 let index = Int(slot - base)
                 let old = node.words[index]
                 if old != 0 {
                     node.words[index] = 0
-                    dropBlockReference(old)
+                    try dropBlockReference(old)
                 }
             }
             return
@@ -159,12 +177,12 @@ extension Engine {
             let childRange = childBase..<(childBase + span)
             let overlap = range.clamped(to: childRange)
             if overlap == childRange {
-                release(child, kind: .map)
+                try release(child, kind: .map)
                 node.children[childIndex] = nil
             } else {
                 makeUnique(&child, kind: .map)
                 node.children[childIndex] = child
-                unmap(child, base: childBase, range: overlap, tree: tree)
+                try unmap(child, base: childBase, range: overlap, tree: tree)
             }
         }
     }
@@ -189,19 +207,42 @@ extension Engine {
 
     /// Block `id`'s entry in the block table (`.free` where the table has no leaf for it):
     /// the one record of where a block lies.
-    func blockLocation(_ id: UInt64) -> BlockLocation {
+    func blockLocation(_ id: UInt64) throws -> BlockLocation {
         guard let (leaf, index) = leafForReading(blockTable, slot: id) else { return .free }
-        return BlockTableCursor.entry(leaf.words, index)
+        return BlockTableCursor.entry(try tableLeafWords(leaf), index)
+    }
+
+    /// The words of block-table leaf `leaf`, read from its page through the cache when
+    /// they are not resident. Safe under the shared lock (``PageCache``).
+    func tableLeafWords(_ leaf: TreeNode) throws -> [UInt64] {
+        try pageCache.words(of: leaf) { pointer in try readPage(pointer, kind: .blockTable, level: 0) }
+    }
+
+    /// Reads and checks the page `pointer` names (P-1: the trailer and the parent's
+    /// checksum must both match).
+    func readPage(_ pointer: PagePointer, kind: PageKind, level: Int) throws -> [UInt64] {
+        let name = kind == .map ? "map page" : "block-table page"
+        guard geometry.isValidExtent(byteOffset: pointer.byteOffset, byteCount: UInt64(PoolGeometry.pageByteCount)) else {
+            throw PoolError.corrupt(structure: name, byteOffset: pointer.byteOffset, detail: "page pointer is outside every segment")
+        }
+        let bytes = try device.read(byteCount: PoolGeometry.pageByteCount, at: pointer.byteOffset)
+        do {
+            return try PageLayout.decode(bytes, kind: kind, level: level, expectedChecksum: pointer.checksum,
+                                         salt: salt, byteOffset: pointer.byteOffset)
+        } catch {
+            throw PoolError(error)
+        }
     }
 
     /// Calls `body` with every block-table entry that lies in an existing leaf, in id
     /// order, without a tree walk per id.
-    func forEachBlockEntry(_ body: (UInt64, BlockLocation) throws -> Void) rethrows {
+    func forEachBlockEntry(_ body: (UInt64, BlockLocation) throws -> Void) throws {
         guard let root = blockTable.root else { return }
         func walk(_ node: TreeNode, base: UInt64) throws {
             if node.level == 0 {
+                let words = try tableLeafWords(node)
                 for slot in 0..<PageLayout.blockTableLeafFanout {
-                    try body(base + UInt64(slot), BlockTableCursor.entry(node.words, slot))
+                    try body(base + UInt64(slot), BlockTableCursor.entry(words, slot))
                 }
                 return
             }
@@ -214,15 +255,15 @@ extension Engine {
     }
 
     /// Calls `body` with every live block (nonzero refcount) and its location, in id order.
-    func forEachLiveBlock(_ body: (UInt64, BlockLocation) throws -> Void) rethrows {
+    func forEachLiveBlock(_ body: (UInt64, BlockLocation) throws -> Void) throws {
         try forEachBlockEntry { id, location in
             if ids.refcount(id) > 0 { try body(id, location) }
         }
     }
 
-    func setBlockLocation(_ id: UInt64, _ location: BlockLocation) {
+    func setBlockLocation(_ id: UInt64, _ location: BlockLocation) throws {
         grow(&blockTable, toCover: id + 1)
-        let (leaf, index) = leafForWriting(&blockTable, slot: id)
+        let (leaf, index) = try leafForWriting(&blockTable, slot: id)
         storeBlockLocation(id, location, leaf: leaf, index: index)
     }
 

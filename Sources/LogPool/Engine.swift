@@ -49,6 +49,8 @@ final class Engine {
     /// Refcounts, the live count and the allocation sweep. Changed only through its
     /// methods. Locations live only in the block table's leaves.
     var ids = BlockIDs()
+    /// The block table's leaves in bounded memory (read on demand, clean ones evicted).
+    let pageCache: PageCache
     var blockIDLimit: UInt64 { ids.limit }
     var liveBlockCount: Int { ids.liveCount }
 
@@ -139,8 +141,16 @@ final class Engine {
     var compactionMovedByteCount: UInt64 = 0
     var writtenDataByteCount: UInt64 = 0
 
-    init(device: BlockDevice, superblock: Superblock, readOnly: Bool) {
+    /// The block-table cache's budget when the caller names none: 64 MiB, the leaves of
+    /// about 2.8 million blocks (11 GiB of 4 KiB blocks) resident at once.
+    static let defaultMetadataCacheByteCount = 64 << 20
+
+    /// A budget that replaces every engine's in this process (``Pool/overrideMetadataCacheBytes(_:)``).
+    static let metadataCacheOverride = Mutex<Int?>(nil)
+
+    init(device: BlockDevice, superblock: Superblock, readOnly: Bool, metadataCacheByteCount: Int = Engine.defaultMetadataCacheByteCount) {
         self.device = device
+        pageCache = PageCache(budgetByteCount: Engine.metadataCacheOverride.withLock { $0 } ?? metadataCacheByteCount)
         self.readOnly = readOnly
         self.superblock = superblock
         self.geometry = superblock.geometry

@@ -107,16 +107,19 @@ public final class Pool: @unchecked Sendable {
     ///   - blockSize: unit of addressing and copy-on-write, a power of two 512...65536.
     ///   - segmentSize: unit of allocation and compaction; nil picks 1/64 of the pool,
     ///     64 KiB to 4 MiB.
+    ///   - metadataCacheBytes: the block-table page budget, as for ``open(at:mode:acceptJournalLoss:metadataCacheBytes:)``.
     /// - Throws: ``PoolError/exists(_:)`` when the file exists, ``PoolError/invalidArgument(_:)``
     ///   for an unusable geometry.
     public static func create(at path: String, capacity: UInt64, blockSize: Int = 4096,
-                              segmentSize: Int? = nil, compression: CompressionMode = .lz4) throws -> Pool {
+                              segmentSize: Int? = nil, compression: CompressionMode = .lz4,
+                              metadataCacheBytes: Int = Pool.defaultMetadataCacheBytes) throws -> Pool {
         let geometry = try makeGeometry(capacity: capacity, blockSize: blockSize, segmentSize: segmentSize)
         let device = try FileDevice(path: path, mode: .readWrite, create: true)
         do {
             try device.truncate(toByteCount: capacity)
             let engine = try Engine.format(device: device, geometry: geometry, compression: compression,
-                                           uuid: newUUID(), createdTime: Int64(Date().timeIntervalSince1970))
+                                           uuid: newUUID(), createdTime: Int64(Date().timeIntervalSince1970),
+                                           metadataCacheByteCount: metadataCacheBytes)
             try FileDevice.syncParentDirectory(of: path)
             return Pool(engine: engine, fileDevice: device, path: path)
         } catch {
@@ -129,14 +132,16 @@ public final class Pool: @unchecked Sendable {
     /// Formats a pool on any device (tests use an in-memory one). The device must be
     /// zero-filled and at least `capacity` bytes.
     public static func create(on device: BlockDevice, capacity: UInt64, blockSize: Int = 4096,
-                              segmentSize: Int? = nil, compression: CompressionMode = .lz4) throws -> Pool {
+                              segmentSize: Int? = nil, compression: CompressionMode = .lz4,
+                              metadataCacheBytes: Int = Pool.defaultMetadataCacheBytes) throws -> Pool {
         let geometry = try makeGeometry(capacity: capacity, blockSize: blockSize, segmentSize: segmentSize)
         let available = try device.byteCount()
         guard available >= capacity else {
             throw PoolError.invalidArgument("the device holds \(available) bytes, fewer than the capacity \(capacity)")
         }
         let engine = try Engine.format(device: device, geometry: geometry, compression: compression,
-                                       uuid: newUUID(), createdTime: Int64(Date().timeIntervalSince1970))
+                                       uuid: newUUID(), createdTime: Int64(Date().timeIntervalSince1970),
+                                       metadataCacheByteCount: metadataCacheBytes)
         return Pool(engine: engine, fileDevice: nil, path: nil)
     }
 
@@ -154,10 +159,17 @@ public final class Pool: @unchecked Sendable {
     ///
     /// Only a regular file or a block device is a pool: anything else (a FIFO, a
     /// directory) is ``PoolError/invalidArgument(_:)`` at once, without blocking.
-    public static func open(at path: String, mode: OpenMode = .readWrite, acceptJournalLoss: Bool = false) throws -> Pool {
+    ///
+    /// `metadataCacheBytes` bounds the block table's pages kept in memory (default
+    /// ``defaultMetadataCacheBytes``): others are read from the file when needed and
+    /// dropped again, least recently used first. Pages changed since the last checkpoint
+    /// stay until it writes them; past half the budget a change checkpoints first.
+    public static func open(at path: String, mode: OpenMode = .readWrite, acceptJournalLoss: Bool = false,
+                            metadataCacheBytes: Int = Pool.defaultMetadataCacheBytes) throws -> Pool {
         let device = try FileDevice(path: path, mode: mode)
         do {
-            let engine = try Engine.open(device: device, readOnly: mode == .readOnly, salvage: acceptJournalLoss)
+            let engine = try Engine.open(device: device, readOnly: mode == .readOnly, salvage: acceptJournalLoss,
+                                         metadataCacheByteCount: metadataCacheBytes)
             return Pool(engine: engine, fileDevice: device, path: path)
         } catch {
             device.closeDescriptor()
@@ -166,8 +178,22 @@ public final class Pool: @unchecked Sendable {
     }
 
     /// Opens a pool on any device.
-    public static func open(on device: BlockDevice, mode: OpenMode = .readWrite, acceptJournalLoss: Bool = false) throws -> Pool {
-        Pool(engine: try Engine.open(device: device, readOnly: mode == .readOnly, salvage: acceptJournalLoss), fileDevice: nil, path: nil)
+    public static func open(on device: BlockDevice, mode: OpenMode = .readWrite, acceptJournalLoss: Bool = false,
+                            metadataCacheBytes: Int = Pool.defaultMetadataCacheBytes) throws -> Pool {
+        Pool(engine: try Engine.open(device: device, readOnly: mode == .readOnly, salvage: acceptJournalLoss,
+                                     metadataCacheByteCount: metadataCacheBytes), fileDevice: nil, path: nil)
+    }
+
+    /// The metadata cache budget when none is named: 64 MiB, the block-table pages of
+    /// about 2.8 million blocks (11 GiB of 4 KiB blocks).
+    public static let defaultMetadataCacheBytes = Engine.defaultMetadataCacheByteCount
+
+    /// Makes every pool this process creates or opens from now on use `bytes` as its
+    /// metadata cache budget, whatever the call names (nil: each call's own again). For
+    /// the CLI's `LOGPOOL_METADATA_CACHE` and the crash simulator's `--metadata-cache`;
+    /// `package`, so no embedding app sees it.
+    package static func overrideMetadataCacheBytes(_ bytes: Int?) {
+        Engine.metadataCacheOverride.withLock { $0 = bytes }
     }
 
     private static func makeGeometry(capacity: UInt64, blockSize: Int, segmentSize: Int?) throws -> PoolGeometry {
@@ -476,7 +502,7 @@ public final class Pool: @unchecked Sendable {
     public func list() throws -> [VolumeInfo] {
         try sharedLocked {
             try engine.checkUsable()
-            return engine.volumes.values.map { engine.info(of: $0) }.sorted { $0.name < $1.name }
+            return try engine.volumes.values.map { try engine.info(of: $0) }.sorted { $0.name < $1.name }
         }
     }
 }
@@ -499,23 +525,23 @@ extension Engine {
         try ensureSpace(netByteCount: 0, extents: [], pageCount: pageCount, addedPageCount: addedPageCount ?? pageCount)
     }
 
-    func info(of volume: VolumeState) -> VolumeInfo {
+    func info(of volume: VolumeState) throws -> VolumeInfo {
         var mapped: UInt64 = 0, allocated: UInt64 = 0, exclusive: UInt64 = 0
-        var table = BlockTableCursor(blockTable)
-        func walk(_ node: TreeNode, exclusivePath: Bool) {
+        var table = BlockTableCursor(self)
+        func walk(_ node: TreeNode, exclusivePath: Bool) throws {
             let mine = exclusivePath && node.parentCount == 1
             if node.level > 0 {
-                for child in node.children { if let child { walk(child, exclusivePath: mine) } }
+                for child in node.children { if let child { try walk(child, exclusivePath: mine) } }
                 return
             }
             for id in node.words where id != 0 {
-                let bytes = table.location(of: id).allocatedByteCount
+                let bytes = try table.location(of: id).allocatedByteCount
                 mapped += 1
                 allocated += bytes
                 if mine && ids.refcount(id) == 1 { exclusive += bytes }
             }
         }
-        if let root = volume.map.root { walk(root, exclusivePath: true) }
+        if let root = volume.map.root { try walk(root, exclusivePath: true) }
         let origin = volume.record.originID == 0 ? nil : volumes[volume.record.originID]?.record.name
         return VolumeInfo(name: volume.record.name, kind: volume.record.kind.description,
                           sizeBytes: volume.record.sizeByteCount, mappedBytes: mapped * UInt64(blockByteCount),

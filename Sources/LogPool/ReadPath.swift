@@ -125,7 +125,7 @@ extension Engine {
 
     /// Reads and checks block `id` into `destination` (exactly one block), under the lock.
     func readBlock(_ id: UInt64, into destination: UnsafeMutableRawBufferPointer) throws {
-        let location = blockLocation(id)
+        let location = try blockLocation(id)
         if writeBehindPending { try deviceCall {} }
         try Engine.readBlock(id, location: location, from: device, into: destination)
     }
@@ -143,8 +143,8 @@ extension Engine {
         let bs = UInt64(blockByteCount)
         let runLimit = 256
         var map = MapCursor(volume.map)
-        var table = BlockTableCursor(blockTable)
-        func locate(_ id: UInt64) -> BlockLocation { table.location(of: id) }
+        var table = BlockTableCursor(self)
+        func locate(_ id: UInt64) throws -> BlockLocation { try table.location(of: id) }
         var done = 0
         while done < byteCount {
             let position = byteOffset + UInt64(done)
@@ -164,7 +164,7 @@ extension Engine {
                 done = end
                 continue
             }
-            let location = locate(id)
+            let location = try locate(id)
             guard inBlock == 0 && take == blockByteCount else {
                 plan.steps.append(.partial(done..<done + take, id: id, location: location, offsetInBlock: inBlock))
                 done += take
@@ -176,7 +176,7 @@ extension Engine {
             while (blocks.count + 1) * blockByteCount <= byteCount - done, blocks.count < runLimit {
                 let nextID = map.id(at: next)
                 guard nextID != 0 else { break }
-                let nextLocation = locate(nextID)
+                let nextLocation = try locate(nextID)
                 if location.isCompressed {
                     guard nextLocation.isCompressed, nextLocation.byteOffset == extentEnd else { break }
                     extentEnd += nextLocation.allocatedByteCount

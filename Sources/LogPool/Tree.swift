@@ -14,6 +14,11 @@ final class TreeNode {
     var children: [TreeNode?]
     var disk: PagePointer
     var parentCount: Int
+    /// Block-table leaves only: in the ``PageCache``'s ring, and used since the clock
+    /// hand last passed (changed under the cache's mutex). A table leaf whose `words` are
+    /// empty is not resident: its page is read on next use.
+    var inCache = false
+    var referenced = false
 
     init(kind: PageKind, level: Int) {
         self.level = level
@@ -104,22 +109,24 @@ struct MapCursor {
 
 /// Looks up block-table entries with one tree descent per leaf, like ``MapCursor``: ids
 /// written together are allocated together (``BlockIDs/allocate()``), so a read of a run
-/// of blocks finds their entries in one or two leaves.
+/// of blocks finds their entries in one or two leaves. Leaves come through the engine's
+/// ``PageCache`` (read from their page when not resident).
 struct BlockTableCursor {
-    let tree: Tree
+    let engine: Engine
     private var words: [UInt64] = []
     private var base: UInt64 = 1
     private var end: UInt64 = 0
     private let fanout = UInt64(PageLayout.blockTableLeafFanout)
 
-    init(_ tree: Tree) { self.tree = tree }
+    init(_ engine: Engine) { self.engine = engine }
 
     /// Block `id`'s entry (`.free` where the table has no leaf for it).
-    mutating func location(of id: UInt64) -> BlockLocation {
+    mutating func location(of id: UInt64) throws -> BlockLocation {
         if id < base || id >= end {
             base = id - id % fanout
             end = base + fanout
-            words = tree.leaf(containing: id)?.leaf.words ?? []
+            words = []
+            if let leaf = engine.blockTable.leaf(containing: id)?.leaf { words = try engine.tableLeafWords(leaf) }
         }
         return words.isEmpty ? .free : Self.entry(words, Int(id - base))
     }

@@ -289,7 +289,7 @@ struct Checker {
         let rebuilt = checkExtentsAndUsage(sb, root, pages, entries: entries)
         try checkSegmentHeaders(sb, rebuilt: rebuilt)
         let engine = checkJournal(sb)
-        if collectExtents { collect(sb, pages: pages, entries: entries, engine: engine) }
+        if collectExtents { try collect(sb, pages: pages, entries: entries, engine: engine) }
         if scrubData {
             try scrub(sb, engine: engine, pages: pages, entries: entries, progress: progress)
         }
@@ -298,14 +298,14 @@ struct Checker {
     /// What the chosen slot's state references: its root, every page of its checkpoint
     /// (open loads them all), every block its block table names and every block live
     /// after replay, and the journal from the replay start to where replay stops.
-    private mutating func collect(_ sb: Superblock, pages: [UInt64: CheckedPage], entries: [BlockLocation], engine: Engine?) {
+    private mutating func collect(_ sb: Superblock, pages: [UInt64: CheckedPage], entries: [BlockLocation], engine: Engine?) throws {
         extents.append(ReferencedExtent(byteOffset: sb.checkpointByteOffset, byteCount: UInt64(sb.checkpointByteCount), structure: "checkpoint root"))
         for offset in pages.keys { extents.append(ReferencedExtent(byteOffset: offset, byteCount: UInt64(PoolGeometry.pageByteCount), structure: "page")) }
         for location in entries where location.storedByteCount > 0 {
             extents.append(ReferencedExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount, structure: "block"))
         }
         guard let engine else { return }
-        engine.forEachLiveBlock { _, location in
+        try engine.forEachLiveBlock { _, location in
             extents.append(ReferencedExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount, structure: "block"))
         }
         let ring = sb.geometry.journalByteCount
@@ -745,7 +745,7 @@ struct Checker {
                                 entries: [BlockLocation], progress: ((ScrubProgress) -> Void)?) throws {
         var blocks: [(id: UInt64, location: BlockLocation)] = []
         if let engine {
-            engine.forEachLiveBlock { id, location in blocks.append((id, location)) }
+            try engine.forEachLiveBlock { id, location in blocks.append((id, location)) }
         } else {
             for (id, location) in entries.enumerated() where location.storedByteCount > 0 { blocks.append((UInt64(id), location)) }
         }

@@ -145,7 +145,7 @@ public final class Volume: @unchecked Sendable {
 
     /// Space figures for this volume.
     public func info() throws -> VolumeInfo {
-        try pool.sharedLocked { pool.engine.info(of: try state()) }
+        try pool.sharedLocked { try pool.engine.info(of: try state()) }
     }
 }
 

@@ -21,7 +21,26 @@ let logPoolVersion = "0.9.0 (pool format \(PoolGeometry.formatVersion))"
 @main
 enum Main {
     static func main() {
+        applyMetadataCacheEnvironment()
         runMain(LogPoolCommand.self, name: "logpool",
                 movedCommands: ["crashsim": "logpool-sim crashsim", "torture": "logpool-sim torture"])
+    }
+}
+
+/// `LOGPOOL_METADATA_CACHE` (a size, e.g. `256M`; 4K...1T) sets the metadata cache budget
+/// of every pool this command opens (default 64 MiB: Pool.defaultMetadataCacheBytes). A
+/// bad value is a usage error before anything is opened.
+func applyMetadataCacheEnvironment() {
+    guard let raw = ProcessInfo.processInfo.environment["LOGPOOL_METADATA_CACHE"] else { return }
+    var err = StandardError()
+    switch ByteSize.parse(raw) {
+    case .success(let bytes) where bytes >= 4096 && bytes <= 1 << 40:
+        Pool.overrideMetadataCacheBytes(Int(bytes))
+    case .success(let bytes):
+        print("logpool: error: LOGPOOL_METADATA_CACHE=\(oneLine(raw)): \(bytes) bytes is outside 4K...1T", to: &err)
+        exit(64)
+    case .failure(let problem):
+        print("logpool: error: LOGPOOL_METADATA_CACHE=\(oneLine(raw)): \(problem.message)", to: &err)
+        exit(64)
     }
 }

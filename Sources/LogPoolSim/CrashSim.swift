@@ -17,6 +17,7 @@ struct CrashSim: ParsableCommand {
     @Option(help: "Operations per workload (default 60, 300 with --long).") var ops: Int?
     @Flag(help: "One JSON object with the figures.") var json = false
     @Option(help: "Replay one crash state by its id (v1:seed:workload:point:class:index) and write its image.") var replay: String?
+    @Option(help: "Metadata cache budget in bytes for every pool the run opens (4096 = one block-table page: every lookup reads pages back; default: the library's 64 MiB).") var metadataCache: Int?
 
     struct Output: Encodable {
         var seed: UInt64
@@ -34,6 +35,12 @@ struct CrashSim: ParsableCommand {
 
     func run() throws {
         if let ops, ops < 1 || ops > 100_000 { throw ValidationError("--ops must be 1...100000, not \(ops)") }
+        if let metadataCache {
+            guard metadataCache >= 4096, metadataCache <= 1 << 40 else {
+                throw ValidationError("--metadata-cache must be 4096...2^40 bytes, not \(metadataCache)")
+            }
+            Pool.overrideMetadataCacheBytes(metadataCache)
+        }
         if let replay { return try replayState(replay) }
         guard budget > 0, budget <= 86_400 else { throw ValidationError("--budget must be more than 0 and at most 86400 seconds, not \(budget)") }
         let opCount = ops ?? (long ? 300 : 60)

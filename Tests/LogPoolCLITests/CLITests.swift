@@ -16,10 +16,14 @@ struct CLI {
     }
 
     @discardableResult
-    static func run(_ arguments: [String], stdin: Data? = nil, binary: String = CLI.binary, directory: String? = nil) throws -> Result {
+    static func run(_ arguments: [String], stdin: Data? = nil, binary: String = CLI.binary, directory: String? = nil,
+                    environment: [String: String] = [:]) throws -> Result {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = arguments
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
         let out = Pipe(), err = Pipe(), input = Pipe()
         process.standardOutput = out
@@ -53,6 +57,28 @@ func temporaryPath(_ name: String) -> String {
 
 @Suite("logpool CLI")
 struct CLITests {
+    @Test("LOGPOOL_METADATA_CACHE: a one-page cache reads back what was written; a bad value is a usage error")
+    func metadataCacheEnvironment() throws {
+        let pool = temporaryPath("p.pool"), raw = temporaryPath("in.raw"), out = temporaryPath("out.raw")
+        let tiny = ["LOGPOOL_METADATA_CACHE": "4K"]
+        // 1 MiB of 512-byte blocks: 2048 block ids over 13 block-table leaves.
+        var bytes = [UInt8](repeating: 0, count: 1 << 20)
+        for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 2654435761 >> 7) | 1 }
+        try Data(bytes).write(to: URL(fileURLWithPath: raw))
+        #expect(try CLI.run(["init", pool, "--size", "16M", "--block-size", "512", "--compression", "none"], environment: tiny).status == 0)
+        let imported = try CLI.run(["import", pool, raw, "v"], environment: tiny)
+        #expect(imported.status == 0, "\(imported.stderr)")
+        let exported = try CLI.run(["export", pool, "v", out], environment: tiny)
+        #expect(exported.status == 0, "\(exported.stderr)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: out)) == Data(bytes))
+        #expect(try CLI.run(["verify", pool], environment: tiny).status == 0)
+        for bad in ["lots", "1K", "-5M", ""] {
+            let result = try CLI.run(["list", pool], environment: ["LOGPOOL_METADATA_CACHE": bad])
+            #expect(result.status == 64 && result.stderr.hasPrefix("logpool: error: LOGPOOL_METADATA_CACHE="),
+                    "LOGPOOL_METADATA_CACHE=\(bad): status \(result.status), \(result.stderr)")
+        }
+    }
+
     @Test("the documented workflow: init, create, write, snapshot, clone, read, list, info, resize, rename, destroy, compact")
     func workflow() throws {
         let pool = temporaryPath("p.pool")

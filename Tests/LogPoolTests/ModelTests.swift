@@ -12,18 +12,32 @@ struct ModelTests {
     /// checkpoints, compactions), with clean close + open and crash-after-sync + open at
     /// random points; strict mode checks the engine's invariants after every op. Seeds 105
     /// and 106 run with the write-behind thread on (as file pools do), so reads right
-    /// after queued writes and syncs racing the thread are covered too.
-    @Test("random operations match the reference model, across reopen and crash", arguments: [UInt64(101), 102, 103, 104, 105, 106])
+    /// after queued writes and syncs racing the thread are covered too. Seeds 107 and 108
+    /// keep one block-table page in memory (`metadataCacheBytes` 4096), so every lookup,
+    /// change, checkpoint and reopen goes through pages read back after eviction.
+    @Test("random operations match the reference model, across reopen and crash", arguments: [UInt64(101), 102, 103, 104, 105, 106, 107, 108])
     func randomOps(seed: UInt64) throws {
+        let cache = seed >= 107 ? 4096 : Pool.defaultMetadataCacheBytes
         var device = SimulatedDevice(byteCount: 8 << 20)
-        var pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: seed % 3 == 0 ? 512 : 4096,
-                                   segmentSize: 64 << 10, compression: seed % 2 == 0 ? .lz4 : .none)
+        // The one-page seeds use 512-byte blocks and a larger volume, so the block table
+        // has several leaves to evict and read back.
+        let blockSize = seed % 3 == 0 || seed >= 107 ? 512 : 4096
+        let blocks = seed >= 107 ? 1024 : 32
+        var pool = try Pool.create(on: device, capacity: 8 << 20, blockSize: blockSize,
+                                   segmentSize: 64 << 10, compression: seed % 2 == 0 ? .lz4 : .none,
+                                   metadataCacheBytes: cache)
+        var evictions = 0
         let writeBehind = seed >= 105
         if writeBehind { pool.engine.enableWriteBehind() }
         var model = ReferenceModel()
-        let blockSize = seed % 3 == 0 ? 512 : 4096
-        try pool.createVolume(name: "a", size: UInt64(32 * blockSize))
-        model.create("a", size: 32 * blockSize)
+        try pool.createVolume(name: "a", size: UInt64(blocks * blockSize))
+        model.create("a", size: blocks * blockSize)
+        if seed >= 107 {
+            // Every block written once: ids over several table leaves from the start.
+            let whole = pattern(blocks * blockSize, seed: UInt8(seed))
+            try pool.openVolume(name: "a").write(at: 0, from: whole)
+            model.write("a", at: 0, whole)
+        }
         var workload = WorkloadGenerator(seed: seed)
         var rng = SeededGenerator(seed: seed ^ 0xABCDEF)
         let steps = ProcessInfo.processInfo.environment["LOGPOOL_LONG"] == nil ? 150 : 2000
@@ -65,13 +79,15 @@ struct ModelTests {
                 try pool.close()
                 let report = try Pool.verify(on: SimulatedDevice(image: device.currentImage), scrubData: true)
                 #expect(report.problems.isEmpty, "seed \(seed) step \(step): verify after close: \(report.problems.prefix(3))")
-                (pool, device) = try reopen(device)
+                evictions += pool.engine.pageCache.evictionCount
+                (pool, device) = try reopen(device, metadataCacheBytes: cache)
                 if writeBehind { pool.engine.enableWriteBehind() }
             case 1:
                 try pool.sync()
                 let report = try Pool.verify(on: SimulatedDevice(image: device.durable), scrubData: true)
                 #expect(report.isClean, "seed \(seed) step \(step): verify after sync: \(report.problems.prefix(3))")
-                (pool, device) = try reopen(device, image: device.durable)
+                evictions += pool.engine.pageCache.evictionCount
+                (pool, device) = try reopen(device, image: device.durable, metadataCacheBytes: cache)
                 if writeBehind { pool.engine.enableWriteBehind() }
             case 2:
                 _ = try pool.compact()
@@ -79,6 +95,12 @@ struct ModelTests {
                 break
             }
             #expect(try contents(of: pool) == logical(model), "seed \(seed) step \(step) after reopen")
+        }
+        if seed >= 107 {
+            evictions += pool.engine.pageCache.evictionCount
+            #expect(evictions > 0, "seed \(seed): a one-page cache never evicted a block-table page")
+            #expect(pool.engine.pageCache.residentCount <= 1 + pool.engine.dirtyPageCount,
+                    "seed \(seed): \(pool.engine.pageCache.residentCount) table pages resident with a one-page budget")
         }
     }
 

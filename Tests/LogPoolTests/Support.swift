@@ -16,9 +16,10 @@ func makePool(capacity: Int = 8 << 20, blockSize: Int = 4096, segmentSize: Int? 
 
 /// Reopens the device's current image (every write kept, as after kill -9 with a page
 /// cache) on a new device.
-func reopen(_ device: SimulatedDevice, image: [UInt8]? = nil, mode: OpenMode = .readWrite) throws -> (Pool, SimulatedDevice) {
+func reopen(_ device: SimulatedDevice, image: [UInt8]? = nil, mode: OpenMode = .readWrite,
+            metadataCacheBytes: Int = Pool.defaultMetadataCacheBytes) throws -> (Pool, SimulatedDevice) {
     let copy = SimulatedDevice(image: image ?? device.currentImage)
-    return (try Pool.open(on: copy, mode: mode), copy)
+    return (try Pool.open(on: copy, mode: mode, metadataCacheBytes: metadataCacheBytes), copy)
 }
 
 func pattern(_ count: Int, seed: UInt8) -> [UInt8] {

@@ -53,9 +53,9 @@ private func locate<T>(_ image: [UInt8], _ body: (Engine) throws -> T) throws ->
     return try body(pool.engine)
 }
 
-private func blockLocation(_ engine: Engine, volume name: String, blockIndex: UInt64) -> BlockLocation {
+private func blockLocation(_ engine: Engine, volume name: String, blockIndex: UInt64) throws -> BlockLocation {
     let volume = engine.volumes[engine.volumeIDsByName[name]!]!
-    return engine.blockLocation(engine.mapLookup(volume.map, blockIndex: blockIndex))
+    return try engine.blockLocation(engine.mapLookup(volume.map, blockIndex: blockIndex))
 }
 
 private func flip(_ image: inout [UInt8], _ offset: UInt64, bit: Int = 0) {
@@ -171,7 +171,7 @@ struct VerifyTests {
     func dataBlock(compression: CompressionMode) throws {
         let (device, blockSize) = try fixture(compression: compression)
         var image = device.currentImage
-        let location = try locate(image) { blockLocation($0, volume: "v", blockIndex: 3) }
+        let location = try locate(image) { try blockLocation($0, volume: "v", blockIndex: 3) }
         #expect(location.isCompressed == (compression == .lz4))
         flip(&image, location.byteOffset + 7, bit: 3)
         #expect(try verify(image, scrub: false).isClean)
@@ -239,7 +239,7 @@ struct VerifyTests {
     func segmentHeader() throws {
         let (device, _) = try fixture()
         var image = device.currentImage
-        let (offset, geometry) = try locate(image) { engine in (blockLocation(engine, volume: "v", blockIndex: 0).byteOffset, engine.geometry) }
+        let (offset, geometry) = try locate(image) { engine in (try blockLocation(engine, volume: "v", blockIndex: 0).byteOffset, engine.geometry) }
         let segment = geometry.segmentByteOffset(geometry.segmentIndex(containing: offset)!)
         flip(&image, segment + 30)
         let report = try verify(image)
@@ -353,7 +353,7 @@ struct VerifyTests {
             }
         case .segmentHeader:
             image = try fixture().device.currentImage
-            let (block, geometry) = try locate(image) { (blockLocation($0, volume: "v", blockIndex: 0).byteOffset, $0.geometry) }
+            let (block, geometry) = try locate(image) { (try blockLocation($0, volume: "v", blockIndex: 0).byteOffset, $0.geometry) }
             offset = geometry.segmentByteOffset(geometry.segmentIndex(containing: block)!) + 40
             expected = kind == .zeroSector ? [] : ["segment-header"]
             expectedOffset = offset - 40
@@ -361,7 +361,7 @@ struct VerifyTests {
             verifyStatus = 0
         case .dataBlock, .compressedDataBlock:
             image = try fixture(compression: place == .dataBlock ? .none : .lz4).device.currentImage
-            offset = try locate(image) { blockLocation($0, volume: "s", blockIndex: 5).byteOffset } + 3
+            offset = try locate(image) { try blockLocation($0, volume: "s", blockIndex: 5).byteOffset } + 3
             expected = ["data-damaged"]
             expectedOffset = offset - 3
             structure = place == .dataBlock ? "data block" : "compressed data block"

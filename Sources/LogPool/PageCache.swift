@@ -1,0 +1,91 @@
+import Foundation
+import LogPoolFormat
+
+/// The block table's leaf pages in bounded memory (issue 11, Specs/ARCHITECTURE.md §5):
+/// a leaf's words are read from its page on first use and dropped again (CLOCK order)
+/// when more clean leaves are resident than the budget allows. A dirty leaf is pinned: its
+/// words are the only copy until a checkpoint writes them; the checkpoint then hands it
+/// to the cache (``admit(_:)``) and it can be evicted like any page read from disk.
+///
+/// Readers under the shared pool lock load and evict concurrently, so every access to a
+/// table leaf's words outside the exclusive lock goes through ``words(of:load:)``, which
+/// returns the words as a value: a reader keeps what it got even if another reader
+/// evicts the node right after. Changes to a leaf's words happen only under the
+/// exclusive lock (no reader runs), on a dirty, hence pinned, leaf.
+final class PageCache: @unchecked Sendable {
+    /// Clean leaves kept resident at most (at least one).
+    let budgetPageCount: Int
+    private let mutex = NSLock()
+    /// Resident leaves that can be evicted once clean, in CLOCK order.
+    private var ring: [TreeNode] = []
+    private var hand = 0
+    /// Pages read from disk and words dropped, since open (for `bench` and tests).
+    private(set) var loadCount = 0
+    private(set) var evictionCount = 0
+
+    init(budgetByteCount: Int) {
+        budgetPageCount = max(1, budgetByteCount / PoolGeometry.pageByteCount)
+    }
+
+    /// The words of block-table leaf `node`, read with `load` from its page when they
+    /// were evicted (or never read since open).
+    func words(of node: TreeNode, load: (PagePointer) throws -> [UInt64]) throws -> [UInt64] {
+        mutex.lock()
+        defer { mutex.unlock() }
+        if !node.words.isEmpty {
+            node.referenced = true
+            return node.words
+        }
+        let words = try load(node.disk)
+        // Room first, then the new leaf: it cannot be evicted by its own load, so a
+        // writer that loads a leaf to change it still has it resident when it marks it
+        // dirty (pinned) right after.
+        evict(keeping: budgetPageCount - 1)
+        node.words = words
+        node.referenced = true
+        node.inCache = true
+        ring.append(node)
+        loadCount += 1
+        return words
+    }
+
+    /// After a checkpoint: the leaves it wrote are clean, so they can be evicted (new
+    /// leaves are created dirty and outside the cache; leaves already in it were pinned
+    /// while dirty), and the cache is trimmed back to its budget.
+    func admit(_ nodes: [TreeNode]) {
+        mutex.lock()
+        defer { mutex.unlock() }
+        for node in nodes where !node.inCache && node.level == 0 && !node.isDirty {
+            node.inCache = true
+            node.referenced = false
+            ring.append(node)
+        }
+        evict(keeping: budgetPageCount)
+    }
+
+    /// Resident leaves the cache holds, dirty ones included.
+    var residentCount: Int {
+        mutex.lock()
+        defer { mutex.unlock() }
+        return ring.count
+    }
+
+    /// Drops clean, unreferenced leaves until no more than `limit` are resident. Dirty
+    /// leaves are skipped; one sweep of twice the ring gives every referenced leaf its
+    /// second chance, so this ends even when every leaf is dirty.
+    private func evict(keeping limit: Int) {
+        var steps = 2 * ring.count
+        while ring.count > limit && steps > 0 {
+            steps -= 1
+            if hand >= ring.count { hand = 0 }
+            let node = ring[hand]
+            if node.isDirty { hand += 1; continue }
+            if node.referenced { node.referenced = false; hand += 1; continue }
+            node.words = []
+            node.inCache = false
+            evictionCount += 1
+            ring.swapAt(hand, ring.count - 1)
+            ring.removeLast()
+        }
+    }
+}
