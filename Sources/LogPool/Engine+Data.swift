@@ -354,31 +354,33 @@ extension Engine {
     /// in-memory state is exactly the durable one (nothing dirty, nothing released since),
     /// so a hole is referenced by neither the durable checkpoint nor any journal record
     /// after its replay start (reuse rule R-2, Specs/COMMIT.md §5).
-    func rebuildHoles() throws {
-        try exclusively { try findHoles() }
+    /// `liveBlocks`: the units live blocks cover, when the caller has just marked them
+    /// (open does, in the pass over the table's leaves that rebuilds usage), so the leaves
+    /// are not streamed a second time.
+    func rebuildHoles(liveBlocks: LiveUnits? = nil) throws {
+        try exclusively { try findHoles(liveBlocks: liveBlocks) }
     }
 
-    private func findHoles() throws {
+    private func findHoles(liveBlocks: LiveUnits?) throws {
         space.forgetHoles()
         guard dirtyPageCount == 0, pendingPageReleases.isEmpty, !journal.hasPendingBytes else { return }
         var holes: [(byteOffset: UInt64, byteCount: UInt64)] = []
         defer { space.setHoles(holes) }
-        // One bit per 4 KiB unit of the data area, set where any live byte lies: memory is
-        // capacity / 32768 whatever was written (a list of every live extent, sorted per
-        // segment, took 16 bytes per live block at every open).
-        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
-        let firstUnit = geometry.dataAreaByteOffset / unit
-        let unitCount = Int((geometry.dataAreaEndByteOffset + unit - 1) / unit - firstUnit)
-        var live = [UInt64](repeating: 0, count: (unitCount + 63) / 64)
-        func add(_ offset: UInt64, _ count: UInt64) {
-            guard count > 0, segmentStates[segment(of: offset)] != .free else { return }
-            for u in Int(offset / unit - firstUnit)..<Int((offset + count + unit - 1) / unit - firstUnit) {
-                live[u >> 6] |= 1 << UInt64(u & 63)
-            }
+        let unit = LiveUnits.unitByteCount
+        var live: LiveUnits
+        if let liveBlocks {
+            live = liveBlocks
+        } else {
+            live = LiveUnits(geometry)
+            // A leaf that cannot be read throws before any hole is listed: a partial
+            // marking would offer live space as holes.
+            try forEachLiveBlock { _, location in live.mark(location.byteOffset, location.allocatedByteCount) }
         }
-        // A leaf that cannot be read throws before any hole is listed: a partial marking
-        // would offer live space as holes.
-        try forEachLiveBlock { _, location in add(location.byteOffset, location.allocatedByteCount) }
+        let firstUnit = live.firstUnit
+        func add(_ offset: UInt64, _ count: UInt64) {
+            guard segmentStates[segment(of: offset)] != .free else { return }
+            live.mark(offset, count)
+        }
         var seen = Set<ObjectIdentifier>()
         func visit(_ node: TreeNode) {
             guard seen.insert(ObjectIdentifier(node)).inserted else { return }
@@ -404,7 +406,7 @@ extension Engine {
             guard to > from else { continue }
             var runStart: UInt64? = nil
             for u in from..<to {
-                let free = live[Int(u >> 6)] & (1 << (u & 63)) == 0
+                let free = !live.isMarked(u)
                 if free, runStart == nil { runStart = u }
                 if !free, let first = runStart {
                     holes.append(((first + firstUnit) * unit, (u - first) * unit))
@@ -660,4 +662,33 @@ extension Engine {
         }
         return .map(volumeID: volumeID, unmapRanges: unmapRanges, mappings: mappings)
     }
+}
+
+/// One bit per 4 KiB unit of the data area, set where any live byte lies (hole finding):
+/// capacity / 32768 bytes whatever was written (a list of every live extent, sorted per
+/// segment, took 16 bytes per live block at every open).
+struct LiveUnits {
+    static let unitByteCount = UInt64(PoolGeometry.durableAlignmentByteCount)
+    /// The data area's first unit (absolute offset / unit).
+    let firstUnit: UInt64
+    private var bits: [UInt64]
+
+    init(_ geometry: PoolGeometry) {
+        let unit = LiveUnits.unitByteCount
+        firstUnit = geometry.dataAreaByteOffset / unit
+        let count = Int((geometry.dataAreaEndByteOffset + unit - 1) / unit - firstUnit)
+        bits = [UInt64](repeating: 0, count: (count + 63) / 64)
+    }
+
+    /// Marks every unit `byteCount` bytes at `byteOffset` (inside the data area) touch.
+    mutating func mark(_ byteOffset: UInt64, _ byteCount: UInt64) {
+        guard byteCount > 0 else { return }
+        let unit = LiveUnits.unitByteCount
+        for u in Int(byteOffset / unit - firstUnit)..<Int((byteOffset + byteCount + unit - 1) / unit - firstUnit) {
+            bits[u >> 6] |= 1 << UInt64(u & 63)
+        }
+    }
+
+    /// Whether unit `u` (relative to ``firstUnit``) holds a live byte.
+    func isMarked(_ u: UInt64) -> Bool { bits[Int(u >> 6)] & (1 << (u & 63)) != 0 }
 }

@@ -73,12 +73,12 @@ extension Engine {
         engine.recoveryReport.generation = sb.generation
         engine.recoveryReport.otherSlotProblem = choice.otherSlotProblem
         engine.recoveryReport.wasMounted = sb.isMounted
-        try engine.loadCheckpoint()
+        let liveBlocks = try engine.loadCheckpoint()
         // The state now equals the durable checkpoint, so its dead extents are holes
         // . Replay then removes every hole a replayed record wrote into, and the
         // recovery checkpoint may use the rest: a pool that was nearly full when it
         // crashed still has room to recover.
-        try engine.rebuildHoles()
+        try engine.rebuildHoles(liveBlocks: liveBlocks)
         try engine.replayJournal()
         // A cleanly closed slot has nothing to replay, unless replay chained into the
         // next epoch (its slot damaged): check then too.
@@ -169,7 +169,9 @@ extension Engine {
 
     /// Loads the checkpoint root and every tree it names, then rebuilds refcounts and
     /// segment usage and compares the usage with what the checkpoint stored.
-    func loadCheckpoint() throws {
+    /// Returns the units the live blocks cover, marked in the same pass over the table's
+    /// leaves, for the holes open computes next.
+    func loadCheckpoint() throws -> LiveUnits {
         let sb = superblock
         let bytes = try device.read(byteCount: Int(sb.checkpointByteCount), at: sb.checkpointByteOffset)
         let root: CheckpointRoot
@@ -217,6 +219,7 @@ extension Engine {
         // (Two ids at one location is a check for `verify`; open only needs each
         // referenced entry to be in range.) One pass over the table's leaves.
         var present = 0
+        var liveBlocks = LiveUnits(geometry)
         try forEachBlockEntry { id, location in
             guard id < blockIDLimit, ids.refcount(id) > 0 else { return }
             present += 1
@@ -226,6 +229,7 @@ extension Engine {
                 throw corrupt("block table", sb.checkpointByteOffset, "block id \(id) is referenced but its entry (offset \(location.byteOffset), \(location.storedByteCount) bytes) is invalid")
             }
             dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
+            liveBlocks.mark(location.byteOffset, location.allocatedByteCount)
         }
         let referenced = ids.liveCount
         guard present == referenced else {
@@ -242,6 +246,7 @@ extension Engine {
         checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
         // Replay's id bound (``apply``) starts from the checkpoint's live count.
         self.ids = ids
+        return liveBlocks
     }
 
     /// A page loaded at open, with the first slot it covers.
