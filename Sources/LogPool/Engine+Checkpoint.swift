@@ -188,6 +188,7 @@ extension Engine {
         checkpointExtent = (rootOffset, UInt64(rootByteCount))
         pendingPageReleases.removeAll()
         dirtyPageCount = 0
+        dirtyTableLeafCount = 0
         journal.resetAfterCheckpoint(epoch: generation)
         // Segments with nothing live left become free, the open one too.
         space.freeEmptySegments()

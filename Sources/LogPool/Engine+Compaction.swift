@@ -138,6 +138,7 @@ extension Engine {
     private func markDirty(_ nodes: [TreeNode]) throws {
         for node in nodes where !node.isDirty {
             if node.level == 0 && node.words.isEmpty { _ = try tableLeafWords(node) }
+            if node.level == 0 && node.inCache { dirtyTableLeafCount += 1 }
             pendingPageReleases.append(node.disk.byteOffset)
             node.disk = .none
             dirtyPageCount += 1

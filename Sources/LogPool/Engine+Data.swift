@@ -422,9 +422,12 @@ extension Engine {
         space.hasEmptyUsedSegment || !pendingPageReleases.isEmpty
     }
 
-    /// Dirty pages are the only copy of what they hold until a checkpoint writes them, so
-    /// they cannot be evicted: past half the cache's budget (at least 64 pages) the next
-    /// change checkpoints first, which keeps memory bounded under any write load.
+    /// Dirty block-table leaves are the only copy of what they hold until a checkpoint
+    /// writes them, so the cache cannot drop them: past half its budget (at least 64
+    /// leaves) the next change checkpoints first, which keeps memory bounded under any
+    /// write load. Map pages do not count: they are all resident whether dirty or not,
+    /// and counting them made random overwrites of a 16 GiB pool checkpoint every few
+    /// thousand writes (each rewriting thousands of map pages).
     var dirtyPageBound: Int { max(64, pageCache.budgetPageCount / 2) }
 
     /// Makes room in the journal ring for a record, checkpointing when it is too full or
@@ -433,7 +436,7 @@ extension Engine {
         try ensureMounted()
         let worst = JournalWriter.worstCaseByteCount(payloadByteCount: payloadByteCount)
         if journal.freeByteCount < worst || journal.usedByteCount > journal.ringByteCount / 4 * 3
-            || dirtyPageCount > dirtyPageBound {
+            || dirtyTableLeafCount > dirtyPageBound {
             try checkpoint()
         }
     }

@@ -23,12 +23,14 @@ extension Engine {
             pendingPageReleases.append(slot.disk.byteOffset)
             slot.disk = .none
             dirtyPageCount += 1
+            if kind == .blockTable && slot.level == 0 { dirtyTableLeafCount += 1 }
         }
     }
 
     func newNode(kind: PageKind, level: Int) -> TreeNode {
         dirtyPageCount += 1
         if kind == .blockTable { blockTableNodeCount += 1 }
+        if kind == .blockTable && level == 0 { dirtyTableLeafCount += 1 }
         return TreeNode(kind: kind, level: level)
     }
 

@@ -71,6 +71,9 @@ final class Engine {
 
     // Metadata pages.
     var dirtyPageCount = 0
+    /// Of those, block-table leaves: what the metadata cache must keep beyond its budget
+    /// (map pages are all resident anyway), so what the dirty bound counts.
+    var dirtyTableLeafCount = 0
     /// Pages of the durable checkpoint that the in-memory state no longer references;
     /// they stop counting as live when the next checkpoint commits.
     var pendingPageReleases: [UInt64] = []
