@@ -145,10 +145,7 @@ extension Engine {
             plan.appendByteOffset = min((plan.appendByteOffset + unit - 1) & ~(unit - 1), end)
         }
         plan.holes = SegmentSpace.wholeUnits(of: plan.holes)
-        let page = PoolGeometry.pageByteCount
-        for _ in 0..<(pageCount + dirtyPageCount) {
-            guard place(byteCount: page, alignment: page, in: &plan) != nil else { return false }
-        }
+        guard space.placePages(pageCount + dirtyPageCount, in: &plan) else { return false }
         let root = Int(sectorAligned(UInt64(plannedRootByteCount)))
         return place(byteCount: root, alignment: PoolGeometry.sectorByteCount, in: &plan) != nil && plan.freeSegments.count >= keepFree
     }

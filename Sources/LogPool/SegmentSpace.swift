@@ -202,6 +202,58 @@ struct SegmentSpace {
         return .newSegment(next, start)
     }
 
+    /// Places `count` pages (4 KiB, 4 KiB aligned) exactly as `count` calls of
+    /// ``place(byteCount:alignment:in:)`` would, in time linear in the holes and segments
+    /// rather than in pages × holes: each call would fill the open segment's rest, then
+    /// (with the free list at the reserve) the first hole that holds a page, then a new
+    /// segment, and consecutive pages keep taking the same hole or segment until it is
+    /// full. Holes before the one in use never hold a page (first fit with one size), so
+    /// the search goes on from there. False when the pages do not all fit. Admission's
+    /// dry run places a whole checkpoint's pages on every write: one call per page moved
+    /// the hole list in memory each time, and a nearly full pool of scattered dead pages
+    /// made each write cost thousands of list copies.
+    func placePages(_ count: Int, in plan: inout AllocationPlan) -> Bool {
+        let page = UInt64(PoolGeometry.pageByteCount)
+        func aligned(_ offset: UInt64) -> UInt64 { (offset + page - 1) & ~(page - 1) }
+        var remaining = UInt64(max(0, count))
+        var searchFrom = 0
+        while remaining > 0 {
+            if let open = plan.openSegment {
+                let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
+                let start = aligned(plan.appendByteOffset)
+                if start + page <= end {
+                    let taken = min(remaining, (end - start) / page)
+                    plan.appendByteOffset = start + taken * page
+                    remaining -= taken
+                    continue
+                }
+            }
+            if plan.freeSegments.count <= Int(geometry.reserveSegmentCount),
+               let index = plan.holes[min(searchFrom, plan.holes.count)...].firstIndex(where: { aligned($0.byteOffset) + page <= $0.byteOffset + $0.byteCount }) {
+                let hole = plan.holes[index]
+                let start = aligned(hole.byteOffset)
+                let holeEnd = hole.byteOffset + hole.byteCount
+                let taken = min(remaining, (holeEnd - start) / page)
+                let end = start + taken * page
+                remaining -= taken
+                var pieces: [(byteOffset: UInt64, byteCount: UInt64)] = []
+                if start > hole.byteOffset { pieces.append((hole.byteOffset, start - hole.byteOffset)) }
+                if end < holeEnd { pieces.append((end, holeEnd - end)) }
+                plan.holes.replaceSubrange(index...index, with: pieces)
+                // The leading piece (alignment slack) holds no page; the trailing one is
+                // where the next page would go.
+                searchFrom = index + (start > hole.byteOffset ? 1 : 0)
+                continue
+            }
+            // As `place` does: the page goes right after the new segment's header.
+            guard let next = plan.freeSegments.popLast() else { return false }
+            plan.openSegment = next
+            plan.appendByteOffset = geometry.segmentByteOffset(next) + UInt64(PoolGeometry.segmentHeaderByteCount) + page
+            remaining -= 1
+        }
+        return true
+    }
+
     /// Places an extent for real; nil when nothing is left (admission miscounted). A new
     /// segment becomes the open one (the caller writes its header); the previous open
     /// one becomes used.

@@ -53,6 +53,58 @@ struct SegmentSpaceTests {
         }
     }
 
+    @Test("placing a checkpoint's pages at once ends where placing them one by one does (seeded)")
+    func placePagesMatchesPlace() throws {
+        let g = try geometry()
+        let page = UInt64(PoolGeometry.pageByteCount)
+        for seed in UInt64(1)...300 {
+            var rng = SeededGenerator(seed: seed)
+            var space = SegmentSpace(geometry: g)
+            space.markAllFree()
+            // Holes of odd sizes and alignments in used segments, some too small for a page.
+            var holes: [(byteOffset: UInt64, byteCount: UInt64)] = []
+            for s in 20..<Int(20 + rng.next() % 40) {
+                var cursor = g.segmentByteOffset(s) + page
+                let end = g.segmentByteOffset(s) + UInt64(g.segmentByteCount)
+                while cursor + 512 < end, rng.next() % 4 != 0 {
+                    let gap = (rng.next() % 16) * 512
+                    let size = (rng.next() % 20 + 1) * 512
+                    guard cursor + gap + size <= end else { break }
+                    holes.append((cursor + gap, size))
+                    cursor += gap + size + 512
+                }
+            }
+            space.setHoles(holes)
+            var plan = space.allocator
+            // The free list at, above or below the reserve; the open segment full, part
+            // full or missing.
+            let keep = Int(rng.next() % 5)
+            plan.freeSegments = Array(plan.freeSegments.suffix(keep))
+            switch rng.next() % 3 {
+            case 0: plan.openSegment = nil
+            case 1:
+                plan.openSegment = 70
+                plan.appendByteOffset = g.segmentByteOffset(70) + page + (rng.next() % 120) * 512
+            default:
+                plan.openSegment = 70
+                plan.appendByteOffset = g.segmentByteOffset(71)
+            }
+            let count = Int(rng.next() % 200)
+            var batch = plan, single = plan
+            let fitsBatch = space.placePages(count, in: &batch)
+            var fitsSingle = true
+            for _ in 0..<count where fitsSingle {
+                fitsSingle = space.place(byteCount: Int(page), alignment: Int(page), in: &single) != nil
+            }
+            #expect(fitsBatch == fitsSingle, "seed \(seed): \(count) pages fit \(fitsBatch) at once, \(fitsSingle) one by one")
+            guard fitsBatch && fitsSingle else { continue }
+            #expect(batch.openSegment == single.openSegment && batch.appendByteOffset == single.appendByteOffset
+                    && batch.freeSegments == single.freeSegments, "seed \(seed): \(count) pages end elsewhere")
+            #expect(batch.holes.map { [$0.byteOffset, $0.byteCount] } == single.holes.map { [$0.byteOffset, $0.byteCount] },
+                    "seed \(seed): \(count) pages leave other holes")
+        }
+    }
+
     @Test("placement order: the open segment, then the lowest free segment, holes only at the reserve")
     func placementOrder() throws {
         let g = try geometry()
