@@ -1,0 +1,132 @@
+import Dispatch
+@testable import LogPool
+import LogPoolFormat
+import LogPoolTesting
+import Synchronization
+import Testing
+
+/// The metadata cache on its own (Specs/COMMIT.md §3.1): the resident set stays within
+/// the budget, dirty leaves are never dropped, a leaf used since the hand passed gets a
+/// second chance, leaves a checkpoint wrote join and are trimmed, a failed read leaves
+/// nothing half loaded, and concurrent readers always get a leaf's own words.
+@Suite("Metadata cache")
+struct PageCacheTests {
+    struct Unreadable: Error {}
+
+    /// Leaf `i`: its page at `(i + 1) * 4096`, and words only it has.
+    func leaf(_ i: Int) -> TreeNode {
+        TreeNode(level: 0, words: [], children: [], disk: PagePointer(byteOffset: UInt64(i + 1) * 4096, checksum: UInt64(i)))
+    }
+
+    func words(of pointer: PagePointer) -> [UInt64] {
+        [UInt64](repeating: pointer.byteOffset / 4096, count: 8)
+    }
+
+    @Test("the resident set stays within the budget; dropped leaves read back their own words")
+    func budget() throws {
+        let cache = PageCache(budgetByteCount: 4 * 4096)
+        let leaves = (0..<20).map(leaf)
+        for node in leaves {
+            let got = try cache.words(of: node, load: words)
+            #expect(got == words(of: node.disk))
+            #expect(cache.residentCount <= 4)
+        }
+        #expect(cache.loadCount == 20 && cache.evictionCount == 16)
+        #expect(leaves.filter { !$0.words.isEmpty }.count == 4, "exactly the budget stays resident")
+        // A dropped leaf comes back with its own words.
+        let got = try cache.words(of: leaves[0], load: words)
+        #expect(got == words(of: leaves[0].disk) && cache.loadCount == 21)
+    }
+
+    @Test("dirty leaves are never dropped; they are the only copy until a checkpoint writes them")
+    func dirtyPinned() throws {
+        let cache = PageCache(budgetByteCount: 2 * 4096)
+        let pinned = (0..<3).map(leaf)
+        for node in pinned {
+            _ = try cache.words(of: node, load: words)
+            node.disk = .none
+            node.words[0] = 999
+        }
+        for i in 3..<30 { _ = try cache.words(of: leaf(i), load: words) }
+        for node in pinned {
+            #expect(node.words.first == 999, "a dirty leaf lost its words")
+        }
+        // Written again (clean), they can go.
+        for (i, node) in pinned.enumerated() { node.disk = PagePointer(byteOffset: UInt64(100 + i) * 4096, checksum: 0) }
+        cache.admit(pinned)
+        #expect(cache.residentCount <= 2)
+    }
+
+    @Test("a leaf used since the hand passed survives one sweep over one that was not")
+    func secondChance() throws {
+        let cache = PageCache(budgetByteCount: 3 * 4096)
+        let (a, b, c, d, e) = (leaf(0), leaf(1), leaf(2), leaf(3), leaf(4))
+        for node in [a, b, c] { _ = try cache.words(of: node, load: words) }
+        // Over budget: the sweep clears every mark and drops the oldest.
+        _ = try cache.words(of: d, load: words)
+        #expect(a.words.isEmpty && !b.words.isEmpty && !c.words.isEmpty && !d.words.isEmpty)
+        // b is used again, c is not: the next load drops c and keeps b.
+        _ = try cache.words(of: b, load: words)
+        _ = try cache.words(of: e, load: words)
+        #expect(c.words.isEmpty && !b.words.isEmpty && !d.words.isEmpty && !e.words.isEmpty)
+    }
+
+    @Test("leaves a checkpoint wrote join the cache, which is trimmed back to its budget")
+    func admitTrims() throws {
+        let cache = PageCache(budgetByteCount: 3 * 4096)
+        let written = (0..<10).map { i -> TreeNode in
+            let node = TreeNode(kind: .blockTable, level: 0)
+            node.disk = PagePointer(byteOffset: UInt64(i + 1) * 4096, checksum: 0)
+            return node
+        }
+        cache.admit(written)
+        #expect(cache.residentCount == 3)
+        #expect(written.filter { !$0.words.isEmpty }.count == 3)
+        // A dirty leaf in the list is not admitted (it is still the only copy, outside the ring).
+        let dirty = TreeNode(kind: .blockTable, level: 0)
+        cache.admit([dirty])
+        #expect(!dirty.inCache && !dirty.words.isEmpty)
+    }
+
+    @Test("a failed read leaves the leaf unloaded and the cache as it was")
+    func failedLoad() throws {
+        let cache = PageCache(budgetByteCount: 2 * 4096)
+        let a = leaf(0), b = leaf(1)
+        _ = try cache.words(of: a, load: words)
+        #expect(throws: Unreadable.self) { try cache.words(of: b) { _ in throw Unreadable() } }
+        #expect(b.words.isEmpty && !b.inCache && cache.residentCount == 1 && !a.words.isEmpty)
+        #expect(try cache.words(of: b, load: words) == words(of: b.disk))
+    }
+
+    @Test("readers on several threads always get a leaf's own words while others drop it (seeded)")
+    func concurrentReaders() {
+        let cache = PageCache(budgetByteCount: 3 * 4096)
+        let leaves = (0..<16).map(leaf)
+        let failures = Mutex<[String]>([])
+        let box = UncheckedBox(leaves)
+        DispatchQueue.concurrentPerform(iterations: 4) { t in
+            var rng = SeededGenerator(seed: UInt64(31 + t))
+            for step in 0..<5000 {
+                let node = box.value[Int(rng.next() % 16)]
+                do {
+                    let got = try cache.words(of: node) { pointer in [UInt64](repeating: pointer.byteOffset / 4096, count: 8) }
+                    if got != [UInt64](repeating: node.disk.byteOffset / 4096, count: 8) {
+                        failures.withLock { $0.append("seed \(31 + t) step \(step): leaf at \(node.disk.byteOffset) read \(got.prefix(2))") }
+                    }
+                } catch {
+                    failures.withLock { $0.append("seed \(31 + t) step \(step): \(error)") }
+                }
+            }
+        }
+        let found = failures.withLock { $0 }
+        #expect(found.isEmpty, "\(found.prefix(3))")
+        #expect(cache.residentCount <= 3)
+    }
+}
+
+/// Hands the test's tree nodes (a class the engine guards with its own locks) to the
+/// reader threads; the cache is what synchronises their words.
+private final class UncheckedBox<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}
