@@ -190,6 +190,12 @@ struct SegmentSpace {
             let hole = plan.holes[index]
             let start = aligned(hole.byteOffset)
             let end = start + UInt64(byteCount)
+            if start == hole.byteOffset && end < hole.byteOffset + hole.byteCount {
+                // The common case (an aligned hole, partly used) shrinks in place instead of
+                // moving the rest of the list twice.
+                plan.holes[index] = (end, hole.byteOffset + hole.byteCount - end)
+                return .hole(start)
+            }
             plan.holes.remove(at: index)
             if end < hole.byteOffset + hole.byteCount { plan.holes.insert((end, hole.byteOffset + hole.byteCount - end), at: index) }
             if start > hole.byteOffset { plan.holes.insert((hole.byteOffset, start - hole.byteOffset), at: index) }
