@@ -137,7 +137,7 @@ extension Engine {
     /// ever evicted); dirty, it stays resident until the checkpoint writes it.
     private func markDirty(_ nodes: [TreeNode]) throws {
         for node in nodes where !node.isDirty {
-            if node.level == 0 && node.words.isEmpty { _ = try tableLeafWords(node) }
+            try makeResident(node)
             if node.level == 0 && node.inCache { dirtyTableLeafCount += 1 }
             pendingPageReleases.append(node.disk.byteOffset)
             node.disk = .none

@@ -223,9 +223,7 @@ extension Engine {
         try forEachBlockEntry { id, location in
             guard id < blockIDLimit, ids.refcount(id) > 0 else { return }
             present += 1
-            guard location.storedByteCount > 0, location.storedByteCount <= geometry.blockByteCount,
-                  geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
-            else {
+            guard isValidEntry(location) else {
                 throw corrupt("block table", sb.checkpointByteOffset, "block id \(id) is referenced but its entry (offset \(location.byteOffset), \(location.storedByteCount) bytes) is invalid")
             }
             dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
@@ -496,9 +494,7 @@ extension Engine {
         default: return nil
         }
         for location in locations {
-            guard location.storedByteCount > 0, location.storedByteCount <= geometry.blockByteCount,
-                  geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
-            else { return "block location \(location.byteOffset) is invalid" }
+            guard isValidEntry(location) else { return "block location \(location.byteOffset) is invalid" }
             let stored: [UInt8]
             do {
                 stored = try device.read(byteCount: Int(location.storedByteCount), at: location.byteOffset)

@@ -51,9 +51,7 @@ extension Engine {
     func dropBlockReference(_ id: UInt64) throws {
         if ids.release(id) {
             let location = try blockLocation(id)
-            guard location.storedByteCount > 0, location.storedByteCount <= geometry.blockByteCount,
-                  geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
-            else {
+            guard isValidEntry(location) else {
                 throw PoolError.corrupt(structure: "block table", byteOffset: superblock.checkpointByteOffset,
                                         detail: "block id \(id) was referenced but its entry (offset \(location.byteOffset), \(location.storedByteCount) bytes) is invalid")
             }
@@ -82,7 +80,7 @@ extension Engine {
         precondition(slot < tree.capacity, "slot \(slot) beyond tree capacity \(tree.capacity)")
         var node = tree.root ?? newNode(kind: tree.kind, level: tree.height - 1)
         if tree.root != nil {
-            try makeResident(node, kind: tree.kind)
+            try makeResident(node)
             makeUnique(&node, kind: tree.kind)
         }
         tree.root = node
@@ -93,7 +91,7 @@ extension Engine {
             remainder %= span
             var child = node.children[childIndex] ?? newNode(kind: tree.kind, level: node.level - 1)
             if node.children[childIndex] != nil {
-                try makeResident(child, kind: tree.kind)
+                try makeResident(child)
                 makeUnique(&child, kind: tree.kind)
             }
             node.children[childIndex] = child
@@ -102,10 +100,17 @@ extension Engine {
         return (node, Int(remainder))
     }
 
-    /// Reads an evicted block-table leaf back before it is changed; making it dirty
-    /// right after pins it (``PageCache``).
-    func makeResident(_ node: TreeNode, kind: PageKind) throws {
-        if kind == .blockTable && node.level == 0 && node.words.isEmpty { _ = try tableLeafWords(node) }
+    /// True when a referenced block's entry names a block that can exist: stored bytes
+    /// within one block, inside one segment (open and freeing check the same).
+    func isValidEntry(_ location: BlockLocation) -> Bool {
+        location.storedByteCount > 0 && location.storedByteCount <= geometry.blockByteCount
+            && geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
+    }
+
+    /// Reads an evicted leaf back before it is changed (only block-table leaves are ever
+    /// evicted); making it dirty right after pins it (``PageCache``).
+    func makeResident(_ node: TreeNode) throws {
+        if node.level == 0 && node.words.isEmpty { _ = try tableLeafWords(node) }
     }
 
     /// The leaf holding `slot`, or nil when that part of the tree is empty.
