@@ -190,8 +190,9 @@ extension Engine {
         dirtyPageCount = 0
         dirtyTableLeafCount = 0
         journal.resetAfterCheckpoint(epoch: generation)
-        // Segments with nothing live left become free, the open one too.
-        space.freeEmptySegments()
+        // Segments with nothing live left become free, the open one too, except
+        // those the older slot's replay still reads.
+        rollFallbackExtents()
         checkpointCount += 1
         rootNeedsRewrite = false
         pageCache.admit(writtenTableLeaves)
@@ -222,6 +223,7 @@ extension Engine {
         superblock = next
         space.forgetHoles()
         journal.resetAfterCheckpoint(epoch: generation)
+        rollFallbackExtents()
         checkpointCount += 1
     }
 

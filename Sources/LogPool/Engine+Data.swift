@@ -221,11 +221,19 @@ extension Engine {
         let reserve = Int(geometry.reserveSegmentCount)
         func physicalFits() -> Bool { allocationFits(extents, pageCount: pageCount, keepFree: reserve) }
         if physicalFits() { return }
-        if hasSegmentsToFreeAtCheckpoint || holes.isEmpty {
+        if hasSegmentsToFreeAtCheckpoint || holes.isEmpty || !fallbackExtents.isEmpty || !epochWrittenExtents.isEmpty {
             try checkpoint()
             if physicalFits() { return }
             try rebuildHoles()
             if physicalFits() { return }
+            // What the epoch just closed wrote is kept for the older slot until one more
+            // commit; with no record since, that commit keeps nothing.
+            if !fallbackExtents.isEmpty {
+                try checkpoint()
+                if physicalFits() { return }
+                try rebuildHoles()
+                if physicalFits() { return }
+            }
         }
         // Every batch frees more than it writes, so this ends; the budget only bounds
         // the time a refusal can take.
@@ -387,6 +395,9 @@ extension Engine {
         if let root = blockTable.root { visit(root) }
         for volume in volumes.values { if let root = volume.map.root { visit(root) } }
         if let root = checkpointExtent { add(root.byteOffset, sectorAligned(root.byteCount)) }
+        // what the records of the epoch the last commit closed wrote, which the
+        // older slot's replay still checks.
+        for extent in fallbackExtents { add(extent.byteOffset, extent.byteCount) }
         // Holes are runs of whole 4 KiB units with no live byte, so a write into one never
         // shares a physical sector with live data.
         for s in 0..<segmentStates.count where segmentStates[s] != .free {
@@ -432,9 +443,12 @@ extension Engine {
     func ensureJournalSpace(payloadByteCount: Int) throws {
         try ensureMounted()
         let worst = JournalWriter.worstCaseByteCount(payloadByteCount: payloadByteCount)
-        if journal.freeByteCount < worst || journal.usedByteCount > journal.ringByteCount / 4 * 3
+        if journal.freeByteCount < worst || journal.usedByteCount + journal.keptByteCount > journal.ringByteCount / 4 * 3
             || dirtyTableLeafCount > dirtyPageBound {
             try checkpoint()
+            // The epoch just closed stays in the ring for the older slot; when the
+            // rest is too small for this record, one more commit (no record since) frees it.
+            if journal.freeByteCount < worst { try checkpoint() }
         }
     }
 
@@ -458,10 +472,35 @@ extension Engine {
         // Bound the batch a crash can tear (FORMAT.md J-7): damage to the newest synced
         // batch cannot be told from a torn tail (no later record proves it was synced),
         // so keep that batch small by syncing on our own.
-        unsyncedDataByteCount += dataExtents(of: intent).reduce(0) { $0 + $1.1 }
+        let written = dataExtents(of: intent)
+        unsyncedDataByteCount += written.reduce(0) { $0 + $1.1 }
+        noteEpochWrites(written)
         if journal.unsyncedByteCount > journal.maxBatchByteCount || unsyncedDataByteCount > maxBatchDataByteCount {
             try sync()
         }
+    }
+
+    /// Adds data extents journal records wrote to ``epochWrittenExtents``, merging one
+    /// that starts where the last one ends (appends), so the list grows with the runs
+    /// written, not with the records.
+    func noteEpochWrites(_ extents: [(UInt64, UInt64)]) {
+        for (offset, count) in extents where count > 0 {
+            if let last = epochWrittenExtents.last, last.byteOffset + last.byteCount == offset {
+                epochWrittenExtents[epochWrittenExtents.count - 1].byteCount += count
+            } else {
+                epochWrittenExtents.append((offset, count))
+            }
+        }
+    }
+
+    /// A commit closed an epoch: what its records wrote is kept from reuse until
+    /// the next commit, and what the epoch before wrote is released; then segments with
+    /// nothing live and nothing kept become free.
+    func rollFallbackExtents() {
+        fallbackExtents = epochWrittenExtents
+        epochWrittenExtents = []
+        fallbackSegments = Set(fallbackExtents.compactMap { geometry.segmentIndex(containing: $0.byteOffset) })
+        space.freeEmptySegments(keeping: fallbackSegments)
     }
 
     /// The data bound of a batch (J-7): capacity/16, at most 64 MiB.

@@ -91,6 +91,11 @@ extension Engine {
         guard segmentStates.count == reopened.segmentStates.count else {
             return ["segment count \(segmentStates.count), reopened \(reopened.segmentStates.count)"]
         }
+        // A segment kept only for the older slot's replay is free to a reopen: an
+        // open allocates nothing before a commit has written over that slot (COMMIT §5.2).
+        let kept = fallbackSegments.filter {
+            segmentStates[$0] != .free && reopened.segmentStates[$0] == .free && liveByteCount($0) == 0
+        }
         for s in 0..<segmentStates.count {
             if dataLiveByteCounts[s] != reopened.dataLiveByteCounts[s] {
                 differences.append("segment \(s): data live \(dataLiveByteCounts[s]), reopened \(reopened.dataLiveByteCounts[s])")
@@ -98,14 +103,14 @@ extension Engine {
             if metaLiveByteCounts[s] != reopened.metaLiveByteCounts[s] {
                 differences.append("segment \(s): metadata live \(metaLiveByteCounts[s]), reopened \(reopened.metaLiveByteCounts[s])")
             }
-            if (segmentStates[s] == .free) != (reopened.segmentStates[s] == .free) {
+            if (segmentStates[s] == .free) != (reopened.segmentStates[s] == .free), !kept.contains(s) {
                 differences.append("segment \(s): \(segmentStates[s]), reopened \(reopened.segmentStates[s])")
             }
         }
         if dataLiveTotal != reopened.dataLiveTotal { differences.append("data live total \(dataLiveTotal), reopened \(reopened.dataLiveTotal)") }
         if metaLiveTotal != reopened.metaLiveTotal { differences.append("metadata live total \(metaLiveTotal), reopened \(reopened.metaLiveTotal)") }
         if liveBlockCount != reopened.liveBlockCount { differences.append("live blocks \(liveBlockCount), reopened \(reopened.liveBlockCount)") }
-        if freeSegments.count != reopened.freeSegments.count {
+        if freeSegments.count + kept.count != reopened.freeSegments.count {
             differences.append("free segments \(freeSegments.count), reopened \(reopened.freeSegments.count)")
         }
         return differences

@@ -373,6 +373,9 @@ extension Engine {
         recoveryReport.replayStopReason = stop
         removeHoles(overlapping: written)
         replayWrittenSegments = Set(written.compactMap { geometry.segmentIndex(containing: $0.0) })
+        // The recovery commit closes the replayed epochs: until the commit after it, a
+        // fallback to the slot replay started from reads these records again.
+        noteEpochWrites(written)
         if lastEpoch > superblock.generation {
             // Chained into the newer slot's epoch: the next commit must go past it, so
             // that records of that epoch beyond the stop point can never be replayed.
@@ -383,8 +386,13 @@ extension Engine {
             superblock.slotIndex = Int((lastEpoch + 1) % 2)
         }
         let head = Int(sectorAligned(UInt64(endPosition))) % ringByteCount
+        // The replayed records' ring bytes: the recovery commit keeps them for a fallback
+        // to this slot, so new records do not overwrite them before the next commit.
+        let start = Int(superblock.journalReplayByteOffset)
+        var replayed = (head - start + ringByteCount) % ringByteCount
+        if replayed == 0 && applied > 0 { replayed = ringByteCount }
         journal = JournalWriter(ringByteCount: geometry.journalByteCount, salt: salt, head: UInt64(head),
-                                sequence: nextSequence, epoch: superblock.generation)
+                                sequence: nextSequence, epoch: superblock.generation, usedByteCount: UInt64(replayed))
     }
 
     /// A valid record past the replay stop, of the replayed epochs, with a higher

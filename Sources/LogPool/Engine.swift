@@ -132,6 +132,16 @@ final class Engine {
 
     /// Segments that journal replay wrote into (their headers are checked at open).
     var replayWrittenSegments = Set<Int>()
+    /// Data extents that journal records wrote since the last commit (coalesced where
+    /// appends run on). At the next commit they become ``fallbackExtents``.
+    var epochWrittenExtents: [(byteOffset: UInt64, byteCount: UInt64)] = []
+    /// Data extents written by the records of the epoch the last commit closed: the
+    /// older superblock slot replays those records after a fallback (the newer slot
+    /// damaged) and checks their data, so they are not reused, as holes or as free
+    /// segments, until the next commit overwrites that slot (R-4, Specs/COMMIT.md §5.2).
+    var fallbackExtents: [(byteOffset: UInt64, byteCount: UInt64)] = []
+    /// The segments of ``fallbackExtents``: not freed while they are kept.
+    var fallbackSegments = Set<Int>()
     /// Data bytes journaled since the last completed sync (the J-7 batch bound).
     var unsyncedDataByteCount: UInt64 = 0
 

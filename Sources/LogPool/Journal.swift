@@ -18,12 +18,20 @@ struct JournalWriter {
     private(set) var nextSequence: UInt64
     /// Every record below this sequence is durable.
     private(set) var durableSequence: UInt64
+    /// Ring bytes of the epoch the last commit closed, from the older slot's replay start
+    /// up to the current one: a fallback to that slot replays them, so new records never
+    /// overwrite them (R-4, Specs/COMMIT.md §5.2).
+    private(set) var keptByteCount: UInt64 = 0
     /// `usedByteCount` when the last sync completed.
     private var durableUsedByteCount: UInt64 = 0
     var epoch: UInt64
 
-    init(ringByteCount: UInt64, salt: UInt64, head: UInt64, sequence: UInt64, epoch: UInt64) {
+    /// `usedByteCount`: ring bytes already holding records of this epoch before `head`
+    /// (at open, what replay consumed: the recovery commit keeps them, R-4).
+    init(ringByteCount: UInt64, salt: UInt64, head: UInt64, sequence: UInt64, epoch: UInt64, usedByteCount: UInt64 = 0) {
         self.ringByteCount = ringByteCount
+        self.usedByteCount = usedByteCount
+        self.durableUsedByteCount = usedByteCount
         self.salt = salt
         self.bufferStart = head
         self.nextSequence = sequence
@@ -33,7 +41,10 @@ struct JournalWriter {
 
     var position: UInt64 { bufferStart + UInt64(buffer.byteCount) }
     var hasPendingBytes: Bool { buffer.byteCount > 0 }
-    var freeByteCount: UInt64 { ringByteCount - usedByteCount }
+    var freeByteCount: UInt64 {
+        let taken = usedByteCount + keptByteCount
+        return taken < ringByteCount ? ringByteCount - taken : 0
+    }
     /// Ring bytes appended since the last completed sync (the batch a crash could tear).
     var unsyncedByteCount: UInt64 { usedByteCount - durableUsedByteCount }
     /// The bound on `unsyncedByteCount` after which the engine syncs on its own (J-7).
@@ -125,9 +136,11 @@ struct JournalWriter {
     }
 
     /// After a checkpoint commits, replay starts at `position` (sector aligned, nothing
-    /// buffered) with the new epoch: everything before is history.
+    /// buffered) with the new epoch. The epoch just closed stays in the ring, untouched,
+    /// until the next commit (``keptByteCount``); everything before it is history.
     mutating func resetAfterCheckpoint(epoch: UInt64) {
         precondition(buffer.byteCount == 0, "checkpoint with unwritten journal bytes")
+        keptByteCount = usedByteCount
         usedByteCount = 0
         durableUsedByteCount = 0
         self.epoch = epoch

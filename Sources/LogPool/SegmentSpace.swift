@@ -125,9 +125,9 @@ struct SegmentSpace {
     /// does an open segment holding nothing live (a reopen frees it, R-1; keeping it open
     /// counted its written bytes as dead where a reopen counts the segment free); appends
     /// then open a fresh segment.
-    mutating func freeEmptySegments() {
-        for s in 0..<states.count where states[s] == .used && liveByteCount(s) == 0 { states[s] = .free }
-        if let open = allocator.openSegment, liveByteCount(open) == 0 {
+    mutating func freeEmptySegments(keeping kept: Set<Int> = []) {
+        for s in 0..<states.count where states[s] == .used && liveByteCount(s) == 0 && !kept.contains(s) { states[s] = .free }
+        if let open = allocator.openSegment, liveByteCount(open) == 0, !kept.contains(open) {
             states[open] = .free
             allocator.openSegment = nil
         }

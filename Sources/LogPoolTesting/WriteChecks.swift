@@ -16,10 +16,12 @@ import LogPool
 ///   still pending (everything a slot makes reachable must already be durable).
 /// - W4 `slot`: the slot written is a whole, valid slot; it is not the one open would
 ///   choose now; its generation is higher and its parent checksum is the chosen slot's.
-/// - W5 `reuse-lag`: LogPool reuses space once the checkpoint that freed it is durable
+/// - W5 `reuse-lag`: LogPool reuses pages once the checkpoint that freed them is durable
 ///   (the short lag, Specs/COMMIT.md §5.2), so W1 protects only the newest slot's state;
-///   a fallback to the older slot must then detect reused space (checked by the C6/C7
-///   classes, which require `corrupt`, never silent wrong data).
+///   a fallback to the older slot must then detect reused pages (checked by the C6/C7
+///   classes, which require `corrupt`, never silent wrong data). The records the older
+///   slot replays and their data get the long lag, checked by those classes and
+///   by `CrashRegressionTests`.
 public final class WriteChecks {
     public let physicalSectorByteCount: Int
     /// Physical sector index → the structure the durable state keeps there.
