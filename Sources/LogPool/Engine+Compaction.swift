@@ -267,6 +267,11 @@ extension Engine {
             let payload = JournalIntent.relocate([]).payloadByteCount + chunk.count * 32
             if journal.freeByteCount < JournalWriter.worstCaseByteCount(payloadByteCount: payload) {
                 try checkpointKeepingVictims(chosen)
+                // That commit keeps the ring bytes of the epoch it closed; when the
+                // rest is still too small, a second one (no record since) releases them.
+                if journal.freeByteCount < JournalWriter.worstCaseByteCount(payloadByteCount: payload) {
+                    try checkpointKeepingVictims(chosen)
+                }
             }
             // The selection priced the batch in bytes; this dry run of the allocator is
             // exact for the chunk and the checkpoint after it. If it fails, the batch
@@ -340,6 +345,11 @@ extension Engine {
             return report
         }
         try checkpoint()
+        // Empty segments the older slot still needs are freed by one more commit,
+        // which, with no record since, keeps nothing.
+        if fallbackSegments.contains(where: { segmentStates[$0] == .used && liveByteCount($0) == 0 }) {
+            try checkpoint()
+        }
         var budget = segmentStates.count
         while budget > 0 {
             budget -= 1

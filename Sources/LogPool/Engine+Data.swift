@@ -221,7 +221,7 @@ extension Engine {
         let reserve = Int(geometry.reserveSegmentCount)
         func physicalFits() -> Bool { allocationFits(extents, pageCount: pageCount, keepFree: reserve) }
         if physicalFits() { return }
-        if hasSegmentsToFreeAtCheckpoint || holes.isEmpty || !fallbackExtents.isEmpty || !epochWrittenExtents.isEmpty {
+        if hasSegmentsToFreeAtCheckpoint || holes.isEmpty || !fallbackExtents.isEmpty {
             try checkpoint()
             if physicalFits() { return }
             try rebuildHoles()
@@ -243,6 +243,13 @@ extension Engine {
             guard try compactForSpace() else { break }
         }
         if physicalFits() { return }
+        // Compaction's last commit kept what its epoch wrote and killed: one more
+        // commit, with no record since, releases it before refusing.
+        if !fallbackExtents.isEmpty {
+            try checkpoint()
+            try rebuildHoles()
+            if physicalFits() { return }
+        }
         // Available: the unwritten space less the reserve this write may not take. The
         // dry run can still refuse a write that fits in bytes (hole tails too short for
         // its extents); the figures then show the dead space that was left.
@@ -503,6 +510,17 @@ extension Engine {
         space.freeEmptySegments(keeping: fallbackSegments)
     }
 
+    /// After admission (``ensureSpace``), whose checkpoints and compaction may have closed
+    /// an epoch whose ring bytes R-4 keeps: when the next record of `payloadByteCount`
+    /// no longer fits beside them, one more commit releases them. The state is clean
+    /// here (admission's commits leave nothing dirty and no record), so that commit
+    /// writes only a slot; it forgets the holes, which are found again.
+    func keepJournalRoom(payloadByteCount: Int) throws {
+        guard journal.freeByteCount < JournalWriter.worstCaseByteCount(payloadByteCount: payloadByteCount) else { return }
+        try checkpoint()
+        try rebuildHoles()
+    }
+
     /// The data bound of a batch (J-7): capacity/16, at most 64 MiB.
     var maxBatchDataByteCount: UInt64 { min(64 << 20, geometry.capacityByteCount / 16) }
 
@@ -647,6 +665,7 @@ extension Engine {
         try ensureSpace(netByteCount: netNewByteCount(volume.map, indexes: indexes, encoded: encoded),
                         extents: extents(of: encoded), pageCount: pages.written + unmapPages.written, addedPageCount: pages.added + unmapPages.added,
                         newBlockCount: netNewBlockCount(volume.map, indexes: indexes))
+        try keepJournalRoom(payloadByteCount: payload)
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.
         var batch = WriteBatch()
         // Whole uncompressed blocks go to disk straight from the caller's buffer, one

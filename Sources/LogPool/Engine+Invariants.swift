@@ -91,8 +91,11 @@ extension Engine {
         guard segmentStates.count == reopened.segmentStates.count else {
             return ["segment count \(segmentStates.count), reopened \(reopened.segmentStates.count)"]
         }
-        // A segment kept only for the older slot's replay is free to a reopen: an
-        // open allocates nothing before a commit has written over that slot (COMMIT §5.2).
+        // A segment kept only for the older slot's replay is free to a reopen,
+        // which does not know what that slot's epoch wrote: a read-write open writes no
+        // record before a commit has replaced that slot (only a recovery commit's pages),
+        // COMMIT §5.2. (So a commit path that forgot to release the kept set would show
+        // here as nothing; the crash simulation's space checks see it as a leak.)
         let kept = fallbackSegments.filter {
             segmentStates[$0] != .free && reopened.segmentStates[$0] == .free && liveByteCount($0) == 0
         }

@@ -76,6 +76,7 @@ struct JournalWriter {
             bufferStart = 0
         }
         encode(intent)
+        assert(usedByteCount + keptByteCount <= ringByteCount, "journal records overran the ring bytes the older slot keeps (R-4)")
         return flushed
     }
 

@@ -523,6 +523,7 @@ extension Engine {
         }
         try ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
         try ensureSpace(netByteCount: 0, extents: [], pageCount: pageCount, addedPageCount: addedPageCount ?? pageCount)
+        try keepJournalRoom(payloadByteCount: intent.payloadByteCount)
     }
 
     func info(of volume: VolumeState) throws -> VolumeInfo {

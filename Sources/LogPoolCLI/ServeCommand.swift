@@ -98,6 +98,7 @@ struct Serve: ParsableCommand {
         // Wait for SIGINT or SIGTERM.
         let stop = DispatchSemaphore(value: 0)
         var sources: [DispatchSourceSignal] = []
+        unblockTerminationSignals()
         for signalNumber in [SIGINT, SIGTERM] {
             signal(signalNumber, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())

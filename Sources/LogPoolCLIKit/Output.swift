@@ -283,3 +283,16 @@ package func runCommand<Root: ParsableCommand>(_ root: Root.Type, name: String, 
         return code.rawValue == 0 ? 1 : code.rawValue
     }
 }
+
+/// Unblocks SIGTERM and SIGINT in the calling thread (call it from the main thread before
+/// catching them). A process inherits its signal mask from the thread that spawned it,
+/// and a parent that spawns from a dispatch worker thread (which blocks signals) hands
+/// down a mask with both blocked: a SIGTERM then stays pending for good and the process
+/// runs on (seen as `logpool-sim torture` ignoring SIGTERM under `swift test`).
+package func unblockTerminationSignals() {
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, SIGTERM)
+    sigaddset(&set, SIGINT)
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
+}

@@ -3,6 +3,7 @@ import Foundation
 import LogPool
 import LogPoolCLIKit
 import LogPoolTesting
+import Synchronization
 
 /// `logpool-sim torture`: process-kill torture (Specs/CRASH-MODEL.md §6). A child
 /// process runs a seeded random workload on a real pool file and is killed with SIGKILL
@@ -44,6 +45,10 @@ struct Torture: ParsableCommand {
             try? FileManager.default.removeItem(atPath: path)
             try? FileManager.default.removeItem(atPath: logPath)
         }
+        // SIGTERM and SIGINT end the run between iterations (at most one kill delay
+        // away), so the child is reaped and the pool and log files are removed. Caught
+        // from before the pool file exists, so a signal during set-up is not lost either.
+        let interrupt = Interruption()
         let pool = try Pool.create(at: path, capacity: 16 << 20, blockSize: 4096, segmentSize: 64 << 10, compression: .lz4)
         try pool.createVolume(name: "a", size: 16 * 4096)
         try pool.createVolume(name: "b", size: 8 * 4096)
@@ -55,9 +60,6 @@ struct Torture: ParsableCommand {
         var timing = SeededGenerator(seed: seed ^ 0x70E7)
         let started = Date()
         var err = StandardError()
-        // SIGTERM and SIGINT end the run between iterations (at most one kill delay
-        // away), so the child is reaped and the pool and log files are removed.
-        let interrupt = Interruption()
         while Date().timeIntervalSince(started) < seconds && figures.violations.count < 5 && interrupt.signal == nil {
             figures.iterations += 1
             let iterationSeed = seed &+ UInt64(figures.iterations)
@@ -194,30 +196,35 @@ struct TortureChild: ParsableCommand {
     }
 }
 
-/// Catches SIGTERM and SIGINT for the life of the value: `signal` is the first one that
-/// arrived, read between iterations.
-final class Interruption: @unchecked Sendable {
-    private let lock = NSLock()
-    private var received: Int32? = nil
-    private var sources: [DispatchSourceSignal] = []
+/// The first SIGTERM or SIGINT that arrived (0: none), stored by the handler
+/// ``Interruption`` installs: a lock-free atomic store is async-signal-safe.
+private let receivedSignal = Atomic<Int32>(0)
 
+/// Catches SIGTERM and SIGINT for the life of the value: `signal` is the first one that
+/// arrived, read between iterations. The handler is installed in one step, so no signal
+/// is lost: the earlier version ignored the signal first and then started a dispatch
+/// source, and a SIGTERM between the two was dropped (the run went on for its full time;
+/// seen in a CI run on a loaded machine). Both are unblocked first: a mask inherited with
+/// them blocked kept SIGTERM pending for the whole run. Children start with default
+/// handlers (exec resets caught signals), where the ignored disposition used to be
+/// inherited.
+final class Interruption: Sendable {
     init() {
+        unblockTerminationSignals()
         for number in [SIGTERM, SIGINT] {
-            Glibc.signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { [weak self] in self?.record(number) }
-            source.resume()
-            sources.append(source)
+            Glibc.signal(number) { number in
+                _ = receivedSignal.compareExchange(expected: 0, desired: number, ordering: .relaxed)
+            }
         }
     }
 
     deinit {
-        for source in sources { source.cancel() }
         Glibc.signal(SIGTERM, SIG_DFL)
         Glibc.signal(SIGINT, SIG_DFL)
     }
 
-    private func record(_ number: Int32) { lock.withLock { if received == nil { received = number } } }
-
-    var signal: Int32? { lock.withLock { received } }
+    var signal: Int32? {
+        let number = receivedSignal.load(ordering: .relaxed)
+        return number == 0 ? nil : number
+    }
 }

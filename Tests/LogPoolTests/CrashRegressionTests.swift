@@ -150,7 +150,9 @@ struct CrashRegressionTests {
                         "seed \(seed) \(what): the fallback to generation \(fallback.recoveryReport.generation) lost synced changes (replay: \(fallback.recoveryReport.replayStopReason), \(fallback.recoveryReport.replayedRecordCount) records; newest slot: generation \(newest.generation), replay start \(newest.journalReplayByteOffset) sequence \(newest.journalReplaySequence))")
                 fellBack += 1
             } catch let error as PoolError {
-                guard case .corrupt = error else { throw error }
+                // Only a page or block the older checkpoint names may have been reused
+                // (short lag); the journal it replays may not.
+                guard case .corrupt(let structure, _, _) = error, structure != "journal record" else { throw error }
                 reported += 1
             }
         }
