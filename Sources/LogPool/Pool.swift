@@ -31,8 +31,10 @@ public struct PoolStats: Sendable, Equatable, Codable {
     public var segmentCount: Int
     public var freeSegmentCount: Int
     public var journalBytes: UInt64
-    /// Journal bytes written since the last checkpoint (a checkpoint starts on its own
-    /// when they pass three quarters of ``journalBytes``).
+    /// Journal bytes written since the last checkpoint: what a crash now would replay. A
+    /// checkpoint starts on its own when they, together with the previous epoch's bytes
+    /// (kept in the ring for a fallback to the older superblock slot), pass three
+    /// quarters of ``journalBytes``.
     public var journalUsedBytes: UInt64 = 0
     public var compression: String
     /// False when the pool was open for writing and not closed (it was recovered).
