@@ -95,6 +95,48 @@ struct CrashRegressionTests {
         #expect(checked > 0)
     }
 
+    /// R-4 at open: recovery replays an epoch whose blocks died within it (a volume
+    /// written and deleted in one synced batch), and its commit keeps what those records
+    /// wrote until the next commit. Writes right after the recovery land elsewhere, so a
+    /// fallback to the slot recovery replayed (the recovery commit damaged) still finds
+    /// the data it checks. Without the keeping, the recovery commit freed the deleted
+    /// volume's segments, the next write reused them, and the fallback read the batch as
+    /// torn, silently losing the synced delete and overwrite.
+    @Test("after a recovery, a fallback to the slot it replayed finds the data of every record it replays")
+    func fallbackAfterRecovery() throws {
+        let (pool, device) = try makePool()
+        var model = ReferenceModel()
+        let v = try pool.createVolume(name: "v", size: 512 << 10)
+        model.create("v", size: 512 << 10)
+        try v.write(at: 0, from: pattern(512 << 10, seed: 1))
+        model.write("v", at: 0, pattern(512 << 10, seed: 1))
+        try pool.checkpoint()
+        let t = try pool.createVolume(name: "t", size: 256 << 10)
+        try t.write(at: 0, from: pattern(256 << 10, seed: 2))
+        try pool.delete(name: "t")
+        try v.write(at: 8192, from: pattern(4096, seed: 3))
+        model.write("v", at: 8192, pattern(4096, seed: 3))
+        try pool.sync()
+        // Crash here; recovery replays the batch and commits.
+        let (recovered, recoveredDevice) = try reopen(device)
+        #expect(recovered.recoveryReport.replayedRecordCount > 0)
+        let synced = model
+        let w = try recovered.openVolume(name: "v")
+        for i in 0..<64 {
+            let data = pattern(4096, seed: UInt8(truncatingIfNeeded: 10 + i))
+            try w.write(at: UInt64(i * 8192), from: data)
+            model.write("v", at: i * 8192, data)
+        }
+        // The writes' blocks have landed; their record is not synced yet.
+        for (image, expected) in [(recoveredDevice.currentImage, synced), (recoveredDevice.durable, synced)] {
+            let fallback = try openOlderSlot(image)
+            let names = try fallback.list().map(\.name)
+            let bytes = try fallback.openVolume(name: "v").read(at: 0, length: 512 << 10)
+            #expect(names == ["v"] && bytes == expected.volumes["v"]?.bytes,
+                    "the fallback to generation \(fallback.recoveryReport.generation) lost synced changes: volumes \(names) (replay: \(fallback.recoveryReport.replayStopReason))")
+        }
+    }
+
     /// v1:7015:random-4096:132:media:6. A compaction right after a commit copied blocks
     /// into the dead extent of a block a journal record of the closed epoch had written;
     /// media damage then destroyed the newer slot. Open fell back to the older slot,
