@@ -221,19 +221,18 @@ extension Engine {
         let reserve = Int(geometry.reserveSegmentCount)
         func physicalFits() -> Bool { allocationFits(extents, pageCount: pageCount, keepFree: reserve) }
         if physicalFits() { return }
-        if hasSegmentsToFreeAtCheckpoint || holes.isEmpty || !fallbackExtents.isEmpty {
+        /// Commits (freeing dead segments), then finds holes: true once the write fits.
+        func commitFits() throws -> Bool {
             try checkpoint()
-            if physicalFits() { return }
+            if physicalFits() { return true }
             try rebuildHoles()
-            if physicalFits() { return }
+            return physicalFits()
+        }
+        if hasSegmentsToFreeAtCheckpoint || holes.isEmpty || !fallbackExtents.isEmpty {
+            if try commitFits() { return }
             // What the epoch just closed wrote is kept for the older slot until one more
             // commit; with no record since, that commit keeps nothing.
-            if !fallbackExtents.isEmpty {
-                try checkpoint()
-                if physicalFits() { return }
-                try rebuildHoles()
-                if physicalFits() { return }
-            }
+            if !fallbackExtents.isEmpty, try commitFits() { return }
         }
         // Every batch frees more than it writes, so this ends; the budget only bounds
         // the time a refusal can take.
@@ -245,11 +244,7 @@ extension Engine {
         if physicalFits() { return }
         // Compaction's last commit kept what its epoch wrote and killed: one more
         // commit, with no record since, releases it before refusing.
-        if !fallbackExtents.isEmpty {
-            try checkpoint()
-            try rebuildHoles()
-            if physicalFits() { return }
-        }
+        if !fallbackExtents.isEmpty, try commitFits() { return }
         // Available: the unwritten space less the reserve this write may not take. The
         // dry run can still refuse a write that fits in bytes (hole tails too short for
         // its extents); the figures then show the dead space that was left.
