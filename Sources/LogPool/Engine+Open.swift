@@ -333,42 +333,58 @@ extension Engine {
             }
             return Array(window.bytes[0..<count])
         }
-        let scan = JournalScan.scan(ringByteCount: ringByteCount, start: Int(superblock.journalReplayByteOffset),
+        var scan = JournalScan.scan(ringByteCount: ringByteCount, start: Int(superblock.journalReplayByteOffset),
                                     sequence: superblock.journalReplaySequence, epoch: superblock.generation, salt: salt,
                                     read: ringBytes)
-        let durable = scan.durableSequence
+        var durable = scan.durableSequence
         // Where the scan stopped, unless a record's data stops replay earlier (below).
-        var stop = scan.stop.reason
+        var stop = ""
         func stopAt(_ ringOffset: Int, _ sequence: UInt64, torn: Bool, kind: ReplayStopKind) {
             recoveryReport.replayStopRingOffset = ringOffset
             recoveryReport.replayStopSequence = sequence
             recoveryReport.replayStopWasTorn = torn
             recoveryReport.replayStopKind = kind
         }
-        stopAt(scan.stop.ringOffset, scan.stop.sequence, torn: scan.stop.torn, kind: scan.stop.kind)
-        let records = scan.records
         var applied = 0
         var written: [(UInt64, UInt64)] = []
         var lastEpoch = superblock.generation
         var endPosition = Int(superblock.journalReplayByteOffset)
         var nextSequence = superblock.journalReplaySequence
-        for (offset, record) in records {
-            // Records below `durable` were synced together with their data; later ones may
-            // be a torn batch whose data never landed.
-            if record.sequence >= durable, let failure = try dataFailure(record) {
-                stop = "record \(record.sequence) at ring offset \(offset): \(failure)"
-                stopAt(offset, record.sequence, torn: true, kind: .badDataChecksum)
-                if case .relocate = record.intent { recoveryReport.discardedRelocate = true }
-                break
+        // Where each stretch began: a continuation never starts twice at one place.
+        var starts: Set<Int> = [Int(superblock.journalReplayByteOffset)]
+        while true {
+            stop = scan.stop.reason
+            stopAt(scan.stop.ringOffset, scan.stop.sequence, torn: scan.stop.torn, kind: scan.stop.kind)
+            for (offset, record) in scan.records {
+                // Records below `durable` were synced together with their data; later ones may
+                // be a torn batch whose data never landed.
+                if record.sequence >= durable, let failure = try dataFailure(record) {
+                    stop = "record \(record.sequence) at ring offset \(offset): \(failure)"
+                    stopAt(offset, record.sequence, torn: true, kind: .badDataChecksum)
+                    if case .relocate = record.intent { recoveryReport.discardedRelocate = true }
+                    break
+                }
+                try apply(record.intent, recordByteOffset: PoolGeometry.journalByteOffset + UInt64(offset))
+                written += dataExtents(of: record.intent)
+                applied += 1
+                if case .relocate = record.intent { recoveryReport.replayedRelocateCount += 1 }
+                lastEpoch = record.epoch
+                nextSequence = record.sequence + 1
+                if case .wrap = record.intent { endPosition = 0 } else { endPosition = offset + record.encodedByteCount }
             }
-            try apply(record.intent, recordByteOffset: PoolGeometry.journalByteOffset + UInt64(offset))
-            written += dataExtents(of: record.intent)
-            applied += 1
-            if case .relocate = record.intent { recoveryReport.replayedRelocateCount += 1 }
-            lastEpoch = record.epoch
-            nextSequence = record.sequence + 1
-            if case .wrap = record.intent { endPosition = 0 } else { endPosition = offset + record.encodedByteCount }
+            // J-8: a recovery from this very stop went on with records of its own (this
+            // is a fallback to the slot that recovery replayed).
+            let at = recoveryReport.replayStopRingOffset
+            guard recoveryReport.replayStopKind != .endOfRing,
+                  let next = JournalScan.recoveryContinuation(ringByteCount: ringByteCount, stop: at, sequence: recoveryReport.replayStopSequence,
+                                                              epoch: lastEpoch, salt: salt, read: ringBytes),
+                  let first = next.records.first, starts.insert(first.offset).inserted
+            else { break }
+            recoveryReport.findings.append("replay stopped at ring offset \(at) (\(stop)) and went on at the next sector boundary, ring offset \(first.offset), with the records of epoch \(first.record.epoch) that a recovery from that point wrote (FORMAT J-8)")
+            durable = max(durable, next.durableSequence)
+            scan = next
         }
+        replayLastEpoch = lastEpoch
         recoveryReport.replayedRecordCount = applied
         recoveryReport.replayStopReason = stop
         removeHoles(overlapping: written)
@@ -441,7 +457,7 @@ extension Engine {
                     try JournalRecord.decodeHeader(UnsafeRawBufferPointer(rebasing: raw[local..<local + header]), byteOffset: fileOffset)
                 }
             }
-            guard case .success(let h) = decoded, h.epoch >= generation, h.epoch <= generation + 2,
+            guard case .success(let h) = decoded, h.epoch >= generation, h.epoch <= max(generation, replayLastEpoch) + 2,
                   h.sequence > recovery.replayStopSequence, h.payloadByteCount <= ring - at - header,
                   let bytes = try? device.read(byteCount: header + h.payloadByteCount, at: fileOffset),
                   let record = try? JournalRecord.decode(bytes, salt: salt, byteOffset: fileOffset),

@@ -132,6 +132,9 @@ final class Engine {
 
     /// Segments that journal replay wrote into (their headers are checked at open).
     var replayWrittenSegments = Set<Int>()
+    /// The epoch of the last record replay applied (J-7 looks for synced records up to two
+    /// epochs past it).
+    var replayLastEpoch: UInt64 = 0
     /// Data extents that journal records wrote since the last commit (coalesced where
     /// appends run on). At the next commit they become ``fallbackExtents``.
     var epochWrittenExtents: [(byteOffset: UInt64, byteCount: UInt64)] = []

@@ -117,3 +117,30 @@ struct JournalScan {
         return scan
     }
 }
+
+extension JournalScan {
+    /// J-8: where replay stopped (`stop`, expecting `sequence`, in a stretch of epoch
+    /// `epoch`), a recovery from that very point may have gone on with records of its own:
+    /// from the next sector boundary when the stop lies inside a 512-byte sector (it never
+    /// rewrites the sector holding the records it replayed), at the stop itself when that
+    /// is a boundary. Such a record is of a later epoch (one more, or two: FORMAT J-8 says
+    /// when) and carries exactly `sequence`: the writer numbers on from the stop, and no
+    /// other writer puts that sequence of a later epoch there. At an aligned stop one more
+    /// epoch is the scanner's own J-5 chaining, which stopped there for a reason, so only
+    /// two more counts. The scan from that position when its first record is such a
+    /// record, or nil.
+    static func recoveryContinuation(ringByteCount: Int, stop: Int, sequence: UInt64, epoch: UInt64, salt: UInt64,
+                                     read: (Int, Int) throws -> [UInt8]) -> JournalScan? {
+        let sector = PoolGeometry.sectorByteCount
+        let aligned = stop % sector == 0
+        let position = aligned ? stop : (stop / sector + 1) * sector % ringByteCount
+        for later in (aligned ? epoch + 2 : epoch + 1)...epoch + 2 {
+            // The scan accepts `later` and the epoch after it; the first record must be
+            // `later` itself for this pass (the next pass takes the one above).
+            let scan = JournalScan.scan(ringByteCount: ringByteCount, start: position, sequence: sequence, epoch: later,
+                                        salt: salt, read: read)
+            if let first = scan.records.first, first.record.epoch == later { return scan }
+        }
+        return nil
+    }
+}

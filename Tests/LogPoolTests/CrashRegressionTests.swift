@@ -1,5 +1,5 @@
 import Foundation
-import LogPool
+@testable import LogPool
 import LogPoolFormat
 import LogPoolTesting
 import Testing
@@ -135,6 +135,48 @@ struct CrashRegressionTests {
             #expect(names == ["v"] && bytes == expected.volumes["v"]?.bytes,
                     "the fallback to generation \(fallback.recoveryReport.generation) lost synced changes: volumes \(names) (replay: \(fallback.recoveryReport.replayStopReason))")
         }
+    }
+
+    /// The R-4 gap after a recovery (FORMAT J-8). A crash tore the second record of a
+    /// batch, inside a 512-byte sector; recovery replayed the first and wrote its own
+    /// epoch's records from the next sector boundary on, so the torn bytes stayed in
+    /// between. Media damage to the recovery's commit then made open fall back to the
+    /// slot recovery had replayed: replay stopped at the torn bytes and silently lost the
+    /// write synced after the recovery. It now goes on at the next boundary when the
+    /// records there are a later epoch's with the sequence expected at the stop.
+    @Test("after a recovery that stopped inside a sector, a fallback to the slot it replayed finds the writes synced since")
+    func fallbackChainsPastTornSector() throws {
+        let (pool, device) = try makePool()
+        var model = ReferenceModel()
+        let v = try pool.createVolume(name: "v", size: 256 << 10)
+        model.create("v", size: 256 << 10)
+        try v.write(at: 0, from: pattern(64 << 10, seed: 1))
+        model.write("v", at: 0, pattern(64 << 10, seed: 1))
+        try pool.checkpoint()
+        // One batch, two records: the second is torn by the crash.
+        try v.write(at: 0, from: pattern(4096, seed: 2))
+        model.write("v", at: 0, pattern(4096, seed: 2))
+        try v.write(at: 8192, from: pattern(4096, seed: 3))
+        try pool.sync()
+        var image = device.durable
+        let slot = try #require(WriteChecks.newestSlot(image))
+        let first = Int(PoolGeometry.journalByteOffset + slot.journalReplayByteOffset)
+        let payload = image.withUnsafeBytes { Int($0.loadLE(UInt32.self, at: first + JournalRecordLayout.payloadByteCountOffset)) }
+        let second = first + JournalRecordLayout.headerByteCount + payload
+        #expect(second % 512 != 0, "the second record starts inside a sector")
+        image[second + JournalRecordLayout.headerByteCount + 2] ^= 0x5A
+        let (recovered, recoveredDevice) = try reopen(device, image: image)
+        let report = recovered.recoveryReport
+        #expect(report.replayedRecordCount == 1 && report.replayStopRingOffset % 512 != 0,
+                "replay applies the first record and stops inside a sector: \(report.replayStopReason)")
+        try expectMatches(recovered, model)
+        try recovered.openVolume(name: "v").write(at: 16384, from: pattern(4096, seed: 4))
+        model.write("v", at: 16384, pattern(4096, seed: 4))
+        try recovered.sync()
+        // The recovery's commit is damaged: open falls back to the slot it replayed.
+        let fallback = try openOlderSlot(recoveredDevice.durable)
+        #expect(fallback.recoveryReport.generation == slot.generation)
+        try expectMatches(fallback, model)
     }
 
     /// v1:7015:random-4096:132:media:6. A compaction right after a commit copied blocks

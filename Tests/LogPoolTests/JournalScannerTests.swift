@@ -148,4 +148,35 @@ struct JournalScannerTests {
         let result = Self.scan(bytes, start: offsets[0], sequence: 7)
         #expect(result.records.map(\.offset) == offsets && result.stop.kind == .cleanEnd)
     }
+
+    /// J-8: what a stop at `stop` (expecting sequence 3 in a stretch of epoch 5) goes on
+    /// with, when a record of `epoch` and `sequence` sits at ring offset 512.
+    @Test("recovery continuation (J-8): a later epoch's record with the expected sequence at the next boundary",
+          arguments: [
+              (stop: 112, epoch: 6 as UInt64, sequence: 3 as UInt64, continues: true),
+              (stop: 112, epoch: 7, sequence: 3, continues: true),
+              (stop: 112, epoch: 8, sequence: 3, continues: false),
+              (stop: 112, epoch: 5, sequence: 3, continues: false),
+              (stop: 112, epoch: 4, sequence: 3, continues: false),
+              (stop: 112, epoch: 6, sequence: 4, continues: false),
+              (stop: 112, epoch: 6, sequence: 2, continues: false),
+              (stop: 512, epoch: 6, sequence: 3, continues: false),
+              (stop: 512, epoch: 7, sequence: 3, continues: true),
+              (stop: 400, epoch: 6, sequence: 3, continues: true),
+          ])
+    func recoveryContinuation(stop: Int, epoch: UInt64, sequence: UInt64, continues: Bool) {
+        var (bytes, _) = Self.ring([Self.record(1), Self.record(2)])
+        // Torn bytes from the stop to the sector's end, then the later records.
+        for i in 112..<512 { bytes[i] = UInt8(truncatingIfNeeded: i &* 13 &+ 5) }
+        let later = [Self.record(sequence, epoch: epoch), Self.record(sequence + 1, epoch: epoch)]
+        bytes.replaceSubrange(512..<512 + later[0].count, with: later[0])
+        bytes.replaceSubrange(512 + later[0].count..<512 + later[0].count + later[1].count, with: later[1])
+        let result = JournalScan.recoveryContinuation(ringByteCount: bytes.count, stop: stop, sequence: 3, epoch: Self.epoch, salt: Self.salt) { position, count in
+            Array(bytes[position..<position + count])
+        }
+        #expect((result != nil) == continues, "stop \(stop), a record of epoch \(epoch) sequence \(sequence) at 512")
+        if let result {
+            #expect(result.records.map(\.offset) == [512, 512 + later[0].count] && result.stop.kind == .cleanEnd)
+        }
+    }
 }
