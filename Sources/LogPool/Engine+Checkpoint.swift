@@ -16,6 +16,17 @@ extension Engine {
                               segmentLiveByteCounts: metaLiveByteCounts)
     }
 
+    /// Where appends go on after this commit's sync (the open segment's append point
+    /// rounded up to 4 KiB), recorded in the root so a clean open resumes there without
+    /// finding holes; 0 when no segment is open or nothing of it is left.
+    func resumePoint() -> UInt64 {
+        guard let open = openSegment else { return 0 }
+        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
+        let end = geometry.segmentByteOffset(open) + UInt64(geometry.segmentByteCount)
+        let at = (appendByteOffset + unit - 1) & ~(unit - 1)
+        return at < end ? at : 0
+    }
+
     /// Makes everything journaled so far durable: pads the journal tail to 4 KiB,
     /// writes it, one fsync for data and journal together (Specs/COMMIT.md §2).
     func sync() throws {
@@ -146,6 +157,7 @@ extension Engine {
         if let old = checkpointExtent { newMeta[segment(of: old.byteOffset)] -= sectorAligned(old.byteCount) }
         newMeta[segment(of: rootOffset)] += UInt64(rootByteCount)
         root.segmentLiveByteCounts = zip(dataLiveByteCounts, newMeta).map { $0 + $1 }
+        root.resumeByteOffset = resumePoint()
         let encodedRoot = root.encode(salt: salt)
         let decodedRoot = Result { () throws(CorruptionError) in
             try CheckpointRoot.decode(encodedRoot.bytes, expectedChecksum: encodedRoot.checksum, salt: salt,

@@ -37,7 +37,13 @@ extension Engine {
     /// torn tail. With `salvage` it replays up to the damage and reports the loss in
     /// `recoveryReport` (`syncedJournalDamage`, `syncedJournalLoss`); read-write, the
     /// recovery checkpoint then commits without the synced records after the damage.
-    static func open(device: BlockDevice, readOnly: Bool, salvage: Bool = false,
+    ///
+    /// A cleanly closed pool whose newer slot is the chosen one opens without reading a
+    /// block-table leaf: segment usage comes from the checkpoint root, holes are found
+    /// when admission first needs them, and appends resume where the root says they
+    /// stopped (COMMIT §4). `rebuildCounts` (repair) rebuilds usage from every leaf and
+    /// compares it with the root on every open, as a crashed pool's open always does.
+    static func open(device: BlockDevice, readOnly: Bool, salvage: Bool = false, rebuildCounts: Bool = false,
                      metadataCacheByteCount: Int = Engine.defaultMetadataCacheByteCount) throws -> Engine {
         let size = try device.byteCount()
         let slotsEnd = PoolGeometry.superblockSlotByteOffsets[1] + UInt64(PoolGeometry.superblockByteCount)
@@ -52,8 +58,10 @@ extension Engine {
             throw PoolError.corrupt(structure: "pool file", byteOffset: size,
                                     detail: "truncated: file is \(size) bytes, the superblock slots need \(slotsEnd)")
         }
+        var versions: [UInt16] = []
         func slot(_ index: Int) throws -> Result<Superblock, CorruptionError> {
             let bytes = try device.read(byteCount: PoolGeometry.superblockByteCount, at: PoolGeometry.superblockSlotByteOffsets[index])
+            if let version = Superblock.formatVersion(ofSlot: bytes) { versions.append(version) }
             return Result { () throws(CorruptionError) in try Superblock.decode(bytes, slotIndex: index) }
         }
         let slotA = try slot(0), slotB = try slot(1)
@@ -61,6 +69,11 @@ extension Engine {
         do {
             choice = try chooseSuperblock(slotA, slotB)
         } catch {
+            // No slot this build can read, but an intact one of another format: a pool of
+            // an older or newer LogPool, not damage.
+            if let version = versions.filter({ $0 != PoolGeometry.formatVersion }).max() {
+                throw PoolError.unsupportedFormat(version: version, supported: PoolGeometry.formatVersion)
+            }
             throw PoolError(error)
         }
         let sb = choice.chosen
@@ -73,12 +86,16 @@ extension Engine {
         engine.recoveryReport.generation = sb.generation
         engine.recoveryReport.otherSlotProblem = choice.otherSlotProblem
         engine.recoveryReport.wasMounted = sb.isMounted
-        let liveBlocks = try engine.loadCheckpoint()
-        // The state now equals the durable checkpoint, so its dead extents are holes
-        // . Replay then removes every hole a replayed record wrote into, and the
-        // recovery checkpoint may use the rest: a pool that was nearly full when it
-        // crashed still has room to recover.
-        try engine.rebuildHoles(liveBlocks: liveBlocks)
+        // A clean slot that is the newer of two chained ones has nothing to replay (the
+        // first change after a commit commits the mounted flag first): no leaf is read.
+        let clean = !sb.isMounted && choice.otherSlotProblem == nil && !rebuildCounts
+        if let liveBlocks = try engine.loadCheckpoint(streamingTable: !clean) {
+            // The state now equals the durable checkpoint, so its dead extents are holes
+            // . Replay then removes every hole a replayed record wrote into, and the
+            // recovery checkpoint may use the rest: a pool that was nearly full when it
+            // crashed still has room to recover.
+            try engine.rebuildHoles(liveBlocks: liveBlocks)
+        }
         try engine.replayJournal()
         // A cleanly closed slot has nothing to replay, unless replay chained into the
         // next epoch (its slot damaged): check then too.
@@ -100,7 +117,11 @@ extension Engine {
         }
         // The live block count was set by loadCheckpoint and kept by replay's apply.
         engine.rebuildFreeSegmentList()
-        engine.resumeRootSegment()
+        if clean {
+            engine.resumeStoredAppendPoint()
+        } else {
+            engine.resumeRootSegment()
+        }
         // A cleanly closed pool that replay left as it was needs no commit now: the first
         // change commits the mounted flag (``ensureMounted()``), so opening and closing
         // a pool without changing it writes nothing (COMMIT §4 step 7).
@@ -137,6 +158,20 @@ extension Engine {
         space.resume(s, atHole: h)
     }
 
+    /// A clean open finds no holes (it reads no leaf), so instead of
+    /// ``resumeRootSegment()`` appends go on where the root says they stopped, in the
+    /// segment that was open when it was written (FORMAT C-8 `resumeByteOffset`). From
+    /// there to the segment's end nothing the durable state references was ever written
+    /// (appends only move forward, and a segment is opened empty or at a hole that runs to
+    /// its end), so writing there is as safe as R-3's resumed tail (COMMIT §5.2). Only
+    /// for a clean open: after a crash, replayed records wrote past that point.
+    func resumeStoredAppendPoint() {
+        guard openSegment == nil, !readOnly, storedResumeByteOffset != 0,
+              let s = geometry.segmentIndex(containing: storedResumeByteOffset), segmentStates[s] == .used
+        else { return }
+        space.resume(s, at: storedResumeByteOffset)
+    }
+
     /// The first change after an open that committed nothing commits the mounted flag
     /// first (a new epoch, nothing else), exactly as open did before: a crash from here
     /// on is recovered as one of a mounted pool (J-7 applies), and `cleanlyClosed` is
@@ -167,11 +202,16 @@ extension Engine {
         .corrupt(structure: structure, byteOffset: offset, detail: detail)
     }
 
-    /// Loads the checkpoint root and every tree it names, then rebuilds refcounts and
-    /// segment usage and compares the usage with what the checkpoint stored.
-    /// Returns the units the live blocks cover, marked in the same pass over the table's
-    /// leaves, for the holes open computes next.
-    func loadCheckpoint() throws -> LiveUnits {
+    /// Loads the checkpoint root and every tree it names (block-table leaves only as
+    /// stubs: they are read through the cache), rebuilds refcounts from the map leaves,
+    /// and sets segment usage. With `streamingTable` the usage is rebuilt from every
+    /// referenced block's entry (one pass over the table's leaves) and compared with
+    /// what the checkpoint stored, and the units the live blocks cover, marked in the
+    /// same pass, are returned for the holes open computes next. Without it the stored
+    /// usage is taken (the root is checksummed and was written whole before its commit;
+    /// verify rebuilds and compares it), unless it cannot hold the pages the trees
+    /// name, and nil is returned: holes are found when admission needs them.
+    func loadCheckpoint(streamingTable: Bool) throws -> LiveUnits? {
         let sb = superblock
         let bytes = try device.read(byteCount: Int(sb.checkpointByteCount), at: sb.checkpointByteOffset)
         let root: CheckpointRoot
@@ -182,6 +222,7 @@ extension Engine {
             throw PoolError(error)
         }
         nextVolumeID = root.nextVolumeID
+        storedResumeByteOffset = root.resumeByteOffset
         var cache: [UInt64: LoadedPage] = [:]
         blockTable = Tree(kind: .blockTable, root: try loadNode(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, base: 0, cache: &cache), height: root.blockTableHeight)
         for record in root.volumes {
@@ -216,6 +257,16 @@ extension Engine {
             }
         }
         metaLiveByteCounts[segment(of: sb.checkpointByteOffset)] += sectorAligned(sb.checkpointByteCount)
+        checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
+        // Replay's id bound (``apply``) starts from the checkpoint's live count.
+        self.ids = ids
+        if !streamingTable {
+            if zip(root.segmentLiveByteCounts, metaLiveByteCounts).allSatisfy({ $0 >= $1 && $0 <= UInt64(geometry.segmentByteCount) }) {
+                space.load(dataLive: zip(root.segmentLiveByteCounts, metaLiveByteCounts).map { $0 - $1 }, metaLive: metaLiveByteCounts)
+                return nil
+            }
+            recoveryReport.findings.append("checkpoint usage cannot hold the pages its trees name: rebuilt from the block table")
+        }
         // (Two ids at one location is a check for `verify`; open only needs each
         // referenced entry to be in range.) One pass over the table's leaves.
         var present = 0
@@ -241,9 +292,6 @@ extension Engine {
             }
         }
         space.load(dataLive: dataLiveByteCounts, metaLive: metaLiveByteCounts)
-        checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
-        // Replay's id bound (``apply``) starts from the checkpoint's live count.
-        self.ids = ids
         return liveBlocks
     }
 

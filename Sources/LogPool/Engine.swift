@@ -132,6 +132,9 @@ final class Engine {
 
     /// Segments that journal replay wrote into (their headers are checked at open).
     var replayWrittenSegments = Set<Int>()
+    /// Where the durable root says appends stopped (0 = nowhere to resume): a clean open
+    /// resumes there (``resumeStoredAppendPoint()``).
+    var storedResumeByteOffset: UInt64 = 0
     /// The epoch of the last record replay applied (J-7 looks for synced records up to two
     /// epochs past it).
     var replayLastEpoch: UInt64 = 0

@@ -179,6 +179,24 @@ public final class Pool: @unchecked Sendable {
         }
     }
 
+    /// Opens read-write rebuilding every derived count from the trees and comparing it with
+    /// the checkpoint, whatever state the pool was left in (repair: a clean open trusts
+    /// the stored usage).
+    static func openRebuildingCounts(at path: String) throws -> Pool {
+        let device = try FileDevice(path: path, mode: .readWrite)
+        do {
+            return Pool(engine: try Engine.open(device: device, readOnly: false, rebuildCounts: true), fileDevice: device, path: path)
+        } catch {
+            device.closeDescriptor()
+            throw error
+        }
+    }
+
+    /// ``openRebuildingCounts(at:)`` on any device.
+    static func openRebuildingCounts(on device: BlockDevice) throws -> Pool {
+        Pool(engine: try Engine.open(device: device, readOnly: false, rebuildCounts: true), fileDevice: nil, path: nil)
+    }
+
     /// Opens a pool on any device.
     public static func open(on device: BlockDevice, mode: OpenMode = .readWrite, acceptJournalLoss: Bool = false,
                             metadataCacheBytes: Int = Pool.defaultMetadataCacheBytes) throws -> Pool {

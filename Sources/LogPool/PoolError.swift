@@ -26,6 +26,10 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     case poisoned(String)
     /// The pool or volume handle was closed.
     case closed
+    /// The file is a LogPool pool of another format version than this build reads
+    /// (`supported`): an older LogPool created it (no migration yet), or a newer one.
+    /// Nothing was read beyond its superblocks and nothing was written.
+    case unsupportedFormat(version: UInt16, supported: UInt16)
 
     public init(_ corruption: CorruptionError) {
         self = .corrupt(structure: corruption.structure, byteOffset: corruption.byteOffset, detail: corruption.detail)
@@ -46,6 +50,10 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
             "I/O error: \(operation) at byte offset \(offset) failed: \(String(cString: strerror(errno))) (errno \(errno))"
         case .poisoned(let cause): "pool handle failed earlier and must be reopened: \(cause)"
         case .closed: "pool is closed"
+        case .unsupportedFormat(let version, let supported) where version < supported:
+            "created by an older LogPool: pool format version \(version), this build reads version \(supported) and cannot convert it (open it with the LogPool that created it, export its volumes as raw images there and import them into a new pool)"
+        case .unsupportedFormat(let version, let supported):
+            "created by a newer LogPool: pool format version \(version), this build reads version \(supported)"
         }
     }
 }

@@ -158,6 +158,20 @@ struct SegmentSpace {
 
     /// appends resume in segment `s` at the start of its hole `index`, which runs to
     /// the segment's end.
+    /// Appends resume in used segment `s` at `byteOffset` (rounded up to 4 KiB), whose
+    /// rest to the segment's end no durable state references (the root's stored append
+    /// point, FORMAT §6).
+    mutating func resume(_ s: Int, at byteOffset: UInt64) {
+        let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
+        let start = geometry.segmentByteOffset(s)
+        let end = start + UInt64(geometry.segmentByteCount)
+        let at = max((byteOffset + unit - 1) & ~(unit - 1), start + UInt64(PoolGeometry.segmentHeaderByteCount))
+        guard states[s] == .used, at < end else { return }
+        allocator.appendByteOffset = at
+        states[s] = .open
+        allocator.openSegment = s
+    }
+
     mutating func resume(_ s: Int, atHole index: Int) {
         allocator.appendByteOffset = allocator.holes[index].byteOffset
         allocator.holes.remove(at: index)

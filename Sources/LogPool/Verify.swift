@@ -156,7 +156,7 @@ extension Pool {
                               progress: ((ScrubProgress) -> Void)? = nil) throws -> RepairReport {
         let before = try verify(at: path, scrubData: scrubData, progress: progress)
         return try repair(before: before, scrubData: scrubData,
-                          open: { try Pool.open(at: path) },
+                          open: { try Pool.openRebuildingCounts(at: path) },
                           verify: { try verify(at: path, scrubData: scrubData, progress: progress) })
     }
 
@@ -164,7 +164,7 @@ extension Pool {
     public static func repair(on device: BlockDevice, scrubData: Bool = false) throws -> RepairReport {
         let before = try verify(on: device, scrubData: scrubData)
         return try repair(before: before, scrubData: scrubData,
-                          open: { try Pool.open(on: device) },
+                          open: { try Pool.openRebuildingCounts(on: device) },
                           verify: { try verify(on: device, scrubData: scrubData) })
     }
 
@@ -335,12 +335,14 @@ struct Checker {
             return nil
         }
         var slots: [Result<Superblock, CorruptionError>] = []
+        var versions: [UInt16] = []
         for index in 0..<2 {
             let offset = PoolGeometry.superblockSlotByteOffsets[index]
             guard let bytes = try read(PoolGeometry.superblockByteCount, at: offset, "superblock slot \(index == 0 ? "A" : "B")") else {
                 slots.append(.failure(CorruptionError("superblock", at: offset, "slot \(index == 0 ? "A" : "B") is unreadable")))
                 continue
             }
+            if let version = Superblock.formatVersion(ofSlot: bytes) { versions.append(version) }
             slots.append(Result { () throws(CorruptionError) in try Superblock.decode(bytes, slotIndex: index) })
         }
         let choice: SuperblockChoice
@@ -348,6 +350,10 @@ struct Checker {
             choice = try chooseSuperblock(slots[0], slots[1])
         } catch {
             if error.detail.hasPrefix("not a LogPool pool") { throw PoolError(error) }
+            // Another format's pool, as open says (nothing of it can be checked here).
+            if let version = versions.filter({ $0 != PoolGeometry.formatVersion }).max() {
+                throw PoolError.unsupportedFormat(version: version, supported: PoolGeometry.formatVersion)
+            }
             for (index, slot) in slots.enumerated() {
                 if case .failure(let e) = slot {
                     add(.error, "superblock-damaged", Superblock.structureName(slotIndex: index),
@@ -600,6 +606,15 @@ struct Checker {
         if overlaps > 0 {
             add(.error, "extent-overlap", "block table", sb.checkpointByteOffset,
                 "\(overlaps) pairs of referenced extents share bytes, first: \(firstOverlap)")
+        }
+        // C-8: from the stored append point to its segment's end nothing is referenced
+        // (a clean open appends there).
+        if root.resumeByteOffset != 0, let s = geometry.segmentIndex(containing: root.resumeByteOffset) {
+            let end = geometry.segmentByteOffset(s) + UInt64(geometry.segmentByteCount)
+            if let inside = extents.first(where: { $0.start + $0.count > root.resumeByteOffset && $0.start < end }) {
+                add(.error, "resume-point-referenced", "checkpoint", sb.checkpointByteOffset,
+                    "the root resumes appends at byte offset \(root.resumeByteOffset), but \(what(inside)) lies between there and its segment's end \(end): a clean open would write over it")
+            }
         }
         var rebuilt = [UInt64](repeating: 0, count: Int(geometry.segmentCount))
         for extent in extents {

@@ -43,8 +43,8 @@ public struct VolumeRecord: Sendable, Equatable {
 /// The checkpoint root: everything a superblock points at (Specs/FORMAT.md §6). The
 /// trees it names are written before it, and it is written before the superblock.
 public struct CheckpointRoot: Sendable, Equatable {
-    public static let magic: [UInt8] = Array("LPCKPT".utf8) + [0, 1]
-    public static let headerByteCount = 72
+    public static let magic: [UInt8] = Array("LPCKPT".utf8) + [0, 2]
+    public static let headerByteCount = 80
 
     public var generation: UInt64
     public var nextVolumeID: UInt64
@@ -55,9 +55,14 @@ public struct CheckpointRoot: Sendable, Equatable {
     public var volumes: [VolumeRecord]
     /// Live bytes per segment (data blocks, this checkpoint's pages and this root).
     public var segmentLiveByteCounts: [UInt64]
+    /// Where appends stopped when this root was written: the open segment's append point
+    /// rounded up to 4 KiB, from which to the segment's end nothing this state references
+    /// lies; 0 when no segment was open or it was full (C-8).
+    public var resumeByteOffset: UInt64
 
     public init(generation: UInt64, nextVolumeID: UInt64, blockTableRoot: PagePointer, blockTableHeight: Int,
-                blockIDLimit: UInt64, volumes: [VolumeRecord], segmentLiveByteCounts: [UInt64]) {
+                blockIDLimit: UInt64, volumes: [VolumeRecord], segmentLiveByteCounts: [UInt64],
+                resumeByteOffset: UInt64 = 0) {
         self.generation = generation
         self.nextVolumeID = nextVolumeID
         self.blockTableRoot = blockTableRoot
@@ -65,6 +70,7 @@ public struct CheckpointRoot: Sendable, Equatable {
         self.blockIDLimit = blockIDLimit
         self.volumes = volumes
         self.segmentLiveByteCounts = segmentLiveByteCounts
+        self.resumeByteOffset = resumeByteOffset
     }
 
     /// Encoded length before sector padding (independent of the usage values, so the
@@ -98,6 +104,7 @@ public struct CheckpointRoot: Sendable, Equatable {
         w.u64(blockIDLimit)
         w.u32(UInt32(segmentLiveByteCounts.count))
         w.u32(0)
+        w.u64(resumeByteOffset)
         assert(w.byteCount == Self.headerByteCount)
         for v in volumes {
             w.u64(v.id); w.u8(v.kind.rawValue); w.u8(0); w.u16(UInt16(v.mapHeight)); w.u32(0)
@@ -148,6 +155,17 @@ public struct CheckpointRoot: Sendable, Equatable {
         let segmentCountAt = r.position
         let segmentCount = Int(try r.u32("segment count"))
         guard try r.u32("reserved") == 0 else { throw r.error("reserved field is not zero", at: r.position - 4) }
+        let resumeAt = r.position
+        let resume = try r.u64("resume byte offset")
+        if resume != 0 {
+            // C-8: inside a segment, past its header page, on a 4 KiB boundary, short of its end.
+            let unit = UInt64(PoolGeometry.durableAlignmentByteCount)
+            guard resume % unit == 0, let s = geometry.segmentIndex(containing: resume),
+                  resume >= geometry.segmentByteOffset(s) + UInt64(PoolGeometry.segmentHeaderByteCount)
+            else {
+                throw r.error("resume byte offset \(resume) is not a 4 KiB boundary inside a segment past its header", at: resumeAt)
+            }
+        }
         guard btHeight >= 1, btHeight <= PageLayout.heightMax else {
             throw r.error("block-table height \(btHeight) outside 1...\(PageLayout.heightMax)", at: btHeightAt)
         }
@@ -205,7 +223,7 @@ public struct CheckpointRoot: Sendable, Equatable {
         }
         return CheckpointRoot(generation: generation, nextVolumeID: nextVolumeID, blockTableRoot: btRoot,
                               blockTableHeight: btHeight, blockIDLimit: blockIDLimit, volumes: volumes,
-                              segmentLiveByteCounts: usage)
+                              segmentLiveByteCounts: usage, resumeByteOffset: resume)
     }
 
     /// The height a map of the largest volume (2^50 bytes) needs: maps only grow as far

@@ -8,7 +8,9 @@
 ///     [D, D+N*S)        N segments of S bytes; D = journal end rounded up to 4096
 ///     [D+N*S, capacity) unused tail (less than one segment)
 public struct PoolGeometry: Sendable, Equatable {
-    public static let formatVersion: UInt16 = 1
+    /// Version 2 (issue "engine at scale"): the checkpoint root records where appends
+    /// stopped, so a clean open reads no block-table leaf. Version 1 pools are refused.
+    public static let formatVersion: UInt16 = 2
     public static let sectorByteCount = 512
     /// What each fsync's writes are padded or aligned to, so that nothing written after a
     /// sync shares a 4 KiB physical sector with what the sync made durable.

@@ -169,7 +169,7 @@ public struct Superblock: Sendable, Equatable {
             throw fail(SuperblockLayout.checksumOffset,
                 "checksum mismatch: stored \(hex(stored)), computed \(hex(computed))")
         }
-        // A newer format is not damage, but this build cannot read it.
+        // Another format is not damage, but this build cannot read it.
         guard version == PoolGeometry.formatVersion else {
             throw fail(SuperblockLayout.formatVersionOffset,
                 "unsupported format version \(version) (this build reads version \(PoolGeometry.formatVersion))")
@@ -315,4 +315,17 @@ public func chooseSuperblock(
 
 public func hex(_ value: UInt64) -> String {
     "0x" + String(value, radix: 16)
+}
+
+extension Superblock {
+    /// The format version a slot's bytes carry when its magic and checksum are valid
+    /// (whatever the version), or nil: tells a pool of another format from damage.
+    public static func formatVersion(ofSlot bytes: [UInt8]) -> UInt16? {
+        guard bytes.count == SuperblockLayout.byteCount, Array(bytes[0..<8]) == SuperblockLayout.magic else { return nil }
+        return bytes.withUnsafeBytes { raw -> UInt16? in
+            let stored = raw.loadLE(UInt64.self, at: SuperblockLayout.checksumOffset)
+            let computed = Checksum.xxh3(UnsafeRawBufferPointer(rebasing: raw[0..<SuperblockLayout.checksumOffset]))
+            return stored == computed ? raw.loadLE(UInt16.self, at: SuperblockLayout.formatVersionOffset) : nil
+        }
+    }
 }

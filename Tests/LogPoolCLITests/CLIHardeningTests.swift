@@ -150,6 +150,27 @@ struct CLIHardeningTests {
         #expect(verify.status == 4 && verify.text.contains("journal-synced-damage"), "\(verify.text)")
     }
 
+    /// Format 2 (issue 11): every command on a format-1 pool says it was created by an
+    /// older LogPool, exits non-zero and leaves the file as it was.
+    @Test("a format-1 pool: every command names the older format and changes nothing")
+    func olderFormatCLI() throws {
+        let path = temporaryPath("v1.pool")
+        try CLI.run(["init", path, "--size", "16M"])
+        var image = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        for base in [0, 4096] {
+            image[base + SuperblockLayout.formatVersionOffset] = 1
+            let sum = Checksum.xxh3(Array(image[base..<base + SuperblockLayout.checksumOffset]))
+            withUnsafeBytes(of: sum.littleEndian) { image.replaceSubrange(base + SuperblockLayout.checksumOffset..<base + 512, with: $0) }
+        }
+        try Data(image).write(to: URL(fileURLWithPath: path))
+        for arguments in [["info", path], ["list", path], ["create", path, "v", "--size", "1M"], ["verify", path], ["verify", path, "--repair"]] {
+            let result = try CLI.run(arguments)
+            #expect(result.status != 0 && result.stderr.contains("created by an older LogPool: pool format version 1"),
+                    "\(arguments): status \(result.status), \(result.stderr)\(result.text)")
+        }
+        #expect([UInt8](try Data(contentsOf: URL(fileURLWithPath: path))) == image)
+    }
+
     @Test("help shows real defaults, every argument has help, --version works, help of an unknown command is a usage error")
     func helpAndVersion() throws {
         let initHelp = try CLI.run(["init", "--help"]).text
@@ -163,7 +184,7 @@ struct CLIHardeningTests {
             }
         }
         let version = try CLI.run(["--version"])
-        #expect(version.status == 0 && version.text.contains("pool format 1"))
+        #expect(version.status == 0 && version.text.contains("pool format 2"))
         let unknown = try CLI.run(["help", "nosuch"])
         #expect(unknown.status == 64 && unknown.stderr.contains("no such command"), "\(unknown.stderr)")
         let simUsage = try CLI.run(["crashsim", "--budget", "-1"], binary: CLI.simBinary)

@@ -109,14 +109,14 @@ struct SuperblockTests {
             #expect(error.detail.contains("slot index 1"))
         }
         var future = sb.encode()
-        future[8] = 2
+        future[8] = UInt8(PoolGeometry.formatVersion + 1)
         let sum = Checksum.xxh3(Array(future[0..<504]))
         withUnsafeBytes(of: sum.littleEndian) { for i in 0..<8 { future[504 + i] = $0[i] } }
         do {
             _ = try Superblock.decode(future, slotIndex: 1)
-            Issue.record("accepted format version 2")
+            Issue.record("accepted format version \(PoolGeometry.formatVersion + 1)")
         } catch {
-            #expect(error.detail.contains("unsupported format version 2"))
+            #expect(error.detail.contains("unsupported format version \(PoolGeometry.formatVersion + 1)"))
         }
         #expect(throws: CorruptionError.self) { try Superblock.decode([UInt8](repeating: 0, count: 512), slotIndex: 0) }
         #expect(throws: CorruptionError.self) { try Superblock.decode([1, 2, 3], slotIndex: 0) }

@@ -122,6 +122,39 @@ struct PageCacheTests {
         #expect(found.isEmpty, "\(found.prefix(3))")
         #expect(cache.residentCount <= 3)
     }
+
+    /// Format 2 (issue 11, COMMIT §4 step 4): a cleanly closed pool opens without reading
+    /// a block-table leaf (usage from the root, holes later, appends resumed at the
+    /// root's resumeByteOffset); a crashed one streams them once, as recovery must. Its
+    /// figures match those of a full rebuild, and writes after it land where the
+    /// crashed open's would be safe too (the pool verifies clean).
+    @Test("a clean open reads no block-table leaf; a crashed one rebuilds usage from them")
+    func cleanOpenReadsNoLeaf() throws {
+        let (pool, device) = try makePool(capacity: 16 << 20)
+        let v = try pool.createVolume(name: "v", size: 4 << 20)
+        try v.write(at: 0, from: pattern(3 << 20, seed: 7))
+        try pool.snapshot(source: "v", name: "s")
+        try pool.checkpoint()
+        try v.write(at: 1 << 20, from: pattern(1 << 20, seed: 8))
+        let crashed = device.currentImage
+        try pool.close()
+        let clean = device.currentImage
+        let cleanDevice = SimulatedDevice(image: clean)
+        let cleanPool = try Pool.open(on: cleanDevice)
+        #expect(cleanPool.engine.pageCache.loadCount == 0, "a clean open loaded \(cleanPool.engine.pageCache.loadCount) table leaves")
+        let crashedPool = try Pool.open(on: SimulatedDevice(image: crashed), mode: .readOnly)
+        #expect(crashedPool.engine.pageCache.loadCount > 0, "\(crashedPool.recoveryReport) height \(crashedPool.engine.blockTable.height)")
+        let rebuilt = try Pool.openRebuildingCounts(on: SimulatedDevice(image: clean))
+        #expect(cleanPool.engine.dataLiveByteCounts == rebuilt.engine.dataLiveByteCounts)
+        #expect(cleanPool.engine.metaLiveByteCounts == rebuilt.engine.metaLiveByteCounts)
+        #expect(cleanPool.stats.usedBytes == rebuilt.stats.usedBytes)
+        let w = try cleanPool.openVolume(name: "v")
+        #expect(try w.read(at: 0, length: 1 << 20) == pattern(1 << 20, seed: 7))
+        try w.write(at: 2 << 20, from: pattern(64 << 10, seed: 9))
+        try cleanPool.close()
+        let report = try Pool.verify(on: SimulatedDevice(image: cleanDevice.currentImage))
+        #expect(report.problems.isEmpty, "\(report.problems)")
+    }
 }
 
 /// Hands the test's tree nodes (a class the engine guards with its own locks) to the

@@ -183,9 +183,35 @@ struct BadInputTests {
             writeLE(sum, into: &image, at: base + 504)
         }
         expectPoolError({ error in
-            if case .corrupt(_, _, let detail) = error { return detail.contains("unsupported format version 9") }
-            return false
+            error == .unsupportedFormat(version: 9, supported: PoolGeometry.formatVersion)
+                && error.description.contains("created by a newer LogPool")
         }) { _ = try Pool.open(on: SimulatedDevice(image: image)) }
+    }
+
+    /// Format 2 (issue 11) changed the checkpoint root; a pool of format 1 is not damage
+    /// but cannot be read: open says so by name, read-only too, and writes nothing.
+    @Test("a format-1 pool is refused as created by an older LogPool, and left unchanged")
+    func olderVersion() throws {
+        let (device, _) = try syncedPool()
+        var image = device.durable
+        for base in [0, 4096] {
+            image[base + 8] = 1
+            let sum = Checksum.xxh3(Array(image[base..<base + 504]))
+            writeLE(sum, into: &image, at: base + 504)
+        }
+        for mode in [OpenMode.readWrite, .readOnly] {
+            let older = SimulatedDevice(image: image)
+            expectPoolError({ error in
+                error == .unsupportedFormat(version: 1, supported: PoolGeometry.formatVersion)
+                    && error.description.hasPrefix("created by an older LogPool: pool format version 1")
+            }) { _ = try Pool.open(on: older, mode: mode) }
+            #expect(older.currentImage == image)
+        }
+        // With one slot damaged as well, it is still the version that is named.
+        image[4096 + 200] ^= 0xFF
+        expectPoolError({ $0 == .unsupportedFormat(version: 1, supported: PoolGeometry.formatVersion) }) {
+            _ = try Pool.open(on: SimulatedDevice(image: image))
+        }
     }
 
     /// Goal: open never traps, whatever bytes. Method: seeded bit flips and garbage

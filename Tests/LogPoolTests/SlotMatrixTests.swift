@@ -93,7 +93,7 @@ struct SlotMatrixTests {
         let torn = (0..<sector).map { _ in UInt8.random(in: 0...255, using: &generator) }
         func future(_ sb: Superblock) -> [UInt8] {
             var bytes = sb.encode()
-            bytes[SuperblockLayout.formatVersionOffset] = 2
+            bytes[SuperblockLayout.formatVersionOffset] = UInt8(PoolGeometry.formatVersion + 1)
             let sum = Checksum.xxh3(Array(bytes[0..<SuperblockLayout.checksumOffset]))
             withUnsafeBytes(of: sum.littleEndian) { for i in 0..<8 { bytes[SuperblockLayout.checksumOffset + i] = $0[i] } }
             return bytes
