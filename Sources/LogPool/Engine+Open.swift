@@ -71,9 +71,7 @@ extension Engine {
         } catch {
             // No slot this build can read, but an intact one of another format: a pool of
             // an older or newer LogPool, not damage.
-            if let version = versions.filter({ $0 != PoolGeometry.formatVersion }).max() {
-                throw PoolError.unsupportedFormat(version: version, supported: PoolGeometry.formatVersion)
-            }
+            if let other = PoolError.otherFormat(versions) { throw other }
             throw PoolError(error)
         }
         let sb = choice.chosen

@@ -31,6 +31,13 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     /// Nothing was read beyond its superblocks and nothing was written.
     case unsupportedFormat(version: UInt16, supported: UInt16)
 
+    /// When no slot decodes: `unsupportedFormat` if an intact slot (of `versions`, the
+    /// versions intact slots carry) is of another format than this build's, else nil.
+    static func otherFormat(_ versions: [UInt16]) -> PoolError? {
+        versions.filter { $0 != PoolGeometry.formatVersion }.max()
+            .map { .unsupportedFormat(version: $0, supported: PoolGeometry.formatVersion) }
+    }
+
     public init(_ corruption: CorruptionError) {
         self = .corrupt(structure: corruption.structure, byteOffset: corruption.byteOffset, detail: corruption.detail)
     }

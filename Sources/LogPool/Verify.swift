@@ -351,9 +351,7 @@ struct Checker {
         } catch {
             if error.detail.hasPrefix("not a LogPool pool") { throw PoolError(error) }
             // Another format's pool, as open says (nothing of it can be checked here).
-            if let version = versions.filter({ $0 != PoolGeometry.formatVersion }).max() {
-                throw PoolError.unsupportedFormat(version: version, supported: PoolGeometry.formatVersion)
-            }
+            if let other = PoolError.otherFormat(versions) { throw other }
             for (index, slot) in slots.enumerated() {
                 if case .failure(let e) = slot {
                     add(.error, "superblock-damaged", Superblock.structureName(slotIndex: index),
