@@ -379,10 +379,15 @@ extension Engine {
             }
             return Array(window.bytes[0..<count])
         }
-        var scan = JournalScan.scan(ringByteCount: ringByteCount, start: Int(superblock.journalReplayByteOffset),
-                                    sequence: superblock.journalReplaySequence, epoch: superblock.generation, salt: salt,
-                                    read: ringBytes)
-        var durable = scan.durableSequence
+        // Records below `durable` (the highest `durableSequence` seen) were synced together
+        // with their data; later ones may be a torn batch whose data never landed. Records
+        // are applied as the scan decodes them, except those not yet known synced: they
+        // wait in `pending` (one batch or two, J-7 bounds a batch) until a later record's
+        // mark covers them or the stretch ends, when their data is checked first. So
+        // exactly the records at or above the stretch's final mark are checked, as if
+        // they had all been collected first, without holding a full ring of records.
+        var durable = superblock.journalReplaySequence
+        var pending: [(offset: Int, record: JournalRecord)] = []
         // Where the scan stopped, unless a record's data stops replay earlier (below).
         var stop = ""
         func stopAt(_ ringOffset: Int, _ sequence: UInt64, torn: Bool, kind: ReplayStopKind) {
@@ -396,28 +401,51 @@ extension Engine {
         var lastEpoch = superblock.generation
         var endPosition = Int(superblock.journalReplayByteOffset)
         var nextSequence = superblock.journalReplaySequence
-        // Where each stretch began: a continuation never starts twice at one place.
-        var starts: Set<Int> = [Int(superblock.journalReplayByteOffset)]
-        while true {
+        func applyRecord(_ offset: Int, _ record: JournalRecord) throws {
+            try apply(record.intent, recordByteOffset: PoolGeometry.journalByteOffset + UInt64(offset))
+            written += dataExtents(of: record.intent)
+            applied += 1
+            if case .relocate = record.intent { recoveryReport.replayedRelocateCount += 1 }
+            lastEpoch = record.epoch
+            nextSequence = record.sequence + 1
+            if case .wrap = record.intent { endPosition = 0 } else { endPosition = offset + record.encodedByteCount }
+        }
+        func take(_ offset: Int, _ record: JournalRecord) throws {
+            durable = max(durable, record.durableSequence)
+            var covered = 0
+            while covered < pending.count && pending[covered].record.sequence < durable {
+                try applyRecord(pending[covered].offset, pending[covered].record)
+                covered += 1
+            }
+            pending.removeFirst(covered)
+            if pending.isEmpty && record.sequence < durable {
+                try applyRecord(offset, record)
+            } else {
+                pending.append((offset, record))
+            }
+        }
+        /// The stretch ended: check the data of the records no mark covered, in order,
+        /// and apply them up to the first that fails (where replay stops).
+        func finishStretch(_ scan: JournalScan) throws {
             stop = scan.stop.reason
             stopAt(scan.stop.ringOffset, scan.stop.sequence, torn: scan.stop.torn, kind: scan.stop.kind)
-            for (offset, record) in scan.records {
-                // Records below `durable` were synced together with their data; later ones may
-                // be a torn batch whose data never landed.
-                if record.sequence >= durable, let failure = try dataFailure(record) {
+            defer { pending = [] }
+            for (offset, record) in pending {
+                if let failure = try dataFailure(record) {
                     stop = "record \(record.sequence) at ring offset \(offset): \(failure)"
                     stopAt(offset, record.sequence, torn: true, kind: .badDataChecksum)
                     if case .relocate = record.intent { recoveryReport.discardedRelocate = true }
-                    break
+                    return
                 }
-                try apply(record.intent, recordByteOffset: PoolGeometry.journalByteOffset + UInt64(offset))
-                written += dataExtents(of: record.intent)
-                applied += 1
-                if case .relocate = record.intent { recoveryReport.replayedRelocateCount += 1 }
-                lastEpoch = record.epoch
-                nextSequence = record.sequence + 1
-                if case .wrap = record.intent { endPosition = 0 } else { endPosition = offset + record.encodedByteCount }
+                try applyRecord(offset, record)
             }
+        }
+        try finishStretch(JournalScan.stream(ringByteCount: ringByteCount, start: Int(superblock.journalReplayByteOffset),
+                                             sequence: superblock.journalReplaySequence, epoch: superblock.generation, salt: salt,
+                                             read: ringBytes, visit: take))
+        // Where each stretch began: a continuation never starts twice at one place.
+        var starts: Set<Int> = [Int(superblock.journalReplayByteOffset)]
+        while true {
             // J-8: a recovery from this very stop went on with records of its own (this
             // is a fallback to the slot that recovery replayed).
             let at = recoveryReport.replayStopRingOffset
@@ -427,8 +455,8 @@ extension Engine {
                   let first = next.records.first, starts.insert(first.offset).inserted
             else { break }
             recoveryReport.findings.append("replay stopped at ring offset \(at) (\(stop)) and went on at the next sector boundary, ring offset \(first.offset), with the records of epoch \(first.record.epoch) that a recovery from that point wrote (FORMAT J-8)")
-            durable = max(durable, next.durableSequence)
-            scan = next
+            for (offset, record) in next.records { try take(offset, record) }
+            try finishStretch(next)
         }
         replayLastEpoch = lastEpoch
         recoveryReport.replayedRecordCount = applied

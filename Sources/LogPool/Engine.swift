@@ -74,6 +74,9 @@ final class Engine {
     /// Of those, block-table leaves: what the metadata cache must keep beyond its budget
     /// (map pages are all resident anyway), so what the dirty bound counts.
     var dirtyTableLeafCount = 0
+    /// Records one epoch may hold before a checkpoint starts on its own
+    /// (``defaultReplayRecordBound``; tests lower it).
+    var replayRecordBound = Engine.defaultReplayRecordBound
     /// Pages of the durable checkpoint that the in-memory state no longer references;
     /// they stop counting as live when the next checkpoint commits.
     var pendingPageReleases: [UInt64] = []

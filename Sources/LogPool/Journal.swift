@@ -24,6 +24,8 @@ struct JournalWriter {
     private(set) var keptByteCount: UInt64 = 0
     /// `usedByteCount` when the last sync completed.
     private var durableUsedByteCount: UInt64 = 0
+    /// Records appended since the last commit: what a crash now leaves replay to do.
+    private(set) var recordCount = 0
     var epoch: UInt64
 
     /// `usedByteCount`: ring bytes already holding records of this epoch before `head`
@@ -143,6 +145,7 @@ struct JournalWriter {
         precondition(buffer.byteCount == 0, "checkpoint with unwritten journal bytes")
         keptByteCount = usedByteCount
         usedByteCount = 0
+        recordCount = 0
         durableUsedByteCount = 0
         self.epoch = epoch
         durableSequence = nextSequence
@@ -165,5 +168,6 @@ struct JournalWriter {
         record.encode(salt: salt, into: &buffer)
         usedByteCount += UInt64(buffer.byteCount - before)
         nextSequence += 1
+        recordCount += 1
     }
 }

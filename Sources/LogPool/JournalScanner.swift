@@ -32,8 +32,22 @@ struct JournalScan {
     /// out of order, a header that does not decode, a record past the ring's end or
     /// failing its checksum, or bytes that cannot be read end it.
     /// `read(position, count)` returns `count` ring bytes at `position` or throws.
-    static func scan(ringByteCount: Int, start: Int, sequence: UInt64, epoch startEpoch: UInt64, salt: UInt64,
+    static func scan(ringByteCount: Int, start: Int, sequence: UInt64, epoch: UInt64, salt: UInt64,
                      read: (Int, Int) throws -> [UInt8]) -> JournalScan {
+        var records: [(offset: Int, record: JournalRecord)] = []
+        var scan = stream(ringByteCount: ringByteCount, start: start, sequence: sequence, epoch: epoch, salt: salt,
+                          read: read) { records.append(($0, $1)) }
+        scan.records = records
+        return scan
+    }
+
+    /// ``scan(ringByteCount:start:sequence:epoch:salt:read:)`` handing each record to
+    /// `visit` as it is decoded instead of collecting them (`records` stays empty):
+    /// replay applies a full ring of small records without holding them all (a 64 MiB
+    /// ring holds about 400,000). An error `visit` throws ends the scan and is rethrown.
+    static func stream<E: Error>(ringByteCount: Int, start: Int, sequence: UInt64, epoch startEpoch: UInt64, salt: UInt64,
+                                 read: (Int, Int) throws -> [UInt8],
+                                 visit: (Int, JournalRecord) throws(E) -> Void) throws(E) -> JournalScan {
         let header = JournalRecordLayout.headerByteCount
         let sector = PoolGeometry.sectorByteCount
         var scan = JournalScan(stop: Stop(kind: .endOfRing, reason: "end of journal", ringOffset: start % ringByteCount,
@@ -102,7 +116,7 @@ struct JournalScan {
             } catch {
                 return stop(.badRecordChecksum, "torn or damaged record at ring offset \(position) (\(error.detail))", torn: true)
             }
-            scan.records.append((position, record))
+            try visit(position, record)
             epoch = record.epoch
             scan.durableSequence = max(scan.durableSequence, record.durableSequence)
             expected += 1
