@@ -33,6 +33,14 @@ struct BlockIDs {
     @inline(__always)
     func refcount(_ id: UInt64) -> UInt32 { id < limit ? refcounts[Int(id)] : 0 }
 
+    /// True when some id in `range` is referenced (a block-table leaf's ids: when none
+    /// is, the leaf's bytes do not matter, FORMAT §5.3).
+    func anyReferenced(in range: Range<UInt64>) -> Bool {
+        let upper = min(range.upperBound, limit)
+        guard range.lowerBound < upper else { return false }
+        return refcounts[Int(range.lowerBound)..<Int(upper)].contains { $0 != 0 }
+    }
+
     /// One more map leaf names `id` (which is below the limit).
     @inline(__always)
     mutating func retain(_ id: UInt64) {

@@ -38,13 +38,16 @@ extension Engine {
     /// `recoveryReport` (`syncedJournalDamage`, `syncedJournalLoss`); read-write, the
     /// recovery checkpoint then commits without the synced records after the damage.
     ///
-    /// A cleanly closed pool whose newer slot is the chosen one opens without reading a
-    /// block-table leaf: segment usage comes from the checkpoint root, holes are found
-    /// when admission first needs them, and appends resume where the root says they
-    /// stopped (COMMIT §4). `rebuildCounts` (repair) rebuilds usage from every leaf and
-    /// compares it with the root on every open, as a crashed pool's open always does.
+    /// Segment usage comes from the checkpoint root, and holes are found when admission
+    /// first needs them, so open reads no block-table leaf for them (COMMIT §4 step 4):
+    /// a cleanly closed pool whose newer slot is the chosen one resumes appends where the
+    /// root says they stopped; a crashed one replays on top of the stored usage.
+    /// `rebuildCounts` (repair, verify), a damaged or stale other slot, and a recovery
+    /// checkpoint that would not fit without the holes (`streamUsage`, a second pass)
+    /// rebuild usage and holes from the live leaves and compare the usage with the root.
     static func open(device: BlockDevice, readOnly: Bool, salvage: Bool = false, rebuildCounts: Bool = false,
-                     metadataCacheByteCount: Int = Engine.defaultMetadataCacheByteCount) throws -> Engine {
+                     metadataCacheByteCount: Int = Engine.defaultMetadataCacheByteCount,
+                     streamUsage: Bool = false) throws -> Engine {
         let size = try device.byteCount()
         let slotsEnd = PoolGeometry.superblockSlotByteOffsets[1] + UInt64(PoolGeometry.superblockByteCount)
         guard size > 0 else {
@@ -84,10 +87,14 @@ extension Engine {
         engine.recoveryReport.generation = sb.generation
         engine.recoveryReport.otherSlotProblem = choice.otherSlotProblem
         engine.recoveryReport.wasMounted = sb.isMounted
+        if streamUsage {
+            engine.recoveryReport.findings.append("the recovery checkpoint did not fit the free segments and the open segment's tail: usage and holes were rebuilt from the block table's leaves (COMMIT §4 step 6)")
+        }
         // A clean slot that is the newer of two chained ones has nothing to replay (the
-        // first change after a commit commits the mounted flag first): no leaf is read.
+        // first change after a commit commits the mounted flag first).
         let clean = !sb.isMounted && choice.otherSlotProblem == nil && !rebuildCounts
-        if let liveBlocks = try engine.loadCheckpoint(streamingTable: !clean) {
+        let streaming = rebuildCounts || choice.otherSlotProblem != nil || streamUsage
+        if let liveBlocks = try engine.loadCheckpoint(streamingTable: streaming) {
             // The state now equals the durable checkpoint, so its dead extents are holes
             // . Replay then removes every hole a replayed record wrote into, and the
             // recovery checkpoint may use the rest: a pool that was nearly full when it
@@ -127,6 +134,15 @@ extension Engine {
             && engine.recoveryReport.replayedRecordCount == 0 && engine.replayWrittenSegments.isEmpty
             && choice.otherSlotProblem == nil && !engine.rootNeedsRewrite && engine.recoveryReport.findings.isEmpty
         if !readOnly && !unchanged {
+            // Without the holes (found only by a pass over the table's leaves, while the
+            // state is the durable checkpoint's: step 6), the recovery checkpoint has the
+            // free segments and the open segment's tail. When that is too little (a pool
+            // that crashed nearly full), open again with the pass; nothing is written yet.
+            if !streaming && engine.holes.isEmpty
+                && !engine.allocationFits(EmptyCollection(), pageCount: 0, keepFree: 0) {
+                return try open(device: device, readOnly: readOnly, salvage: salvage, rebuildCounts: rebuildCounts,
+                                metadataCacheByteCount: metadataCacheByteCount, streamUsage: true)
+            }
             try engine.repairSegmentHeaders()
             try engine.checkpoint(mounted: true)
             if choice.otherSlotProblem != nil {
@@ -269,7 +285,7 @@ extension Engine {
         // referenced entry to be in range.) One pass over the table's leaves.
         var present = 0
         var liveBlocks = LiveUnits(geometry)
-        try forEachBlockEntry { id, location in
+        try forEachBlockEntry(onlyReferenced: true) { id, location in
             guard id < blockIDLimit, ids.refcount(id) > 0 else { return }
             present += 1
             guard isValidEntry(location) else {

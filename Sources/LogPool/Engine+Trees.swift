@@ -80,7 +80,7 @@ extension Engine {
         precondition(slot < tree.capacity, "slot \(slot) beyond tree capacity \(tree.capacity)")
         var node = tree.root ?? newNode(kind: tree.kind, level: tree.height - 1)
         if tree.root != nil {
-            try makeResident(node)
+            try makeResident(node, firstSlot: 0)
             makeUnique(&node, kind: tree.kind)
         }
         tree.root = node
@@ -91,7 +91,7 @@ extension Engine {
             remainder %= span
             var child = node.children[childIndex] ?? newNode(kind: tree.kind, level: node.level - 1)
             if node.children[childIndex] != nil {
-                try makeResident(child)
+                try makeResident(child, firstSlot: slot - remainder)
                 makeUnique(&child, kind: tree.kind)
             }
             node.children[childIndex] = child
@@ -109,8 +109,33 @@ extension Engine {
 
     /// Reads an evicted leaf back before it is changed (only block-table leaves are ever
     /// evicted); making it dirty right after pins it (``PageCache``).
-    func makeResident(_ node: TreeNode) throws {
-        if node.level == 0 && node.words.isEmpty { _ = try tableLeafWords(node) }
+    ///
+    /// `firstSlot`, the first id of a block-table leaf about to take a new id: when its
+    /// page cannot be read or fails its checks but no id in it is referenced, its bytes
+    /// do not matter (FORMAT §5.3), so it becomes an empty leaf instead of failing the
+    /// write; the copy-on-write that follows releases the damaged page like any other.
+    /// (A lazy open does not read such a leaf, so its damage first shows here or in
+    /// `verify`, which reports it as a warning.)
+    func makeResident(_ node: TreeNode, firstSlot: UInt64? = nil) throws {
+        guard node.level == 0 && node.words.isEmpty else { return }
+        guard let firstSlot else {
+            _ = try tableLeafWords(node)
+            return
+        }
+        let range = firstSlot..<firstSlot + UInt64(PageLayout.blockTableLeafFanout)
+        _ = try pageCache.words(of: node) { pointer in
+            do {
+                return try readPage(pointer, kind: .blockTable, level: 0)
+            } catch let error as PoolError where !ids.anyReferenced(in: range) {
+                switch error {
+                case .io, .corrupt:
+                    replacedDamagedTableLeafCount += 1
+                    return TreeNode(kind: .blockTable, level: 0).words
+                default:
+                    throw error
+                }
+            }
+        }
     }
 
     /// The leaf holding `slot`, or nil when that part of the tree is empty.
@@ -242,11 +267,15 @@ extension Engine {
     }
 
     /// Calls `body` with every block-table entry that lies in an existing leaf, in id
-    /// order, without a tree walk per id.
-    func forEachBlockEntry(_ body: (UInt64, BlockLocation) throws -> Void) throws {
+    /// order, without a tree walk per id. `onlyReferenced`: leaves that hold no
+    /// referenced id are skipped unread (their bytes do not matter, FORMAT §5.3, so one
+    /// that is damaged or unreadable is no error here).
+    func forEachBlockEntry(onlyReferenced: Bool = false, _ body: (UInt64, BlockLocation) throws -> Void) throws {
         guard let root = blockTable.root else { return }
+        let fanout = UInt64(PageLayout.blockTableLeafFanout)
         func walk(_ node: TreeNode, base: UInt64) throws {
             if node.level == 0 {
+                if onlyReferenced && !ids.anyReferenced(in: base..<base + fanout) { return }
                 let words = try tableLeafWords(node)
                 for slot in 0..<PageLayout.blockTableLeafFanout {
                     try body(base + UInt64(slot), BlockTableCursor.entry(words, slot))
@@ -263,7 +292,7 @@ extension Engine {
 
     /// Calls `body` with every live block (nonzero refcount) and its location, in id order.
     func forEachLiveBlock(_ body: (UInt64, BlockLocation) throws -> Void) throws {
-        try forEachBlockEntry { id, location in
+        try forEachBlockEntry(onlyReferenced: true) { id, location in
             if ids.refcount(id) > 0 { try body(id, location) }
         }
     }

@@ -77,6 +77,9 @@ final class Engine {
     /// Records one epoch may hold before a checkpoint starts on its own
     /// (``defaultReplayRecordBound``; tests lower it).
     var replayRecordBound = Engine.defaultReplayRecordBound
+    /// Block-table leaves holding no referenced id whose damaged page a write replaced
+    /// with an empty leaf (``makeResident(_:firstSlot:)``), since open.
+    var replacedDamagedTableLeafCount = 0
     /// Pages of the durable checkpoint that the in-memory state no longer references;
     /// they stop counting as live when the next checkpoint commits.
     var pendingPageReleases: [UInt64] = []

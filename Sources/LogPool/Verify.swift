@@ -256,6 +256,9 @@ struct Checker {
     /// Block-table leaf pages that were referenced but could not be read or decoded:
     /// they count towards the C-6 bound, so damage to one does not also flag the limit.
     var unreadableTableLeafCount = 0
+    /// Those leaves: the index of their `page-damaged` finding and their first id, so
+    /// one that holds no referenced id can be reported as what it is (below).
+    private var damagedTableLeaves: [(finding: Int, firstID: UInt64)] = []
 
     /// Filled by ``check`` when `collectExtents` is set.
     var collectExtents = false
@@ -285,6 +288,20 @@ struct Checker {
             root.blockIDLimit = limitMax
         }
         let references = checkVolumeTable(sb, root, pages)
+        // A damaged block-table leaf that holds no referenced id loses nothing: its
+        // bytes do not matter (FORMAT §5.3), and the next write that takes an id in its
+        // range replaces it with an empty leaf. A warning, not an error.
+        // (Only when every map page was read: the references are complete then.)
+        let fanout = UInt64(PageLayout.blockTableLeafFanout)
+        let mapsComplete = !report.findings.contains {
+            ($0.code == "page-damaged" || $0.code == "page-pointer-invalid") && $0.structure == "map page"
+        }
+        for (index, firstID) in damagedTableLeaves where mapsComplete {
+            let upper = min(firstID + fanout, UInt64(references.refcounts.count))
+            guard firstID >= upper || !references.refcounts[Int(firstID)..<Int(upper)].contains(where: { $0 != 0 }) else { continue }
+            report.findings[index].severity = .warning
+            report.findings[index].detail += "; it holds no referenced block id (ids \(firstID)..<\(firstID + fanout)), so nothing is lost: the next write that takes an id in its range replaces it with an empty leaf"
+        }
         let entries = checkBlockTable(sb, root, pages, references: references)
         let rebuilt = checkExtentsAndUsage(sb, root, pages, entries: entries)
         try checkSegmentHeaders(sb, rebuilt: rebuilt)
@@ -442,7 +459,10 @@ struct Checker {
             bytes = try device.read(byteCount: PoolGeometry.pageByteCount, at: pointer.byteOffset)
         } catch PoolError.io(let code, _, _) {
             add(.error, "page-damaged", name, pointer.byteOffset, "unreadable, errno \(code) (in \(owner); its subtree is unchecked)")
-            if kind == .blockTable && level == 0 { unreadableTableLeafCount += 1 }
+            if kind == .blockTable && level == 0 {
+                unreadableTableLeafCount += 1
+                damagedTableLeaves.append((report.findings.count - 1, base))
+            }
             return
         }
         report.scrubbedByteCount += UInt64(bytes.count)
@@ -453,7 +473,10 @@ struct Checker {
         } catch {
             add(.error, "page-damaged", name, pointer.byteOffset,
                 "\(error.detail) (byte offset \(error.byteOffset); in \(owner); its subtree is unreadable)")
-            if kind == .blockTable && level == 0 { unreadableTableLeafCount += 1 }
+            if kind == .blockTable && level == 0 {
+                unreadableTableLeafCount += 1
+                damagedTableLeaves.append((report.findings.count - 1, base))
+            }
             return
         }
         pages[pointer.byteOffset] = CheckedPage(kind: kind, level: level, checksum: pointer.checksum, words: words, base: base)
@@ -715,7 +738,11 @@ struct Checker {
     private mutating func checkJournal(_ sb: Superblock) -> Engine? {
         let engine: Engine
         do {
-            engine = try Engine.open(device: device, readOnly: true, salvage: true)
+            // Usage rebuilt from the leaves (as repair's open does), not taken from the
+            // root: the checks below then judge the replay, and a wrong stored figure is
+            // reported once, as `leak` or `accounting-error` (checkSpace), not echoed as
+            // an inconsistent recovered state.
+            engine = try Engine.open(device: device, readOnly: true, salvage: true, rebuildCounts: true)
         } catch {
             // The checkpoint findings above say why; report that the journal went unchecked.
             add(.error, "journal-not-checked", "journal", PoolGeometry.journalByteOffset,

@@ -125,25 +125,37 @@ struct PageCacheTests {
 
     /// Format 2 (issue 11, COMMIT §4 step 4): a cleanly closed pool opens without reading
     /// a block-table leaf (usage from the root, holes later, appends resumed at the
-    /// root's resumeByteOffset); a crashed one streams them once, as recovery must. Its
-    /// figures match those of a full rebuild, and writes after it land where the
-    /// crashed open's would be safe too (the pool verifies clean).
-    @Test("a clean open reads no block-table leaf; a crashed one rebuilds usage from them")
+    /// root's resumeByteOffset), and a crashed one reads only the leaves its replay
+    /// touches (usage from the root, kept by replay's `apply`). Both match the figures of
+    /// a full rebuild, and writes after them land where it is safe (the pools verify
+    /// clean).
+    @Test("a clean open reads no block-table leaf; a crashed one only those replay touches")
     func cleanOpenReadsNoLeaf() throws {
         let (pool, device) = try makePool(capacity: 16 << 20)
         let v = try pool.createVolume(name: "v", size: 4 << 20)
         try v.write(at: 0, from: pattern(3 << 20, seed: 7))
         try pool.snapshot(source: "v", name: "s")
         try pool.checkpoint()
-        try v.write(at: 1 << 20, from: pattern(1 << 20, seed: 8))
+        try v.write(at: 1 << 20, from: pattern(64 << 10, seed: 8))
+        try pool.sync()
         let crashed = device.currentImage
         try pool.close()
         let clean = device.currentImage
         let cleanDevice = SimulatedDevice(image: clean)
         let cleanPool = try Pool.open(on: cleanDevice)
         #expect(cleanPool.engine.pageCache.loadCount == 0, "a clean open loaded \(cleanPool.engine.pageCache.loadCount) table leaves")
-        let crashedPool = try Pool.open(on: SimulatedDevice(image: crashed), mode: .readOnly)
-        #expect(crashedPool.engine.pageCache.loadCount > 0, "\(crashedPool.recoveryReport) height \(crashedPool.engine.blockTable.height)")
+        // 768 blocks fill 5 table leaves; the 16 new ids replay adds lie in one of them.
+        let crashedDevice = SimulatedDevice(image: crashed)
+        let crashedPool = try Pool.open(on: crashedDevice)
+        #expect(crashedPool.recoveryReport.replayedRecordCount > 0 && crashedPool.engine.pageCache.loadCount <= 1,
+                "a crashed open loaded \(crashedPool.engine.pageCache.loadCount) table leaves: \(crashedPool.recoveryReport)")
+        let crashedRebuilt = try Pool.openRebuildingCounts(on: SimulatedDevice(image: crashed))
+        #expect(crashedPool.engine.dataLiveByteCounts == crashedRebuilt.engine.dataLiveByteCounts)
+        #expect(crashedPool.engine.metaLiveByteCounts == crashedRebuilt.engine.metaLiveByteCounts)
+        try crashedPool.openVolume(name: "v").write(at: 3 << 20, from: pattern(64 << 10, seed: 10))
+        try crashedPool.close()
+        let crashedReport = try Pool.verify(on: SimulatedDevice(image: crashedDevice.currentImage))
+        #expect(crashedReport.problems.isEmpty, "\(crashedReport.problems)")
         let rebuilt = try Pool.openRebuildingCounts(on: SimulatedDevice(image: clean))
         #expect(cleanPool.engine.dataLiveByteCounts == rebuilt.engine.dataLiveByteCounts)
         #expect(cleanPool.engine.metaLiveByteCounts == rebuilt.engine.metaLiveByteCounts)

@@ -1,4 +1,4 @@
-import LogPool
+@testable import LogPool
 import LogPoolTesting
 import Testing
 import Foundation
@@ -181,6 +181,46 @@ struct SpaceEdgeCaseTests {
         try recovered.close()
         let (again, _) = try reopen(device2)
         #expect(try again.openVolume(name: "v").read(at: 0, length: written) == model)
+    }
+
+    /// Goal (COMMIT §4 step 6): a crashed open takes the stored usage and leaves holes to
+    /// admission, so its recovery checkpoint has only the free segments and the open
+    /// segment's tail; when the pages replay dirtied do not fit there (the live engine
+    /// had placed them in holes, its free segments down to the reserve), open rebuilds
+    /// usage and holes from the table's leaves in a second pass and recovers instead of
+    /// failing. Fails with the second pass removed (the recovery checkpoint runs out of
+    /// space).
+    @Test("a crash whose recovery checkpoint needs the holes rebuilds them and recovers", arguments: [UInt64(41), 42])
+    func recoveryNeedsHoles(seed: UInt64) throws {
+        let (pool, device) = try makePool(capacity: 16 << 20, blockSize: 512)
+        let v = try pool.createVolume(name: "v", size: 64 << 20)
+        var model = try fillUntilPoolFull(v, chunkByteCount: 64 * 1024)
+        let blocks = model.count / 512
+        var generator = SeededGenerator(seed: seed)
+        let reserve = Int(pool.engine.geometry.reserveSegmentCount)
+        let pagesPerSegment = Int(pool.engine.geometry.segmentPayloadByteCount) / PoolGeometry.pageByteCount
+        var reached = false
+        for round in 0..<20_000 {
+            let block = Int.random(in: 0..<blocks, using: &generator)
+            let data = pattern(512, seed: UInt8(truncatingIfNeeded: round + 3))
+            try v.write(at: UInt64(block * 512), from: data)
+            model.replaceSubrange(block * 512..<(block + 1) * 512, with: data)
+            if round % 32 == 31 { try pool.sync() }
+            if pool.engine.freeSegments.count <= reserve && pool.engine.dirtyPageCount > (reserve + 1) * pagesPerSegment {
+                reached = true
+                break
+            }
+        }
+        try #require(reached, "seed \(seed): the free segments never ran down to the reserve with that many pages dirty")
+        try pool.sync()
+        let (recovered, device2) = try reopen(device, image: device.durable)
+        #expect(recovered.recoveryReport.findings.contains { $0.hasPrefix("the recovery checkpoint did not fit") },
+                "seed \(seed): \(recovered.recoveryReport.findings)")
+        #expect(try recovered.openVolume(name: "v").read(at: 0, length: model.count) == model, "seed \(seed)")
+        #expect(recovered.internalConsistencyProblems() == [])
+        try recovered.close()
+        let report = try Pool.verify(on: SimulatedDevice(image: device2.currentImage))
+        #expect(report.problems.isEmpty, "seed \(seed): \(report.problems)")
     }
 
     @Test("a volume table that would outgrow one segment is refused, not trapped on")

@@ -233,6 +233,44 @@ struct VerifyTests {
         #expect(refusingDevice.writeCount == 0 && refusingDevice.currentImage == synced)
     }
 
+    /// Goal (FORMAT §5.3): a damaged block-table leaf that holds no referenced id loses
+    /// nothing. Verify reports it as a warning; open (which reads no leaf for usage)
+    /// and reads work; the write that takes an id in its range replaces it with an empty
+    /// leaf instead of failing, and the pool then verifies with no finding at all.
+    /// Fails if verify calls it an error or a write into its range throws.
+    @Test("a damaged block-table leaf with no referenced id is a warning, and writes replace it")
+    func damagedFreeTableLeaf() throws {
+        let (pool, device) = try makePool(capacity: 16 << 20)
+        let v = try pool.createVolume(name: "v", size: 4 << 20)
+        try v.write(at: 0, from: pattern(2 << 20, seed: 3))
+        // Blocks 0..<256 had ids 1...256: leaf 0 (ids 0..<169) is left with none.
+        try v.discard(at: 0, length: 1 << 20)
+        try pool.close()
+        var image = device.currentImage
+        let leaf = try {
+            let reader = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
+            let root = try #require(reader.engine.blockTable.root)
+            return try #require(root.level == 0 ? root : root.children[0]).disk.byteOffset
+        }()
+        flip(&image, leaf + 100)
+        let report = try verify(image)
+        let found = report.problems.first { $0.code == "page-damaged" }
+        #expect(found?.severity == .warning && found?.byteOffset == leaf && report.isClean, "\(report.problems)")
+        let damagedDevice = SimulatedDevice(image: image)
+        let reopened = try Pool.open(on: damagedDevice)
+        let w = try reopened.openVolume(name: "v")
+        #expect(try w.read(at: 0, length: 2 << 20) == [UInt8](repeating: 0, count: 1 << 20) + Array(pattern(2 << 20, seed: 3)[(1 << 20)...]))
+        var written = 0
+        while reopened.engine.replacedDamagedTableLeafCount == 0 && written < 4 << 20 {
+            try w.write(at: UInt64(written % (1 << 20)), from: pattern(64 << 10, seed: UInt8(written >> 16)))
+            written += 64 << 10
+        }
+        #expect(reopened.engine.replacedDamagedTableLeafCount == 1, "no write took an id of the damaged leaf")
+        try reopened.close()
+        let after = try verify(damagedDevice.currentImage)
+        #expect(after.problems.isEmpty, "\(after.problems)")
+    }
+
     /// Goal: a segment header's damage is reported (data is protected by its own
     /// checksums, so it is a warning).
     @Test("a damaged segment header is a warning naming the segment")
