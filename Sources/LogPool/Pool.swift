@@ -36,6 +36,12 @@ public struct PoolStats: Sendable, Equatable, Codable {
     /// (kept in the ring for a fallback to the older superblock slot), pass three
     /// quarters of ``journalBytes``.
     public var journalUsedBytes: UInt64 = 0
+    /// Journal records written since the last checkpoint: the replay a crash now leaves
+    /// to the next open. A checkpoint also starts on its own when they reach
+    /// ``journalRecordBound``, so that replay stays bounded whatever the ring's size.
+    public var journalRecords: Int = 0
+    /// The record count at which a checkpoint starts on its own (65,536).
+    public var journalRecordBound: Int = 0
     public var compression: String
     /// False when the pool was open for writing and not closed (it was recovered).
     public var cleanlyClosed: Bool
@@ -611,7 +617,8 @@ extension Engine {
                          reserveBytes: reserve, overheadBytes: overhead, volumeCount: volumes.count - snapshots,
                          snapshotCount: snapshots, blockSize: blockByteCount, segmentSize: Int(geometry.segmentByteCount),
                          segmentCount: Int(geometry.segmentCount), freeSegmentCount: freeSegments.count,
-                         journalBytes: geometry.journalByteCount, journalUsedBytes: journal.usedByteCount, compression: compression.description,
+                         journalBytes: geometry.journalByteCount, journalUsedBytes: journal.usedByteCount,
+                         journalRecords: journal.recordCount, journalRecordBound: replayRecordBound, compression: compression.description,
                          cleanlyClosed: !recoveryReport.wasMounted, generation: superblock.generation,
                          atomicWriteBytes: Engine.atomicUnitByteCount, writtenDataBytes: writtenDataByteCount,
                          movedDataBytes: compactionMovedByteCount)

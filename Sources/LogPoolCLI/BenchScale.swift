@@ -195,7 +195,9 @@ extension Bench {
             let open = opens[1]
             let reads = try probe(poolPath, coldReads: 2000, reads: 20000)
 
-            // Open after a crash with the journal nearly full (a checkpoint starts at 3/4).
+            // Open after a crash with the most replay a crash can leave: the journal
+            // nearly full (a checkpoint starts at 3/4 of the ring) or nearly the records
+            // after which a checkpoint starts (COMMIT §3), whichever comes first.
             let crashing = try Pool.open(at: poolPath)
             let cv = try crashing.openVolume(name: "v")
             var k = 0
@@ -205,7 +207,7 @@ extension Bench {
                 if k % 32 == 0 {
                     try crashing.sync()
                     let s = crashing.stats
-                    if s.journalUsedBytes >= s.journalBytes * 7 / 10 { break }
+                    if s.journalUsedBytes >= s.journalBytes * 7 / 10 || s.journalRecords >= s.journalRecordBound - 64 { break }
                 }
             }
             try crashing.sync()
