@@ -137,7 +137,7 @@ extension Engine {
             }
             for move in moves {
                 let old = try blockLocation(move.blockID)
-                space.removeData(old.allocatedByteCount, at: old.byteOffset)
+                guard space.removeData(old.allocatedByteCount, at: old.byteOffset) else { throw usageShort(move.blockID, old) }
                 try setBlockLocation(move.blockID, move.location)
                 space.addData(move.location.allocatedByteCount, at: move.location.byteOffset)
                 markWritten(move.location)

@@ -51,7 +51,7 @@ extension Engine {
             }
             if expectedRefcounts[id] > 0 {
                 guard let location = try? blockLocation(UInt64(id)) else {
-                    problems.append("block \(id): its block-table leaf cannot be read")
+                    problems.append("block \(id): its block-table leaf cannot be read, or its entry is invalid")
                     continue
                 }
                 data[segment(of: location.byteOffset)] += location.allocatedByteCount

@@ -50,12 +50,11 @@ extension Engine {
     /// One fewer leaf names block `id`; at zero the block is free and its space dead.
     func dropBlockReference(_ id: UInt64) throws {
         if ids.release(id) {
+            // (blockLocation refuses an entry that names no possible block.)
             let location = try blockLocation(id)
-            guard isValidEntry(location) else {
-                throw PoolError.corrupt(structure: "block table", byteOffset: superblock.checkpointByteOffset,
-                                        detail: "block id \(id) was referenced but its entry (offset \(location.byteOffset), \(location.storedByteCount) bytes) is invalid")
+            guard space.removeData(location.allocatedByteCount, at: location.byteOffset) else {
+                throw usageShort(id, location)
             }
-            space.removeData(location.allocatedByteCount, at: location.byteOffset)
         }
     }
 
@@ -239,9 +238,34 @@ extension Engine {
 
     /// Block `id`'s entry in the block table (`.free` where the table has no leaf for it):
     /// the one record of where a block lies.
+    /// The location of referenced block `id`. Leaves are read on first use, not
+    /// checked entry by entry at open (COMMIT §4 step 4), so an entry that names no
+    /// possible block (a page that passed its checksums yet holds nonsense) is
+    /// `corrupt(block-table page)` here, before any caller turns it into a segment.
     func blockLocation(_ id: UInt64) throws -> BlockLocation {
-        guard let (leaf, index) = leafForReading(blockTable, slot: id) else { return .free }
-        return BlockTableCursor.entry(try tableLeafWords(leaf), index)
+        guard let (leaf, index) = leafForReading(blockTable, slot: id) else { throw invalidEntry(id, .free, page: 0) }
+        let location = BlockTableCursor.entry(try tableLeafWords(leaf), index)
+        guard isValidEntry(location) else { throw invalidEntry(id, location, page: leaf.disk.byteOffset) }
+        return location
+    }
+
+    /// The error for a release of block `id` that its segment's usage cannot hold: the
+    /// stored usage a lazy open took is wrong (``SegmentSpace/removeData(_:at:)``).
+    func usageShort(_ id: UInt64, _ location: BlockLocation) -> PoolError {
+        let s = segment(of: location.byteOffset)
+        return .corrupt(structure: "checkpoint", byteOffset: superblock.checkpointByteOffset,
+                        detail: "segment \(s) holds \(dataLiveByteCounts[s]) live data bytes by the stored usage, fewer than the \(location.allocatedByteCount) block id \(id) releases: the checkpoint's segment usage is wrong (verify --repair rebuilds it)")
+    }
+
+    /// The error for a referenced id whose entry names no possible block (`page` 0: the
+    /// table has no leaf for it).
+    func invalidEntry(_ id: UInt64, _ location: BlockLocation, page: UInt64) -> PoolError {
+        guard page != 0 else {
+            return .corrupt(structure: "block table", byteOffset: superblock.checkpointByteOffset,
+                            detail: "block id \(id) is referenced but the block table has no leaf for it")
+        }
+        return .corrupt(structure: "block-table page", byteOffset: page,
+                        detail: "block id \(id) is referenced but its entry (offset \(location.byteOffset), \(location.storedByteCount) bytes) is invalid")
     }
 
     /// The words of block-table leaf `leaf`, read from its page through the cache when
@@ -278,7 +302,11 @@ extension Engine {
                 if onlyReferenced && !ids.anyReferenced(in: base..<base + fanout) { return }
                 let words = try tableLeafWords(node)
                 for slot in 0..<PageLayout.blockTableLeafFanout {
-                    try body(base + UInt64(slot), BlockTableCursor.entry(words, slot))
+                    let id = base + UInt64(slot), location = BlockTableCursor.entry(words, slot)
+                    if onlyReferenced && ids.refcount(id) > 0 && !isValidEntry(location) {
+                        throw invalidEntry(id, location, page: node.disk.byteOffset)
+                    }
+                    try body(id, location)
                 }
                 return
             }

@@ -81,11 +81,17 @@ struct SegmentSpace {
         dataLiveTotal += byteCount
     }
 
-    mutating func removeData(_ byteCount: UInt64, at byteOffset: UInt64) {
+    /// Removes live data from `byteOffset`'s segment. False, with nothing changed, when
+    /// the segment holds less: its usage came from a checkpoint root that passed its
+    /// checksum yet is wrong (crafted or damaged before it was sealed), which a lazy open
+    /// does not check against the leaves (COMMIT §4 step 4); the caller reports it as
+    /// corruption instead of trapping.
+    mutating func removeData(_ byteCount: UInt64, at byteOffset: UInt64) -> Bool {
         let s = segment(of: byteOffset)
-        precondition(dataLive[s] >= byteCount, "segment \(s) releases more data than it holds")
+        guard dataLive[s] >= byteCount else { return false }
         dataLive[s] -= byteCount
         dataLiveTotal -= byteCount
+        return true
     }
 
     /// The metadata a checkpoint just committed, per segment.

@@ -116,19 +116,28 @@ struct BlockTableCursor {
     private var words: [UInt64] = []
     private var base: UInt64 = 1
     private var end: UInt64 = 0
+    private var page: UInt64 = 0
     private let fanout = UInt64(PageLayout.blockTableLeafFanout)
 
     init(_ engine: Engine) { self.engine = engine }
 
-    /// Block `id`'s entry (`.free` where the table has no leaf for it).
+    /// Referenced block `id`'s entry. An entry that names no possible block, or no leaf
+    /// at all, is `corrupt(block-table page)`, as in ``Engine/blockLocation(_:)``:
+    /// nothing sizes a read from it.
     mutating func location(of id: UInt64) throws -> BlockLocation {
         if id < base || id >= end {
             base = id - id % fanout
             end = base + fanout
             words = []
-            if let leaf = engine.blockTable.leaf(containing: id)?.leaf { words = try engine.tableLeafWords(leaf) }
+            if let leaf = engine.blockTable.leaf(containing: id)?.leaf {
+                words = try engine.tableLeafWords(leaf)
+                page = leaf.disk.byteOffset
+            }
         }
-        return words.isEmpty ? .free : Self.entry(words, Int(id - base))
+        guard !words.isEmpty else { throw engine.invalidEntry(id, .free, page: 0) }
+        let location = Self.entry(words, Int(id - base))
+        guard engine.isValidEntry(location) else { throw engine.invalidEntry(id, location, page: page) }
+        return location
     }
 
     /// Entry `index` of a block-table leaf's words (3 words per entry: FORMAT §5).

@@ -39,7 +39,8 @@ struct SegmentSpaceTests {
                     placed.append((start, bytes))
                 } else {
                     let (start, bytes) = placed.remove(at: Int.random(in: 0..<placed.count, using: &generator))
-                    space.removeData(bytes, at: start)
+                    let removed = space.removeData(bytes, at: start)
+                    #expect(removed)
                 }
                 if Int.random(in: 0..<10, using: &generator) == 0 { space.freeEmptySegments() }
                 checkTotals(space)
