@@ -87,9 +87,7 @@ extension Engine {
         engine.recoveryReport.generation = sb.generation
         engine.recoveryReport.otherSlotProblem = choice.otherSlotProblem
         engine.recoveryReport.wasMounted = sb.isMounted
-        if streamUsage {
-            engine.recoveryReport.findings.append("the recovery checkpoint did not fit the free segments and the open segment's tail: usage and holes were rebuilt from the block table's leaves (COMMIT §4 step 6)")
-        }
+        engine.recoveryReport.rebuiltUsageForRoom = streamUsage
         // A clean slot that is the newer of two chained ones has nothing to replay (the
         // first change after a commit commits the mounted flag first).
         let clean = !sb.isMounted && choice.otherSlotProblem == nil && !rebuildCounts

@@ -396,6 +396,10 @@ public struct RecoveryReport: Sendable, Equatable {
     public var rewrittenSegmentHeaders = 0
     /// Problems found comparing stored with rebuilt figures; each was repaired in memory.
     public var findings: [String] = []
+    /// The recovery checkpoint did not fit the free segments and the open segment's
+    /// tail, so open rebuilt usage and holes from the block table's leaves in a second
+    /// pass (a pool that crashed nearly full; COMMIT §4 step 6). Not a problem.
+    public var rebuiltUsageForRoom = false
     /// True when the pool was not cleanly closed.
     public var wasMounted = false
 }
