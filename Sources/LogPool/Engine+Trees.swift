@@ -236,14 +236,13 @@ extension Engine {
 
     // MARK: - Block table
 
-    /// Block `id`'s entry in the block table (`.free` where the table has no leaf for it):
-    /// the one record of where a block lies.
-    /// The location of referenced block `id`. Leaves are read on first use, not
-    /// checked entry by entry at open (COMMIT §4 step 4), so an entry that names no
-    /// possible block (a page that passed its checksums yet holds nonsense) is
-    /// `corrupt(block-table page)` here, before any caller turns it into a segment.
+    /// The location of referenced block `id`: the one record of where a block lies.
+    /// Leaves are read on first use, not checked entry by entry at open (COMMIT §4 step
+    /// 4), so an entry that names no possible block (a page that passed its checksums
+    /// yet holds nonsense) is `corrupt(block-table page)` here, before any caller turns
+    /// it into a segment.
     func blockLocation(_ id: UInt64) throws -> BlockLocation {
-        guard let (leaf, index) = leafForReading(blockTable, slot: id) else { throw invalidEntry(id, .free, page: 0) }
+        guard let (leaf, index) = leafForReading(blockTable, slot: id) else { throw invalidEntry(id, .free, page: nil) }
         let location = BlockTableCursor.entry(try tableLeafWords(leaf), index)
         guard isValidEntry(location) else { throw invalidEntry(id, location, page: leaf.disk.byteOffset) }
         return location
@@ -257,10 +256,10 @@ extension Engine {
                         detail: "segment \(s) holds \(dataLiveByteCounts[s]) live data bytes by the stored usage, fewer than the \(location.allocatedByteCount) block id \(id) releases: the checkpoint's segment usage is wrong (verify --repair rebuilds it)")
     }
 
-    /// The error for a referenced id whose entry names no possible block (`page` 0: the
+    /// The error for a referenced id whose entry names no possible block (`page` nil: the
     /// table has no leaf for it).
-    func invalidEntry(_ id: UInt64, _ location: BlockLocation, page: UInt64) -> PoolError {
-        guard page != 0 else {
+    func invalidEntry(_ id: UInt64, _ location: BlockLocation, page: UInt64?) -> PoolError {
+        guard let page else {
             return .corrupt(structure: "block table", byteOffset: superblock.checkpointByteOffset,
                             detail: "block id \(id) is referenced but the block table has no leaf for it")
         }

@@ -134,7 +134,7 @@ struct BlockTableCursor {
                 page = leaf.disk.byteOffset
             }
         }
-        guard !words.isEmpty else { throw engine.invalidEntry(id, .free, page: 0) }
+        guard !words.isEmpty else { throw engine.invalidEntry(id, .free, page: nil) }
         let location = Self.entry(words, Int(id - base))
         guard engine.isValidEntry(location) else { throw engine.invalidEntry(id, location, page: page) }
         return location
