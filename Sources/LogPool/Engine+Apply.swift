@@ -136,8 +136,7 @@ extension Engine {
                 try checkLocation(move.location, bad)
             }
             for move in moves {
-                let old = try blockLocation(move.blockID)
-                guard space.removeData(old.allocatedByteCount, at: old.byteOffset) else { throw usageShort(move.blockID, old) }
+                try removeLiveData(of: move.blockID, at: try blockLocation(move.blockID))
                 try setBlockLocation(move.blockID, move.location)
                 space.addData(move.location.allocatedByteCount, at: move.location.byteOffset)
                 markWritten(move.location)

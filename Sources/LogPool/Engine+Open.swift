@@ -280,15 +280,12 @@ extension Engine {
             recoveryReport.findings.append("checkpoint usage cannot hold the pages its trees name: rebuilt from the block table")
         }
         // (Two ids at one location is a check for `verify`; open only needs each
-        // referenced entry to be in range.) One pass over the table's leaves.
+        // referenced entry to be in range, which the pass itself checks.) One pass over
+        // the leaves that hold a referenced id.
         var present = 0
         var liveBlocks = LiveUnits(geometry)
-        try forEachBlockEntry(onlyReferenced: true) { id, location in
-            guard id < blockIDLimit, ids.refcount(id) > 0 else { return }
+        try forEachLiveBlock { _, location in
             present += 1
-            guard isValidEntry(location) else {
-                throw corrupt("block table", sb.checkpointByteOffset, "block id \(id) is referenced but its entry (offset \(location.byteOffset), \(location.storedByteCount) bytes) is invalid")
-            }
             dataLiveByteCounts[segment(of: location.byteOffset)] += location.allocatedByteCount
             liveBlocks.mark(location.byteOffset, location.allocatedByteCount)
         }

@@ -50,11 +50,7 @@ extension Engine {
     /// One fewer leaf names block `id`; at zero the block is free and its space dead.
     func dropBlockReference(_ id: UInt64) throws {
         if ids.release(id) {
-            // (blockLocation refuses an entry that names no possible block.)
-            let location = try blockLocation(id)
-            guard space.removeData(location.allocatedByteCount, at: location.byteOffset) else {
-                throw usageShort(id, location)
-            }
+            try removeLiveData(of: id, at: try blockLocation(id))
         }
     }
 
@@ -248,12 +244,14 @@ extension Engine {
         return location
     }
 
-    /// The error for a release of block `id` that its segment's usage cannot hold: the
-    /// stored usage a lazy open took is wrong (``SegmentSpace/removeData(_:at:)``).
-    func usageShort(_ id: UInt64, _ location: BlockLocation) -> PoolError {
+    /// Takes block `id`'s bytes at `location` (from ``blockLocation(_:)``, so valid) out
+    /// of its segment's live data. A segment that holds less means the stored usage a
+    /// lazy open took is wrong (``SegmentSpace/removeData(_:at:)``): `corrupt`, not a trap.
+    func removeLiveData(of id: UInt64, at location: BlockLocation) throws {
+        guard !space.removeData(location.allocatedByteCount, at: location.byteOffset) else { return }
         let s = segment(of: location.byteOffset)
-        return .corrupt(structure: "checkpoint", byteOffset: superblock.checkpointByteOffset,
-                        detail: "segment \(s) holds \(dataLiveByteCounts[s]) live data bytes by the stored usage, fewer than the \(location.allocatedByteCount) block id \(id) releases: the checkpoint's segment usage is wrong (verify --repair rebuilds it)")
+        throw PoolError.corrupt(structure: "checkpoint", byteOffset: superblock.checkpointByteOffset,
+                                detail: "segment \(s) holds \(dataLiveByteCounts[s]) live data bytes by the stored usage, fewer than the \(location.allocatedByteCount) block id \(id) releases: the checkpoint's segment usage is wrong (verify --repair rebuilds it)")
     }
 
     /// The error for a referenced id whose entry names no possible block (`page` nil: the
