@@ -146,6 +146,7 @@ private struct Resealer {
         let at = Int(offset), end = at + Int(count)
         if let sum = rootSums[at] { return sum }
         if let sum = sealPage(image.le64(at: at + 32), depth: 0) { image.put64(sum, at: at + 40) }
+        if let sum = sealPage(image.le64(at: at + 80), depth: 0) { image.put64(sum, at: at + 88) }
         var row = at + CheckpointRoot.headerByteCount
         let volumeCount = Int(image.le32(at: at + 52))
         for _ in 0..<min(volumeCount, 4096) {

@@ -1,12 +1,13 @@
 // fuzz-max-len: 4200
 //
 // Metadata pages: `PageLayout.decode(_:kind:level:expectedChecksum:salt:byteOffset:)` for
-// map and block-table pages, leaves and interior levels (§5), plus the tree-capacity
+// map, block-table and refcount pages, leaves and interior levels (§5), plus the tree-capacity
 // arithmetic (`PageLayout.capacity`, `PageLayout.height`).
 //
 // Input: mode byte, selector byte, then the page bytes.
-//   selector bit 0      kind: 0 map, 1 block table
+//   selector bit 0      kind: 0 map, 1 block table (bit 4 clear)
 //   selector bits 1-3   expected level: 0, 1, 2, 3, 7, 8, 255, -1
+//   selector bit 4      kind: refcounts
 //   mode bit 0  fix checksum: cut/pad to 4096 bytes, write XXH3-64 (seed = fixture salt)
 //               of [0, 4088) at 4088, and expect that checksum from the parent
 //   mode bit 1  fix header: write magic, kind, level and the right slot count first
@@ -25,7 +26,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     guard input.count >= 2 else { return 0 }
     let mode = FuzzMode(raw: input[0])
     let selector = input[1]
-    let kind: PageKind = selector & 1 == 0 ? .map : .blockTable
+    let kind: PageKind = selector & 0x10 != 0 ? .refcounts : selector & 1 == 0 ? .map : .blockTable
     let level = levels[Int(selector >> 1) & 7]
     var bytes = Array(input.dropFirst(2))
 

@@ -106,7 +106,7 @@ struct GenCorpus {
     static func pages() {
         func emit(_ name: String, _ kind: PageKind, levelIndex: UInt8, level: Int, words: [UInt64], mode: UInt8 = 0x01) {
             let (bytes, _) = PageLayout.encode(kind: kind, level: level, words: words, salt: salt)
-            let selector = (kind == .map ? 0 : 1) | levelIndex << 1
+            let selector = (kind == .map ? 0 : kind == .blockTable ? 1 : 0x10) | levelIndex << 1
             write("page", name, [mode, selector] + bytes)
         }
         var mapLeaf = [UInt64](repeating: 0, count: PageLayout.mapLeafFanout)
@@ -136,6 +136,14 @@ struct GenCorpus {
         emit("block-table-leaf", .blockTable, levelIndex: 0, level: 0, words: btLeaf)
         emit("block-table-interior-1", .blockTable, levelIndex: 1, level: 1, words: interior(2, seed: 3))
         emit("block-table-interior-3.header", .blockTable, levelIndex: 3, level: 3, words: interior(1, seed: 4), mode: 0x03)
+
+        // Refcount leaves: two 32-bit counts per word, the even id low (FORMAT §5.4).
+        var refcountLeaf = [UInt64](repeating: 0, count: PageLayout.wordCapacity)
+        for i in 0..<30 { refcountLeaf[i] = UInt64(i % 3 + 1) | UInt64(i % 2) << 32 }
+        refcountLeaf[0] &= ~0xFFFF_FFFF  // id 0 is never referenced
+        emit("refcount-leaf", .refcounts, levelIndex: 0, level: 0, words: refcountLeaf)
+        emit("refcount-leaf.raw", .refcounts, levelIndex: 0, level: 0, words: refcountLeaf, mode: 0x00)
+        emit("refcount-interior-1", .refcounts, levelIndex: 1, level: 1, words: interior(2, seed: 5))
     }
 
     // MARK: checkpoint-root (mode bit 0 fix checksum, bit 1 fix layout; selector = geometry)
@@ -147,7 +155,9 @@ struct GenCorpus {
             let root = CheckpointRoot(
                 generation: 6, nextVolumeID: nextID,
                 blockTableRoot: PagePointer(byteOffset: FuzzFixture.payloadOffset(geometry, segment: 1, page: 2), checksum: 0xB7),
-                blockTableHeight: 1, blockIDLimit: 42, volumes: volumes, segmentLiveByteCounts: usage)
+                blockTableHeight: 1, blockIDLimit: 42, volumes: volumes, segmentLiveByteCounts: usage,
+                refcountRoot: PagePointer(byteOffset: FuzzFixture.payloadOffset(geometry, segment: 1, page: 5), checksum: 0xC3),
+                refcountHeight: 1)
             let (bytes, sum) = root.encode(salt: salt)
             do {
                 let back = try CheckpointRoot.decode(bytes, expectedChecksum: sum, salt: salt,

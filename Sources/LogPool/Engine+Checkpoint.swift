@@ -13,7 +13,34 @@ extension Engine {
         return CheckpointRoot(generation: superblock.generation + 1, nextVolumeID: nextVolumeID,
                               blockTableRoot: blockTable.root?.disk ?? .none, blockTableHeight: blockTable.height,
                               blockIDLimit: blockIDLimit, volumes: records,
-                              segmentLiveByteCounts: metaLiveByteCounts)
+                              segmentLiveByteCounts: metaLiveByteCounts,
+                              refcountRoot: refcountTree.root?.disk ?? .none, refcountHeight: refcountTree.height)
+    }
+
+    /// Puts every refcount leaf whose counts changed since the last checkpoint into the
+    /// refcount tree as a dirty page holding its words, and fills the words of leaves
+    /// compaction dirtied (their pages moved), so this checkpoint writes the counts its
+    /// maps imply (FORMAT §5.4). Room for every refcount page was reserved by admission
+    /// (``refcountPageBound``), so no change ever needs room it was not given.
+    func stageRefcounts() throws {
+        grow(&refcountTree, toCover: (blockIDLimit + 1) / 2)
+        let perLeaf = UInt64(PageLayout.wordCapacity)
+        for leaf in ids.takeChangedLeaves() {
+            let (node, _) = try leafForWriting(&refcountTree, slot: UInt64(leaf) * perLeaf)
+            node.words = ids.packedWords(leaf: leaf)
+        }
+        // A dirty leaf's parent is dirty, so only dirty interior nodes are walked.
+        func fill(_ node: TreeNode, base: UInt64) {
+            guard node.isDirty else { return }
+            if node.level == 0 {
+                if node.words.isEmpty { node.words = ids.packedWords(leaf: Int(base / perLeaf)) }
+                return
+            }
+            for (i, child) in node.children.enumerated() {
+                if let child { fill(child, base: PageLayout.childBase(base, index: i, kind: .refcounts, level: node.level)) }
+            }
+        }
+        if let root = refcountTree.root { fill(root, base: 0) }
     }
 
     /// Where appends go on after this commit's sync (the open segment's append point
@@ -99,6 +126,7 @@ extension Engine {
     private func writeCheckpoint(mounted: Bool) throws {
         try checkWritable()
         try sync()
+        try stageRefcounts()
         if journal.nextSequence == superblock.journalReplaySequence && dirtyPageCount == 0
             && pendingPageReleases.isEmpty && checkpointExtent != nil && !rootNeedsRewrite {
             return try commitSuperblockOnly(mounted: mounted)
@@ -108,9 +136,12 @@ extension Engine {
         for offset in pendingPageReleases { newMeta[segment(of: offset)] -= UInt64(PoolGeometry.pageByteCount) }
         // Table leaves written here join the cache once committed (evictable from then on).
         var writtenTableLeaves: [TreeNode] = []
+        // Refcount leaves drop their words once written (``ids`` holds the counts).
+        var writtenRefcountLeaves: [TreeNode] = []
         func writeDirty(_ node: TreeNode, kind: PageKind) throws {
             guard node.isDirty else { return }
             if kind == .blockTable && node.level == 0 { writtenTableLeaves.append(node) }
+            if kind == .refcounts && node.level == 0 { writtenRefcountLeaves.append(node) }
             var words: [UInt64]
             if node.level > 0 {
                 words = []
@@ -148,6 +179,7 @@ extension Engine {
             node.disk = PagePointer(byteOffset: offset, checksum: page.checksum)
         }
         if let root = blockTable.root { try writeDirty(root, kind: .blockTable) }
+        if let root = refcountTree.root { try writeDirty(root, kind: .refcounts) }
         for volume in volumes.values {
             if let root = volume.map.root { try writeDirty(root, kind: .map) }
         }
@@ -208,6 +240,7 @@ extension Engine {
         checkpointCount += 1
         rootNeedsRewrite = false
         pageCache.admit(writtenTableLeaves)
+        for leaf in writtenRefcountLeaves { leaf.words = [] }
     }
 
     /// A checkpoint's own output failed decode-after-encode: a bug. The pool is poisoned

@@ -112,6 +112,7 @@ extension Engine {
             return affected
         }
         if let root = blockTable.root { _ = visit(root) }
+        if let root = refcountTree.root { _ = visit(root) }
         for volume in volumes.values { if let root = volume.map.root { _ = visit(root) } }
         return result
     }

@@ -145,7 +145,7 @@ extension Engine {
             plan.appendByteOffset = min((plan.appendByteOffset + unit - 1) & ~(unit - 1), end)
         }
         plan.holes = SegmentSpace.wholeUnits(of: plan.holes)
-        guard space.placePages(pageCount + dirtyPageCount, in: &plan) else { return false }
+        guard space.placePages(pageCount + checkpointPageBound, in: &plan) else { return false }
         let root = Int(sectorAligned(UInt64(plannedRootByteCount)))
         return place(byteCount: root, alignment: PoolGeometry.sectorByteCount, in: &plan) != nil && plan.freeSegments.count >= keepFree
     }
@@ -169,7 +169,7 @@ extension Engine {
             need += UInt64(byteCount + alignment)
             largest = max(largest, UInt64(byteCount))
         }
-        need += UInt64(pageCount + dirtyPageCount) * page * 2 + root + 2 * page
+        need += UInt64(pageCount + checkpointPageBound) * page * 2 + root + 2 * page
         let room = segmentRoomByteCount - UInt64(keepFree) * geometry.segmentPayloadByteCount
         return need + UInt64(usable + 1) * largest <= room
     }
@@ -210,8 +210,11 @@ extension Engine {
     ///   (freeing dead segments) and then the compactor run until it does. A-1 guarantees that enough dead space exists for an
     ///   atomic unit of overwrite, so A-2 only fails when that space is too fragmented to
     ///   gather, and then also as `poolFull`.
+    ///
+    /// `countChanges`: how many refcounts the change can alter (its refcount leaves are
+    /// priced in A-2; A-1 keeps a standing reservation for the whole refcount tree).
     func ensureSpace(netByteCount: UInt64, extents: [(Int, Int)], pageCount: Int, addedPageCount: Int,
-                     newBlockCount: Int = 0) throws {
+                     newBlockCount: Int = 0, countChanges: Int = .max) throws {
         let page = UInt64(PoolGeometry.pageByteCount)
         let addedPageBytes = UInt64(addedPageCount) * page
         let room = logicalRoomByteCount(newBlockCount: newBlockCount)
@@ -219,7 +222,9 @@ extension Engine {
             throw PoolError.poolFull(neededByteCount: netByteCount + addedPageBytes, availableByteCount: room, figures: spaceFigures(.logical))
         }
         let reserve = Int(geometry.reserveSegmentCount)
-        func physicalFits() -> Bool { allocationFits(extents, pageCount: pageCount, keepFree: reserve) }
+        func physicalFits() -> Bool {
+            allocationFits(extents, pageCount: pageCount + refcountPages(forCountChanges: countChanges), keepFree: reserve)
+        }
         if physicalFits() { return }
         /// Commits (freeing dead segments), then finds holes: true once the write fits.
         func commitFits() throws -> Bool {
@@ -270,6 +275,7 @@ extension Engine {
         let meta = metaLiveTotal + UInt64(dirtyPageCount) * page - UInt64(pendingPageReleases.count) * page
             + UInt64(plannedRootByteCount)
             + UInt64(blockTableReservedPageCount(forAllocating: newBlockCount)) * page
+            + UInt64(refcountPageBound) * page
         let payload = UInt64(geometry.segmentCount) * usablePayloadByteCount
         let held = dataLiveTotal + meta + reserveByteCount + overwriteHeadroomByteCount + slack
         return payload > held ? payload - held : 0
@@ -395,6 +401,7 @@ extension Engine {
             for child in node.children { if let child { visit(child) } }
         }
         if let root = blockTable.root { visit(root) }
+        if let root = refcountTree.root { visit(root) }
         for volume in volumes.values { if let root = volume.map.root { visit(root) } }
         if let root = checkpointExtent { add(root.byteOffset, sectorAligned(root.byteCount)) }
         // what the records of the epoch the last commit closed wrote, which the
@@ -655,6 +662,15 @@ extension Engine {
         return total + segmentEnds * UInt64(max(blockByteCount, PoolGeometry.pageByteCount) + PoolGeometry.pageByteCount - sector)
     }
 
+    /// Refcounts a write can change: each new block gains one and each block it replaces
+    /// or unmaps loses one, and every map page it copies (shared with a snapshot or
+    /// clone) adds one to each id it names.
+    func countChanges(writing count: Int, unmapping ranges: [Range<UInt64>], copiedPageCount: Int) -> Int {
+        let unmapped = ranges.reduce(UInt64(0)) { $0 &+ UInt64($1.count) }
+        guard unmapped < UInt64(Int.max / 4) else { return .max }
+        return 2 * count + Int(unmapped) + copiedPageCount * PageLayout.mapLeafFanout
+    }
+
     /// Stores `contents[i]` as a new block at logical block `indexes[i]` and journals one
     /// record that also unmaps `unmapRanges`. Admission happens before any change.
     func writeBlocks(_ volume: VolumeState, indexes: [UInt64], contents: [BlockBytes], unmapRanges: [Range<UInt64>]) throws {
@@ -667,7 +683,8 @@ extension Engine {
         try ensureJournalSpace(payloadByteCount: payload)
         try ensureSpace(netByteCount: netNewByteCount(volume.map, indexes: indexes, encoded: encoded),
                         extents: extents(of: encoded), pageCount: pages.written + unmapPages.written, addedPageCount: pages.added + unmapPages.added,
-                        newBlockCount: netNewBlockCount(volume.map, indexes: indexes))
+                        newBlockCount: netNewBlockCount(volume.map, indexes: indexes),
+                        countChanges: countChanges(writing: indexes.count, unmapping: unmapRanges, copiedPageCount: pages.added + unmapPages.added))
         try keepJournalRoom(payloadByteCount: payload)
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.
         var batch = WriteBatch()

@@ -25,6 +25,7 @@ extension Engine {
         }
         if let root = blockTable.root { visit(root, kind: .blockTable) }
         for volume in volumes.values { if let root = volume.map.root { visit(root, kind: .map) } }
+        if let root = refcountTree.root { visit(root, kind: .refcounts) }
         var expectedRefcounts = [UInt32](repeating: 0, count: Int(blockIDLimit))
         var dirty = 0
         var meta = [UInt64](repeating: 0, count: segmentStates.count)
@@ -72,8 +73,39 @@ extension Engine {
         for s in 0..<segmentStates.count where segmentStates[s] == .free && liveByteCount(s) != 0 {
             problems.append("segment \(s) is free but holds \(liveByteCount(s)) live bytes")
         }
+        problems += storedRefcountProblems()
         if blockTable.capacity < blockIDLimit { problems.append("block table of height \(blockTable.height) cannot hold \(blockIDLimit) ids") }
         if let open = openSegment, segmentStates[open] != .open { problems.append("open segment \(open) not in state open") }
+        return problems
+    }
+}
+
+extension Engine {
+    /// Where the refcount tree's clean leaves whose counts have not changed since they
+    /// were written (the next checkpoint leaves them as they are) differ from ``ids``: a
+    /// change to a count that did not mark its leaf changed. Reads their pages.
+    func storedRefcountProblems() -> [String] {
+        var problems: [String] = []
+        let perLeaf = UInt64(PageLayout.wordCapacity)
+        func check(_ node: TreeNode, base: UInt64) {
+            if node.level > 0 {
+                for (i, child) in node.children.enumerated() {
+                    if let child { check(child, base: PageLayout.childBase(base, index: i, kind: .refcounts, level: node.level)) }
+                }
+                return
+            }
+            let leaf = Int(base / perLeaf)
+            guard !node.isDirty, leaf >= ids.changedLeaves.count || !ids.changedLeaves[leaf] else { return }
+            guard let words = try? readPage(node.disk, kind: .refcounts, level: 0) else {
+                return problems.append("refcount leaf \(leaf): its page cannot be read")
+            }
+            if leaf >= ids.changedLeaves.count {
+                if words.contains(where: { $0 != 0 }) { problems.append("refcount leaf \(leaf) beyond the id limit holds counts") }
+            } else if ids.differs(leaf: leaf, from: words) {
+                problems.append("refcount leaf \(leaf): stored counts differ from the counts in memory, and it is not marked changed")
+            }
+        }
+        if let root = refcountTree.root { check(root, base: 0) }
         return problems
     }
 }

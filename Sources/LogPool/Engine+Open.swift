@@ -92,7 +92,7 @@ extension Engine {
         // first change after a commit commits the mounted flag first).
         let clean = !sb.isMounted && choice.otherSlotProblem == nil && !rebuildCounts
         let streaming = rebuildCounts || choice.otherSlotProblem != nil || streamUsage
-        if let liveBlocks = try engine.loadCheckpoint(streamingTable: streaming) {
+        if let liveBlocks = try engine.loadCheckpoint(streamingTable: streaming, rebuildCounts: rebuildCounts) {
             // The state now equals the durable checkpoint, so its dead extents are holes
             // . Replay then removes every hole a replayed record wrote into, and the
             // recovery checkpoint may use the rest: a pool that was nearly full when it
@@ -223,7 +223,7 @@ extension Engine {
     /// usage is taken (the root is checksummed and was written whole before its commit;
     /// verify rebuilds and compares it), unless it cannot hold the pages the trees
     /// name, and nil is returned: holes are found when admission needs them.
-    func loadCheckpoint(streamingTable: Bool) throws -> LiveUnits? {
+    func loadCheckpoint(streamingTable: Bool, rebuildCounts: Bool = false) throws -> LiveUnits? {
         let sb = superblock
         let bytes = try device.read(byteCount: Int(sb.checkpointByteCount), at: sb.checkpointByteOffset)
         let root: CheckpointRoot
@@ -250,29 +250,77 @@ extension Engine {
         guard root.blockIDLimit <= limitMax else {
             throw corrupt("checkpoint", sb.checkpointByteOffset, "block id limit \(root.blockIDLimit) exceeds \(limitMax), the most that a block table of \(tableLeafCount) leaf pages allows (FORMAT C-6)")
         }
-        var ids = BlockIDs(limit: root.blockIDLimit)
+        // Refcounts: the stored ones (FORMAT §5.4), unless a rebuild was asked for
+        // (verify, repair) or the stored tree cannot be read or holds impossible counts.
+        // Those are rebuilt from every unique map leaf, and the next checkpoint writes
+        // every refcount leaf again (COMMIT §4 step 4).
+        var stored = BlockIDs(limit: root.blockIDLimit)
+        var storedLeaves: [Int: [UInt64]] = [:]
+        var storedProblem: String? = nil
+        do {
+            refcountTree = Tree(kind: .refcounts, root: try loadRefcountNode(root.refcountRoot, level: root.refcountHeight - 1, base: 0, counts: &stored,
+                                                                                keepWords: rebuildCounts ? { storedLeaves[$0] = $1 } : nil, cache: &cache),
+                                height: root.refcountHeight)
+        } catch let error as PoolError {
+            switch error {
+            case .io, .corrupt: storedProblem = error.description
+            default: throw error
+            }
+        }
+        var ids = stored
         let blockIDLimit = ids.limit
-        // Rebuild refcounts from every unique map leaf and usage from every referenced
-        // block and page (Specs/FORMAT.md §5.3: refcounts are derived, never trusted).
         var metaLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         var dataLiveByteCounts = [UInt64](repeating: 0, count: space.count)
+        let derive = rebuildCounts || storedProblem != nil
+        if derive { ids = BlockIDs(limit: root.blockIDLimit) }
         for (offset, page) in cache {
             let (kind, node) = (page.kind, page.node)
             metaLiveByteCounts[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
             if kind == .blockTable { blockTableNodeCount += 1 }
+            if kind == .refcounts { refcountNodeCount += 1 }
             guard kind == .map, node.level == 0 else { continue }
+            // Checked whether or not the counts are derived: later code (copying a
+            // shared leaf retains its ids, a release, a lookup) indexes by these ids.
             for id in node.words where id != 0 {
                 guard id < blockIDLimit else {
                     throw corrupt("map page", offset, "names block id \(id), beyond the block id limit \(blockIDLimit)")
                 }
-                ids.retain(id)
+                if derive { ids.retain(id) }
+            }
+        }
+        // Deriving marked every leaf it counted; the next checkpoint writes only those
+        // whose stored counts are wrong (below), or every one when the tree is unusable.
+        if derive { _ = ids.takeChangedLeaves() }
+        if let storedProblem {
+            // Pages of the unreadable tree that were reached are released at the next
+            // commit; the rest were below a damaged page and are lost already.
+            recoveryReport.findings.append("refcount tree unusable (\(storedProblem)): counts rebuilt from the maps")
+            recoveryReport.rebuiltRefcounts = true
+            for (offset, page) in cache where page.kind == .refcounts { pendingPageReleases.append(offset) }
+            refcountTree = Tree(kind: .refcounts, root: nil, height: 1)
+            refcountNodeCount = 0
+            ids.markAllChanged()
+        } else if derive {
+            // Only leaves that differ are written again.
+            var differing = 0
+            for leaf in 0..<BlockIDs.leafCount(blockIDLimit) {
+                let words = storedLeaves[leaf] ?? [UInt64](repeating: 0, count: PageLayout.wordCapacity)
+                if ids.differs(leaf: leaf, from: words) {
+                    differing += 1
+                    ids.markChanged(leaf: leaf)
+                }
+            }
+            if differing > 0 {
+                recoveryReport.findings.append("\(differing) refcount leaves stored counts that differ from the maps: rebuilt")
+                recoveryReport.rebuiltRefcounts = true
             }
         }
         metaLiveByteCounts[segment(of: sb.checkpointByteOffset)] += sectorAligned(sb.checkpointByteCount)
         checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
         // Replay's id bound (``apply``) starts from the checkpoint's live count.
         self.ids = ids
-        if !streamingTable {
+        // Stored usage counts pages of the refcount tree that could not be reached.
+        if !streamingTable && storedProblem == nil {
             if zip(root.segmentLiveByteCounts, metaLiveByteCounts).allSatisfy({ $0 >= $1 && $0 <= UInt64(geometry.segmentByteCount) }) {
                 space.load(dataLive: zip(root.segmentLiveByteCounts, metaLiveByteCounts).map { $0 - $1 }, metaLive: metaLiveByteCounts)
                 return nil
@@ -304,6 +352,39 @@ extension Engine {
         return liveBlocks
     }
 
+    /// Loads the refcount tree under `pointer`: interior nodes resident, each leaf's
+    /// counts into `counts` (its node keeps no words), each page once, none shared with
+    /// another tree (`cache`). `keepWords` also receives each leaf's words by leaf index.
+    private func loadRefcountNode(_ pointer: PagePointer, level: Int, base: UInt64, counts: inout BlockIDs,
+                                  keepWords: ((Int, [UInt64]) -> Void)?, cache: inout [UInt64: LoadedPage]) throws -> TreeNode? {
+        guard !pointer.isNone else { return nil }
+        guard cache[pointer.byteOffset] == nil else {
+            throw corrupt("refcount page", pointer.byteOffset, "page is referenced twice (refcount pages are never shared)")
+        }
+        let words = try readPage(pointer, kind: .refcounts, level: level)
+        let node: TreeNode
+        if level == 0 {
+            let leaf = base / UInt64(PageLayout.wordCapacity)
+            if let problem = counts.load(leaf: leaf, words: words) {
+                throw corrupt("refcount page", pointer.byteOffset, problem)
+            }
+            // Below the id space's leaves (a leaf beyond holds only zeros, checked above).
+            if leaf < UInt64(BlockIDs.leafCount(counts.limit)) { keepWords?(Int(leaf), words) }
+            node = TreeNode(kind: .refcounts, level: 0, words: [], children: [], disk: pointer)
+        } else {
+            var children: [TreeNode?] = []
+            children.reserveCapacity(PageLayout.interiorFanout)
+            for i in 0..<PageLayout.interiorFanout {
+                children.append(try loadRefcountNode(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]), level: level - 1,
+                                                     base: PageLayout.childBase(base, index: i, kind: .refcounts, level: level),
+                                                     counts: &counts, keepWords: keepWords, cache: &cache))
+            }
+            node = TreeNode(kind: .refcounts, level: level, words: [], children: children, disk: pointer)
+        }
+        cache[pointer.byteOffset] = LoadedPage(kind: .refcounts, node: node, base: base)
+        return node
+    }
+
     /// A page loaded at open, with the first slot it covers.
     struct LoadedPage {
         var kind: PageKind
@@ -325,7 +406,7 @@ extension Engine {
     private func loadNode(_ pointer: PagePointer, kind: PageKind, level: Int, base: UInt64,
                           cache: inout [UInt64: LoadedPage]) throws -> TreeNode? {
         guard !pointer.isNone else { return nil }
-        let name = kind == .map ? "map page" : "block-table page"
+        let name = kind.pageName
         if let loaded = cache[pointer.byteOffset] {
             let node = loaded.node
             guard loaded.kind == kind, kind == .map, node.level == level, node.disk.checksum == pointer.checksum else {
@@ -343,14 +424,14 @@ extension Engine {
             guard geometry.isValidExtent(byteOffset: pointer.byteOffset, byteCount: UInt64(PoolGeometry.pageByteCount)) else {
                 throw corrupt(name, pointer.byteOffset, "page pointer is outside every segment")
             }
-            let node = TreeNode(level: 0, words: [], children: [], disk: pointer)
+            let node = TreeNode(kind: kind, level: 0, words: [], children: [], disk: pointer)
             cache[pointer.byteOffset] = LoadedPage(kind: kind, node: node, base: base)
             return node
         }
         let words = try readPage(pointer, kind: kind, level: level)
         let node: TreeNode
         if level == 0 {
-            node = TreeNode(level: 0, words: words, children: [], disk: pointer)
+            node = TreeNode(kind: kind, level: 0, words: words, children: [], disk: pointer)
         } else {
             var children: [TreeNode?] = []
             children.reserveCapacity(PageLayout.interiorFanout)
@@ -359,7 +440,7 @@ extension Engine {
                                              kind: kind, level: level - 1,
                                              base: PageLayout.childBase(base, index: i, kind: kind, level: level), cache: &cache))
             }
-            node = TreeNode(level: level, words: [], children: children, disk: pointer)
+            node = TreeNode(kind: kind, level: level, words: [], children: children, disk: pointer)
         }
         cache[pointer.byteOffset] = LoadedPage(kind: kind, node: node, base: base)
         return node

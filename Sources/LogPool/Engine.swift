@@ -52,6 +52,11 @@ final class Engine {
     /// The block table's leaves in bounded memory (read on demand, clean ones evicted).
     let pageCache: PageCache
     var blockIDLimit: UInt64 { ids.limit }
+    /// The stored refcounts (FORMAT §5.4): interior nodes resident, leaves without words
+    /// (``ids`` holds the counts) except while a checkpoint writes them.
+    var refcountTree = Tree(kind: .refcounts, root: nil, height: 1)
+    /// Nodes in the refcount tree (it only ever grows).
+    var refcountNodeCount = 0
     var liveBlockCount: Int { ids.liveCount }
 
     // Segments: states, live bytes, the allocator (Specs/COMMIT.md §5). Changed only
@@ -335,7 +340,7 @@ final class Engine {
     var plannedRootByteCount: Int { Int(sectorAligned(UInt64(plannedRootUnpaddedByteCount))) }
 
     var checkpointNeedByteCount: UInt64 {
-        UInt64(dirtyPageCount) * UInt64(PoolGeometry.pageByteCount) + UInt64(plannedRootByteCount)
+        UInt64(checkpointPageBound) * UInt64(PoolGeometry.pageByteCount) + UInt64(plannedRootByteCount)
             + UInt64(PoolGeometry.pageByteCount)  // rounding slack when a page does not fit a segment's tail
     }
 
@@ -400,6 +405,10 @@ public struct RecoveryReport: Sendable, Equatable {
     /// tail, so open rebuilt usage and holes from the block table's leaves in a second
     /// pass (a pool that crashed nearly full; COMMIT §4 step 6). Not a problem.
     public var rebuiltUsageForRoom = false
+    /// The stored refcounts were unusable or (with a rebuild asked for) wrong, so open
+    /// rebuilt them from the maps and the next checkpoint writes them again (a finding
+    /// says which).
+    public var rebuiltRefcounts = false
     /// True when the pool was not cleanly closed.
     public var wasMounted = false
 }

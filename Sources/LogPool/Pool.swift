@@ -429,7 +429,7 @@ public final class Pool: @unchecked Sendable {
             try validate(size: size)
             guard engine.volumeIDsByName[name] == nil else { throw PoolError.exists(name) }
             let intent = JournalIntent.createVolume(id: engine.nextVolumeID, name: name, sizeByteCount: size, createdTime: engine.now())
-            try engine.admitMetadataChange(intent, pageCount: 0)
+            try engine.admitMetadataChange(intent, pageCount: 0, countChanges: 0)
             try engine.journalAndApply(intent)
             return Volume(pool: self, id: engine.nextVolumeID - 1)
         }
@@ -463,7 +463,7 @@ public final class Pool: @unchecked Sendable {
             let origin = try volumeState(named: source)
             guard engine.volumeIDsByName[name] == nil else { throw PoolError.exists(name) }
             let intent = JournalIntent.branch(id: engine.nextVolumeID, sourceID: origin.record.id, kind: kind, name: name, createdTime: engine.now())
-            try engine.admitMetadataChange(intent, pageCount: 0)
+            try engine.admitMetadataChange(intent, pageCount: 0, countChanges: 0)
             try engine.journalAndApply(intent)
             return Volume(pool: self, id: engine.nextVolumeID - 1)
         }
@@ -477,6 +477,13 @@ public final class Pool: @unchecked Sendable {
             let volume = try volumeState(named: name)
             let intent = JournalIntent.delete(id: volume.record.id)
             try engine.ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
+            // Its pages are released, but the counts of every block its map names change,
+            // and the next checkpoint writes their refcount leaves: room for them is
+            // reserved by rule A-1 (``refcountPageBound``), so on a full pool this at
+            // worst gathers it by compaction first, and never refuses.
+            try engine.ensureSpace(netByteCount: 0, extents: [], pageCount: 0, addedPageCount: 0)
+            // Compaction inside that may have journaled relocations.
+            try engine.keepJournalRoom(payloadByteCount: intent.payloadByteCount)
             try engine.journalAndApply(intent)
         }
     }
@@ -489,7 +496,7 @@ public final class Pool: @unchecked Sendable {
             guard name != newName else { return }
             guard engine.volumeIDsByName[newName] == nil else { throw PoolError.exists(newName) }
             let intent = JournalIntent.rename(id: volume.record.id, name: newName)
-            try engine.admitMetadataChange(intent, pageCount: 0)
+            try engine.admitMetadataChange(intent, pageCount: 0, countChanges: 0)
             try engine.journalAndApply(intent)
         }
     }
@@ -535,7 +542,7 @@ public final class Pool: @unchecked Sendable {
 
 extension Engine {
     /// Admission for a change that writes no data: room for its pages and the root.
-    func admitMetadataChange(_ intent: JournalIntent, pageCount: Int, addedPageCount: Int? = nil) throws {
+    func admitMetadataChange(_ intent: JournalIntent, pageCount: Int, addedPageCount: Int? = nil, countChanges: Int = .max) throws {
         // The checkpoint root (volume table + usage table) must fit one segment.
         var growth = 0
         switch intent {
@@ -548,7 +555,7 @@ extension Engine {
             throw PoolError.invalidArgument("the volume table would outgrow one segment (\(limit) bytes): \(volumes.count) volumes and snapshots; use a pool with larger segments")
         }
         try ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
-        try ensureSpace(netByteCount: 0, extents: [], pageCount: pageCount, addedPageCount: addedPageCount ?? pageCount)
+        try ensureSpace(netByteCount: 0, extents: [], pageCount: pageCount, addedPageCount: addedPageCount ?? pageCount, countChanges: countChanges)
         try keepJournalRoom(payloadByteCount: intent.payloadByteCount)
     }
 

@@ -7,6 +7,7 @@ import LogPoolFormat
 /// is copied before it is changed (Specs/FORMAT.md §5, "sharing"). `disk` is where the node
 /// was last written; `.none` means it is dirty and the next checkpoint writes it.
 final class TreeNode {
+    let kind: PageKind
     let level: Int
     /// Leaf slots as 8-byte words (map: 1 word per slot; block table: 3).
     var words: [UInt64]
@@ -21,6 +22,7 @@ final class TreeNode {
     var referenced = false
 
     init(kind: PageKind, level: Int) {
+        self.kind = kind
         self.level = level
         if level == 0 {
             words = [UInt64](repeating: 0, count: PageLayout.fanout(kind: kind, level: 0) * PageLayout.wordsPerSlot(kind: kind, level: 0))
@@ -34,6 +36,7 @@ final class TreeNode {
     }
 
     init(copying other: TreeNode) {
+        kind = other.kind
         level = other.level
         words = other.words
         children = other.children
@@ -41,7 +44,8 @@ final class TreeNode {
         parentCount = 1
     }
 
-    init(level: Int, words: [UInt64], children: [TreeNode?], disk: PagePointer) {
+    init(kind: PageKind, level: Int, words: [UInt64], children: [TreeNode?], disk: PagePointer) {
+        self.kind = kind
         self.level = level
         self.words = words
         self.children = children

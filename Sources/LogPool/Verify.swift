@@ -256,6 +256,8 @@ struct Checker {
     /// Block-table leaf pages that were referenced but could not be read or decoded:
     /// they count towards the C-6 bound, so damage to one does not also flag the limit.
     var unreadableTableLeafCount = 0
+    /// A refcount page could not be read or decoded (``refcountPageDamaged(_:_:)``).
+    var refcountTreeDamaged = false
     /// Those leaves: the index of their `page-damaged` finding and their first id, so
     /// one that holds no referenced id can be reported as what it is (below).
     private var damagedTableLeaves: [(finding: Int, firstID: UInt64)] = []
@@ -302,6 +304,7 @@ struct Checker {
             report.findings[index].severity = .warning
             report.findings[index].detail += "; it holds no referenced block id (ids \(firstID)..<\(firstID + fanout)), so nothing is lost: the next write that takes an id in its range replaces it with an empty leaf"
         }
+        checkRefcounts(root, pages, references: references, mapsComplete: mapsComplete)
         let entries = checkBlockTable(sb, root, pages, references: references)
         let rebuilt = checkExtentsAndUsage(sb, root, pages, entries: entries)
         try checkSegmentHeaders(sb, rebuilt: rebuilt)
@@ -426,7 +429,8 @@ struct Checker {
     /// Reads and decodes every page reachable from the root, each once, reporting every
     /// unreadable page (its subtree is then unknown) and every sharing violation (P-2/P-3).
     private mutating func loadPages(_ sb: Superblock, _ root: CheckpointRoot, into pages: inout [UInt64: CheckedPage]) throws {
-        var trees: [(PagePointer, PageKind, Int, String)] = [(root.blockTableRoot, .blockTable, root.blockTableHeight - 1, "the block table")]
+        var trees: [(PagePointer, PageKind, Int, String)] = [(root.blockTableRoot, .blockTable, root.blockTableHeight - 1, "the block table"),
+                                                             (root.refcountRoot, .refcounts, root.refcountHeight - 1, "the refcount tree")]
         for volume in root.volumes { trees.append((volume.mapRoot, .map, volume.mapHeight - 1, "volume \(volume.name)")) }
         for (pointer, kind, level, owner) in trees {
             try visit(pointer, kind: kind, level: level, base: 0, owner: owner, sb: sb, pages: &pages)
@@ -437,13 +441,13 @@ struct Checker {
     private mutating func visit(_ pointer: PagePointer, kind: PageKind, level: Int, base: UInt64, owner: String, sb: Superblock,
                                 pages: inout [UInt64: CheckedPage]) throws {
         guard !pointer.isNone else { return }
-        let name = kind == .map ? "map page" : "block-table page"
+        let name = kind.pageName
         if let seen = pages[pointer.byteOffset] {
             if seen.kind != kind || seen.level != level || seen.checksum != pointer.checksum {
                 add(.error, "page-shared-wrongly", name, pointer.byteOffset,
                     "referenced (from \(owner)) as \(kind) level \(level), already seen as \(seen.kind) level \(seen.level)")
-            } else if kind == .blockTable {
-                add(.error, "page-shared-wrongly", name, pointer.byteOffset, "block-table page has two parents")
+            } else if kind != .map {
+                add(.error, "page-shared-wrongly", name, pointer.byteOffset, "\(name) has two parents")
             } else if seen.base != base {
                 add(.error, "page-shared-wrongly", name, pointer.byteOffset,
                     "referenced (from \(owner)) at block index \(base), already reached at block index \(seen.base): a shared page must cover the same blocks everywhere (P-4)")
@@ -458,6 +462,7 @@ struct Checker {
         do {
             bytes = try device.read(byteCount: PoolGeometry.pageByteCount, at: pointer.byteOffset)
         } catch PoolError.io(let code, _, _) {
+            if kind == .refcounts { return refcountPageDamaged(pointer, "unreadable, errno \(code)") }
             add(.error, "page-damaged", name, pointer.byteOffset, "unreadable, errno \(code) (in \(owner); its subtree is unchecked)")
             if kind == .blockTable && level == 0 {
                 unreadableTableLeafCount += 1
@@ -471,6 +476,7 @@ struct Checker {
             words = try PageLayout.decode(bytes, kind: kind, level: level, expectedChecksum: pointer.checksum,
                                           salt: sb.poolSalt, byteOffset: pointer.byteOffset)
         } catch {
+            if kind == .refcounts { return refcountPageDamaged(pointer, "\(error.detail) (byte offset \(error.byteOffset))") }
             add(.error, "page-damaged", name, pointer.byteOffset,
                 "\(error.detail) (byte offset \(error.byteOffset); in \(owner); its subtree is unreadable)")
             if kind == .blockTable && level == 0 {
@@ -486,6 +492,69 @@ struct Checker {
                       base: PageLayout.childBase(base, index: i, kind: kind, level: level),
                       owner: owner, sb: sb, pages: &pages)
         }
+    }
+
+    /// A damaged refcount page loses nothing: the counts are derived data, which open
+    /// rebuilds from the maps when the stored tree cannot be read (COMMIT §4 step 4) and
+    /// the next checkpoint writes again. A warning, repairable.
+    private mutating func refcountPageDamaged(_ pointer: PagePointer, _ detail: String) {
+        refcountTreeDamaged = true
+        add(.warning, "refcounts-damaged", PageKind.refcounts.pageName, pointer.byteOffset,
+            "\(detail); nothing is lost: open rebuilds the counts from the maps and the next checkpoint stores them again", repairable: true)
+    }
+
+    /// Compares the stored refcounts (FORMAT §5.4) with those derived from the maps: a
+    /// difference is an error (a wrong zero would let a referenced id be reused), which
+    /// repair fixes by rebuilding the counts from the maps. Not compared when a refcount
+    /// page is damaged (open rebuilds them all then) or a map page is (the derived
+    /// counts are incomplete).
+    private mutating func checkRefcounts(_ root: CheckpointRoot, _ pages: [UInt64: CheckedPage], references: BlockReferences, mapsComplete: Bool) {
+        // A leaf breaking C-9 is refused by open, which then rebuilds every count: damage
+        // that loses nothing, like a page that fails its checksum.
+        for (offset, page) in pages.sorted(by: { $0.key < $1.key }) where page.kind == .refcounts && page.level == 0 {
+            if let problem = BlockIDs.storedLeafProblem(leaf: page.base / UInt64(PageLayout.wordCapacity), words: page.words, limit: root.blockIDLimit) {
+                refcountPageDamaged(PagePointer(byteOffset: offset, checksum: page.checksum), problem)
+                return
+            }
+        }
+        guard !refcountTreeDamaged, mapsComplete else { return }
+        let perLeaf = PageLayout.refcountsPerLeaf
+        let counts = references.refcounts
+        var seenLeaves = Set<Int>()
+        var wrong: [(id: Int, stored: UInt32, derived: UInt32)] = []
+        var wrongCount = 0
+        var firstPage: UInt64? = nil
+        var visited = Set<UInt64>(), revisits = 0
+        func compare(_ id: Int, _ stored: UInt32, page: UInt64?) {
+            let derived = id < counts.count ? counts[id] : 0
+            guard stored != derived else { return }
+            wrongCount += 1
+            if wrong.count < 5 { wrong.append((id, stored, derived)) }
+            if firstPage == nil { firstPage = page }
+        }
+        var leafPages: [Int: UInt64] = [:]
+        for (offset, page) in pages where page.kind == .refcounts && page.level == 0 {
+            leafPages[Int(page.base / UInt64(PageLayout.wordCapacity))] = offset
+        }
+        forEachLeaf(root.refcountRoot, kind: .refcounts, level: root.refcountHeight - 1, base: 0, pages: pages,
+                    visited: &visited, revisits: &revisits) { base, words in
+            // A leaf beyond the id space holds only zeros (checked above): nothing to compare.
+            guard base / UInt64(PageLayout.wordCapacity) < UInt64(BlockIDs.leafCount(root.blockIDLimit)) else { return }
+            let leaf = Int(base / UInt64(PageLayout.wordCapacity))
+            seenLeaves.insert(leaf)
+            for (k, word) in words.enumerated() {
+                compare(leaf * perLeaf + 2 * k, UInt32(truncatingIfNeeded: word), page: leafPages[leaf])
+                compare(leaf * perLeaf + 2 * k + 1, UInt32(truncatingIfNeeded: word >> 32), page: leafPages[leaf])
+            }
+        }
+        // A missing leaf stores zeros.
+        for id in 1..<max(counts.count, 1) where counts[id] != 0 && !seenLeaves.contains(id / perLeaf) {
+            compare(id, 0, page: nil)
+        }
+        guard wrongCount > 0 else { return }
+        let examples = wrong.map { "id \($0.id): stored \($0.stored), maps name it in \($0.derived) leaves" }.joined(separator: "; ")
+        add(.error, "refcount-mismatch", PageKind.refcounts.pageName, firstPage ?? root.refcountRoot.byteOffset,
+            "\(wrongCount) stored refcounts differ from the maps (\(examples)); a count too low would let a referenced block id be reused", repairable: true)
     }
 
     /// Calls `body(first slot, words)` for every decoded leaf of the tree under `pointer`,
@@ -643,7 +712,7 @@ struct Checker {
         }
         // With a subtree unreadable the rebuilt figures miss its pages and blocks: the
         // comparison would only echo that damage as leaks.
-        let unreadable = report.findings.filter { $0.code == "page-damaged" || $0.code == "page-pointer-invalid" }.count
+        let unreadable = report.findings.filter { $0.code == "page-damaged" || $0.code == "page-pointer-invalid" || $0.code == "refcounts-damaged" }.count
         if unreadable > 0 {
             add(.info, "usage-not-checked", "segment usage", nil,
                 "leaks not checked: \(unreadable) pages are unreadable, so the rebuilt figures miss what they reference")

@@ -43,8 +43,8 @@ public struct VolumeRecord: Sendable, Equatable {
 /// The checkpoint root: everything a superblock points at (Specs/FORMAT.md §6). The
 /// trees it names are written before it, and it is written before the superblock.
 public struct CheckpointRoot: Sendable, Equatable {
-    public static let magic: [UInt8] = Array("LPCKPT".utf8) + [0, 2]
-    public static let headerByteCount = 80
+    public static let magic: [UInt8] = Array("LPCKPT".utf8) + [0, 3]
+    public static let headerByteCount = 104
 
     public var generation: UInt64
     public var nextVolumeID: UInt64
@@ -59,10 +59,14 @@ public struct CheckpointRoot: Sendable, Equatable {
     /// rounded up to 4 KiB, from which to the segment's end nothing this state references
     /// lies; 0 when no segment was open or it was full (C-8).
     public var resumeByteOffset: UInt64
+    /// The refcount tree (FORMAT §5.4): the count of map leaves naming each block id
+    /// below `blockIDLimit`, two per leaf word; a missing subtree counts zero.
+    public var refcountRoot: PagePointer
+    public var refcountHeight: Int
 
     public init(generation: UInt64, nextVolumeID: UInt64, blockTableRoot: PagePointer, blockTableHeight: Int,
                 blockIDLimit: UInt64, volumes: [VolumeRecord], segmentLiveByteCounts: [UInt64],
-                resumeByteOffset: UInt64 = 0) {
+                resumeByteOffset: UInt64 = 0, refcountRoot: PagePointer = .none, refcountHeight: Int = 1) {
         self.generation = generation
         self.nextVolumeID = nextVolumeID
         self.blockTableRoot = blockTableRoot
@@ -71,6 +75,13 @@ public struct CheckpointRoot: Sendable, Equatable {
         self.volumes = volumes
         self.segmentLiveByteCounts = segmentLiveByteCounts
         self.resumeByteOffset = resumeByteOffset
+        self.refcountRoot = refcountRoot
+        self.refcountHeight = refcountHeight
+    }
+
+    /// The refcount tree height that covers `blockIDLimit` ids.
+    public static func refcountHeight(coveringBlockIDLimit limit: UInt64) -> Int {
+        PageLayout.height(kind: .refcounts, coveringSlotCount: (limit + 1) / 2)
     }
 
     /// Encoded length before sector padding (independent of the usage values, so the
@@ -105,6 +116,10 @@ public struct CheckpointRoot: Sendable, Equatable {
         w.u32(UInt32(segmentLiveByteCounts.count))
         w.u32(0)
         w.u64(resumeByteOffset)
+        w.u64(refcountRoot.byteOffset)
+        w.u64(refcountRoot.checksum)
+        w.u32(UInt32(refcountHeight))
+        w.u32(0)
         assert(w.byteCount == Self.headerByteCount)
         for v in volumes {
             w.u64(v.id); w.u8(v.kind.rawValue); w.u8(0); w.u16(UInt16(v.mapHeight)); w.u32(0)
@@ -166,6 +181,10 @@ public struct CheckpointRoot: Sendable, Equatable {
                 throw r.error("resume byte offset \(resume) is not a 4 KiB boundary inside a segment past its header", at: resumeAt)
             }
         }
+        let refcountRoot = PagePointer(byteOffset: try r.u64("refcount root"), checksum: try r.u64("refcount root checksum"))
+        let refcountHeightAt = r.position
+        let refcountHeight = Int(try r.u32("refcount tree height"))
+        guard try r.u32("reserved") == 0 else { throw r.error("reserved field is not zero", at: r.position - 4) }
         guard btHeight >= 1, btHeight <= PageLayout.heightMax else {
             throw r.error("block-table height \(btHeight) outside 1...\(PageLayout.heightMax)", at: btHeightAt)
         }
@@ -175,7 +194,14 @@ public struct CheckpointRoot: Sendable, Equatable {
         guard segmentCount == Int(geometry.segmentCount) else {
             throw r.error("segment count \(segmentCount), superblock says \(geometry.segmentCount)", at: segmentCountAt)
         }
+        // C-9: the refcount tree covers every id below the limit.
+        guard refcountHeight >= 1, refcountHeight <= PageLayout.heightMax,
+              PageLayout.capacity(kind: .refcounts, height: refcountHeight) >= (blockIDLimit + 1) / 2
+        else {
+            throw r.error("refcount tree height \(refcountHeight) outside 1...\(PageLayout.heightMax) or too low for block id limit \(blockIDLimit)", at: refcountHeightAt)
+        }
         try checkPointer(btRoot, geometry: geometry, &r, what: "block-table root")
+        try checkPointer(refcountRoot, geometry: geometry, &r, what: "refcount root")
         // 58 bytes is the smallest volume row: refuse counts the buffer cannot hold.
         guard volumeCount <= r.remainingByteCount / 58 else {
             throw r.error("volume count \(volumeCount) exceeds what \(bytes.count) bytes can hold", at: 52)
@@ -223,7 +249,8 @@ public struct CheckpointRoot: Sendable, Equatable {
         }
         return CheckpointRoot(generation: generation, nextVolumeID: nextVolumeID, blockTableRoot: btRoot,
                               blockTableHeight: btHeight, blockIDLimit: blockIDLimit, volumes: volumes,
-                              segmentLiveByteCounts: usage, resumeByteOffset: resume)
+                              segmentLiveByteCounts: usage, resumeByteOffset: resume,
+                              refcountRoot: refcountRoot, refcountHeight: refcountHeight)
     }
 
     /// The height a map of the largest volume (2^50 bytes) needs: maps only grow as far

@@ -2,7 +2,7 @@
 /// block table (Specs/FORMAT.md §5). Every page is 4096 bytes:
 ///
 ///     [0, 4)      magic "LPPG"
-///     [4, 5)      kind: 1 map, 2 block table
+///     [4, 5)      kind: 1 map, 2 block table, 3 refcounts
 ///     [5, 6)      level: 0 leaf, 1... interior
 ///     [6, 8)      reserved, zero
 ///     [8, 12)     slot count (the fanout for this kind and level)
@@ -15,6 +15,18 @@
 public enum PageKind: UInt8, Sendable {
     case map = 1
     case blockTable = 2
+    /// The stored refcounts (Specs/FORMAT.md §5.4): each leaf word holds the counts of
+    /// two block ids, the even one in its low 32 bits.
+    case refcounts = 3
+
+    /// How findings and errors name a page of this kind.
+    public var pageName: String {
+        switch self {
+        case .map: "map page"
+        case .blockTable: "block-table page"
+        case .refcounts: "refcount page"
+        }
+    }
 }
 
 public enum PageLayout {
@@ -29,15 +41,17 @@ public enum PageLayout {
     /// Words per block-table slot: byte offset, stored size | flags << 32, checksum.
     public static let blockTableWordsPerSlot = 3
     public static let blockTableLeafFanout = wordCapacity / 3  // 169
+    /// Block ids per refcount leaf: two 32-bit counts per word.
+    public static let refcountsPerLeaf = 2 * wordCapacity  // 1018
     /// Deeper trees are rejected: 8 levels address far more than 2^64 entries.
     public static let heightMax = 8
 
     public static func wordsPerSlot(kind: PageKind, level: Int) -> Int {
-        level > 0 ? interiorWordsPerSlot : (kind == .map ? 1 : blockTableWordsPerSlot)
+        level > 0 ? interiorWordsPerSlot : (kind == .blockTable ? blockTableWordsPerSlot : 1)
     }
 
     public static func fanout(kind: PageKind, level: Int) -> Int {
-        level > 0 ? interiorFanout : (kind == .map ? mapLeafFanout : blockTableLeafFanout)
+        level > 0 ? interiorFanout : (kind == .blockTable ? blockTableLeafFanout : wordCapacity)
     }
 
     /// The first leaf slot covered by child `index` of a node at `level` (≥ 1) whose own
@@ -54,7 +68,7 @@ public enum PageLayout {
     @inline(__always)
     public static func capacity(kind: PageKind, height: Int) -> UInt64 {
         let h = max(height, 1)
-        if h <= heightMax { return kind == .map ? mapCapacities[h] : blockTableCapacities[h] }
+        if h <= heightMax { return kind == .blockTable ? blockTableCapacities[h] : mapCapacities[h] }
         return computedCapacity(kind: kind, height: h)
     }
 
@@ -101,7 +115,7 @@ public enum PageLayout {
     public static func decode(
         _ bytes: [UInt8], kind: PageKind, level: Int, expectedChecksum: UInt64, salt: UInt64, byteOffset: UInt64
     ) throws(CorruptionError) -> [UInt64] {
-        let name = kind == .map ? "map page" : "block-table page"
+        let name = kind.pageName
         func fail(_ offset: Int, _ detail: String) -> CorruptionError {
             CorruptionError(name, at: byteOffset + UInt64(offset), detail)
         }

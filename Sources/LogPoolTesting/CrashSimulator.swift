@@ -139,6 +139,7 @@ public struct CrashFigures: Codable, Sendable {
         "relocate-replayed", "relocate-discarded", "segment-header-rewritten",
         "journal-synced-damage-reported", "damage-reported-on-read",
         "checkpoint-on-full-pool", "pool-full", "large-exclusive-overwrite", "reopened-clean", "fsync-eio-fail-stop", "write-err-fail-stop",
+        "refcounts-rebuilt",
     ]
 
     mutating func mark(_ name: String) { marks[name, default: 0] += 1 }
@@ -848,6 +849,7 @@ public final class CrashSimulator {
         if report.otherSlotProblem != nil { figures.mark("damaged-slot-reported") }
         figures.mark("replay-stop:\(report.replayStopKind.rawValue)")
         if report.findings.contains(where: { $0.contains("live bytes") }) { figures.mark("usage-rebuilt") }
+        if report.rebuiltRefcounts { figures.mark("refcounts-rebuilt") }
         if report.findings.contains(where: { $0.hasPrefix("replay continued") }) { figures.mark("replay-chained-epoch") }
         if report.replayedRelocateCount > 0 { figures.mark("relocate-replayed") }
         if report.discardedRelocate { figures.mark("relocate-discarded") }

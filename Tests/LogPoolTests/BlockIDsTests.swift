@@ -48,7 +48,7 @@ struct BlockIDsTests {
                     model[id, default: 0] += 1
                 default:
                     guard let id = model.keys.randomElement(using: &generator) else { continue }
-                    let freed = ids.release(id)
+                    let freed = ids.release(id) == true
                     model[id]! -= 1
                     if model[id] == 0 {
                         model[id] = nil
@@ -65,6 +65,41 @@ struct BlockIDsTests {
                 #expect(ids.limit <= bound, "\(context): limit \(ids.limit) beyond \(bound)")
             }
         }
+    }
+
+    @Test("every count change marks its refcount leaf, packed words round-trip through load, and a zero count does not release")
+    func storedCounts() {
+        let perLeaf = UInt64(PageLayout.refcountsPerLeaf)
+        var ids = BlockIDs(limit: 3 * perLeaf + 10)
+        ids.retain(5)
+        ids.retain(perLeaf * 2 + 1)
+        ids.retain(perLeaf * 2 + 1)
+        #expect(ids.changedLeafCount == 2)
+        #expect(ids.takeChangedLeaves() == [0, 2])
+        #expect(ids.changedLeafCount == 0 && ids.takeChangedLeaves().isEmpty)
+        #expect(ids.release(perLeaf * 2 + 1) == false)
+        #expect(ids.takeChangedLeaves() == [2], "a release marks its leaf too")
+        #expect(ids.release(7) == nil, "releasing an id whose count is zero is refused, not trapped")
+        #expect(ids.changedLeafCount == 0, "a refused release changes nothing")
+        let words = ids.packedWords(leaf: 2)
+        #expect(words[0] == UInt64(1) << 32, "id 2*1018+1 is the high half of the leaf's first word")
+        var loaded = BlockIDs(limit: ids.limit)
+        for leaf in 0..<BlockIDs.leafCount(ids.limit) {
+            #expect(loaded.load(leaf: UInt64(leaf), words: ids.packedWords(leaf: leaf)) == nil)
+        }
+        #expect(loaded.refcounts == ids.refcounts && loaded.liveCount == ids.liveCount && loaded.changedLeafCount == 0)
+        var bad = BlockIDs(limit: 4)
+        #expect(bad.load(leaf: 0, words: [UInt64(1) << 32] + [UInt64](repeating: 0, count: 508)) == nil, "id 1 may be counted")
+        #expect(bad.load(leaf: 0, words: [1] + [UInt64](repeating: 0, count: 508)) != nil, "id 0 is never counted")
+        #expect(bad.load(leaf: 0, words: [0, 0, 1] + [UInt64](repeating: 0, count: 506)) != nil, "id 4 is beyond the limit")
+        #expect(bad.load(leaf: 0, words: [0, UInt64(BlockIDs.storedCountMax) + 1] + [UInt64](repeating: 0, count: 507)) != nil,
+                "a count above the stored maximum is refused")
+        // A crafted tree can put a leaf where leaf x 1018 overflows: refused, not trapped.
+        for leaf in [UInt64(1), 1 << 54, UInt64.max / UInt64(PageLayout.wordCapacity), .max] {
+            #expect(bad.load(leaf: leaf, words: [0, 1] + [UInt64](repeating: 0, count: 507)) != nil, "leaf \(leaf)")
+            #expect(bad.load(leaf: leaf, words: [UInt64](repeating: 0, count: 509)) == nil, "an empty leaf \(leaf) holds nothing wrong")
+        }
+        #expect(bad.refcounts == [0, 1, 0, 0] && bad.liveCount == 1, "refused leaves loaded nothing")
     }
 
     @Test("allocation sweeps forward and wraps to 1, skipping live ids")

@@ -72,6 +72,9 @@ struct HardeningTests {
             root.blockTableRoot = .none
             root.blockTableHeight = 5
             root.blockIDLimit = capacity / 512 + 1
+            // A refcount tree tall enough for the limit, so the root decodes (C-9) and
+            // open's C-6 check is what refuses it.
+            root.refcountHeight = CheckpointRoot.refcountHeight(coveringBlockIDLimit: root.blockIDLimit)
         }
         device.closeDescriptor()
         expectCorrupt(structure: "checkpoint", detailContains: "C-6") { _ = try Pool.open(at: path, mode: .readOnly) }

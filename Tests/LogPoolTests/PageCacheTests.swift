@@ -15,7 +15,7 @@ struct PageCacheTests {
 
     /// Leaf `i`: its page at `(i + 1) * 4096`, and words only it has.
     func leaf(_ i: Int) -> TreeNode {
-        TreeNode(level: 0, words: [], children: [], disk: PagePointer(byteOffset: UInt64(i + 1) * 4096, checksum: UInt64(i)))
+        TreeNode(kind: .blockTable, level: 0, words: [], children: [], disk: PagePointer(byteOffset: UInt64(i + 1) * 4096, checksum: UInt64(i)))
     }
 
     func words(of pointer: PagePointer) -> [UInt64] {
