@@ -134,13 +134,14 @@ extension Engine {
         var batch = WriteBatch()
         var newMeta = metaLiveByteCounts
         for offset in pendingPageReleases { newMeta[segment(of: offset)] -= UInt64(PoolGeometry.pageByteCount) }
-        // Table leaves written here join the cache once committed (evictable from then on).
-        var writtenTableLeaves: [TreeNode] = []
+        // Map and table leaves written here join the cache once committed (evictable
+        // from then on).
+        var writtenLeaves: [TreeNode] = []
         // Refcount leaves drop their words once written (``ids`` holds the counts).
         var writtenRefcountLeaves: [TreeNode] = []
         func writeDirty(_ node: TreeNode, kind: PageKind) throws {
             guard node.isDirty else { return }
-            if kind == .blockTable && node.level == 0 { writtenTableLeaves.append(node) }
+            if kind != .refcounts && node.level == 0 { writtenLeaves.append(node) }
             if kind == .refcounts && node.level == 0 { writtenRefcountLeaves.append(node) }
             var words: [UInt64]
             if node.level > 0 {
@@ -239,7 +240,7 @@ extension Engine {
         rollFallbackExtents()
         checkpointCount += 1
         rootNeedsRewrite = false
-        pageCache.admit(writtenTableLeaves)
+        pageCache.admit(writtenLeaves)
         for leaf in writtenRefcountLeaves { leaf.words = [] }
     }
 

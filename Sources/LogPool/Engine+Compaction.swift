@@ -134,12 +134,12 @@ extension Engine {
     }
 
     /// Marks `nodes` (clean, each once) dirty, releasing their durable pages at the next
-    /// checkpoint. An evicted block-table leaf is read back first (only table leaves are
-    /// ever evicted); dirty, it stays resident until the checkpoint writes it.
+    /// checkpoint. An evicted map or block-table leaf is read back first; dirty, it stays
+    /// resident until the checkpoint writes it.
     private func markDirty(_ nodes: [TreeNode]) throws {
         for node in nodes where !node.isDirty {
             try makeResident(node)
-            if node.level == 0 && node.inCache { dirtyTableLeafCount += 1 }
+            if node.kind == .blockTable && node.level == 0 { dirtyTableLeafCount += 1 }
             pendingPageReleases.append(node.disk.byteOffset)
             node.disk = .none
             dirtyPageCount += 1

@@ -331,7 +331,7 @@ extension Engine {
         var total: UInt64 = 0
         for (i, blockIndex) in indexes.enumerated() {
             let new = UInt64(encoded[i].allocatedByteCount)
-            if let old = exclusiveBlock(map, blockIndex: blockIndex) {
+            if let old = try exclusiveBlock(map, blockIndex: blockIndex) {
                 let oldBytes = try blockLocation(old).allocatedByteCount
                 total += new > oldBytes ? new - oldBytes : 0
             } else {
@@ -343,13 +343,13 @@ extension Engine {
 
     /// Blocks a write at `indexes` adds to the live count (slots not already holding a
     /// block this map owns alone).
-    func netNewBlockCount(_ map: Tree, indexes: [UInt64]) -> Int {
-        indexes.reduce(0) { $0 + (exclusiveBlock(map, blockIndex: $1) == nil ? 1 : 0) }
+    func netNewBlockCount(_ map: Tree, indexes: [UInt64]) throws -> Int {
+        try indexes.reduce(0) { $0 + (try exclusiveBlock(map, blockIndex: $1) == nil ? 1 : 0) }
     }
 
     /// The block at `blockIndex` if this map alone references it (every node on the path
     /// has one parent and the block one referencing leaf).
-    func exclusiveBlock(_ map: Tree, blockIndex: UInt64) -> UInt64? {
+    func exclusiveBlock(_ map: Tree, blockIndex: UInt64) throws -> UInt64? {
         guard blockIndex < map.capacity, var node = map.root, node.parentCount == 1 else { return nil }
         var remainder = blockIndex
         while node.level > 0 {
@@ -358,7 +358,7 @@ extension Engine {
             remainder %= span
             node = child
         }
-        let id = node.words[Int(remainder)]
+        let id = try leafWords(node)[Int(remainder)]
         return id != 0 && ids.refcount(id) == 1 ? id : nil
     }
 
@@ -598,7 +598,7 @@ extension Engine {
         let bs = UInt64(blockByteCount)
         let first = byteOffset / bs, last = (byteOffset + byteCount - 1) / bs
         var newBlocks = 0
-        for blockIndex in first...last where exclusiveBlock(volume.map, blockIndex: blockIndex) == nil { newBlocks += 1 }
+        for blockIndex in first...last where try exclusiveBlock(volume.map, blockIndex: blockIndex) == nil { newBlocks += 1 }
         // One slot per leaf is enough: page counting dedupes by leaf.
         let fanout = UInt64(PageLayout.mapLeafFanout)
         let leafSlots = [first] + stride(from: (first / fanout + 1) * fanout, through: last, by: Int(fanout)).map { $0 }
@@ -624,7 +624,7 @@ extension Engine {
                 contents.append(.borrowed(source))
             } else {
                 var block = [UInt8](repeating: 0, count: blockByteCount)
-                let old = mapLookup(volume.map, blockIndex: blockIndex)
+                let old = try mapLookup(volume.map, blockIndex: blockIndex)
                 if old != 0 { try block.withUnsafeMutableBytes { try readBlock(old, into: $0) } }
                 block.withUnsafeMutableBytes { raw in
                     UnsafeMutableRawBufferPointer(rebasing: raw[Int(lower - blockStart)..<Int(upper - blockStart)]).copyMemory(from: source)
@@ -683,7 +683,7 @@ extension Engine {
         try ensureJournalSpace(payloadByteCount: payload)
         try ensureSpace(netByteCount: netNewByteCount(volume.map, indexes: indexes, encoded: encoded),
                         extents: extents(of: encoded), pageCount: pages.written + unmapPages.written, addedPageCount: pages.added + unmapPages.added,
-                        newBlockCount: netNewBlockCount(volume.map, indexes: indexes),
+                        newBlockCount: try netNewBlockCount(volume.map, indexes: indexes),
                         countChanges: countChanges(writing: indexes.count, unmapping: unmapRanges, copiedPageCount: pages.added + unmapPages.added))
         try keepJournalRoom(payloadByteCount: payload)
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.

@@ -35,7 +35,11 @@ extension Engine {
             }
             if node.isDirty { dirty += 1 } else { meta[segment(of: node.disk.byteOffset)] += UInt64(PoolGeometry.pageByteCount) }
             if kinds[key] == .map && node.level == 0 {
-                for id in node.words where id != 0 {
+                guard let words = try? leafWords(node) else {
+                    problems.append("map leaf at \(node.disk.byteOffset) cannot be read")
+                    continue
+                }
+                for id in words where id != 0 {
                     guard id < blockIDLimit else { problems.append("map names block \(id) beyond limit"); continue }
                     expectedRefcounts[Int(id)] += 1
                 }

@@ -267,27 +267,26 @@ extension Engine {
             default: throw error
             }
         }
-        var ids = stored
-        let blockIDLimit = ids.limit
+        let blockIDLimit = stored.limit
         var metaLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         var dataLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         let derive = rebuildCounts || storedProblem != nil
-        if derive { ids = BlockIDs(limit: root.blockIDLimit) }
+        // Map leaves read back check their ids against this limit (``readMapLeaf``).
+        self.ids = derive ? BlockIDs(limit: root.blockIDLimit) : stored
+        var derivedLeaves: [(offset: UInt64, node: TreeNode)] = []
         for (offset, page) in cache {
             let (kind, node) = (page.kind, page.node)
             metaLiveByteCounts[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
             if kind == .blockTable { blockTableNodeCount += 1 }
             if kind == .refcounts { refcountNodeCount += 1 }
-            guard kind == .map, node.level == 0 else { continue }
-            // Checked whether or not the counts are derived: later code (copying a
-            // shared leaf retains its ids, a release, a lookup) indexes by these ids.
-            for id in node.words where id != 0 {
-                guard id < blockIDLimit else {
-                    throw corrupt("map page", offset, "names block id \(id), beyond the block id limit \(blockIDLimit)")
-                }
-                if derive { ids.retain(id) }
-            }
+            if derive && kind == .map && node.level == 0 { derivedLeaves.append((offset, node)) }
         }
+        // Each unique map leaf once, streamed through the cache in file order.
+        derivedLeaves.sort { $0.offset < $1.offset }
+        for (_, node) in derivedLeaves {
+            for id in try leafWords(node) where id != 0 { self.ids.retain(id) }
+        }
+        var ids = self.ids
         // Deriving marked every leaf it counted; the next checkpoint writes only those
         // whose stored counts are wrong (below), or every one when the tree is unusable.
         if derive { _ = ids.takeChangedLeaves() }
@@ -418,9 +417,10 @@ extension Engine {
             node.parentCount += 1
             return node
         }
-        if kind == .blockTable && level == 0 {
-            // Table leaves are read on first use, through the cache (``PageCache``);
-            // a damaged one is reported then, by the call that needs it.
+        if level == 0 {
+            // Leaves (map and block table) are read on first use, through the cache
+            // (``PageCache``); a damaged one is reported then, by the call that needs it.
+            // Open reads the interior pages only (ARCHITECTURE §5 step 2).
             guard geometry.isValidExtent(byteOffset: pointer.byteOffset, byteCount: UInt64(PoolGeometry.pageByteCount)) else {
                 throw corrupt(name, pointer.byteOffset, "page pointer is outside every segment")
             }
@@ -429,19 +429,14 @@ extension Engine {
             return node
         }
         let words = try readPage(pointer, kind: kind, level: level)
-        let node: TreeNode
-        if level == 0 {
-            node = TreeNode(kind: kind, level: 0, words: words, children: [], disk: pointer)
-        } else {
-            var children: [TreeNode?] = []
-            children.reserveCapacity(PageLayout.interiorFanout)
-            for i in 0..<PageLayout.interiorFanout {
-                children.append(try loadNode(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]),
-                                             kind: kind, level: level - 1,
-                                             base: PageLayout.childBase(base, index: i, kind: kind, level: level), cache: &cache))
-            }
-            node = TreeNode(kind: kind, level: level, words: [], children: children, disk: pointer)
+        var children: [TreeNode?] = []
+        children.reserveCapacity(PageLayout.interiorFanout)
+        for i in 0..<PageLayout.interiorFanout {
+            children.append(try loadNode(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]),
+                                         kind: kind, level: level - 1,
+                                         base: PageLayout.childBase(base, index: i, kind: kind, level: level), cache: &cache))
         }
+        let node = TreeNode(kind: kind, level: level, words: [], children: children, disk: pointer)
         cache[pointer.byteOffset] = LoadedPage(kind: kind, node: node, base: base)
         return node
     }

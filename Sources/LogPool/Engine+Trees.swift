@@ -8,7 +8,10 @@ extension Engine {
 
     /// Makes `node` safe to change through the parent that holds `slot`: copies it when it
     /// is shared, or marks it dirty (its old page is released at the next checkpoint).
-    func makeUnique(_ slot: inout TreeNode, kind: PageKind) {
+    /// An evicted leaf is read back first, in the same step, so no load can evict it
+    /// between being read and being pinned as dirty (``PageCache``).
+    func makeUnique(_ slot: inout TreeNode, kind: PageKind) throws {
+        try makeResident(slot)
         if slot.parentCount > 1 {
             let copy = TreeNode(copying: slot)
             if copy.level > 0 {
@@ -44,7 +47,7 @@ extension Engine {
         if node.level > 0 {
             for child in node.children { if let child { try release(child, kind: kind) } }
         } else if kind == .map {
-            for id in node.words where id != 0 { try dropBlockReference(id) }
+            for id in try leafWords(node) where id != 0 { try dropBlockReference(id) }
         }
     }
 
@@ -81,7 +84,7 @@ extension Engine {
         var node = tree.root ?? newNode(kind: tree.kind, level: tree.height - 1)
         if tree.root != nil {
             try makeResident(node, firstSlot: 0)
-            makeUnique(&node, kind: tree.kind)
+            try makeUnique(&node, kind: tree.kind)
         }
         tree.root = node
         var remainder = slot
@@ -92,7 +95,7 @@ extension Engine {
             var child = node.children[childIndex] ?? newNode(kind: tree.kind, level: node.level - 1)
             if node.children[childIndex] != nil {
                 try makeResident(child, firstSlot: slot - remainder)
-                makeUnique(&child, kind: tree.kind)
+                try makeUnique(&child, kind: tree.kind)
             }
             node.children[childIndex] = child
             node = child
@@ -107,8 +110,8 @@ extension Engine {
             && geometry.isValidExtent(byteOffset: location.byteOffset, byteCount: location.allocatedByteCount)
     }
 
-    /// Reads an evicted leaf back before it is changed (only block-table leaves are ever
-    /// evicted); making it dirty right after pins it (``PageCache``).
+    /// Reads an evicted leaf (map or block table) back before it is changed; making it
+    /// dirty right after pins it (``PageCache``).
     ///
     /// `firstSlot`, the first id of a block-table leaf about to take a new id: when its
     /// page cannot be read or fails its checks but no id in it is referenced, its bytes
@@ -120,8 +123,8 @@ extension Engine {
         // Refcount leaves hold no words between checkpoints: ``ids`` holds the counts,
         // and the checkpoint fills the words of the leaves it writes.
         guard node.level == 0 && node.words.isEmpty && node.kind != .refcounts else { return }
-        guard let firstSlot else {
-            _ = try tableLeafWords(node)
+        guard let firstSlot, node.kind == .blockTable else {
+            _ = try leafWords(node)
             return
         }
         let range = firstSlot..<firstSlot + UInt64(PageLayout.blockTableLeafFanout)
@@ -148,11 +151,11 @@ extension Engine {
     // MARK: - Volume maps
 
     /// Mapped slots of `tree` in `range`, walking only the subtrees that overlap it.
-    func mappedSlotCount(_ tree: Tree, in range: Range<UInt64>) -> UInt64 {
-        func count(_ node: TreeNode, base: UInt64) -> UInt64 {
+    func mappedSlotCount(_ tree: Tree, in range: Range<UInt64>) throws -> UInt64 {
+        func count(_ node: TreeNode, base: UInt64) throws -> UInt64 {
             if node.level == 0 {
                 var total: UInt64 = 0
-                for (i, id) in node.words.enumerated() where id != 0 && range.contains(base + UInt64(i)) { total += 1 }
+                for (i, id) in try leafWords(node).enumerated() where id != 0 && range.contains(base + UInt64(i)) { total += 1 }
                 return total
             }
             let span = tree.span(level: node.level)
@@ -161,17 +164,17 @@ extension Engine {
                 guard let child else { continue }
                 let start = base + UInt64(i) * span
                 if start + span <= range.lowerBound || start >= range.upperBound { continue }
-                total += count(child, base: start)
+                total += try count(child, base: start)
             }
             return total
         }
         guard let root = tree.root, !range.isEmpty else { return 0 }
-        return count(root, base: 0)
+        return try count(root, base: 0)
     }
 
-    func mapLookup(_ tree: Tree, blockIndex: UInt64) -> UInt64 {
+    func mapLookup(_ tree: Tree, blockIndex: UInt64) throws -> UInt64 {
         guard let (leaf, index) = leafForReading(tree, slot: blockIndex) else { return 0 }
-        return leaf.words[index]
+        return try leafWords(leaf)[index]
     }
 
     /// Unmaps logical blocks in `range`. Whole subtrees inside the range are released
@@ -185,7 +188,7 @@ extension Engine {
             return
         }
         guard var root = tree.root else { return }
-        makeUnique(&root, kind: .map)
+        try makeUnique(&root, kind: .map)
         tree.root = root
         try unmap(root, base: 0, range: range, tree: tree)
     }
@@ -214,7 +217,7 @@ extension Engine {
                 try release(child, kind: .map)
                 node.children[childIndex] = nil
             } else {
-                makeUnique(&child, kind: .map)
+                try makeUnique(&child, kind: .map)
                 node.children[childIndex] = child
                 try unmap(child, base: childBase, range: overlap, tree: tree)
             }
@@ -222,19 +225,19 @@ extension Engine {
     }
 
     /// Calls `body` with every mapped (blockIndex, blockID) in ascending order.
-    func forEachMapped(_ tree: Tree, _ body: (UInt64, UInt64) -> Void) {
+    func forEachMapped(_ tree: Tree, _ body: (UInt64, UInt64) -> Void) throws {
         guard let root = tree.root else { return }
-        func walk(_ node: TreeNode, base: UInt64) {
+        func walk(_ node: TreeNode, base: UInt64) throws {
             if node.level == 0 {
-                for (i, id) in node.words.enumerated() where id != 0 { body(base + UInt64(i), id) }
+                for (i, id) in try leafWords(node).enumerated() where id != 0 { body(base + UInt64(i), id) }
                 return
             }
             let span = tree.span(level: node.level)
             for (i, child) in node.children.enumerated() {
-                if let child { walk(child, base: base + UInt64(i) * span) }
+                if let child { try walk(child, base: base + UInt64(i) * span) }
             }
         }
-        walk(root, base: 0)
+        try walk(root, base: 0)
     }
 
     // MARK: - Block table
@@ -276,6 +279,27 @@ extension Engine {
     /// they are not resident. Safe under the shared lock (``PageCache``).
     func tableLeafWords(_ leaf: TreeNode) throws -> [UInt64] {
         try pageCache.words(of: leaf) { pointer in try readPage(pointer, kind: .blockTable, level: 0) }
+    }
+
+    /// The words of map or block-table leaf `leaf`, read from its page through the cache
+    /// when they are not resident (open reads no leaf: ARCHITECTURE §5 step 2). A map
+    /// leaf read back is checked to name only ids below the limit: every later use
+    /// (a lookup, a release, the retains of a copy) indexes by them. Safe under the
+    /// shared lock (``PageCache``).
+    func leafWords(_ leaf: TreeNode) throws -> [UInt64] {
+        guard leaf.kind == .map else { return try tableLeafWords(leaf) }
+        return try pageCache.words(of: leaf) { pointer in try readMapLeaf(pointer) }
+    }
+
+    /// Reads map leaf page `pointer` (P-1) and checks its ids against the limit.
+    func readMapLeaf(_ pointer: PagePointer) throws -> [UInt64] {
+        let words = try readPage(pointer, kind: .map, level: 0)
+        let limit = ids.limit
+        if let id = words.first(where: { $0 >= limit }) {
+            throw PoolError.corrupt(structure: "map page", byteOffset: pointer.byteOffset,
+                                    detail: "names block id \(id), beyond the block id limit \(limit)")
+        }
+        return words
     }
 
     /// Reads and checks the page `pointer` names (P-1: the trailer and the parent's

@@ -1,14 +1,14 @@
 import Foundation
 import LogPoolFormat
 
-/// The block table's leaf pages in bounded memory (issue 11, Specs/ARCHITECTURE.md §5):
+/// Map and block-table leaf pages in bounded memory (issue 11, Specs/ARCHITECTURE.md §5):
 /// a leaf's words are read from its page on first use and dropped again (CLOCK order)
 /// when more clean leaves are resident than the budget allows. A dirty leaf is pinned: its
 /// words are the only copy until a checkpoint writes them; the checkpoint then hands it
 /// to the cache (``admit(_:)``) and it can be evicted like any page read from disk.
 ///
 /// Readers under the shared pool lock load and evict concurrently, so every access to a
-/// table leaf's words outside the exclusive lock goes through ``words(of:load:)``, which
+/// leaf's words outside the exclusive lock goes through ``words(of:load:)``, which
 /// returns the words as a value: a reader keeps what it got even if another reader
 /// evicts the node right after. Changes to a leaf's words happen only under the
 /// exclusive lock (no reader runs), on a dirty, hence pinned, leaf.
@@ -27,7 +27,7 @@ final class PageCache: @unchecked Sendable {
         budgetPageCount = max(1, budgetByteCount / PoolGeometry.pageByteCount)
     }
 
-    /// The words of block-table leaf `node`, read with `load` from its page when they
+    /// The words of map or block-table leaf `node`, read with `load` from its page when they
     /// were evicted (or never read since open).
     func words(of node: TreeNode, load: (PagePointer) throws -> [UInt64]) throws -> [UInt64] {
         mutex.lock()

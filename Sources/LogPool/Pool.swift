@@ -518,7 +518,7 @@ public final class Pool: @unchecked Sendable {
             var dropped: UInt64 = 0
             if size < volume.record.sizeByteCount {
                 let range = engine.blockCount(sizeByteCount: size)..<engine.blockCount(sizeByteCount: volume.record.sizeByteCount)
-                dropped = engine.mappedSlotCount(volume.map, in: range) * UInt64(engine.blockByteCount)
+                dropped = try engine.mappedSlotCount(volume.map, in: range) * UInt64(engine.blockByteCount)
                 guard allowShrink else {
                     throw PoolError.invalidArgument("shrinking \(name) from \(volume.record.sizeByteCount) to \(size) bytes drops the data past the new end (\(dropped) mapped bytes); allow it explicitly (allowShrink, CLI --shrink)")
                 }
@@ -568,7 +568,7 @@ extension Engine {
                 for child in node.children { if let child { try walk(child, exclusivePath: mine) } }
                 return
             }
-            for id in node.words where id != 0 {
+            for id in try leafWords(node) where id != 0 {
                 let bytes = try table.location(of: id).allocatedByteCount
                 mapped += 1
                 allocated += bytes

@@ -30,7 +30,7 @@ extension Volume {
     public func extents() throws -> [VolumeExtent] {
         try pool.locked {
             let volume = try state()
-            return pool.engine.extents(of: volume, in: 0..<volume.record.sizeByteCount)
+            return try pool.engine.extents(of: volume, in: 0..<volume.record.sizeByteCount)
         }
     }
 
@@ -42,7 +42,7 @@ extension Volume {
             guard range.upperBound <= volume.record.sizeByteCount else {
                 throw PoolError.outOfRange("\(range) of \(volume.record.name), which is \(volume.record.sizeByteCount) bytes")
             }
-            return pool.engine.extents(of: volume, in: range)
+            return try pool.engine.extents(of: volume, in: range)
         }
     }
 
@@ -271,7 +271,7 @@ struct RawImporter {
 extension Engine {
     /// Runs of mapped blocks and holes of `volume` inside `range` (within its size),
     /// clipped to it; subtrees outside the range are not visited.
-    func extents(of volume: VolumeState, in range: Range<UInt64>) -> [VolumeExtent] {
+    func extents(of volume: VolumeState, in range: Range<UInt64>) throws -> [VolumeExtent] {
         let bs = UInt64(blockByteCount)
         var result: [VolumeExtent] = []
         guard !range.isEmpty else { return result }
@@ -286,12 +286,13 @@ extension Engine {
         }
         let map = volume.map
         let firstWanted = range.lowerBound / bs, endWanted = (range.upperBound + bs - 1) / bs
-        func walk(_ node: TreeNode, firstBlock: UInt64) {
+        func walk(_ node: TreeNode, firstBlock: UInt64) throws {
             if node.level == 0 {
+                let words = try leafWords(node)
                 let from = Int(max(firstWanted, firstBlock) - firstBlock)
-                let to = Int(min(endWanted - firstBlock, UInt64(node.words.count)))
+                let to = Int(min(endWanted - firstBlock, UInt64(words.count)))
                 guard from < to else { return }
-                for i in from..<to { add((firstBlock + UInt64(i)) * bs, bs, node.words[i] != 0) }
+                for i in from..<to { add((firstBlock + UInt64(i)) * bs, bs, words[i] != 0) }
                 return
             }
             let span = map.span(level: node.level)
@@ -300,13 +301,13 @@ extension Engine {
                 if start >= endWanted { break }
                 if start + span <= firstWanted { continue }
                 if let child {
-                    walk(child, firstBlock: start)
+                    try walk(child, firstBlock: start)
                 } else {
                     add(start * bs, span * bs, false)
                 }
             }
         }
-        if let root = map.root { walk(root, firstBlock: 0) }
+        if let root = map.root { try walk(root, firstBlock: 0) }
         // The walk covers the range in order up to what the map reaches; the rest (no
         // root, or past the map's capacity) is a hole.
         let covered = result.last.map { $0.offset + $0.length } ?? range.lowerBound

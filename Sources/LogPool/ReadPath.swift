@@ -142,7 +142,7 @@ extension Engine {
         var plan = ReadPlan(blockByteCount: blockByteCount)
         let bs = UInt64(blockByteCount)
         let runLimit = 256
-        var map = MapCursor(volume.map)
+        var map = MapCursor(self, volume.map)
         var table = BlockTableCursor(self)
         func locate(_ id: UInt64) throws -> BlockLocation { try table.location(of: id) }
         var done = 0
@@ -151,12 +151,12 @@ extension Engine {
             let blockIndex = position / bs
             let inBlock = Int(position % bs)
             let take = min(blockByteCount - inBlock, byteCount - done)
-            let id = map.id(at: blockIndex)
+            let id = try map.id(at: blockIndex)
             if id == 0 {
                 // Extend over the following unmapped blocks.
                 var end = done + take
                 var next = blockIndex + 1
-                while end < byteCount, map.id(at: next) == 0 {
+                while end < byteCount, try map.id(at: next) == 0 {
                     end = min(end + blockByteCount, byteCount)
                     next += 1
                 }
@@ -174,7 +174,7 @@ extension Engine {
             var next = blockIndex + 1
             var extentEnd = location.byteOffset + (location.isCompressed ? location.allocatedByteCount : bs)
             while (blocks.count + 1) * blockByteCount <= byteCount - done, blocks.count < runLimit {
-                let nextID = map.id(at: next)
+                let nextID = try map.id(at: next)
                 guard nextID != 0 else { break }
                 let nextLocation = try locate(nextID)
                 if location.isCompressed {

@@ -9,15 +9,18 @@ import LogPoolFormat
 final class TreeNode {
     let kind: PageKind
     let level: Int
-    /// Leaf slots as 8-byte words (map: 1 word per slot; block table: 3).
+    /// Leaf slots as 8-byte words (map: 1 word per slot; block table: 3; refcounts: two
+    /// counts per word). Empty for a leaf that is not resident: map and block-table
+    /// leaves are read through the ``PageCache`` (``Engine/leafWords(_:)``), refcount
+    /// leaves hold words only while a checkpoint writes them.
     var words: [UInt64]
     /// Interior slots.
     var children: [TreeNode?]
     var disk: PagePointer
     var parentCount: Int
-    /// Block-table leaves only: in the ``PageCache``'s ring, and used since the clock
-    /// hand last passed (changed under the cache's mutex). A table leaf whose `words` are
-    /// empty is not resident: its page is read on next use.
+    /// Map and block-table leaves only: in the ``PageCache``'s ring, and used since the
+    /// clock hand last passed (changed under the cache's mutex). Such a leaf whose
+    /// `words` are empty is not resident: its page is read on next use.
     var inCache = false
     var referenced = false
 
@@ -86,8 +89,11 @@ struct Tree {
 
 /// Looks up a map's slots in increasing order with one tree descent per leaf, not per
 /// slot (issue 11: a read of many blocks costs a descent per leaf): the current leaf's
-/// words are kept and reused while the slots stay inside it.
+/// words are kept and reused while the slots stay inside it. Leaves come through the
+/// engine's ``PageCache`` (read from their page when not resident), so a cursor is safe
+/// under the shared lock.
 struct MapCursor {
+    let engine: Engine
     let tree: Tree
     private var words: [UInt64] = []
     /// Slots [base, base + fanout) are covered by `words` (empty: an unmapped subtree).
@@ -95,19 +101,23 @@ struct MapCursor {
     private var end: UInt64 = 0
     private let fanout = UInt64(PageLayout.mapLeafFanout)
 
-    init(_ tree: Tree) { self.tree = tree }
+    init(_ engine: Engine, _ tree: Tree) {
+        self.engine = engine
+        self.tree = tree
+    }
 
     /// The block id at `slot` (0 = unmapped), descending only when `slot` leaves the
-    /// current leaf.
-    mutating func id(at slot: UInt64) -> UInt64 {
-        if slot < base || slot >= end { descend(to: slot) }
+    /// current leaf. A leaf that cannot be read is the error of ``Engine/leafWords(_:)``.
+    mutating func id(at slot: UInt64) throws -> UInt64 {
+        if slot < base || slot >= end { try descend(to: slot) }
         return words.isEmpty ? 0 : words[Int(slot - base)]
     }
 
-    private mutating func descend(to slot: UInt64) {
+    private mutating func descend(to slot: UInt64) throws {
         base = slot - slot % fanout
         end = base + fanout
-        words = tree.leaf(containing: slot)?.leaf.words ?? []
+        words = []
+        if let leaf = tree.leaf(containing: slot)?.leaf { words = try engine.leafWords(leaf) }
     }
 }
 

@@ -900,7 +900,8 @@ struct Checker {
         let blockSize = UInt64(sb.geometry.blockByteCount)
         if let engine {
             for volume in engine.volumes.values.sorted(by: { $0.record.name < $1.record.name }) {
-                engine.forEachMapped(volume.map) { index, id in
+                // A map leaf that cannot be read is reported by the page checks already.
+                try? engine.forEachMapped(volume.map) { index, id in
                     if damaged[id] != nil { owners[id, default: []].append(BlockOwner(volume: volume.record.name, byteOffset: index * blockSize)) }
                 }
             }

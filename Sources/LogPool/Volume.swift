@@ -159,7 +159,7 @@ extension Engine {
         let endWhole = end / bs
         var edges: [(UInt64, [UInt8])] = []
         func zeroEdge(_ blockIndex: UInt64) throws {
-            let old = mapLookup(volume.map, blockIndex: blockIndex)
+            let old = try mapLookup(volume.map, blockIndex: blockIndex)
             guard old != 0 else { return }
             var block = [UInt8](repeating: 0, count: blockByteCount)
             try block.withUnsafeMutableBytes { try readBlock(old, into: $0) }

@@ -109,8 +109,20 @@ func monotonicSeconds() -> Double {
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
-/// This process's peak resident set size so far.
+/// This process's peak resident set size so far: `VmHWM` of /proc/self/status, the
+/// high-water mark of this program's own address space. `ru_maxrss` is not that: Linux
+/// carries the spawning process's high-water mark across `execve` when the child was
+/// started with a shared address space (posix_spawn's vfork), so a probe spawned by a
+/// bench that had just written 16 GiB reported the bench's RSS (257 MiB) instead of its
+/// own (about 30 MiB). Falls back to `ru_maxrss` where /proc is missing. (/proc files
+/// report size 0, so they are read to their end, not by their size.)
 func peakResidentBytes() -> UInt64 {
+    if let handle = FileHandle(forReadingAtPath: "/proc/self/status"),
+       let data = try? handle.readToEnd(), let status = String(data: data, encoding: .utf8),
+       let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+       let kib = UInt64(line.dropFirst("VmHWM:".count).split(whereSeparator: { $0 == " " || $0 == "\t" }).first ?? "") {
+        return kib * 1024
+    }
     var usage = rusage()
     getrusage(RUSAGE_SELF.rawValue, &usage)
     return UInt64(usage.ru_maxrss) * 1024

@@ -129,7 +129,7 @@ struct PageCacheTests {
     /// touches (usage from the root, kept by replay's `apply`). Both match the figures of
     /// a full rebuild, and writes after them land where it is safe (the pools verify
     /// clean).
-    @Test("a clean open reads no block-table leaf; a crashed one only those replay touches")
+    @Test("a clean open reads no leaf page; a crashed one only those replay touches")
     func cleanOpenReadsNoLeaf() throws {
         let (pool, device) = try makePool(capacity: 16 << 20)
         let v = try pool.createVolume(name: "v", size: 4 << 20)
@@ -143,12 +143,13 @@ struct PageCacheTests {
         let clean = device.currentImage
         let cleanDevice = SimulatedDevice(image: clean)
         let cleanPool = try Pool.open(on: cleanDevice)
-        #expect(cleanPool.engine.pageCache.loadCount == 0, "a clean open loaded \(cleanPool.engine.pageCache.loadCount) table leaves")
-        // 768 blocks fill 5 table leaves; the 16 new ids replay adds lie in one of them.
+        #expect(cleanPool.engine.pageCache.loadCount == 0, "a clean open loaded \(cleanPool.engine.pageCache.loadCount) leaves")
+        // 768 blocks fill 5 table leaves; the 16 new ids replay adds lie in one of them,
+        // and the 16 blocks it maps in one map leaf (both kinds of leaf are read on use).
         let crashedDevice = SimulatedDevice(image: crashed)
         let crashedPool = try Pool.open(on: crashedDevice)
-        #expect(crashedPool.recoveryReport.replayedRecordCount > 0 && crashedPool.engine.pageCache.loadCount <= 1,
-                "a crashed open loaded \(crashedPool.engine.pageCache.loadCount) table leaves: \(crashedPool.recoveryReport)")
+        #expect(crashedPool.recoveryReport.replayedRecordCount > 0 && crashedPool.engine.pageCache.loadCount <= 2,
+                "a crashed open loaded \(crashedPool.engine.pageCache.loadCount) leaves: \(crashedPool.recoveryReport)")
         let crashedRebuilt = try Pool.openRebuildingCounts(on: SimulatedDevice(image: crashed))
         #expect(crashedPool.engine.dataLiveByteCounts == crashedRebuilt.engine.dataLiveByteCounts)
         #expect(crashedPool.engine.metaLiveByteCounts == crashedRebuilt.engine.metaLiveByteCounts)
@@ -167,6 +168,50 @@ struct PageCacheTests {
         let report = try Pool.verify(on: SimulatedDevice(image: cleanDevice.currentImage))
         #expect(report.problems.isEmpty, "\(report.problems)")
     }
+    /// ARCHITECTURE §5 step 2: open reads no map leaf; a leaf is read on first use
+    /// through the cache, so a damaged one fails only the calls that reach it (with
+    /// `corrupt(map page)` naming it), while the rest of the volume, other volumes and
+    /// writes elsewhere go on, and a one-page cache serves all of it.
+    @Test("map leaves are read on first use: a damaged one fails only the calls that reach it")
+    func lazyMapLeaves() throws {
+        let (pool, device) = try makePool(capacity: 32 << 20)
+        let v = try pool.createVolume(name: "v", size: 8 << 20)  // 2,048 blocks: 5 map leaves
+        try v.write(at: 0, from: pattern(8 << 20, seed: 5))
+        let w = try pool.createVolume(name: "w", size: 1 << 20)
+        try w.write(at: 0, from: pattern(1 << 20, seed: 6))
+        try pool.close()
+        var image = device.currentImage
+        let leaf = try {
+            let reader = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
+            let root = try #require(reader.engine.volumes[reader.engine.volumeIDsByName["v"]!]!.map.root)
+            #expect(root.level == 1 && reader.engine.pageCache.loadCount == 0, "open read no leaf")
+            return try #require(root.children[2]).disk.byteOffset
+        }()
+        image[Int(leaf) + 100] ^= 1
+        let damaged = SimulatedDevice(image: image)
+        let reopened = try Pool.open(on: damaged, metadataCacheBytes: 4096)
+        let v2 = try reopened.openVolume(name: "v")
+        let fanout = PageLayout.mapLeafFanout, expected = pattern(8 << 20, seed: 5)
+        // Leaves 0 and 1 (blocks 0..<1018) read back through a one-page cache.
+        #expect(try v2.read(at: 0, length: 2 * fanout * 4096) == Array(expected[0..<(2 * fanout * 4096)]))
+        let error = #expect(throws: PoolError.self) { try v2.read(at: UInt64(2 * fanout * 4096), length: 4096) }
+        if case .corrupt(let structure, let offset, _)? = error {
+            #expect(structure == "map page" && (leaf..<leaf + 4096).contains(offset), "\(String(describing: error))")
+        } else {
+            Issue.record("not corrupt(map page): \(String(describing: error))")
+        }
+        #expect(try v2.read(at: UInt64(3 * fanout * 4096), length: 4096) == Array(expected[(3 * fanout * 4096)..<(3 * fanout * 4096 + 4096)]))
+        #expect(try reopened.openVolume(name: "w").read(at: 0, length: 1 << 20) == pattern(1 << 20, seed: 6))
+        try v2.write(at: 0, from: pattern(64 << 10, seed: 9))
+        #expect(try v2.read(at: 0, length: 64 << 10) == pattern(64 << 10, seed: 9))
+        #expect(reopened.engine.pageCache.evictionCount > 0 && reopened.engine.pageCache.residentCount <= 3)
+        try reopened.close()
+        let report = try Pool.verify(on: SimulatedDevice(image: damaged.currentImage))
+        // (Verify's own replay, which rebuilds every count from the maps, cannot load the
+        // pool either: `journal-not-checked`, as before leaves were read on use.)
+        #expect(report.problems.contains { $0.code == "page-damaged" && $0.byteOffset == leaf }, "\(report.problems)")
+    }
+
 }
 
 /// Hands the test's tree nodes (a class the engine guards with its own locks) to the

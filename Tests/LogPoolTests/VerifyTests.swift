@@ -331,8 +331,8 @@ struct VerifyTests {
         let (device, _) = try fixture()
         let clean = device.currentImage
         let (shared, own) = try locate(clean) { engine in
-            (engine.mapLookup(engine.volumes[engine.volumeIDsByName["v"]!]!.map, blockIndex: 5),
-             engine.mapLookup(engine.volumes[engine.volumeIDsByName["c"]!]!.map, blockIndex: 0))
+            (try engine.mapLookup(engine.volumes[engine.volumeIDsByName["v"]!]!.map, blockIndex: 5),
+             try engine.mapLookup(engine.volumes[engine.volumeIDsByName["c"]!]!.map, blockIndex: 0))
         }
         #expect(shared != 0 && own != 0 && shared != own)
         func bump(_ words: inout [UInt64], _ id: UInt64, by delta: Int64) {
