@@ -233,7 +233,7 @@ extension Engine {
         checkpointExtent = (rootOffset, UInt64(rootByteCount))
         pendingPageReleases.removeAll()
         dirtyPageCount = 0
-        dirtyTableLeafCount = 0
+        dirtyLeafCount = 0
         journal.resetAfterCheckpoint(epoch: generation)
         // Segments with nothing live left become free, the open one too, except
         // those the older slot's replay still reads.

@@ -139,7 +139,7 @@ extension Engine {
     private func markDirty(_ nodes: [TreeNode]) throws {
         for node in nodes where !node.isDirty {
             try makeResident(node)
-            if node.kind == .blockTable && node.level == 0 { dirtyTableLeafCount += 1 }
+            if node.kind != .refcounts && node.level == 0 { dirtyLeafCount += 1 }
             pendingPageReleases.append(node.disk.byteOffset)
             node.disk = .none
             dirtyPageCount += 1

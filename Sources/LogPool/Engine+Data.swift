@@ -461,7 +461,7 @@ extension Engine {
         try ensureMounted()
         let worst = JournalWriter.worstCaseByteCount(payloadByteCount: payloadByteCount)
         if journal.freeByteCount < worst || journal.usedByteCount + journal.keptByteCount > journal.ringByteCount / 4 * 3
-            || journal.recordCount >= replayRecordBound || dirtyTableLeafCount > dirtyPageBound {
+            || journal.recordCount >= replayRecordBound || dirtyLeafCount > dirtyPageBound {
             try checkpoint()
             // The epoch just closed stays in the ring for the older slot; when the
             // rest is too small for this record, one more commit (no record since) frees it.

@@ -27,13 +27,14 @@ extension Engine {
         for volume in volumes.values { if let root = volume.map.root { visit(root, kind: .map) } }
         if let root = refcountTree.root { visit(root, kind: .refcounts) }
         var expectedRefcounts = [UInt32](repeating: 0, count: Int(blockIDLimit))
-        var dirty = 0
+        var dirty = 0, dirtyLeaves = 0
         var meta = [UInt64](repeating: 0, count: segmentStates.count)
         for (key, node) in nodes {
             if node.parentCount != parents[key] {
                 problems.append("node at level \(node.level) has parent count \(node.parentCount), found \(parents[key] ?? 0) parents")
             }
             if node.isDirty { dirty += 1 } else { meta[segment(of: node.disk.byteOffset)] += UInt64(PoolGeometry.pageByteCount) }
+            if node.isDirty && node.level == 0 && kinds[key] != .refcounts { dirtyLeaves += 1 }
             if kinds[key] == .map && node.level == 0 {
                 guard let words = try? leafWords(node) else {
                     problems.append("map leaf at \(node.disk.byteOffset) cannot be read")
@@ -46,6 +47,7 @@ extension Engine {
             }
         }
         if dirty != dirtyPageCount { problems.append("dirty page count \(dirtyPageCount), found \(dirty)") }
+        if dirtyLeaves != dirtyLeafCount { problems.append("dirty leaf count \(dirtyLeafCount), found \(dirtyLeaves) dirty map and table leaves") }
         var data = [UInt64](repeating: 0, count: segmentStates.count)
         if ids.refcounts.count != Int(blockIDLimit) {
             problems.append("the refcount array holds \(ids.refcounts.count) ids, limit \(blockIDLimit)")

@@ -22,11 +22,12 @@ extension Engine {
             slot.parentCount -= 1
             slot = copy
             dirtyPageCount += 1
+            if kind != .refcounts && copy.level == 0 { dirtyLeafCount += 1 }
         } else if !slot.isDirty {
             pendingPageReleases.append(slot.disk.byteOffset)
             slot.disk = .none
             dirtyPageCount += 1
-            if kind == .blockTable && slot.level == 0 { dirtyTableLeafCount += 1 }
+            if kind != .refcounts && slot.level == 0 { dirtyLeafCount += 1 }
         }
     }
 
@@ -34,7 +35,7 @@ extension Engine {
         dirtyPageCount += 1
         if kind == .blockTable { blockTableNodeCount += 1 }
         if kind == .refcounts { refcountNodeCount += 1 }
-        if kind == .blockTable && level == 0 { dirtyTableLeafCount += 1 }
+        if kind != .refcounts && level == 0 { dirtyLeafCount += 1 }
         return TreeNode(kind: kind, level: level)
     }
 
@@ -43,7 +44,12 @@ extension Engine {
     func release(_ node: TreeNode, kind: PageKind) throws {
         node.parentCount -= 1
         guard node.parentCount == 0 else { return }
-        if node.isDirty { dirtyPageCount -= 1 } else { pendingPageReleases.append(node.disk.byteOffset) }
+        if node.isDirty {
+            dirtyPageCount -= 1
+            if kind != .refcounts && node.level == 0 { dirtyLeafCount -= 1 }
+        } else {
+            pendingPageReleases.append(node.disk.byteOffset)
+        }
         if node.level > 0 {
             for child in node.children { if let child { try release(child, kind: kind) } }
         } else if kind == .map {

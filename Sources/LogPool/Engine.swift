@@ -76,9 +76,9 @@ final class Engine {
 
     // Metadata pages.
     var dirtyPageCount = 0
-    /// Of those, block-table leaves: what the metadata cache must keep beyond its budget
-    /// (map pages are all resident anyway), so what the dirty bound counts.
-    var dirtyTableLeafCount = 0
+    /// Of those, map and block-table leaves: what the metadata cache must keep beyond
+    /// its budget (dirty leaves are pinned), so what the dirty bound counts (COMMIT §3.1).
+    var dirtyLeafCount = 0
     /// Records one epoch may hold before a checkpoint starts on its own
     /// (``defaultReplayRecordBound``; tests lower it).
     var replayRecordBound = Engine.defaultReplayRecordBound

@@ -42,6 +42,13 @@ public struct PoolStats: Sendable, Equatable, Codable {
     public var journalRecords: Int = 0
     /// The record count at which a checkpoint starts on its own (65,536).
     public var journalRecordBound: Int = 0
+    /// Map and block-table leaves changed since the last checkpoint: pinned in memory
+    /// until it writes them. A checkpoint also starts on its own when they pass
+    /// ``dirtyLeafBound`` (half the metadata cache's pages, at least 64), so memory stays
+    /// bounded under any write load.
+    public var dirtyLeaves: Int = 0
+    /// The dirty leaf count past which a checkpoint starts on its own.
+    public var dirtyLeafBound: Int = 0
     public var compression: String
     /// False when the pool was open for writing and not closed (it was recovered).
     public var cleanlyClosed: Bool
@@ -625,7 +632,8 @@ extension Engine {
                          snapshotCount: snapshots, blockSize: blockByteCount, segmentSize: Int(geometry.segmentByteCount),
                          segmentCount: Int(geometry.segmentCount), freeSegmentCount: freeSegments.count,
                          journalBytes: geometry.journalByteCount, journalUsedBytes: journal.usedByteCount,
-                         journalRecords: journal.recordCount, journalRecordBound: replayRecordBound, compression: compression.description,
+                         journalRecords: journal.recordCount, journalRecordBound: replayRecordBound,
+                         dirtyLeaves: dirtyLeafCount, dirtyLeafBound: dirtyPageBound, compression: compression.description,
                          cleanlyClosed: !recoveryReport.wasMounted, generation: superblock.generation,
                          atomicWriteBytes: Engine.atomicUnitByteCount, writtenDataBytes: writtenDataByteCount,
                          movedDataBytes: compactionMovedByteCount)

@@ -219,7 +219,10 @@ extension Bench {
                 if k % 32 == 0 {
                     try crashing.sync()
                     let s = crashing.stats
-                    if s.journalUsedBytes >= s.journalBytes * 7 / 10 || s.journalRecords >= s.journalRecordBound - 64 { break }
+                    // Also the dirty leaves' bound: past it the next write checkpoints, so
+                    // without this the loop never stops on a pool of 16 GiB or more.
+                    if s.journalUsedBytes >= s.journalBytes * 7 / 10 || s.journalRecords >= s.journalRecordBound - 64
+                        || s.dirtyLeaves >= s.dirtyLeafBound - 64 { break }
                 }
             }
             try crashing.sync()
