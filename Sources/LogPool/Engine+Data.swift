@@ -439,12 +439,10 @@ extension Engine {
         space.hasEmptyUsedSegment || !pendingPageReleases.isEmpty
     }
 
-    /// Dirty block-table leaves are the only copy of what they hold until a checkpoint
-    /// writes them, so the cache cannot drop them: past half its budget (at least 64
-    /// leaves) the next change checkpoints first, which keeps memory bounded under any
-    /// write load. Map pages do not count: they are all resident whether dirty or not,
-    /// and counting them made random overwrites of a 16 GiB pool checkpoint every few
-    /// thousand writes (each rewriting thousands of map pages).
+    /// Dirty map and block-table leaves are the only copy of what they hold until a
+    /// checkpoint writes them, so the cache cannot drop them: past half its budget (at
+    /// least 64 leaves) the next change checkpoints first, which keeps memory bounded
+    /// under any write load (COMMIT §3.1 has what this costs random writes).
     var dirtyPageBound: Int { max(64, pageCache.budgetPageCount / 2) }
 
     /// The most records one epoch holds before a checkpoint starts on its own: the
@@ -455,8 +453,8 @@ extension Engine {
     static let defaultReplayRecordBound = 65_536
 
     /// Makes room in the journal ring for a record, checkpointing when it is too full,
-    /// when it holds ``replayRecordBound`` records of this epoch, or when too many pages are dirty
-    /// (``dirtyPageBound``).
+    /// when it holds ``replayRecordBound`` records of this epoch, or when too many leaves
+    /// are dirty (``dirtyPageBound``).
     func ensureJournalSpace(payloadByteCount: Int) throws {
         try ensureMounted()
         let worst = JournalWriter.worstCaseByteCount(payloadByteCount: payloadByteCount)

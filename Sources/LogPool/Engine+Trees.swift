@@ -54,7 +54,26 @@ extension Engine {
             for child in node.children { if let child { try release(child, kind: kind) } }
         } else if kind == .map {
             for id in try leafWords(node) where id != 0 { try dropBlockReference(id) }
+            // No tree names it any more: out of the cache now, dirty or not (a dirty
+            // leaf is never evicted, so a released one would stay pinned for good).
+            pageCache.forget(node)
         }
+    }
+
+    /// Reads every map leaf that deleting the map under `root` releases (the nodes only
+    /// this map holds), before its record is journaled: a leaf that cannot be read then
+    /// refuses the delete with nothing changed, instead of failing `apply` after the
+    /// record is in the journal, which would poison the handle and fail every replay.
+    func readLeavesReleased(underRoot root: TreeNode?) throws {
+        func visit(_ node: TreeNode) throws {
+            guard node.parentCount == 1 else { return }
+            if node.level > 0 {
+                for child in node.children { if let child { try visit(child) } }
+            } else {
+                _ = try leafWords(node)
+            }
+        }
+        if let root { try visit(root) }
     }
 
     /// One fewer leaf names block `id`; at zero the block is free and its space dead.

@@ -63,6 +63,16 @@ final class PageCache: @unchecked Sendable {
         evict(keeping: budgetPageCount)
     }
 
+    /// `node` left every tree (released): it is dropped at the next sweep whether dirty
+    /// or not, and its words now.
+    func forget(_ node: TreeNode) {
+        mutex.lock()
+        defer { mutex.unlock() }
+        guard node.inCache else { return }
+        node.released = true
+        node.words = []
+    }
+
     /// Resident leaves the cache holds, dirty ones included.
     var residentCount: Int {
         mutex.lock()
@@ -79,6 +89,12 @@ final class PageCache: @unchecked Sendable {
             steps -= 1
             if hand >= ring.count { hand = 0 }
             let node = ring[hand]
+            if node.released {
+                node.inCache = false
+                ring.swapAt(hand, ring.count - 1)
+                ring.removeLast()
+                continue
+            }
             if node.isDirty { hand += 1; continue }
             if node.referenced { node.referenced = false; hand += 1; continue }
             node.words = []

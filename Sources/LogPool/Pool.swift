@@ -483,6 +483,7 @@ public final class Pool: @unchecked Sendable {
             try engine.checkWritable()
             let volume = try volumeState(named: name)
             let intent = JournalIntent.delete(id: volume.record.id)
+            try engine.readLeavesReleased(underRoot: volume.map.root)
             try engine.ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
             // Its pages are released, but the counts of every block its map names change,
             // and the next checkpoint writes their refcount leaves: room for them is

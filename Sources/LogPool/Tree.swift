@@ -23,6 +23,8 @@ final class TreeNode {
     /// `words` are empty is not resident: its page is read on next use.
     var inCache = false
     var referenced = false
+    /// Left every tree while in the ``PageCache``'s ring: dropped at its next sweep.
+    var released = false
 
     init(kind: PageKind, level: Int) {
         self.kind = kind

@@ -222,7 +222,7 @@ extension Bench {
                     // Also the dirty leaves' bound: past it the next write checkpoints, so
                     // without this the loop never stops on a pool of 16 GiB or more.
                     if s.journalUsedBytes >= s.journalBytes * 7 / 10 || s.journalRecords >= s.journalRecordBound - 64
-                        || s.dirtyLeaves >= s.dirtyLeafBound - 64 { break }
+                        || s.dirtyLeaves >= s.dirtyLeafBound - min(64, s.dirtyLeafBound / 4) { break }
                 }
             }
             try crashing.sync()

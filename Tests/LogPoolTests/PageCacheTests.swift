@@ -168,6 +168,49 @@ struct PageCacheTests {
         let report = try Pool.verify(on: SimulatedDevice(image: cleanDevice.currentImage))
         #expect(report.problems.isEmpty, "\(report.problems)")
     }
+    /// A map leaf that leaves every tree (delete, discard, shrink) leaves the cache too,
+    /// dirty or not: a dirty leaf is never evicted, so a released one used to stay pinned
+    /// for good and the ring grew past its budget with every overwrite-then-delete.
+    /// And a delete whose map has an unreadable leaf is refused before its record is
+    /// journaled, with nothing changed.
+    @Test("released map leaves leave the cache; a delete that cannot read a leaf changes nothing")
+    func releasedLeavesLeaveTheCache() throws {
+        let device = SimulatedDevice(byteCount: 64 << 20)
+        let budget = 16
+        let pool = try Pool.create(on: device, capacity: 64 << 20, blockSize: 4096, segmentSize: 64 << 10, compression: .none,
+                                   metadataCacheBytes: budget * 4096)
+        let fanout = UInt64(PageLayout.mapLeafFanout) * 4096
+        for round in 0..<12 {
+            let v = try pool.createVolume(name: "v\(round)", size: 8 << 20)
+            try v.write(at: 0, from: pattern(8 << 20, seed: UInt8(round)))
+            try pool.checkpoint()
+            // One block in each of the 5 leaves: dirty in place, in the ring.
+            for leaf in 0..<4 { try v.write(at: UInt64(leaf) * fanout, from: pattern(4096, seed: 99)) }
+            try pool.delete(name: "v\(round)")
+            _ = try pool.createVolume(name: "w\(round)", size: 1 << 20).read(at: 0, length: 4096)
+        }
+        #expect(pool.engine.pageCache.residentCount <= budget + 8, "ring holds \(pool.engine.pageCache.residentCount) leaves, budget \(budget)")
+        #expect(pool.internalConsistencyProblems().isEmpty)
+
+        let keep = try pool.createVolume(name: "keep", size: 8 << 20)
+        try keep.write(at: 0, from: pattern(8 << 20, seed: 3))
+        try pool.close()
+        var image = device.currentImage
+        let leaf = try {
+            let reader = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
+            return try #require(reader.engine.volumes[reader.engine.volumeIDsByName["keep"]!]!.map.root?.children[1]).disk.byteOffset
+        }()
+        image[Int(leaf) + 64] ^= 4
+        let damaged = SimulatedDevice(image: image)
+        let reopened = try Pool.open(on: damaged)
+        #expect(throws: PoolError.self, "the delete cannot read a leaf it releases") { try reopened.delete(name: "keep") }
+        #expect(reopened.engine.poisonCause == nil, "refused before journaling: the handle goes on")
+        #expect(reopened.engine.volumeIDsByName["keep"] != nil)
+        try reopened.close()
+        // (`list` would read every leaf for its figures, and fail on the damaged one.)
+        #expect(try Pool.open(on: damaged).engine.volumeIDsByName["keep"] != nil, "and the pool still opens")
+    }
+
     /// ARCHITECTURE §5 step 2: open reads no map leaf; a leaf is read on first use
     /// through the cache, so a damaged one fails only the calls that reach it (with
     /// `corrupt(map page)` naming it), while the rest of the volume, other volumes and
