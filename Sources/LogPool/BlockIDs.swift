@@ -48,11 +48,7 @@ struct BlockIDs {
 
     @inline(__always)
     private mutating func markChanged(_ index: Int) {
-        let leaf = index / PageLayout.refcountsPerLeaf
-        if !changedLeaves[leaf] {
-            changedLeaves[leaf] = true
-            changedLeafCount += 1
-        }
+        markChanged(leaf: index / PageLayout.refcountsPerLeaf)
     }
 
     /// Leaf `leaf` is written by the next checkpoint (its stored counts were wrong).

@@ -271,8 +271,9 @@ extension Engine {
         var metaLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         var dataLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         let derive = rebuildCounts || storedProblem != nil
-        // Map leaves read back check their ids against this limit (``readMapLeaf``).
-        self.ids = derive ? BlockIDs(limit: root.blockIDLimit) : stored
+        // Map leaves read back check their ids against this limit (``readMapLeaf``), and
+        // replay's id bound (``apply``) starts from the checkpoint's live count.
+        ids = derive ? BlockIDs(limit: root.blockIDLimit) : stored
         var derivedLeaves: [(offset: UInt64, node: TreeNode)] = []
         for (offset, page) in cache {
             let (kind, node) = (page.kind, page.node)
@@ -284,9 +285,8 @@ extension Engine {
         // Each unique map leaf once, streamed through the cache in file order.
         derivedLeaves.sort { $0.offset < $1.offset }
         for (_, node) in derivedLeaves {
-            for id in try leafWords(node) where id != 0 { self.ids.retain(id) }
+            for id in try leafWords(node) where id != 0 { ids.retain(id) }
         }
-        var ids = self.ids
         // Deriving marked every leaf it counted; the next checkpoint writes only those
         // whose stored counts are wrong (below), or every one when the tree is unusable.
         if derive { _ = ids.takeChangedLeaves() }
@@ -316,8 +316,6 @@ extension Engine {
         }
         metaLiveByteCounts[segment(of: sb.checkpointByteOffset)] += sectorAligned(sb.checkpointByteCount)
         checkpointExtent = (sb.checkpointByteOffset, sb.checkpointByteCount)
-        // Replay's id bound (``apply``) starts from the checkpoint's live count.
-        self.ids = ids
         // Stored usage counts pages of the refcount tree that could not be reached.
         if !streamingTable && storedProblem == nil {
             if zip(root.segmentLiveByteCounts, metaLiveByteCounts).allSatisfy({ $0 >= $1 && $0 <= UInt64(geometry.segmentByteCount) }) {

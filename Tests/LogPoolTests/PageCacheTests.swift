@@ -168,6 +168,14 @@ struct PageCacheTests {
         let report = try Pool.verify(on: SimulatedDevice(image: cleanDevice.currentImage))
         #expect(report.problems.isEmpty, "\(report.problems)")
     }
+    /// Where map leaf `child` of `volume`'s (two-level) map lies in `image`, with the
+    /// root's level and the leaves the read-only open loaded to find it.
+    private func mapLeaf(_ image: [UInt8], volume: String, child: Int) throws -> (offset: UInt64, rootLevel: Int, loads: Int) {
+        let reader = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
+        let root = try #require(reader.engine.volumes[reader.engine.volumeIDsByName[volume]!]!.map.root)
+        return (try #require(root.children[child]).disk.byteOffset, root.level, reader.engine.pageCache.loadCount)
+    }
+
     /// A map leaf that leaves every tree (delete, discard, shrink) leaves the cache too,
     /// dirty or not: a dirty leaf is never evicted, so a released one used to stay pinned
     /// for good and the ring grew past its budget with every overwrite-then-delete.
@@ -196,10 +204,7 @@ struct PageCacheTests {
         try keep.write(at: 0, from: pattern(8 << 20, seed: 3))
         try pool.close()
         var image = device.currentImage
-        let leaf = try {
-            let reader = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
-            return try #require(reader.engine.volumes[reader.engine.volumeIDsByName["keep"]!]!.map.root?.children[1]).disk.byteOffset
-        }()
+        let leaf = try mapLeaf(image, volume: "keep", child: 1).offset
         image[Int(leaf) + 64] ^= 4
         let damaged = SimulatedDevice(image: image)
         let reopened = try Pool.open(on: damaged)
@@ -224,12 +229,8 @@ struct PageCacheTests {
         try w.write(at: 0, from: pattern(1 << 20, seed: 6))
         try pool.close()
         var image = device.currentImage
-        let leaf = try {
-            let reader = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
-            let root = try #require(reader.engine.volumes[reader.engine.volumeIDsByName["v"]!]!.map.root)
-            #expect(root.level == 1 && reader.engine.pageCache.loadCount == 0, "open read no leaf")
-            return try #require(root.children[2]).disk.byteOffset
-        }()
+        let (leaf, rootLevel, loads) = try mapLeaf(image, volume: "v", child: 2)
+        #expect(rootLevel == 1 && loads == 0, "open read no leaf")
         image[Int(leaf) + 100] ^= 1
         let damaged = SimulatedDevice(image: image)
         let reopened = try Pool.open(on: damaged, metadataCacheBytes: 4096)
