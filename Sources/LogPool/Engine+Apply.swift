@@ -114,7 +114,7 @@ extension Engine {
                 }
                 let old = leaf.words[index]
                 leaf.words[index] = m.blockID
-                ids.retain(m.blockID)
+                try ids.retain(m.blockID, load: storedRefcountWords)
                 if old != 0 { try dropBlockReference(old) }
             }
         case .mapRun(let volumeID, let index, let id, let offset, let stored, let checksums):
@@ -130,7 +130,7 @@ extension Engine {
             try apply(.map(volumeID: volumeID, unmapRanges: [], mappings: mappings), recordByteOffset: recordByteOffset)
         case .relocate(let moves):
             for move in moves {
-                guard ids.refcount(move.blockID) > 0 else {
+                guard try refcount(move.blockID) > 0 else {
                     throw bad("relocated block id \(move.blockID) is not in use")
                 }
                 try checkLocation(move.location, bad)
@@ -159,7 +159,7 @@ extension Engine {
         guard id >= 1, id < ids.highWater else {
             throw bad("new block id \(id) is out of range (the id space reaches \(ids.highWater) here)")
         }
-        guard ids.refcount(id) == 0, newIDs?.pointee.insert(id).inserted ?? true else {
+        guard try refcount(id) == 0, newIDs?.pointee.insert(id).inserted ?? true else {
             throw bad("new block id \(id) is already in use")
         }
         try checkLocation(location, bad)

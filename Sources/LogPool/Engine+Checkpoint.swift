@@ -14,7 +14,8 @@ extension Engine {
                               blockTableRoot: blockTable.root?.disk ?? .none, blockTableHeight: blockTable.height,
                               blockIDLimit: blockIDLimit, volumes: records,
                               segmentLiveByteCounts: metaLiveByteCounts,
-                              refcountRoot: refcountTree.root?.disk ?? .none, refcountHeight: refcountTree.height)
+                              refcountRoot: refcountTree.root?.disk ?? .none, refcountHeight: refcountTree.height,
+                              liveBlockCount: UInt64(ids.liveCount))
     }
 
     /// Puts every refcount leaf whose counts changed since the last checkpoint into the
@@ -26,21 +27,23 @@ extension Engine {
         grow(&refcountTree, toCover: (blockIDLimit + 1) / 2)
         let perLeaf = UInt64(PageLayout.wordCapacity)
         for leaf in ids.takeChangedLeaves() {
+            let words = try ids.packedWords(leaf: leaf, load: storedRefcountWords)
             let (node, _) = try leafForWriting(&refcountTree, slot: UInt64(leaf) * perLeaf)
-            node.words = ids.packedWords(leaf: leaf)
+            node.words = words
         }
         // A dirty leaf's parent is dirty, so only dirty interior nodes are walked.
-        func fill(_ node: TreeNode, base: UInt64) {
+        func fill(_ node: TreeNode, base: UInt64) throws {
             guard node.isDirty else { return }
             if node.level == 0 {
-                if node.words.isEmpty { node.words = ids.packedWords(leaf: Int(base / perLeaf)) }
+                // Compaction reads a leaf it moves (``markDirty``); this is a fallback.
+                if node.words.isEmpty { node.words = try ids.packedWords(leaf: Int(base / perLeaf), load: storedRefcountWords) }
                 return
             }
             for (i, child) in node.children.enumerated() {
-                if let child { fill(child, base: PageLayout.childBase(base, index: i, kind: .refcounts, level: node.level)) }
+                if let child { try fill(child, base: PageLayout.childBase(base, index: i, kind: .refcounts, level: node.level)) }
             }
         }
-        if let root = refcountTree.root { fill(root, base: 0) }
+        if let root = refcountTree.root { try fill(root, base: 0) }
     }
 
     /// Where appends go on after this commit's sync (the open segment's append point

@@ -139,6 +139,18 @@ extension Engine {
     private func markDirty(_ nodes: [TreeNode]) throws {
         for node in nodes where !node.isDirty {
             try makeResident(node)
+            if node.kind == .refcounts && node.level == 0 && node.words.isEmpty {
+                // Its counts move with it: read before its page is released (a damaged
+                // one is rebuilt from the maps and written by the next checkpoint).
+                do {
+                    node.words = try readPage(node.disk, kind: .refcounts, level: 0)
+                } catch let error as PoolError {
+                    switch error {
+                    case .io, .corrupt: try rebuildRefcountsFromMaps()
+                    default: throw error
+                    }
+                }
+            }
             if node.kind != .refcounts && node.level == 0 { dirtyLeafCount += 1 }
             pendingPageReleases.append(node.disk.byteOffset)
             node.disk = .none
@@ -171,9 +183,14 @@ extension Engine {
         let considered = Array(candidates.prefix(64))
         var blocksBySegment: [Int: [(UInt64, BlockLocation)]] = [:]
         let consideredSet = Set(considered)
-        try forEachLiveBlock { id, location in
-            let s = segment(of: location.byteOffset)
-            if consideredSet.contains(s) { blocksBySegment[s, default: []].append((id, location)) }
+        // (A damaged refcount leaf met by the pass is rebuilt from the maps, and the pass
+        // runs again: nothing has moved yet.)
+        try withRefcountRepair {
+            blocksBySegment = [:]
+            try forEachLiveBlock { id, location in
+                let s = segment(of: location.byteOffset)
+                if consideredSet.contains(s) { blocksBySegment[s, default: []].append((id, location)) }
+            }
         }
         var victims = Set<Int>()
         var moving: [(UInt64, BlockLocation)] = []
@@ -285,6 +302,8 @@ extension Engine {
                                  keepFree: keepFree, excluding: chosen) else {
                 return false
             }
+            // `apply` checks each moved id is live: its refcount leaf, read and pinned now.
+            try withRefcountRepair { try pinRefcounts(chunk.lazy.map(\.0)) }
             var batch = WriteBatch()
             var moves: [BlockRelocation] = []
             for (id, location) in chunk {

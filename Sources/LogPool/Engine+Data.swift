@@ -359,7 +359,7 @@ extension Engine {
             node = child
         }
         let id = try leafWords(node)[Int(remainder)]
-        return id != 0 && ids.refcount(id) == 1 ? id : nil
+        return try id != 0 && refcount(id) == 1 ? id : nil
     }
 
     /// Recomputes ``holes``: every extent of a used segment's payload, or of the open
@@ -387,7 +387,11 @@ extension Engine {
             live = LiveUnits(geometry)
             // A leaf that cannot be read throws before any hole is listed: a partial
             // marking would offer live space as holes.
-            try forEachLiveBlock { _, location in live.mark(location.byteOffset, location.allocatedByteCount) }
+            // (A damaged refcount leaf is rebuilt from the maps and the pass runs again.)
+            try withRefcountRepair {
+                live = LiveUnits(geometry)
+                try forEachLiveBlock { _, location in live.mark(location.byteOffset, location.allocatedByteCount) }
+            }
         }
         let firstUnit = live.firstUnit
         func add(_ offset: UInt64, _ count: UInt64) {
@@ -439,11 +443,16 @@ extension Engine {
         space.hasEmptyUsedSegment || !pendingPageReleases.isEmpty
     }
 
-    /// Dirty map and block-table leaves are the only copy of what they hold until a
-    /// checkpoint writes them, so the cache cannot drop them: past half its budget (at
-    /// least 64 leaves) the next change checkpoints first, which keeps memory bounded
-    /// under any write load (COMMIT §3.1 has what this costs random writes).
-    var dirtyPageBound: Int { max(64, pageCache.budgetPageCount / 2) }
+    /// Dirty map and block-table leaves, and refcount leaves whose counts changed, are
+    /// the only copy of what they hold until a checkpoint writes them, so neither cache
+    /// can drop them: past half the metadata budget (at least 4 leaves) the next change
+    /// checkpoints first, which keeps memory bounded under any write load (COMMIT §3.1
+    /// has what this costs random writes).
+    var dirtyPageBound: Int { max(4, pageCache.budgetPageCount / 2) }
+
+    /// Leaves only a checkpoint can free: dirty map and table leaves and changed
+    /// refcount leaves (``dirtyPageBound``).
+    var pinnedLeafCount: Int { dirtyLeafCount + ids.changedLeafCount }
 
     /// The most records one epoch holds before a checkpoint starts on its own: the
     /// replay work a crash can leave to the next open. Replay costs about 1-2 µs a record
@@ -459,7 +468,8 @@ extension Engine {
         try ensureMounted()
         let worst = JournalWriter.worstCaseByteCount(payloadByteCount: payloadByteCount)
         if journal.freeByteCount < worst || journal.usedByteCount + journal.keptByteCount > journal.ringByteCount / 4 * 3
-            || journal.recordCount >= replayRecordBound || dirtyLeafCount > dirtyPageBound {
+            || journal.recordCount >= replayRecordBound || pinnedLeafCount > dirtyPageBound {
+            if pinnedLeafCount > dirtyPageBound { dirtyBoundCheckpointCount += 1 }
             try checkpoint()
             // The epoch just closed stays in the ring for the older slot; when the
             // rest is too small for this record, one more commit (no record since) frees it.
@@ -476,6 +486,8 @@ extension Engine {
         if journal.buffer.byteCount >= 1 << 20, let early = journal.takeFullSectors() {
             try deviceWrite(early.bytes, at: PoolGeometry.journalByteOffset + early.ringByteOffset)
         }
+        // Leaves pinned for this change (``pinRefcounts(_:)``) may be dropped once applied.
+        defer { ids.unpinAll() }
         do {
             try apply(intent)
         } catch {
@@ -674,16 +686,23 @@ extension Engine {
     func writeBlocks(_ volume: VolumeState, indexes: [UInt64], contents: [BlockBytes], unmapRanges: [Range<UInt64>]) throws {
         let encoded = encodeAll(contents)
         let payload = JournalIntent.map(volumeID: 0, unmapRanges: unmapRanges, mappings: []).payloadByteCount + contents.count * 40
-        // Unmapping dirties at most the two boundary paths of each range.
-        let pages = pagesForWrite(volume.map, indexes: indexes)
-        let unmapPages = unmapPageCounts(volume.map, ranges: unmapRanges)
-        // Journal room first: its checkpoint would clean pages the estimate below counts.
-        try ensureJournalSpace(payloadByteCount: payload)
-        try ensureSpace(netByteCount: netNewByteCount(volume.map, indexes: indexes, encoded: encoded),
-                        extents: extents(of: encoded), pageCount: pages.written + unmapPages.written, addedPageCount: pages.added + unmapPages.added,
-                        newBlockCount: try netNewBlockCount(volume.map, indexes: indexes),
-                        countChanges: countChanges(writing: indexes.count, unmapping: unmapRanges, copiedPageCount: pages.added + unmapPages.added))
-        try keepJournalRoom(payloadByteCount: payload)
+        // Admission reads refcount leaves (the ids allocation will take, whether an old
+        // block is this map's alone) and ends by reading and pinning every one `apply`
+        // changes. A damaged leaf met here, where nothing is half changed, is rebuilt
+        // from the maps and admission runs again.
+        try withRefcountRepair {
+            // Unmapping dirties at most the two boundary paths of each range.
+            let pages = try pagesForWrite(volume.map, indexes: indexes)
+            let unmapPages = unmapPageCounts(volume.map, ranges: unmapRanges)
+            // Journal room first: its checkpoint would clean pages the estimate below counts.
+            try ensureJournalSpace(payloadByteCount: payload)
+            try ensureSpace(netByteCount: netNewByteCount(volume.map, indexes: indexes, encoded: encoded),
+                            extents: extents(of: encoded), pageCount: pages.written + unmapPages.written, addedPageCount: pages.added + unmapPages.added,
+                            newBlockCount: try netNewBlockCount(volume.map, indexes: indexes),
+                            countChanges: countChanges(writing: indexes.count, unmapping: unmapRanges, copiedPageCount: pages.added + unmapPages.added))
+            try keepJournalRoom(payloadByteCount: payload)
+            try pinRefcounts(writing: indexes, unmapping: unmapRanges, in: volume.map)
+        }
         // Nothing has changed yet; from here on only an I/O error can fail, and it poisons.
         var batch = WriteBatch()
         // Whole uncompressed blocks go to disk straight from the caller's buffer, one
@@ -715,7 +734,7 @@ extension Engine {
         // else changes the id space meanwhile), the record, the maps.
         try exclusively {
             reserveBlockIDs(contents.count)
-            for i in mappings.indices { mappings[i].blockID = allocateBlockID() }
+            for i in mappings.indices { mappings[i].blockID = try allocateBlockID() }
             try journalAndApply(compactIntent(volumeID: volume.record.id, unmapRanges: unmapRanges, mappings: mappings))
         }
     }

@@ -49,12 +49,14 @@ extension Engine {
         if dirty != dirtyPageCount { problems.append("dirty page count \(dirtyPageCount), found \(dirty)") }
         if dirtyLeaves != dirtyLeafCount { problems.append("dirty leaf count \(dirtyLeafCount), found \(dirtyLeaves) dirty map and table leaves") }
         var data = [UInt64](repeating: 0, count: segmentStates.count)
-        if ids.refcounts.count != Int(blockIDLimit) {
-            problems.append("the refcount array holds \(ids.refcounts.count) ids, limit \(blockIDLimit)")
-        }
         for id in 1..<Int(blockIDLimit) {
-            if ids.refcount(UInt64(id)) != expectedRefcounts[id] {
-                problems.append("block \(id): refcount \(ids.refcount(UInt64(id))), rebuilt \(expectedRefcounts[id])")
+            // Leaves not resident are read from the refcount tree: they are the counts.
+            guard let count = try? refcount(UInt64(id)) else {
+                problems.append("block \(id): its refcount leaf cannot be read")
+                continue
+            }
+            if count != expectedRefcounts[id] {
+                problems.append("block \(id): refcount \(count), rebuilt \(expectedRefcounts[id])")
             }
             if expectedRefcounts[id] > 0 {
                 guard let location = try? blockLocation(UInt64(id)) else {
@@ -101,13 +103,14 @@ extension Engine {
                 return
             }
             let leaf = Int(base / perLeaf)
-            guard !node.isDirty, leaf >= ids.changedLeaves.count || !ids.changedLeaves[leaf] else { return }
+            let leafCount = BlockIDs.leafCount(blockIDLimit)
+            guard !node.isDirty, leaf >= leafCount || !ids.isChanged(leaf: leaf) else { return }
             guard let words = try? readPage(node.disk, kind: .refcounts, level: 0) else {
                 return problems.append("refcount leaf \(leaf): its page cannot be read")
             }
-            if leaf >= ids.changedLeaves.count {
+            if leaf >= leafCount {
                 if words.contains(where: { $0 != 0 }) { problems.append("refcount leaf \(leaf) beyond the id limit holds counts") }
-            } else if ids.differs(leaf: leaf, from: words) {
+            } else if (try? ids.differs(leaf: leaf, from: words, load: storedRefcountWords)) ?? true {
                 problems.append("refcount leaf \(leaf): stored counts differ from the counts in memory, and it is not marked changed")
             }
         }
@@ -163,6 +166,13 @@ extension Pool {
     /// `verify`; it walks every tree, so it is not for hot paths.
     public func internalConsistencyProblems() -> [String] {
         locked { engine.checkInvariants() }
+    }
+
+    /// Metadata-cache events since open, for the crash simulation's coverage: map and
+    /// block-table leaves read again after eviction, refcount leaves read again after
+    /// being dropped, and checkpoints started by the dirty-leaf bound.
+    public var cacheEvents: (leafRereads: Int, refcountRereads: Int, boundCheckpoints: Int) {
+        locked { (engine.pageCache.rereadCount, engine.ids.rereadCount, engine.dirtyBoundCheckpointCount) }
     }
 
     /// Differences between this pool's space state and `reopened`'s, a pool opened on

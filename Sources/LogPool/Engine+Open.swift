@@ -45,9 +45,13 @@ extension Engine {
     /// `rebuildCounts` (repair, verify), a damaged or stale other slot, and a recovery
     /// checkpoint that would not fit without the holes (`streamUsage`, a second pass)
     /// rebuild usage and holes from the live leaves and compare the usage with the root.
+    ///
+    /// Refcount leaves are read on use, by replay too; when replay (or the pass over
+    /// live blocks) meets a damaged one, open starts again with `deriveCounts`, which
+    /// derives every count from the maps (FORMAT §5.4), having written nothing.
     static func open(device: BlockDevice, readOnly: Bool, salvage: Bool = false, rebuildCounts: Bool = false,
                      metadataCacheByteCount: Int = Engine.defaultMetadataCacheByteCount,
-                     streamUsage: Bool = false) throws -> Engine {
+                     streamUsage: Bool = false, deriveCounts: Bool = false) throws -> Engine {
         let size = try device.byteCount()
         let slotsEnd = PoolGeometry.superblockSlotByteOffsets[1] + UInt64(PoolGeometry.superblockByteCount)
         guard size > 0 else {
@@ -92,14 +96,24 @@ extension Engine {
         // first change after a commit commits the mounted flag first).
         let clean = !sb.isMounted && choice.otherSlotProblem == nil && !rebuildCounts
         let streaming = rebuildCounts || choice.otherSlotProblem != nil || streamUsage
-        if let liveBlocks = try engine.loadCheckpoint(streamingTable: streaming, rebuildCounts: rebuildCounts) {
-            // The state now equals the durable checkpoint, so its dead extents are holes
-            // . Replay then removes every hole a replayed record wrote into, and the
-            // recovery checkpoint may use the rest: a pool that was nearly full when it
-            // crashed still has room to recover.
-            try engine.rebuildHoles(liveBlocks: liveBlocks)
+        do {
+            if let liveBlocks = try engine.loadCheckpoint(streamingTable: streaming, rebuildCounts: rebuildCounts, deriveCounts: deriveCounts) {
+                // The state now equals the durable checkpoint, so its dead extents are holes
+                // . Replay then removes every hole a replayed record wrote into, and the
+                // recovery checkpoint may use the rest: a pool that was nearly full when it
+                // crashed still has room to recover.
+                try engine.rebuildHoles(liveBlocks: liveBlocks)
+            }
+            try engine.replayJournal()
+        } catch let error as PoolError where engine.refcountLeafDamaged && !rebuildCounts && !deriveCounts {
+            switch error {
+            case .io, .corrupt:
+                return try open(device: device, readOnly: readOnly, salvage: salvage, rebuildCounts: rebuildCounts,
+                                metadataCacheByteCount: metadataCacheByteCount, streamUsage: streamUsage, deriveCounts: true)
+            default:
+                throw error
+            }
         }
-        try engine.replayJournal()
         // A cleanly closed slot has nothing to replay, unless replay chained into the
         // next epoch (its slot damaged): check then too.
         if sb.isMounted || engine.superblock.generation != sb.generation, engine.recoveryReport.replayStopKind != .endOfRing,
@@ -139,7 +153,7 @@ extension Engine {
             if !streaming && engine.holes.isEmpty
                 && !engine.allocationFits(EmptyCollection(), pageCount: 0, keepFree: 0) {
                 return try open(device: device, readOnly: readOnly, salvage: salvage, rebuildCounts: rebuildCounts,
-                                metadataCacheByteCount: metadataCacheByteCount, streamUsage: true)
+                                metadataCacheByteCount: metadataCacheByteCount, streamUsage: true, deriveCounts: deriveCounts)
             }
             try engine.repairSegmentHeaders()
             try engine.checkpoint(mounted: true)
@@ -223,7 +237,7 @@ extension Engine {
     /// usage is taken (the root is checksummed and was written whole before its commit;
     /// verify rebuilds and compares it), unless it cannot hold the pages the trees
     /// name, and nil is returned: holes are found when admission needs them.
-    func loadCheckpoint(streamingTable: Bool, rebuildCounts: Bool = false) throws -> LiveUnits? {
+    func loadCheckpoint(streamingTable: Bool, rebuildCounts: Bool = false, deriveCounts: Bool = false) throws -> LiveUnits? {
         let sb = superblock
         let bytes = try device.read(byteCount: Int(sb.checkpointByteCount), at: sb.checkpointByteOffset)
         let root: CheckpointRoot
@@ -250,16 +264,17 @@ extension Engine {
         guard root.blockIDLimit <= limitMax else {
             throw corrupt("checkpoint", sb.checkpointByteOffset, "block id limit \(root.blockIDLimit) exceeds \(limitMax), the most that a block table of \(tableLeafCount) leaf pages allows (FORMAT C-6)")
         }
-        // Refcounts: the stored ones (FORMAT §5.4), unless a rebuild was asked for
-        // (verify, repair) or the stored tree cannot be read or holds impossible counts.
-        // Those are rebuilt from every unique map leaf, and the next checkpoint writes
-        // every refcount leaf again (COMMIT §4 step 4).
-        var stored = BlockIDs(limit: root.blockIDLimit)
-        var storedLeaves: [Int: [UInt64]] = [:]
+        // Refcounts: the stored ones (FORMAT §5.4), read on use (ARCHITECTURE §5 step 3):
+        // open reads the tree's interior pages only, and the root holds the live count
+        // (C-10). A rebuild (verify, repair, or an open again after replay met a damaged
+        // leaf: `deriveCounts`), or a tree that cannot be used (an interior page damaged),
+        // derives every count from the map leaves; the next checkpoint writes the leaves
+        // whose stored counts differ, or every one when the tree is unusable (COMMIT §4
+        // step 4).
+        ids = BlockIDs(limit: root.blockIDLimit, liveCount: Int(root.liveBlockCount), budgetLeafCount: refcountBudgetLeafCount)
         var storedProblem: String? = nil
         do {
-            refcountTree = Tree(kind: .refcounts, root: try loadRefcountNode(root.refcountRoot, level: root.refcountHeight - 1, base: 0, counts: &stored,
-                                                                                keepWords: rebuildCounts ? { storedLeaves[$0] = $1 } : nil, cache: &cache),
+            refcountTree = Tree(kind: .refcounts, root: try loadRefcountNode(root.refcountRoot, level: root.refcountHeight - 1, base: 0, cache: &cache),
                                 height: root.refcountHeight)
         } catch let error as PoolError {
             switch error {
@@ -267,29 +282,15 @@ extension Engine {
             default: throw error
             }
         }
-        let blockIDLimit = stored.limit
+        let blockIDLimit = ids.limit
         var metaLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         var dataLiveByteCounts = [UInt64](repeating: 0, count: space.count)
-        let derive = rebuildCounts || storedProblem != nil
-        // Map leaves read back check their ids against this limit (``readMapLeaf``), and
-        // replay's id bound (``apply``) starts from the checkpoint's live count.
-        ids = derive ? BlockIDs(limit: root.blockIDLimit) : stored
-        var derivedLeaves: [(offset: UInt64, node: TreeNode)] = []
+        let derive = rebuildCounts || deriveCounts || storedProblem != nil
         for (offset, page) in cache {
-            let (kind, node) = (page.kind, page.node)
             metaLiveByteCounts[segment(of: offset)] += UInt64(PoolGeometry.pageByteCount)
-            if kind == .blockTable { blockTableNodeCount += 1 }
-            if kind == .refcounts { refcountNodeCount += 1 }
-            if derive && kind == .map && node.level == 0 { derivedLeaves.append((offset, node)) }
+            if page.kind == .blockTable { blockTableNodeCount += 1 }
+            if page.kind == .refcounts { refcountNodeCount += 1 }
         }
-        // Each unique map leaf once, streamed through the cache in file order.
-        derivedLeaves.sort { $0.offset < $1.offset }
-        for (_, node) in derivedLeaves {
-            for id in try leafWords(node) where id != 0 { ids.retain(id) }
-        }
-        // Deriving marked every leaf it counted; the next checkpoint writes only those
-        // whose stored counts are wrong (below), or every one when the tree is unusable.
-        if derive { _ = ids.takeChangedLeaves() }
         if let storedProblem {
             // Pages of the unreadable tree that were reached are released at the next
             // commit; the rest were below a damaged page and are lost already.
@@ -298,20 +299,23 @@ extension Engine {
             for (offset, page) in cache where page.kind == .refcounts { pendingPageReleases.append(offset) }
             refcountTree = Tree(kind: .refcounts, root: nil, height: 1)
             refcountNodeCount = 0
-            ids.markAllChanged()
+            try deriveRefcounts(unusableTree: true)
         } else if derive {
-            // Only leaves that differ are written again.
-            var differing = 0
-            for leaf in 0..<BlockIDs.leafCount(blockIDLimit) {
-                let words = storedLeaves[leaf] ?? [UInt64](repeating: 0, count: PageLayout.wordCapacity)
-                if ids.differs(leaf: leaf, from: words) {
-                    differing += 1
-                    ids.markChanged(leaf: leaf)
-                }
+            // Only leaves that differ (or cannot be read) are written again.
+            let storedLive = ids.liveCount
+            let differing = try deriveRefcounts(unusableTree: false)
+            if deriveCounts {
+                recoveryReport.findings.append("a refcount leaf that replay needed is damaged: counts rebuilt from the maps")
+                recoveryReport.rebuiltRefcounts = true
             }
             if differing > 0 {
-                recoveryReport.findings.append("\(differing) refcount leaves stored counts that differ from the maps: rebuilt")
+                recoveryReport.findings.append("\(differing) refcount leaves stored counts that differ from the maps or cannot be read: rebuilt")
                 recoveryReport.rebuiltRefcounts = true
+            }
+            if storedLive != ids.liveCount {
+                recoveryReport.findings.append("the checkpoint stored \(storedLive) live block ids, the maps name \(ids.liveCount): rebuilt")
+                recoveryReport.rebuiltRefcounts = true
+                rootNeedsRewrite = true
             }
         }
         metaLiveByteCounts[segment(of: sb.checkpointByteOffset)] += sectorAligned(sb.checkpointByteCount)
@@ -352,29 +356,26 @@ extension Engine {
     /// Loads the refcount tree under `pointer`: interior nodes resident, each leaf's
     /// counts into `counts` (its node keeps no words), each page once, none shared with
     /// another tree (`cache`). `keepWords` also receives each leaf's words by leaf index.
-    private func loadRefcountNode(_ pointer: PagePointer, level: Int, base: UInt64, counts: inout BlockIDs,
-                                  keepWords: ((Int, [UInt64]) -> Void)?, cache: inout [UInt64: LoadedPage]) throws -> TreeNode? {
+    private func loadRefcountNode(_ pointer: PagePointer, level: Int, base: UInt64, cache: inout [UInt64: LoadedPage]) throws -> TreeNode? {
         guard !pointer.isNone else { return nil }
         guard cache[pointer.byteOffset] == nil else {
             throw corrupt("refcount page", pointer.byteOffset, "page is referenced twice (refcount pages are never shared)")
         }
-        let words = try readPage(pointer, kind: .refcounts, level: level)
         let node: TreeNode
         if level == 0 {
-            let leaf = base / UInt64(PageLayout.wordCapacity)
-            if let problem = counts.load(leaf: leaf, words: words) {
-                throw corrupt("refcount page", pointer.byteOffset, problem)
+            // Read on use (``readStoredRefcountLeaf(_:)``), where P-1 and C-9 are checked.
+            guard geometry.isValidExtent(byteOffset: pointer.byteOffset, byteCount: UInt64(PoolGeometry.pageByteCount)) else {
+                throw corrupt("refcount page", pointer.byteOffset, "page pointer is outside every segment")
             }
-            // Below the id space's leaves (a leaf beyond holds only zeros, checked above).
-            if leaf < UInt64(BlockIDs.leafCount(counts.limit)) { keepWords?(Int(leaf), words) }
             node = TreeNode(kind: .refcounts, level: 0, words: [], children: [], disk: pointer)
         } else {
+            let words = try readPage(pointer, kind: .refcounts, level: level)
             var children: [TreeNode?] = []
             children.reserveCapacity(PageLayout.interiorFanout)
             for i in 0..<PageLayout.interiorFanout {
                 children.append(try loadRefcountNode(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]), level: level - 1,
                                                      base: PageLayout.childBase(base, index: i, kind: .refcounts, level: level),
-                                                     counts: &counts, keepWords: keepWords, cache: &cache))
+                                                     cache: &cache))
             }
             node = TreeNode(kind: .refcounts, level: level, words: [], children: children, disk: pointer)
         }

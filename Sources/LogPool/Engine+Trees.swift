@@ -17,7 +17,7 @@ extension Engine {
             if copy.level > 0 {
                 for child in copy.children { child?.parentCount += 1 }
             } else if kind == .map {
-                for id in copy.words where id != 0 { ids.retain(id) }
+                for id in copy.words where id != 0 { try ids.retain(id, load: storedRefcountWords) }
             }
             slot.parentCount -= 1
             slot = copy
@@ -64,21 +64,216 @@ extension Engine {
     /// this map holds), before its record is journaled: a leaf that cannot be read then
     /// refuses the delete with nothing changed, instead of failing `apply` after the
     /// record is in the journal, which would poison the handle and fail every replay.
+    /// The refcount leaves of the ids those leaves name are read and pinned too, for the
+    /// same reason (``pinRefcounts(_:)``).
     func readLeavesReleased(underRoot root: TreeNode?) throws {
         func visit(_ node: TreeNode) throws {
             guard node.parentCount == 1 else { return }
             if node.level > 0 {
                 for child in node.children { if let child { try visit(child) } }
             } else {
-                _ = try leafWords(node)
+                try pinRefcounts(try leafWords(node))
             }
         }
         if let root { try visit(root) }
     }
 
+    // MARK: - Paged refcounts (ARCHITECTURE §5 step 3)
+
+    /// The stored words of refcount leaf `leaf` (``BlockIDs/Loader``): zeros while the
+    /// counts are being derived from the maps, else ``readStoredRefcountLeaf(_:)``.
+    func storedRefcountWords(_ leaf: Int) throws -> [UInt64] {
+        derivingCounts ? [] : try readStoredRefcountLeaf(leaf)
+    }
+
+    /// Refcount leaf `leaf` as the refcount tree holds it: the words of a leaf a
+    /// checkpoint is writing (or compaction moved), else its page, checked against P-1 and
+    /// C-9; nothing (zeros) where the tree has no leaf. A leaf that cannot be read or
+    /// fails its checks sets ``refcountLeafDamaged`` and throws.
+    func readStoredRefcountLeaf(_ leaf: Int) throws -> [UInt64] {
+        let slot = UInt64(leaf) * UInt64(PageLayout.wordCapacity)
+        guard let (node, _) = refcountTree.leaf(containing: slot) else { return [] }
+        do {
+            let words = node.words.isEmpty ? try readPage(node.disk, kind: .refcounts, level: 0) : node.words
+            if let problem = BlockIDs.storedLeafProblem(leaf: UInt64(leaf), words: words, limit: ids.limit) {
+                throw PoolError.corrupt(structure: "refcount page", byteOffset: node.disk.byteOffset, detail: problem)
+            }
+            return words
+        } catch let error as PoolError {
+            switch error {
+            case .io, .corrupt: refcountLeafDamaged = true
+            default: break
+            }
+            throw error
+        }
+    }
+
+    /// How many map leaves name block `id` (its refcount leaf read if needed).
+    func refcount(_ id: UInt64) throws -> UInt32 { try ids.refcount(id, load: storedRefcountWords) }
+
+    /// Reads the refcount leaves of `blockIDs` and keeps them resident until the current
+    /// journaled change is applied (``journalAndApply(_:)`` unpins): called before a
+    /// record is journaled with every id its `apply` changes, so a damaged leaf refuses
+    /// the change with nothing changed instead of failing `apply`.
+    func pinRefcounts(_ blockIDs: some Sequence<UInt64>) throws {
+        for id in blockIDs where id != 0 { try ids.pin(id, load: storedRefcountWords) }
+    }
+
+    /// ``pinRefcounts(_:)`` for a write of blocks at `indexes` of `map` after unmapping
+    /// `unmapRanges`, mirroring what `apply` changes: the old block at each index, every
+    /// block of a leaf that is copied because a node on its path is shared, and the
+    /// blocks an unmapped range releases (``pinRefcounts(unmapping:in:)``).
+    func pinRefcounts(writing indexes: some Sequence<UInt64>, unmapping unmapRanges: [Range<UInt64>], in map: Tree) throws {
+        for range in unmapRanges { try pinRefcounts(unmapping: range, in: map) }
+        var lastLeaf: ObjectIdentifier? = nil
+        for index in indexes where index < map.capacity {
+            guard var node = map.root else { return }
+            var shared = node.parentCount > 1
+            var remainder = index
+            var missing = false
+            while node.level > 0 {
+                let span = map.span(level: node.level)
+                guard let child = node.children[Int(remainder / span)] else { missing = true; break }
+                remainder %= span
+                node = child
+                shared = shared || node.parentCount > 1
+            }
+            if missing { continue }
+            let words = try leafWords(node)
+            if shared {
+                if lastLeaf != ObjectIdentifier(node) { try pinRefcounts(words) }
+                lastLeaf = ObjectIdentifier(node)
+            } else {
+                try pinRefcounts(CollectionOfOne(words[Int(remainder)]))
+            }
+        }
+    }
+
+    /// ``pinRefcounts(_:)`` for unmapping `range` of `map` (``mapUnmap``): a node the
+    /// range covers whole is released, which drops every block of the leaves under it
+    /// that had no other parent; a node it covers in part is copied when shared (a leaf
+    /// copy retains all its blocks) and the blocks in the range are released.
+    func pinRefcounts(unmapping range: Range<UInt64>, in map: Tree) throws {
+        func released(_ node: TreeNode) throws {
+            // Released whole (its last parent dropped): every leaf below with no other parent.
+            if node.level == 0 { try pinRefcounts(try leafWords(node)); return }
+            for child in node.children { if let child, child.parentCount == 1 { try released(child) } }
+        }
+        func visit(_ node: TreeNode, base: UInt64, sharedAbove: Bool) throws {
+            let span = node.level == 0 ? UInt64(PageLayout.mapLeafFanout) : map.span(level: node.level) * UInt64(PageLayout.interiorFanout)
+            let end = base + span
+            guard range.lowerBound < end, base < range.upperBound else { return }
+            let shared = sharedAbove || node.parentCount > 1
+            if range.lowerBound <= base && end <= range.upperBound {
+                if !shared { try released(node) }
+                return
+            }
+            if node.level == 0 {
+                let words = try leafWords(node)
+                if shared {
+                    try pinRefcounts(words)
+                } else {
+                    let lower = Int(max(range.lowerBound, base) - base), upper = Int(min(range.upperBound, end) - base)
+                    try pinRefcounts(words[lower..<upper])
+                }
+                return
+            }
+            let childSpan = map.span(level: node.level)
+            for (i, child) in node.children.enumerated() {
+                if let child { try visit(child, base: base + UInt64(i) * childSpan, sharedAbove: shared) }
+            }
+        }
+        if let root = map.root { try visit(root, base: 0, sharedAbove: false) }
+    }
+
+    /// Rebuilds every count from the maps (``deriveRefcounts()``) after a refcount leaf
+    /// was found damaged at a point where nothing is half changed (before a record is
+    /// journaled): the next checkpoint writes the leaves whose stored counts differ, the
+    /// damaged ones among them (FORMAT §5.4: counts are derived data, nothing is lost).
+    /// Read-only, the rebuilt counts stay in memory.
+    func rebuildRefcountsFromMaps() throws {
+        try exclusively { _ = try deriveRefcounts(unusableTree: false) }
+        liveRefcountRebuildCount += 1
+        refcountLeafDamaged = false
+    }
+
+    /// Runs `body` (which reads and pins refcount leaves before a change is journaled);
+    /// when it meets a damaged refcount leaf, rebuilds the counts from the maps and runs
+    /// it once more.
+    func withRefcountRepair<T>(_ body: () throws -> T) throws -> T {
+        refcountLeafDamaged = false
+        do {
+            return try body()
+        } catch let error as PoolError where refcountLeafDamaged {
+            switch error {
+            case .io, .corrupt: break
+            default: throw error
+            }
+            try rebuildRefcountsFromMaps()
+            return try body()
+        }
+    }
+
+    /// Replaces ``ids`` with counts derived from every map leaf (each unique leaf once,
+    /// in file order), keeping the sweep's cursor and high-water mark, then compares them
+    /// with the stored tree leaf by leaf and marks the leaves that differ (or cannot be
+    /// read) changed, so the next checkpoint writes exactly those. `unusableTree`: the
+    /// tree is being replaced by an empty one (open found an interior page damaged), so
+    /// every leaf holding a count is written and none is read. Returns the leaves marked.
+    @discardableResult
+    func deriveRefcounts(unusableTree: Bool) throws -> Int {
+        let old = ids
+        let fresh = BlockIDs(limit: old.limit, liveCount: 0, budgetLeafCount: refcountBudgetLeafCount)
+        fresh.continueSweep(from: old)
+        derivingCounts = true
+        defer { derivingCounts = false }
+        ids = fresh
+        var seen = Set<ObjectIdentifier>()
+        var leaves: [TreeNode] = []
+        func collect(_ node: TreeNode) {
+            guard seen.insert(ObjectIdentifier(node)).inserted else { return }
+            if node.level == 0 { leaves.append(node); return }
+            for child in node.children { if let child { collect(child) } }
+        }
+        for volume in volumes.values.sorted(by: { $0.record.id < $1.record.id }) { if let root = volume.map.root { collect(root) } }
+        leaves.sort { $0.disk.byteOffset < $1.disk.byteOffset }
+        do {
+            for node in leaves {
+                for id in try leafWords(node) where id != 0 { try fresh.retain(id, load: storedRefcountWords) }
+            }
+        } catch {
+            ids = old
+            throw error
+        }
+        _ = fresh.takeChangedLeaves()
+        if unusableTree {
+            fresh.markAllResidentChanged()
+            return fresh.changedLeafCount
+        }
+        var differing = 0
+        for leaf in 0..<BlockIDs.leafCount(fresh.limit) {
+            let stored: [UInt64]?
+            do {
+                stored = try readStoredRefcountLeaf(leaf)
+            } catch let error as PoolError {
+                switch error {
+                case .io, .corrupt: stored = nil
+                default: throw error
+                }
+            }
+            let words = stored.map { $0.isEmpty ? [UInt64](repeating: 0, count: PageLayout.wordCapacity) : $0 }
+            if try words.map({ try fresh.differs(leaf: leaf, from: $0, load: storedRefcountWords) }) ?? true {
+                try fresh.markChanged(leaf: leaf, load: storedRefcountWords)
+                differing += 1
+            }
+        }
+        fresh.unpinAll()
+        return differing
+    }
+
     /// One fewer leaf names block `id`; at zero the block is free and its space dead.
     func dropBlockReference(_ id: UInt64) throws {
-        guard let freed = ids.release(id) else {
+        guard let freed = try ids.release(id, load: storedRefcountWords) else {
             throw PoolError.corrupt(structure: "refcount page", byteOffset: refcountTree.root?.disk.byteOffset ?? 0,
                                     detail: "block id \(id) is named by a map leaf being released, but its stored count is zero (run verify --repair: it rebuilds the counts from the maps)")
         }
@@ -156,7 +351,7 @@ extension Engine {
         _ = try pageCache.words(of: node) { pointer in
             do {
                 return try readPage(pointer, kind: .blockTable, level: 0)
-            } catch let error as PoolError where !ids.anyReferenced(in: range) {
+            } catch let error as PoolError where !((try? ids.anyReferenced(in: range, load: storedRefcountWords)) ?? true) {
                 switch error {
                 case .io, .corrupt:
                     replacedDamagedTableLeafCount += 1
@@ -352,11 +547,11 @@ extension Engine {
         let fanout = UInt64(PageLayout.blockTableLeafFanout)
         func walk(_ node: TreeNode, base: UInt64) throws {
             if node.level == 0 {
-                if onlyReferenced && !ids.anyReferenced(in: base..<base + fanout) { return }
+                if onlyReferenced, try !ids.anyReferenced(in: base..<base + fanout, load: storedRefcountWords) { return }
                 let words = try tableLeafWords(node)
                 for slot in 0..<PageLayout.blockTableLeafFanout {
                     let id = base + UInt64(slot), location = BlockTableCursor.entry(words, slot)
-                    if onlyReferenced && ids.refcount(id) > 0 && !isValidEntry(location) {
+                    if onlyReferenced, try refcount(id) > 0, !isValidEntry(location) {
                         throw invalidEntry(id, location, page: node.disk.byteOffset)
                     }
                     try body(id, location)
@@ -374,7 +569,7 @@ extension Engine {
     /// Calls `body` with every live block (nonzero refcount) and its location, in id order.
     func forEachLiveBlock(_ body: (UInt64, BlockLocation) throws -> Void) throws {
         try forEachBlockEntry(onlyReferenced: true) { id, location in
-            if ids.refcount(id) > 0 { try body(id, location) }
+            if try refcount(id) > 0 { try body(id, location) }
         }
     }
 
@@ -418,7 +613,7 @@ extension Engine {
 
     /// The next free block id (``BlockIDs/allocate()``); the caller reserved the batch
     /// with ``reserveBlockIDs(_:)``.
-    func allocateBlockID() -> UInt64 { ids.allocate() }
+    func allocateBlockID() throws -> UInt64 { try ids.allocate(load: storedRefcountWords) }
 
     /// Pages that writing the leaf slots `slots` of `tree` would dirty or create, computed
     /// without changing anything (admission runs before any change). A clean node on the
@@ -513,14 +708,14 @@ extension Engine {
 
     /// The ids the next `count` calls of ``allocateBlockID()`` will return after
     /// ``reserveBlockIDs(_:)`` (computed without changing anything).
-    func peekBlockIDs(_ count: Int) -> [UInt64] { ids.peek(count) }
+    func peekBlockIDs(_ count: Int) throws -> [UInt64] { try ids.peek(count, load: storedRefcountWords) }
 
     /// Pages a write of new blocks at `indexes` of `map` can dirty: map paths plus the
     /// block-table paths of the ids it will take.
     /// Block-table pages are not counted as added: the logical rule reserves the whole
     /// table for the id space up front (``blockTableReservedPageCount(forAllocating:)``).
-    func pagesForWrite(_ map: Tree, indexes: [UInt64]) -> (written: Int, added: Int) {
-        let m = pageCounts(map, slots: indexes), b = pagesToDirty(blockTable, slots: peekBlockIDs(indexes.count))
+    func pagesForWrite(_ map: Tree, indexes: [UInt64]) throws -> (written: Int, added: Int) {
+        let m = pageCounts(map, slots: indexes), b = pagesToDirty(blockTable, slots: try peekBlockIDs(indexes.count))
         return (m.written + b, m.added)
     }
 

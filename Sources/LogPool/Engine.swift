@@ -42,18 +42,33 @@ final class Engine {
     /// every write made writes 6x slower with 1,000 snapshots).
     var volumeRowByteTotal = 0
 
-    // Block table: block id → location. Refcounts are derived (Specs/FORMAT.md §5.3).
+    // Block table: block id → location. Refcounts are stored (Specs/FORMAT.md §5.4).
     var blockTable: Tree
     /// Nodes in the block table (it only ever grows).
     var blockTableNodeCount = 0
-    /// Refcounts, the live count and the allocation sweep. Changed only through its
-    /// methods. Locations live only in the block table's leaves.
+    /// Refcounts (paged: their leaves read on use, ``storedRefcountWords(_:)``), the live
+    /// count and the allocation sweep. Changed only through its methods. Locations live
+    /// only in the block table's leaves.
     var ids = BlockIDs()
+    /// While counts are derived from the maps (``deriveRefcounts()``), a leaf not yet
+    /// resident counts zero instead of being read from the refcount tree.
+    var derivingCounts = false
+    /// A refcount leaf could not be read or failed its checks since open (an open that
+    /// meets this during replay opens again, deriving the counts).
+    var refcountLeafDamaged = false
+    /// Checkpoints started because too many leaves were dirty (``dirtyPageBound``).
+    var dirtyBoundCheckpointCount = 0
+    /// Times the counts were rebuilt from the maps after open because a refcount leaf was
+    /// damaged (``rebuildRefcountsFromMaps()``).
+    var liveRefcountRebuildCount = 0
+    /// Refcount leaves resident at most beside those changed or pinned: an eighth of
+    /// the metadata cache's budget.
+    var refcountBudgetLeafCount: Int { max(1, pageCache.budgetPageCount / 8) }
     /// The block table's leaves in bounded memory (read on demand, clean ones evicted).
     let pageCache: PageCache
     var blockIDLimit: UInt64 { ids.limit }
     /// The stored refcounts (FORMAT §5.4): interior nodes resident, leaves without words
-    /// (``ids`` holds the counts) except while a checkpoint writes them.
+    /// (``ids`` holds the resident counts) except while a checkpoint writes them.
     var refcountTree = Tree(kind: .refcounts, root: nil, height: 1)
     /// Nodes in the refcount tree (it only ever grows).
     var refcountNodeCount = 0

@@ -22,6 +22,8 @@ final class PageCache: @unchecked Sendable {
     /// Pages read from disk and words dropped, since open (for `bench` and tests).
     private(set) var loadCount = 0
     private(set) var evictionCount = 0
+    /// Loads of a leaf that was read before and evicted since.
+    private(set) var rereadCount = 0
 
     init(budgetByteCount: Int) {
         budgetPageCount = max(1, budgetByteCount / PoolGeometry.pageByteCount)
@@ -37,6 +39,7 @@ final class PageCache: @unchecked Sendable {
             return node.words
         }
         let words = try load(node.disk)
+        if node.wasEvicted { rereadCount += 1 }
         // Room first, then the new leaf: it cannot be evicted by its own load, so a
         // writer that loads a leaf to change it still has it resident when it marks it
         // dirty (pinned) right after.
@@ -99,6 +102,7 @@ final class PageCache: @unchecked Sendable {
             if node.referenced { node.referenced = false; hand += 1; continue }
             node.words = []
             node.inCache = false
+            node.wasEvicted = true
             evictionCount += 1
             ring.swapAt(hand, ring.count - 1)
             ring.removeLast()

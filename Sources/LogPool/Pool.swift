@@ -492,6 +492,8 @@ public final class Pool: @unchecked Sendable {
             try engine.ensureSpace(netByteCount: 0, extents: [], pageCount: 0, addedPageCount: 0)
             // Compaction inside that may have journaled relocations.
             try engine.keepJournalRoom(payloadByteCount: intent.payloadByteCount)
+            // The refcount leaves of every block it releases, read and pinned now.
+            try engine.withRefcountRepair { try engine.readLeavesReleased(underRoot: volume.map.root) }
             try engine.journalAndApply(intent)
         }
     }
@@ -534,6 +536,10 @@ public final class Pool: @unchecked Sendable {
             let intent = JournalIntent.resize(id: volume.record.id, sizeByteCount: size)
             let newHeight = PageLayout.height(kind: .map, coveringSlotCount: engine.blockCount(sizeByteCount: size))
             try engine.admitMetadataChange(intent, pageCount: max(0, newHeight - volume.map.height) + 2 * volume.map.height)
+            if size < volume.record.sizeByteCount {
+                let range = engine.blockCount(sizeByteCount: size)..<engine.blockCount(sizeByteCount: volume.record.sizeByteCount)
+                try engine.withRefcountRepair { try engine.pinRefcounts(unmapping: range, in: volume.map) }
+            }
             try engine.journalAndApply(intent)
             return dropped
         }
@@ -541,9 +547,11 @@ public final class Pool: @unchecked Sendable {
 
     /// Every volume and snapshot, by name, with its space figures.
     public func list() throws -> [VolumeInfo] {
-        try sharedLocked {
+        // The writers' mutex, not the shared lock: exclusive figures read refcount
+        // leaves, which only the writer loads (``BlockIDs``); reads go on meanwhile.
+        try writerLocked {
             try engine.checkUsable()
-            return try engine.volumes.values.map { try engine.info(of: $0) }.sorted { $0.name < $1.name }
+            return try engine.withRefcountRepair { try engine.volumes.values.map { try engine.info(of: $0) } }.sorted { $0.name < $1.name }
         }
     }
 }
@@ -580,7 +588,7 @@ extension Engine {
                 let bytes = try table.location(of: id).allocatedByteCount
                 mapped += 1
                 allocated += bytes
-                if mine && ids.refcount(id) == 1 { exclusive += bytes }
+                if try mine && refcount(id) == 1 { exclusive += bytes }
             }
         }
         if let root = volume.map.root { try walk(root, exclusivePath: true) }
@@ -634,7 +642,7 @@ extension Engine {
                          segmentCount: Int(geometry.segmentCount), freeSegmentCount: freeSegments.count,
                          journalBytes: geometry.journalByteCount, journalUsedBytes: journal.usedByteCount,
                          journalRecords: journal.recordCount, journalRecordBound: replayRecordBound,
-                         dirtyLeaves: dirtyLeafCount, dirtyLeafBound: dirtyPageBound, compression: compression.description,
+                         dirtyLeaves: pinnedLeafCount, dirtyLeafBound: dirtyPageBound, compression: compression.description,
                          cleanlyClosed: !recoveryReport.wasMounted, generation: superblock.generation,
                          atomicWriteBytes: Engine.atomicUnitByteCount, writtenDataBytes: writtenDataByteCount,
                          movedDataBytes: compactionMovedByteCount)

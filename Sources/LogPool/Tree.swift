@@ -25,6 +25,8 @@ final class TreeNode {
     var referenced = false
     /// Left every tree while in the ``PageCache``'s ring: dropped at its next sweep.
     var released = false
+    /// Its words were dropped by the cache at least once (a later load is a re-read).
+    var wasEvicted = false
 
     init(kind: PageKind, level: Int) {
         self.kind = kind

@@ -304,7 +304,7 @@ struct Checker {
             report.findings[index].severity = .warning
             report.findings[index].detail += "; it holds no referenced block id (ids \(firstID)..<\(firstID + fanout)), so nothing is lost: the next write that takes an id in its range replaces it with an empty leaf"
         }
-        checkRefcounts(root, pages, references: references, mapsComplete: mapsComplete)
+        checkRefcounts(root, pages, references: references, mapsComplete: mapsComplete, rootByteOffset: sb.checkpointByteOffset)
         let entries = checkBlockTable(sb, root, pages, references: references)
         let rebuilt = checkExtentsAndUsage(sb, root, pages, entries: entries)
         try checkSegmentHeaders(sb, rebuilt: rebuilt)
@@ -508,7 +508,8 @@ struct Checker {
     /// repair fixes by rebuilding the counts from the maps. Not compared when a refcount
     /// page is damaged (open rebuilds them all then) or a map page is (the derived
     /// counts are incomplete).
-    private mutating func checkRefcounts(_ root: CheckpointRoot, _ pages: [UInt64: CheckedPage], references: BlockReferences, mapsComplete: Bool) {
+    private mutating func checkRefcounts(_ root: CheckpointRoot, _ pages: [UInt64: CheckedPage], references: BlockReferences, mapsComplete: Bool,
+                                         rootByteOffset: UInt64) {
         // A leaf breaking C-9 is refused by open, which then rebuilds every count: damage
         // that loses nothing, like a page that fails its checksum.
         for (offset, page) in pages.sorted(by: { $0.key < $1.key }) where page.kind == .refcounts && page.level == 0 {
@@ -520,6 +521,12 @@ struct Checker {
         guard !refcountTreeDamaged, mapsComplete else { return }
         let perLeaf = PageLayout.refcountsPerLeaf
         let counts = references.refcounts
+        // C-10: the live count the root stores sizes the id space writes reserve.
+        let derivedLive = counts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }
+        if UInt64(derivedLive) != root.liveBlockCount {
+            add(.error, "refcount-mismatch", "checkpoint", rootByteOffset,
+                "the root stores \(root.liveBlockCount) live block ids, the maps name \(derivedLive) (FORMAT C-10)", repairable: true)
+        }
         var seenLeaves = Set<Int>()
         var wrong: [(id: Int, stored: UInt32, derived: UInt32)] = []
         var wrongCount = 0

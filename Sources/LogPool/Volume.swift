@@ -179,6 +179,7 @@ extension Engine {
             let intent = JournalIntent.map(volumeID: volume.record.id, unmapRanges: ranges, mappings: [])
             let pages = unmapPageCounts(volume.map, ranges: ranges)
             try admitMetadataChange(intent, pageCount: pages.written, addedPageCount: pages.added)
+            try withRefcountRepair { for range in ranges { try pinRefcounts(unmapping: range, in: volume.map) } }
             try journalAndApply(intent)
             return
         }

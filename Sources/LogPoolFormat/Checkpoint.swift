@@ -43,8 +43,8 @@ public struct VolumeRecord: Sendable, Equatable {
 /// The checkpoint root: everything a superblock points at (Specs/FORMAT.md §6). The
 /// trees it names are written before it, and it is written before the superblock.
 public struct CheckpointRoot: Sendable, Equatable {
-    public static let magic: [UInt8] = Array("LPCKPT".utf8) + [0, 3]
-    public static let headerByteCount = 104
+    public static let magic: [UInt8] = Array("LPCKPT".utf8) + [0, 4]
+    public static let headerByteCount = 112
 
     public var generation: UInt64
     public var nextVolumeID: UInt64
@@ -63,10 +63,14 @@ public struct CheckpointRoot: Sendable, Equatable {
     /// below `blockIDLimit`, two per leaf word; a missing subtree counts zero.
     public var refcountRoot: PagePointer
     public var refcountHeight: Int
+    /// Block ids with a nonzero count in the refcount tree (C-10: below `blockIDLimit`):
+    /// kept so that open reads no refcount leaf (the counts are paged, FORMAT §5.4).
+    public var liveBlockCount: UInt64
 
     public init(generation: UInt64, nextVolumeID: UInt64, blockTableRoot: PagePointer, blockTableHeight: Int,
                 blockIDLimit: UInt64, volumes: [VolumeRecord], segmentLiveByteCounts: [UInt64],
-                resumeByteOffset: UInt64 = 0, refcountRoot: PagePointer = .none, refcountHeight: Int = 1) {
+                resumeByteOffset: UInt64 = 0, refcountRoot: PagePointer = .none, refcountHeight: Int = 1,
+                liveBlockCount: UInt64 = 0) {
         self.generation = generation
         self.nextVolumeID = nextVolumeID
         self.blockTableRoot = blockTableRoot
@@ -77,6 +81,7 @@ public struct CheckpointRoot: Sendable, Equatable {
         self.resumeByteOffset = resumeByteOffset
         self.refcountRoot = refcountRoot
         self.refcountHeight = refcountHeight
+        self.liveBlockCount = liveBlockCount
     }
 
     /// The refcount tree height that covers `blockIDLimit` ids.
@@ -120,6 +125,7 @@ public struct CheckpointRoot: Sendable, Equatable {
         w.u64(refcountRoot.checksum)
         w.u32(UInt32(refcountHeight))
         w.u32(0)
+        w.u64(liveBlockCount)
         assert(w.byteCount == Self.headerByteCount)
         for v in volumes {
             w.u64(v.id); w.u8(v.kind.rawValue); w.u8(0); w.u16(UInt16(v.mapHeight)); w.u32(0)
@@ -185,6 +191,8 @@ public struct CheckpointRoot: Sendable, Equatable {
         let refcountHeightAt = r.position
         let refcountHeight = Int(try r.u32("refcount tree height"))
         guard try r.u32("reserved") == 0 else { throw r.error("reserved field is not zero", at: r.position - 4) }
+        let liveAt = r.position
+        let liveBlockCount = try r.u64("live block count")
         guard btHeight >= 1, btHeight <= PageLayout.heightMax else {
             throw r.error("block-table height \(btHeight) outside 1...\(PageLayout.heightMax)", at: btHeightAt)
         }
@@ -199,6 +207,10 @@ public struct CheckpointRoot: Sendable, Equatable {
               PageLayout.capacity(kind: .refcounts, height: refcountHeight) >= (blockIDLimit + 1) / 2
         else {
             throw r.error("refcount tree height \(refcountHeight) outside 1...\(PageLayout.heightMax) or too low for block id limit \(blockIDLimit)", at: refcountHeightAt)
+        }
+        // C-10: id 0 is never live, so at most limit - 1 ids are.
+        guard liveBlockCount < blockIDLimit else {
+            throw r.error("live block count \(liveBlockCount) is not below the block id limit \(blockIDLimit)", at: liveAt)
         }
         try checkPointer(btRoot, geometry: geometry, &r, what: "block-table root")
         try checkPointer(refcountRoot, geometry: geometry, &r, what: "refcount root")
@@ -250,7 +262,8 @@ public struct CheckpointRoot: Sendable, Equatable {
         return CheckpointRoot(generation: generation, nextVolumeID: nextVolumeID, blockTableRoot: btRoot,
                               blockTableHeight: btHeight, blockIDLimit: blockIDLimit, volumes: volumes,
                               segmentLiveByteCounts: usage, resumeByteOffset: resume,
-                              refcountRoot: refcountRoot, refcountHeight: refcountHeight)
+                              refcountRoot: refcountRoot, refcountHeight: refcountHeight,
+                              liveBlockCount: liveBlockCount)
     }
 
     /// The height a map of the largest volume (2^50 bytes) needs: maps only grow as far

@@ -11,8 +11,9 @@ public struct PoolGeometry: Sendable, Equatable {
     /// Version 2 (issue "engine at scale"): the checkpoint root records where appends
     /// stopped, so a clean open reads no block-table leaf. Version 3: refcounts are
     /// stored in a tree of their own (FORMAT §5.4) instead of derived from every map
-    /// leaf at open. Older versions are refused.
-    public static let formatVersion: UInt16 = 3
+    /// leaf at open. Version 4: the root also records the live block count, so the
+    /// counts are paged (read on use) and open reads no refcount leaf. Older versions are refused.
+    public static let formatVersion: UInt16 = 4
     public static let sectorByteCount = 512
     /// What each fsync's writes are padded or aligned to, so that nothing written after a
     /// sync shares a 4 KiB physical sector with what the sync made durable.

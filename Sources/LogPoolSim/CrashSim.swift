@@ -125,12 +125,24 @@ struct CrashSim: ParsableCommand {
         }
         if !figures.violations.isEmpty { throw ExitCode(1) }
         // The long run must reach every recovery path it is meant to test (CRASH-MODEL §8).
-        let unhit = CrashFigures.requiredMarks.filter { (figures.marks[$0] ?? 0) == 0 }
+        let unhit = requiredMarks.filter { (figures.marks[$0] ?? 0) == 0 }
+        // A tiny-cache run (the CI's second smoke) must show the cache under pressure.
+        let unhitCache = CrashFigures.cacheMarks.filter { unhit.contains($0) }
+        if !long && !unhitCache.isEmpty {
+            var err = StandardError()
+            print("logpool: error: with --metadata-cache \(metadataCache ?? 0), coverage marks never hit: \(unhitCache.joined(separator: ", "))", to: &err)
+            throw ExitCode(1)
+        }
         if long && !unhit.isEmpty {
             var err = StandardError()
             print("logpool: error: coverage marks never hit in a --long run: \(unhit.joined(separator: ", "))", to: &err)
             throw ExitCode(1)
         }
+    }
+
+    /// The coverage marks this run must hit (with a tiny metadata cache, the cache's too).
+    var requiredMarks: [String] {
+        CrashFigures.requiredMarks + ((metadataCache ?? .max) <= 1 << 16 ? CrashFigures.cacheMarks : [])
     }
 
     /// One workload of the run.
@@ -216,9 +228,9 @@ struct CrashSim: ParsableCommand {
                 .map { "\($0) \(f.violationCounts[$0] ?? 0)" }.joined(separator: "  "),
             "  write-time (W1-W4, \(f.checkedWrites) writes checked): " + ["overwrite-durable", "rewrite-synced-sector", "pointer-before-pointee", "slot"]
                 .map { "\($0) \(f.violationCounts[$0] ?? 0)" }.joined(separator: "  "),
-            "coverage marks \(CrashFigures.requiredMarks.filter { (f.marks[$0] ?? 0) > 0 }.count)/\(CrashFigures.requiredMarks.count) hit: "
+            "coverage marks \(requiredMarks.filter { (f.marks[$0] ?? 0) > 0 }.count)/\(requiredMarks.count) hit: "
                 + f.marks.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: "  "),
-            "  never hit: " + CrashFigures.requiredMarks.filter { (f.marks[$0] ?? 0) == 0 }.joined(separator: " "),
+            "  never hit: " + requiredMarks.filter { (f.marks[$0] ?? 0) == 0 }.joined(separator: " "),
             String(format: "time %.0f s   %.0f states/s (budget %.0f s)", out.seconds, out.statesPerSecond, budget),
         ]
         for v in f.violations {

@@ -142,6 +142,10 @@ public struct CrashFigures: Codable, Sendable {
         "refcounts-rebuilt",
     ]
 
+    /// The marks a run with a tiny metadata cache (`--metadata-cache` up to 64 KiB) must
+    /// hit too: memory pressure evicts and re-reads leaves and starts checkpoints.
+    public static let cacheMarks: [String] = ["leaf-reread", "refcount-leaf-reread", "dirty-bound-checkpoint"]
+
     mutating func mark(_ name: String) { marks[name, default: 0] += 1 }
 
     public var generatedTotal: Int { generated.values.reduce(0, +) }

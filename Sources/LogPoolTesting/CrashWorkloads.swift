@@ -58,6 +58,8 @@ public enum CrashWorkloads {
     /// success made durable.
     static func step(_ op: Op, pool: inout Pool, device: SimulatedDevice, model: inout ReferenceModel, simulator: CrashSimulator) throws {
         let syncsBefore = device.syncCount
+        let cacheBefore = pool.cacheEvents
+        defer { markCacheEvents(since: cacheBefore, pool, simulator) }
         var after = model
         apply(op, to: &after)
         simulator.opStarting(after)
@@ -68,6 +70,15 @@ public enum CrashWorkloads {
         simulator.opFinished(op, model: model)
         if op.isDurabilityPoint { simulator.madeDurable() }
         if device.syncCount > syncsBefore, !pool.hasUnsyncedChanges { try checkSpaceState(pool, device, simulator: simulator, after: "\(op)") }
+    }
+
+    /// Memory pressure (a tiny metadata cache, `--metadata-cache`) during one op: evicted
+    /// leaves read back, and checkpoints the dirty-leaf bound started.
+    static func markCacheEvents(since before: (leafRereads: Int, refcountRereads: Int, boundCheckpoints: Int), _ pool: Pool, _ simulator: CrashSimulator) {
+        let after = pool.cacheEvents
+        if after.leafRereads > before.leafRereads { simulator.mark("leaf-reread") }
+        if after.refcountRereads > before.refcountRereads { simulator.mark("refcount-leaf-reread") }
+        if after.boundCheckpoints > before.boundCheckpoints { simulator.mark("dirty-bound-checkpoint") }
     }
 
     /// The live engine's space state must be what a reopen of the synced bytes rebuilds
@@ -298,6 +309,7 @@ public enum CrashWorkloads {
             let generationBefore = pool.stats.generation
             let stats = pool.stats
             let nearlyFull = stats.unwrittenBytes < stats.capacityBytes / 10
+            let cacheBefore = pool.cacheEvents
             var label = ""
             do {
                 if let range = exclusiveRange {
@@ -365,6 +377,7 @@ public enum CrashWorkloads {
             }
             // A checkpoint ran (forced by admission, or by a compaction) on a full pool.
             if pool.stats.generation > generationBefore, nearlyFull { simulator.mark("checkpoint-on-full-pool") }
+            markCacheEvents(since: cacheBefore, pool, simulator)
             if device.syncCount > syncsBefore { simulator.madeDurable() }
             simulator.opFinished(label, model: model)
             if roll >= 85 && roll < 95 { simulator.madeDurable() }

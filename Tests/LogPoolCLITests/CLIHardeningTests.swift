@@ -184,7 +184,7 @@ struct CLIHardeningTests {
             }
         }
         let version = try CLI.run(["--version"])
-        #expect(version.status == 0 && version.text.contains("pool format 3"))
+        #expect(version.status == 0 && version.text.contains("pool format 4"))
         let unknown = try CLI.run(["help", "nosuch"])
         #expect(unknown.status == 64 && unknown.stderr.contains("no such command"), "\(unknown.stderr)")
         let simUsage = try CLI.run(["crashsim", "--budget", "-1"], binary: CLI.simBinary)

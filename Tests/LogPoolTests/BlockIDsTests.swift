@@ -9,34 +9,53 @@ import Testing
 /// count.
 @Suite("Block ids")
 struct BlockIDsTests {
-    func check(_ ids: BlockIDs, _ context: String, sourceLocation: SourceLocation = #_sourceLocation) {
-        #expect(ids.liveCount == ids.refcounts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }, "\(context): live count drifted",
-                sourceLocation: sourceLocation)
-        #expect(ids.refcounts.count == Int(ids.limit), "\(context): refcounts not \(ids.limit) long",
-                sourceLocation: sourceLocation)
-        #expect(ids.refcount(0) == 0, "\(context): id 0 referenced", sourceLocation: sourceLocation)
+    /// Stored refcount leaves, as the refcount tree would hold them: a checkpoint writes
+    /// the changed leaves here, and leaves not resident are read back from here.
+    final class Store {
+        var leaves: [Int: [UInt64]] = [:]
+        var reads = 0
+        func load(_ leaf: Int) -> [UInt64] {
+            reads += 1
+            return leaves[leaf] ?? []
+        }
+        func checkpoint(_ ids: BlockIDs) throws {
+            for leaf in ids.takeChangedLeaves() { leaves[leaf] = try ids.packedWords(leaf: leaf, load: load) }
+        }
     }
 
-    @Test("seeded allocations, retains and releases keep the live count, never reuse a live id, and peek predicts allocate")
-    func seededModel() {
+    func counts(_ ids: BlockIDs, _ store: Store) throws -> [UInt32] {
+        try (0..<ids.limit).map { try ids.refcount($0, load: store.load) }
+    }
+
+    func check(_ ids: BlockIDs, _ store: Store, _ context: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let all = try counts(ids, store)
+        #expect(ids.liveCount == all.reduce(0) { $0 + ($1 > 0 ? 1 : 0) }, "\(context): live count drifted",
+                sourceLocation: sourceLocation)
+        #expect(all[0] == 0, "\(context): id 0 referenced", sourceLocation: sourceLocation)
+    }
+
+    @Test("seeded allocations, retains and releases keep the live count, never reuse a live id, and peek predicts allocate, with leaves paged out")
+    func seededModel() throws {
         for seed in UInt64(1)...20 {
             var generator = SeededGenerator(seed: seed)
-            var ids = BlockIDs()
+            // A budget of one leaf: every other leaf is read back from the store.
+            let ids = BlockIDs(budgetLeafCount: 1)
+            let store = Store()
             var model: [UInt64: UInt32] = [:]
             for step in 0..<400 {
                 let context = "seed \(seed) step \(step)"
-                switch Int.random(in: 0..<3, using: &generator) {
+                switch Int.random(in: 0..<4, using: &generator) {
                 case 0:
                     // A batch, as a write takes it: reserve, peek, allocate, map each once.
-                    let count = Int.random(in: 1...12, using: &generator)
+                    let count = Int.random(in: 1...40, using: &generator)
                     ids.reserve(forAllocating: count)
-                    let predicted = ids.peek(count)
+                    let predicted = try ids.peek(count, load: store.load)
                     var taken: [UInt64] = []
                     for _ in 0..<count {
-                        let id = ids.allocate()
+                        let id = try ids.allocate(load: store.load)
                         #expect(id >= 1 && id < ids.limit, "\(context): id \(id) outside 1..<\(ids.limit)")
                         #expect(model[id] == nil, "\(context): allocated live id \(id)")
-                        ids.retain(id)
+                        try ids.retain(id, load: store.load)
                         model[id] = 1
                         taken.append(id)
                     }
@@ -44,11 +63,15 @@ struct BlockIDsTests {
                 case 1:
                     // A leaf copied: every live id it names gains a reference.
                     guard let id = model.keys.randomElement(using: &generator) else { continue }
-                    ids.retain(id)
+                    try ids.retain(id, load: store.load)
                     model[id, default: 0] += 1
+                case 2:
+                    // A checkpoint: changed leaves are written and may be dropped after.
+                    try store.checkpoint(ids)
+                    #expect(ids.changedLeafCount == 0, "\(context)")
                 default:
                     guard let id = model.keys.randomElement(using: &generator) else { continue }
-                    let freed = ids.release(id) == true
+                    let freed = try ids.release(id, load: store.load) == true
                     model[id]! -= 1
                     if model[id] == 0 {
                         model[id] = nil
@@ -57,87 +80,120 @@ struct BlockIDsTests {
                         #expect(!freed, "\(context): release of \(id) with references left freed it")
                     }
                 }
-                check(ids, context)
+                ids.unpinAll()
+                try check(ids, store, context)
                 #expect(ids.liveCount == model.count, "\(context): live \(ids.liveCount), model \(model.count)")
-                for (id, count) in model { #expect(ids.refcount(id) == count, "\(context): id \(id)") }
+                for (id, count) in model { #expect(try ids.refcount(id, load: store.load) == count, "\(context): id \(id)") }
                 // The id space stays within a quarter of the live count plus slack and a batch.
-                let bound = UInt64(ids.liveCount + 12) * 5 / 4 + 64 + 12
+                let bound = UInt64(ids.liveCount + 40) * 5 / 4 + 64 + 40
                 #expect(ids.limit <= bound, "\(context): limit \(ids.limit) beyond \(bound)")
+                // Clean leaves beyond the budget are dropped; changed ones stay.
+                #expect(ids.residentLeafCount <= max(1, ids.changedLeafCount + 1), "\(context): \(ids.residentLeafCount) leaves resident, \(ids.changedLeafCount) changed")
             }
+            #expect(store.reads > 0, "seed \(seed): leaves were read back")
         }
     }
 
-    @Test("every count change marks its refcount leaf, packed words round-trip through load, and a zero count does not release")
-    func storedCounts() {
+    @Test("every count change marks its refcount leaf, packed words round-trip through a reload, and a zero count does not release")
+    func storedCounts() throws {
         let perLeaf = UInt64(PageLayout.refcountsPerLeaf)
-        var ids = BlockIDs(limit: 3 * perLeaf + 10)
-        ids.retain(5)
-        ids.retain(perLeaf * 2 + 1)
-        ids.retain(perLeaf * 2 + 1)
+        let store = Store()
+        let ids = BlockIDs(limit: 3 * perLeaf + 10)
+        try ids.retain(5, load: store.load)
+        try ids.retain(perLeaf * 2 + 1, load: store.load)
+        try ids.retain(perLeaf * 2 + 1, load: store.load)
         #expect(ids.changedLeafCount == 2)
         #expect(ids.takeChangedLeaves() == [0, 2])
         #expect(ids.changedLeafCount == 0 && ids.takeChangedLeaves().isEmpty)
-        #expect(ids.release(perLeaf * 2 + 1) == false)
+        #expect(try ids.release(perLeaf * 2 + 1, load: store.load) == false)
         #expect(ids.takeChangedLeaves() == [2], "a release marks its leaf too")
-        #expect(ids.release(7) == nil, "releasing an id whose count is zero is refused, not trapped")
+        #expect(try ids.release(7, load: store.load) == nil, "releasing an id whose count is zero is refused, not trapped")
         #expect(ids.changedLeafCount == 0, "a refused release changes nothing")
-        let words = ids.packedWords(leaf: 2)
+        let words = try ids.packedWords(leaf: 2, load: store.load)
         #expect(words[0] == UInt64(1) << 32, "id 2*1018+1 is the high half of the leaf's first word")
-        var loaded = BlockIDs(limit: ids.limit)
-        for leaf in 0..<BlockIDs.leafCount(ids.limit) {
-            #expect(loaded.load(leaf: UInt64(leaf), words: ids.packedWords(leaf: leaf)) == nil)
+        for leaf in 0..<BlockIDs.leafCount(ids.limit) { store.leaves[leaf] = try ids.packedWords(leaf: leaf, load: store.load) }
+        let loaded = BlockIDs(limit: ids.limit, liveCount: ids.liveCount, budgetLeafCount: 1)
+        #expect(try counts(loaded, store) == counts(ids, store) && loaded.changedLeafCount == 0)
+        #expect(loaded.residentLeafCount == 1, "reading every count kept one leaf resident")
+        #expect(try !loaded.differs(leaf: 2, from: store.leaves[2]!, load: store.load))
+        #expect(try loaded.differs(leaf: 0, from: store.leaves[2]!, load: store.load))
+        let limit: UInt64 = 4
+        func problem(_ leaf: UInt64, _ words: [UInt64]) -> String? {
+            BlockIDs.storedLeafProblem(leaf: leaf, words: words + [UInt64](repeating: 0, count: 509 - words.count), limit: limit)
         }
-        #expect(loaded.refcounts == ids.refcounts && loaded.liveCount == ids.liveCount && loaded.changedLeafCount == 0)
-        var bad = BlockIDs(limit: 4)
-        #expect(bad.load(leaf: 0, words: [UInt64(1) << 32] + [UInt64](repeating: 0, count: 508)) == nil, "id 1 may be counted")
-        #expect(bad.load(leaf: 0, words: [1] + [UInt64](repeating: 0, count: 508)) != nil, "id 0 is never counted")
-        #expect(bad.load(leaf: 0, words: [0, 0, 1] + [UInt64](repeating: 0, count: 506)) != nil, "id 4 is beyond the limit")
-        #expect(bad.load(leaf: 0, words: [0, UInt64(BlockIDs.storedCountMax) + 1] + [UInt64](repeating: 0, count: 507)) != nil,
-                "a count above the stored maximum is refused")
+        #expect(problem(0, [UInt64(1) << 32]) == nil, "id 1 may be counted")
+        #expect(problem(0, [1]) != nil, "id 0 is never counted")
+        #expect(problem(0, [0, 0, 1]) != nil, "id 4 is beyond the limit")
+        #expect(problem(0, [0, UInt64(BlockIDs.storedCountMax) + 1]) != nil, "a count above the stored maximum is refused")
         // A crafted tree can put a leaf where leaf x 1018 overflows: refused, not trapped.
         for leaf in [UInt64(1), 1 << 54, UInt64.max / UInt64(PageLayout.wordCapacity), .max] {
-            #expect(bad.load(leaf: leaf, words: [0, 1] + [UInt64](repeating: 0, count: 507)) != nil, "leaf \(leaf)")
-            #expect(bad.load(leaf: leaf, words: [UInt64](repeating: 0, count: 509)) == nil, "an empty leaf \(leaf) holds nothing wrong")
+            #expect(problem(leaf, [0, 1]) != nil, "leaf \(leaf)")
+            #expect(problem(leaf, []) == nil, "an empty leaf \(leaf) holds nothing wrong")
         }
-        #expect(bad.refcounts == [0, 1, 0, 0] && bad.liveCount == 1, "refused leaves loaded nothing")
+    }
+
+    @Test("pinned and changed leaves stay resident past the budget; unpinning drops the clean ones")
+    func pinning() throws {
+        let perLeaf = UInt64(PageLayout.refcountsPerLeaf)
+        let store = Store()
+        let ids = BlockIDs(limit: 8 * perLeaf, budgetLeafCount: 2)
+        for leaf in 0..<6 { try ids.pin(UInt64(leaf) * perLeaf + 1, load: store.load) }
+        #expect(ids.residentLeafCount == 6, "pinned leaves are never dropped")
+        try ids.retain(7 * perLeaf + 3, load: store.load)
+        ids.unpinAll()
+        #expect(ids.residentLeafCount <= 2 && ids.isChanged(leaf: 7), "unpinned clean leaves dropped to the budget, the changed one kept")
+        let reads = store.reads
+        #expect(try ids.refcount(7 * perLeaf + 3, load: store.load) == 1)
+        #expect(store.reads == reads, "a changed leaf is never read back")
+        // A loader failure is the caller's error, and nothing changes.
+        struct Damaged: Error {}
+        #expect(throws: Damaged.self) { try ids.retain(5 * perLeaf, load: { _ in throw Damaged() }) }
+        #expect(ids.liveCount == 1)
     }
 
     @Test("allocation sweeps forward and wraps to 1, skipping live ids")
-    func sweep() {
-        var ids = BlockIDs(limit: 8)
-        for id: UInt64 in [2, 3, 6] { ids.retain(id) }
+    func sweep() throws {
+        let store = Store()
+        let ids = BlockIDs(limit: 8)
+        for id: UInt64 in [2, 3, 6] { try ids.retain(id, load: store.load) }
         // Cursor starts at 1: 1, then 4, 5, 7, then wraps past the limit to 1 again.
         var got: [UInt64] = []
-        for _ in 0..<4 { got.append(ids.allocate()) }
+        for _ in 0..<4 { got.append(try ids.allocate(load: store.load)) }
         #expect(got == [1, 4, 5, 7])
-        #expect(ids.allocate() == 1, "the sweep wraps to id 1 (1 is still unreferenced)")
+        #expect(try ids.allocate(load: store.load) == 1, "the sweep wraps to id 1 (1 is still unreferenced)")
         #expect(ids.limit == 8, "allocate never grows the space")
+        // A live count that claims fewer ids than are referenced (crafted) cannot trap.
+        let full = BlockIDs(limit: 4)
+        for id: UInt64 in 1...3 { try full.retain(id, load: store.load) }
+        #expect(throws: PoolError.self) { try full.allocate(load: store.load) }
     }
 
     @Test("the high-water mark only rises, and covers what a reserve could reach")
-    func highWater() {
-        var ids = BlockIDs()
+    func highWater() throws {
+        let store = Store()
+        let ids = BlockIDs()
         ids.raiseHighWater(forAllocating: 10)
         let first = ids.highWater
         #expect(first == ids.idSpaceLimit(forAllocating: 10))
         ids.reserve(forAllocating: 10)
-        for _ in 0..<10 { ids.retain(ids.allocate()) }
+        for _ in 0..<10 { try ids.retain(try ids.allocate(load: store.load), load: store.load) }
         ids.raiseHighWater(forAllocating: 1)
         #expect(ids.highWater >= first && ids.highWater >= ids.limit)
         let before = ids.highWater
-        for id in 1..<ids.limit where ids.refcount(id) > 0 { _ = ids.release(id) }
+        for id in 1..<ids.limit where try ids.refcount(id, load: store.load) > 0 { _ = try ids.release(id, load: store.load) }
         ids.raiseHighWater(forAllocating: 1)
         #expect(ids.highWater == before, "a smaller live count never lowers the mark")
     }
 
     @Test("ids beyond the limit read as unreferenced; extend never shrinks")
-    func beyondLimit() {
-        var ids = BlockIDs(limit: 4)
-        #expect(ids.refcount(100) == 0)
+    func beyondLimit() throws {
+        let store = Store()
+        let ids = BlockIDs(limit: 4)
+        #expect(try ids.refcount(100, load: store.load) == 0)
         ids.extend(to: 2)
         #expect(ids.limit == 4)
         ids.extend(to: 9)
         #expect(ids.limit == 9)
-        check(ids, "after extend")
+        try check(ids, store, "after extend")
     }
 }

@@ -93,13 +93,13 @@ struct HardeningTests {
         let engine = pool.engine
         let id = engine.volumeIDsByName["v"]!
         let location = BlockLocation(byteOffset: engine.geometry.dataAreaByteOffset + 4096, storedByteCount: 4096, flags: 0, checksum: 1)
-        let before = engine.ids.refcounts.count
+        let before = engine.ids.limit
         for blockID in [engine.geometry.capacityByteCount / 512, 1 << 20, UInt64(before) + 100_000] {
             expectCorrupt(structure: "journal record", detailContains: "out of range") {
                 try engine.apply(.map(volumeID: id, unmapRanges: [], mappings: [BlockMapping(blockIndex: 0, blockID: blockID, location: location)]))
             }
         }
-        #expect(engine.ids.refcounts.count == before)
+        #expect(engine.ids.limit == before)
         #expect(pool.internalConsistencyProblems() == [])
     }
 
