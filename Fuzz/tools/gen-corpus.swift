@@ -81,6 +81,7 @@ struct GenCorpus {
             ("branch-snapshot", .branch(id: 2, sourceID: 1, kind: .snapshot, name: "disk@monday", createdTime: 1_700_000_100)),
             ("branch-clone", .branch(id: 3, sourceID: 2, kind: .volume, name: "dev", createdTime: 1_700_000_200)),
             ("delete", .delete(id: 2)),
+            ("release-queued", .releaseQueued(id: 2, upTo: 509 * 16)),
             ("rename", .rename(id: 3, name: "dév-2")),
             ("resize", .resize(id: 1, sizeByteCount: 2 << 20)),
             ("map", .map(volumeID: 1, unmapRanges: [0..<4, 10..<12],
@@ -149,7 +150,8 @@ struct GenCorpus {
     // MARK: checkpoint-root (mode bit 0 fix checksum, bit 1 fix layout; selector = geometry)
 
     static func checkpointRoots() {
-        func emit(_ name: String, geometryIndex: UInt8, volumes: [VolumeRecord], nextID: UInt64, mode: UInt8 = 0x01) {
+        func emit(_ name: String, geometryIndex: UInt8, volumes: [VolumeRecord], nextID: UInt64, mode: UInt8 = 0x01,
+                  queue: [QueuedMapRecord] = [], live: UInt64 = 0) {
             let geometry = FuzzFixture.geometries[Int(geometryIndex)]
             let usage = (0..<Int(geometry.segmentCount)).map { UInt64($0 % 5) * 4096 }
             let root = CheckpointRoot(
@@ -157,7 +159,7 @@ struct GenCorpus {
                 blockTableRoot: PagePointer(byteOffset: FuzzFixture.payloadOffset(geometry, segment: 1, page: 2), checksum: 0xB7),
                 blockTableHeight: 1, blockIDLimit: 42, volumes: volumes, segmentLiveByteCounts: usage,
                 refcountRoot: PagePointer(byteOffset: FuzzFixture.payloadOffset(geometry, segment: 1, page: 5), checksum: 0xC3),
-                refcountHeight: 1)
+                refcountHeight: 1, liveBlockCount: live, releaseQueue: queue)
             let (bytes, sum) = root.encode(salt: salt)
             do {
                 let back = try CheckpointRoot.decode(bytes, expectedChecksum: sum, salt: salt,
@@ -188,6 +190,14 @@ struct GenCorpus {
             volume(4, .snapshot, "a@1", size: 512 * 600, origin: 1, geometry: g1, page: 4),
             volume(5, .volume, "clone-of-a", size: 1 << 30, origin: 4, geometry: g1, page: -1),
         ], nextID: 9)
+        emit("release-queue-512", geometryIndex: 1, volumes: [
+            volume(1, .volume, "a", size: 512 * 600, geometry: g1, page: 4),
+        ], nextID: 7, queue: [
+            QueuedMapRecord(id: 3, mapRoot: PagePointer(byteOffset: FuzzFixture.payloadOffset(g1, segment: 1, page: 6), checksum: 0xD1),
+                            mapHeight: 2, releasedSlotCount: 509),
+            QueuedMapRecord(id: 5, mapRoot: PagePointer(byteOffset: FuzzFixture.payloadOffset(g1, segment: 1, page: 4), checksum: 0xA1),
+                            mapHeight: 2, releasedSlotCount: 0),
+        ], live: 30)
         emit("empty", geometryIndex: 3, volumes: [], nextID: 1, mode: 0x03)
     }
 

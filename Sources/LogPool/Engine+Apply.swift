@@ -54,11 +54,31 @@ extension Engine {
             nextVolumeID = id + 1
         case .delete(let id):
             guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
-            if let root = volume.map.root { try release(root, kind: .map) }
+            // O(1) in pages: the map joins the release queue, whose steps release its
+            // blocks later (``reclaimStep()``); until then they stay referenced.
+            if volume.map.root != nil {
+                releaseQueue.append(QueuedMap(id: id, map: volume.map, releasedSlotCount: 0))
+            }
             volume.isDeleted = true
             volumes[id] = nil
             volumeRowByteTotal -= CheckpointRoot.volumeRowByteCount(name: volume.record.name)
             volumeIDsByName[volume.record.name] = nil
+        case .releaseQueued(let id, let upTo):
+            guard let index = releaseQueue.firstIndex(where: { $0.id == id }) else { throw bad("queued map \(id) does not exist") }
+            let queued = releaseQueue[index]
+            guard upTo > queued.releasedSlotCount, upTo <= queued.map.capacity else {
+                throw bad("release bound \(upTo) of queued map \(id) is not above \(queued.releasedSlotCount) and within its \(queued.map.capacity) slots")
+            }
+            if upTo == queued.map.capacity {
+                // The last step drops the map itself (what is left of it: a shared root
+                // loses one parent; an own one holds only what earlier steps emptied).
+                if let root = queued.map.root { try release(root, kind: .map) }
+                releaseQueue.remove(at: index)
+            } else {
+                try mapUnmap(&queued.map, range: queued.releasedSlotCount..<upTo)
+                queued.releasedSlotCount = upTo
+                if queued.map.root == nil { releaseQueue.remove(at: index) }
+            }
         case .rename(let id, let name):
             guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
             guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }

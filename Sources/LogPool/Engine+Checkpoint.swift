@@ -10,12 +10,15 @@ extension Engine {
             r.mapHeight = v.map.height
             return r
         }
+        let queue = releaseQueue.map {
+            QueuedMapRecord(id: $0.id, mapRoot: $0.map.root?.disk ?? .none, mapHeight: $0.map.height, releasedSlotCount: $0.releasedSlotCount)
+        }
         return CheckpointRoot(generation: superblock.generation + 1, nextVolumeID: nextVolumeID,
                               blockTableRoot: blockTable.root?.disk ?? .none, blockTableHeight: blockTable.height,
                               blockIDLimit: blockIDLimit, volumes: records,
                               segmentLiveByteCounts: metaLiveByteCounts,
                               refcountRoot: refcountTree.root?.disk ?? .none, refcountHeight: refcountTree.height,
-                              liveBlockCount: UInt64(ids.liveCount))
+                              liveBlockCount: UInt64(ids.liveCount), releaseQueue: queue)
     }
 
     /// Puts every refcount leaf whose counts changed since the last checkpoint into the
@@ -186,6 +189,9 @@ extension Engine {
         if let root = refcountTree.root { try writeDirty(root, kind: .refcounts) }
         for volume in volumes.values {
             if let root = volume.map.root { try writeDirty(root, kind: .map) }
+        }
+        for queued in releaseQueue {
+            if let root = queued.map.root { try writeDirty(root, kind: .map) }
         }
         var root = plannedRoot()
         let rootByteCount = root.encodedByteCount

@@ -113,7 +113,7 @@ extension Engine {
         }
         if let root = blockTable.root { _ = visit(root) }
         if let root = refcountTree.root { _ = visit(root) }
-        for volume in volumes.values { if let root = volume.map.root { _ = visit(root) } }
+        for map in allMaps { if let root = map.root { _ = visit(root) } }
         return result
     }
 

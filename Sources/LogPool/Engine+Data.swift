@@ -406,7 +406,7 @@ extension Engine {
         }
         if let root = blockTable.root { visit(root) }
         if let root = refcountTree.root { visit(root) }
-        for volume in volumes.values { if let root = volume.map.root { visit(root) } }
+        for map in allMaps { if let root = map.root { visit(root) } }
         if let root = checkpointExtent { add(root.byteOffset, sectorAligned(root.byteCount)) }
         // what the records of the epoch the last commit closed wrote, which the
         // older slot's replay still checks.
@@ -607,6 +607,11 @@ extension Engine {
         guard byteCount > 0 else { return }
         let bs = UInt64(blockByteCount)
         let first = byteOffset / bs, last = (byteOffset + byteCount - 1) / bs
+        // Deleted maps first, when the room is short (COMMIT §5.4): every block counted
+        // new, and a path of pages per leaf.
+        let blocks = last - first + 1
+        try releaseQueuedSpace(ifShortOf: blocks * bs + (blocks / UInt64(PageLayout.mapLeafFanout) + UInt64(2 * volume.map.height))
+                                   * UInt64(PoolGeometry.pageByteCount), newBlockCount: Int(blocks))
         var newBlocks = 0
         for blockIndex in first...last where try exclusiveBlock(volume.map, blockIndex: blockIndex) == nil { newBlocks += 1 }
         // One slot per leaf is enough: page counting dedupes by leaf.
@@ -691,6 +696,12 @@ extension Engine {
         // changes. A damaged leaf met here, where nothing is half changed, is rebuilt
         // from the maps and admission runs again.
         try withRefcountRepair {
+            // Deleted maps first, when the room is short (COMMIT §5.4), so the figures
+            // below are computed after their blocks came back: every block counted new,
+            // every path of pages.
+            try releaseQueuedSpace(ifShortOf: UInt64(encoded.reduce(0) { $0 + $1.allocatedByteCount })
+                                       + UInt64(indexes.count + 4 * volume.map.height + 4) * UInt64(PoolGeometry.pageByteCount),
+                                   newBlockCount: indexes.count)
             // Unmapping dirties at most the two boundary paths of each range.
             let pages = try pagesForWrite(volume.map, indexes: indexes)
             let unmapPages = unmapPageCounts(volume.map, ranges: unmapRanges)

@@ -24,7 +24,7 @@ extension Engine {
             for child in node.children { if let child { visit(child, kind: kind) } }
         }
         if let root = blockTable.root { visit(root, kind: .blockTable) }
-        for volume in volumes.values { if let root = volume.map.root { visit(root, kind: .map) } }
+        for map in allMaps { if let root = map.root { visit(root, kind: .map) } }
         if let root = refcountTree.root { visit(root, kind: .refcounts) }
         var expectedRefcounts = [UInt32](repeating: 0, count: Int(blockIDLimit))
         var dirty = 0, dirtyLeaves = 0

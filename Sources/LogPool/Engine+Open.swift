@@ -257,6 +257,10 @@ extension Engine {
             volumeRowByteTotal += CheckpointRoot.volumeRowByteCount(name: record.name)
             volumeIDsByName[record.name] = record.id
         }
+        for queued in root.releaseQueue {
+            let map = Tree(kind: .map, root: try loadNode(queued.mapRoot, kind: .map, level: queued.mapHeight - 1, base: 0, cache: &cache), height: queued.mapHeight)
+            releaseQueue.append(QueuedMap(id: queued.id, map: map, releasedSlotCount: queued.releasedSlotCount))
+        }
         // The id-indexed arrays are sized only once the pages that justify the limit have
         // been read (C-6): a crafted root cannot make open allocate for ids no page holds.
         let tableLeafCount = cache.values.reduce(0) { $0 + ($1.kind == .blockTable && $1.node.level == 0 ? 1 : 0) }

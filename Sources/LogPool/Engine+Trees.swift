@@ -78,6 +78,112 @@ extension Engine {
         if let root { try visit(root) }
     }
 
+    // MARK: - The release queue (ARCHITECTURE §5 step 4)
+
+    /// Whole map leaves one release step may empty: each drops up to 509 block
+    /// references, so a step changes at most this many leaves' worth of counts.
+    static let leavesPerReleaseStep = 16
+
+    /// Every map the pool holds: the volumes' and the queued maps of deleted ones.
+    var allMaps: [Tree] { volumes.values.map(\.map) + releaseQueue.map(\.map) }
+
+    /// Where the next release step of `queued` ends (COMMIT §6.1): the whole map when its
+    /// root is shared (the step drops one parent) or a single leaf; else, below the
+    /// nodes on the path to the first slot not yet released (all with one parent), the
+    /// next child subtree that is shared (dropped whole: one parent less) or, at the
+    /// leaves' level, up to ``leavesPerReleaseStep`` whole leaves; the end of a node
+    /// with nothing left. Steps are aligned to whole subtrees, so a step never copies a
+    /// shared node and changes at most that many leaves' counts.
+    func nextReleaseBound(_ queued: QueuedMap) -> UInt64 {
+        let map = queued.map
+        let capacity = map.capacity
+        guard var node = map.root, node.parentCount == 1, node.level > 0 else { return capacity }
+        var base: UInt64 = 0
+        let released = queued.releasedSlotCount
+        while true {
+            let span = map.span(level: node.level)
+            let end = base + span * UInt64(PageLayout.interiorFanout)
+            var i = Int((max(released, base) - base) / span)
+            while i < PageLayout.interiorFanout && node.children[i] == nil { i += 1 }
+            guard i < PageLayout.interiorFanout, let child = node.children[i] else { return min(capacity, end) }
+            let childBase = base + UInt64(i) * span
+            if child.parentCount > 1 { return min(capacity, childBase + span) }
+            if child.level == 0 { return min(capacity, end, childBase + span * UInt64(Engine.leavesPerReleaseStep)) }
+            node = child
+            base = childBase
+        }
+    }
+
+    /// One bounded step of the release queue (COMMIT §6.1): releases the next part of
+    /// the oldest queued map as a `releaseQueued` record, admitted like any change (a
+    /// refusal changes nothing). Returns false when the queue is empty or a step is
+    /// already running.
+    @discardableResult
+    func reclaimStep() throws -> Bool {
+        guard !reclaiming, !readOnly, let queued = releaseQueue.first(where: { !stuckQueueIDs.contains($0.id) }) else { return false }
+        reclaiming = true
+        defer { reclaiming = false }
+        let payload = JournalIntent.releaseQueued(id: 0, upTo: 0).payloadByteCount
+        try ensureJournalSpace(payloadByteCount: payload)
+        // Each boundary path may be made dirty; counts change for at most the step's leaves.
+        try ensureSpace(netByteCount: 0, extents: [], pageCount: 2 * queued.map.height, addedPageCount: 0,
+                        countChanges: Engine.leavesPerReleaseStep * PageLayout.mapLeafFanout)
+        try keepJournalRoom(payloadByteCount: payload)
+        let upTo = nextReleaseBound(queued)
+        do {
+            try withRefcountRepair { try pinRefcounts(unmapping: queued.releasedSlotCount..<upTo, in: queued.map) }
+        } catch let error as PoolError {
+            // A map leaf of it cannot be read: its release waits (this session) while
+            // the other queued maps go on; verify reports the damage.
+            switch error {
+            case .io, .corrupt: stuckQueueIDs.insert(queued.id)
+            default: break
+            }
+            throw error
+        }
+        try exclusively { try journalAndApply(.releaseQueued(id: queued.id, upTo: upTo)) }
+        return true
+    }
+
+    /// Release steps run after each write, discard or delete while the queue holds maps.
+    static let releaseStepsBetweenChanges = 4
+
+    /// Release steps between changes (after a write, discard or delete), when the queue
+    /// holds maps: bounded work (``releaseStepsBetweenChanges`` steps), so a deleted
+    /// volume's space comes back while writes go on, and a small one is gone by the
+    /// time its delete returns. A step that cannot be admitted now is left for later;
+    /// one that failed after journaling poisoned the pool, which the next call reports.
+    func reclaimBetweenChanges() {
+        for _ in 0..<Engine.releaseStepsBetweenChanges where !releaseQueue.isEmpty {
+            guard (try? reclaimStep()) == true else { return }
+        }
+    }
+
+    /// Before an operation computes its admission figures: when rule A-1 leaves less than
+    /// `byteCount` (with `newBlockCount` more ids) while maps wait in the release queue,
+    /// releases them until it does (COMMIT §5.4), so the figures the operation then
+    /// computes (shared blocks that became its own, the ids it will take) are current.
+    func releaseQueuedSpace(ifShortOf byteCount: UInt64, newBlockCount: Int = 0) throws {
+        guard !releaseQueue.isEmpty, !reclaiming, logicalRoomByteCount(newBlockCount: newBlockCount) < byteCount else { return }
+        try drainReleaseQueue { logicalRoomByteCount(newBlockCount: newBlockCount) >= byteCount }
+    }
+
+    /// Runs release steps until the queue is empty (``Pool/compact()``, or admission
+    /// short of room while the queue holds space).
+    /// A step refused for room ends the drain (the caller's own admission then decides);
+    /// a queued map that cannot be read is left (``stuckQueueIDs``) and the others go
+    /// on. Only a failure that poisoned the pool is thrown.
+    func drainReleaseQueue(until done: () -> Bool = { false }) throws {
+        while !releaseQueue.isEmpty && !done() {
+            do {
+                guard try reclaimStep() else { return }
+            } catch {
+                if poisonCause != nil { throw error }
+                if case PoolError.poolFull = error { return }
+            }
+        }
+    }
+
     // MARK: - Paged refcounts (ARCHITECTURE §5 step 3)
 
     /// The stored words of refcount leaf `leaf` (``BlockIDs/Loader``): zeros while the
@@ -236,6 +342,7 @@ extension Engine {
             for child in node.children { if let child { collect(child) } }
         }
         for volume in volumes.values.sorted(by: { $0.record.id < $1.record.id }) { if let root = volume.map.root { collect(root) } }
+        for queued in releaseQueue { if let root = queued.map.root { collect(root) } }
         leaves.sort { $0.disk.byteOffset < $1.disk.byteOffset }
         do {
             for node in leaves {

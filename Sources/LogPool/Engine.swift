@@ -15,6 +15,21 @@ final class VolumeState {
     }
 }
 
+/// The map of a deleted volume or snapshot whose blocks are released in bounded steps
+/// (the release queue: FORMAT C-11, COMMIT §6.1). Slots below `releasedSlotCount` are
+/// released already.
+final class QueuedMap {
+    let id: UInt64
+    var map: Tree
+    var releasedSlotCount: UInt64
+
+    init(id: UInt64, map: Tree, releasedSlotCount: UInt64) {
+        self.id = id
+        self.map = map
+        self.releasedSlotCount = releasedSlotCount
+    }
+}
+
 /// The single-threaded heart of a pool. ``Pool`` serialises every call with a lock.
 ///
 /// Invariants (Specs/COMMIT.md):
@@ -41,6 +56,13 @@ final class Engine {
     /// `apply` and open, so admission sizes the next root in O(1) (building the root on
     /// every write made writes 6x slower with 1,000 snapshots).
     var volumeRowByteTotal = 0
+    /// Maps of deleted volumes still being released, oldest first (``reclaimStep()``).
+    var releaseQueue: [QueuedMap] = []
+    /// A release step is being admitted or journaled (no other starts inside it).
+    var reclaiming = false
+    /// Queued maps whose next step could not read a map leaf (damage): skipped for the
+    /// rest of this session, so the other queued maps are still released.
+    var stuckQueueIDs = Set<UInt64>()
 
     // Block table: block id → location. Refcounts are stored (Specs/FORMAT.md §5.4).
     var blockTable: Tree
@@ -348,7 +370,8 @@ final class Engine {
     /// Bytes the next checkpoint needs: every dirty page plus the root.
     /// ``plannedRoot()``'s encoded length before padding, without building it.
     var plannedRootUnpaddedByteCount: Int {
-        CheckpointRoot.unpaddedByteCount(volumeRowByteTotal: volumeRowByteTotal, segmentCount: segmentStates.count)
+        CheckpointRoot.unpaddedByteCount(volumeRowByteTotal: volumeRowByteTotal, segmentCount: segmentStates.count,
+                                         queueCount: releaseQueue.count)
     }
 
     /// ``plannedRoot()``'s encoded length, without building it.

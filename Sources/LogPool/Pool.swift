@@ -42,11 +42,15 @@ public struct PoolStats: Sendable, Equatable, Codable {
     public var journalRecords: Int = 0
     /// The record count at which a checkpoint starts on its own (65,536).
     public var journalRecordBound: Int = 0
-    /// Map and block-table leaves changed since the last checkpoint: pinned in memory
-    /// until it writes them. A checkpoint also starts on its own when they pass
-    /// ``dirtyLeafBound`` (half the metadata cache's pages, at least 64), so memory stays
-    /// bounded under any write load.
+    /// Map and block-table leaves changed since the last checkpoint, and refcount leaves
+    /// whose counts changed: pinned in memory until it writes them. A checkpoint also
+    /// starts on its own when they pass ``dirtyLeafBound`` (half the metadata cache's
+    /// pages, at least 4), so memory stays bounded under any write load.
     public var dirtyLeaves: Int = 0
+    /// Deleted volumes and snapshots whose blocks are still being released (the release
+    /// queue): their space comes back in bounded steps between writes, at once when a
+    /// write needs it, and in full on ``Pool/compact()``. It counts as used until then.
+    public var deletedMapsReleasing: Int = 0
     /// The dirty leaf count past which a checkpoint starts on its own.
     public var dirtyLeafBound: Int = 0
     public var compression: String
@@ -367,7 +371,11 @@ public final class Pool: @unchecked Sendable {
 
     /// Reclaims dead space now: see ``CompactionReport``.
     public func compact() throws -> CompactionReport {
-        try locked { try engine.compactAll() }
+        try locked {
+            // Deleted maps first: what they free is what compaction then gathers.
+            try engine.drainReleaseQueue()
+            return try engine.compactAll()
+        }
     }
 
     public var isReadOnly: Bool { engine.readOnly }
@@ -483,18 +491,15 @@ public final class Pool: @unchecked Sendable {
             try engine.checkWritable()
             let volume = try volumeState(named: name)
             let intent = JournalIntent.delete(id: volume.record.id)
-            try engine.readLeavesReleased(underRoot: volume.map.root)
             try engine.ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
-            // Its pages are released, but the counts of every block its map names change,
-            // and the next checkpoint writes their refcount leaves: room for them is
-            // reserved by rule A-1 (``refcountPageBound``), so on a full pool this at
-            // worst gathers it by compaction first, and never refuses.
-            try engine.ensureSpace(netByteCount: 0, extents: [], pageCount: 0, addedPageCount: 0)
+            // O(1): the map moves to the release queue (its row is smaller than the
+            // volume's), and release steps give its blocks back later (COMMIT §6.1);
+            // each step's refcount leaves are reserved by rule A-1 (``refcountPageBound``).
+            try engine.ensureSpace(netByteCount: 0, extents: [], pageCount: 0, addedPageCount: 0, countChanges: 0)
             // Compaction inside that may have journaled relocations.
             try engine.keepJournalRoom(payloadByteCount: intent.payloadByteCount)
-            // The refcount leaves of every block it releases, read and pinned now.
-            try engine.withRefcountRepair { try engine.readLeavesReleased(underRoot: volume.map.root) }
             try engine.journalAndApply(intent)
+            engine.reclaimBetweenChanges()
         }
     }
 
@@ -570,6 +575,7 @@ extension Engine {
         guard plannedRootUnpaddedByteCount + growth <= limit else {
             throw PoolError.invalidArgument("the volume table would outgrow one segment (\(limit) bytes): \(volumes.count) volumes and snapshots; use a pool with larger segments")
         }
+        try releaseQueuedSpace(ifShortOf: UInt64(addedPageCount ?? pageCount) * UInt64(PoolGeometry.pageByteCount))
         try ensureJournalSpace(payloadByteCount: intent.payloadByteCount)
         try ensureSpace(netByteCount: 0, extents: [], pageCount: pageCount, addedPageCount: addedPageCount ?? pageCount, countChanges: countChanges)
         try keepJournalRoom(payloadByteCount: intent.payloadByteCount)
@@ -642,7 +648,7 @@ extension Engine {
                          segmentCount: Int(geometry.segmentCount), freeSegmentCount: freeSegments.count,
                          journalBytes: geometry.journalByteCount, journalUsedBytes: journal.usedByteCount,
                          journalRecords: journal.recordCount, journalRecordBound: replayRecordBound,
-                         dirtyLeaves: pinnedLeafCount, dirtyLeafBound: dirtyPageBound, compression: compression.description,
+                         dirtyLeaves: pinnedLeafCount, deletedMapsReleasing: releaseQueue.count, dirtyLeafBound: dirtyPageBound, compression: compression.description,
                          cleanlyClosed: !recoveryReport.wasMounted, generation: superblock.generation,
                          atomicWriteBytes: Engine.atomicUnitByteCount, writtenDataBytes: writtenDataByteCount,
                          movedDataBytes: compactionMovedByteCount)

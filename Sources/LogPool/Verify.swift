@@ -432,6 +432,7 @@ struct Checker {
         var trees: [(PagePointer, PageKind, Int, String)] = [(root.blockTableRoot, .blockTable, root.blockTableHeight - 1, "the block table"),
                                                              (root.refcountRoot, .refcounts, root.refcountHeight - 1, "the refcount tree")]
         for volume in root.volumes { trees.append((volume.mapRoot, .map, volume.mapHeight - 1, "volume \(volume.name)")) }
+        for queued in root.releaseQueue { trees.append((queued.mapRoot, .map, queued.mapHeight - 1, "deleted volume \(queued.id) (release queue)")) }
         for (pointer, kind, level, owner) in trees {
             try visit(pointer, kind: kind, level: level, base: 0, owner: owner, sb: sb, pages: &pages)
         }
@@ -620,9 +621,27 @@ struct Checker {
                     "\(beyond) blocks mapped beyond the volume's size of \(volume.sizeByteCount) bytes")
             }
         }
+        // C-11: a queued map holds nothing below the bound its release steps reached.
+        for queued in root.releaseQueue {
+            var early = 0
+            var visited = Set<UInt64>(), revisits = 0
+            forEachLeaf(queued.mapRoot, kind: .map, level: queued.mapHeight - 1, base: 0, pages: pages,
+                        visited: &visited, revisits: &revisits) { base, words in
+                for (slot, id) in words.enumerated() where id != 0 && base &+ UInt64(slot) < queued.releasedSlotCount { early += 1 }
+            }
+            if revisits > 0 {
+                add(.error, "page-shared-wrongly", "queued map \(queued.id)", queued.mapRoot.byteOffset,
+                    "\(revisits) references to pages already reached within this one map")
+            }
+            if early > 0 {
+                add(.error, "volume-table", "queued map \(queued.id)", queued.mapRoot.byteOffset,
+                    "\(early) blocks mapped below the \(queued.releasedSlotCount) slots its release steps already released (FORMAT C-11)")
+            }
+        }
         // Refcounts: distinct leaves naming each id (shared leaves count once), by id
         // below the limit (bounded by the pool's size, FORMAT C-5); ids at or above it
-        // are collected apart.
+        // are collected apart. Queued maps of deleted volumes count: their blocks stay
+        // referenced until released.
         var refcounts = [UInt32](repeating: 0, count: Int(root.blockIDLimit))
         var beyondLimit: [UInt64] = []
         for page in pages.values where page.kind == .map && page.level == 0 {

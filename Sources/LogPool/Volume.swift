@@ -109,6 +109,7 @@ public final class Volume: @unchecked Sendable {
             let volume = try writableState(offset, UInt64(bytes.count))
             guard bytes.count > 0 else { return }
             try pool.engine.write(volume, byteOffset: offset, data: bytes)
+            pool.engine.reclaimBetweenChanges()
         }
     }
 
@@ -137,6 +138,7 @@ public final class Volume: @unchecked Sendable {
             let volume = try writableState(offset, length)
             guard length > 0 else { return }
             try pool.engine.discard(volume, byteOffset: offset, byteCount: length)
+            pool.engine.reclaimBetweenChanges()
         }
     }
 

@@ -104,6 +104,7 @@ struct Info: ParsableCommand {
             ["overhead", formatBytes(s.overheadBytes)],
             ["volumes", "\(s.volumeCount)"],
             ["snapshots", "\(s.snapshotCount)"],
+            ["deleted, still releasing", "\(s.deletedMapsReleasing) (freed after writes, or now by compact)"],
             ["block size", "\(s.blockSize)"],
             ["segment size", "\(s.segmentSize) x \(s.segmentCount) (\(s.freeSegmentCount) free)"],
             ["journal", formatBytes(s.journalBytes)],

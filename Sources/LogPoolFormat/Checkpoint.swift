@@ -40,6 +40,27 @@ public struct VolumeRecord: Sendable, Equatable {
     }
 }
 
+/// One row of the checkpoint's release queue (FORMAT §6, C-11): the map of a deleted
+/// volume or snapshot whose blocks are still being released, in bounded steps.
+public struct QueuedMapRecord: Sendable, Equatable {
+    /// The deleted volume's id (never reused: below nextVolumeID, unique).
+    public var id: UInt64
+    public var mapRoot: PagePointer
+    public var mapHeight: Int
+    /// Slots below this are released already; the next step starts here.
+    public var releasedSlotCount: UInt64
+
+    public init(id: UInt64, mapRoot: PagePointer, mapHeight: Int, releasedSlotCount: UInt64) {
+        self.id = id
+        self.mapRoot = mapRoot
+        self.mapHeight = mapHeight
+        self.releasedSlotCount = releasedSlotCount
+    }
+
+    /// The encoded length of one queue row.
+    public static let byteCount = 40
+}
+
 /// The checkpoint root: everything a superblock points at (Specs/FORMAT.md §6). The
 /// trees it names are written before it, and it is written before the superblock.
 public struct CheckpointRoot: Sendable, Equatable {
@@ -66,11 +87,13 @@ public struct CheckpointRoot: Sendable, Equatable {
     /// Block ids with a nonzero count in the refcount tree (C-10: below `blockIDLimit`):
     /// kept so that open reads no refcount leaf (the counts are paged, FORMAT §5.4).
     public var liveBlockCount: UInt64
+    /// Maps of deleted volumes whose blocks are not all released yet (C-11).
+    public var releaseQueue: [QueuedMapRecord]
 
     public init(generation: UInt64, nextVolumeID: UInt64, blockTableRoot: PagePointer, blockTableHeight: Int,
                 blockIDLimit: UInt64, volumes: [VolumeRecord], segmentLiveByteCounts: [UInt64],
                 resumeByteOffset: UInt64 = 0, refcountRoot: PagePointer = .none, refcountHeight: Int = 1,
-                liveBlockCount: UInt64 = 0) {
+                liveBlockCount: UInt64 = 0, releaseQueue: [QueuedMapRecord] = []) {
         self.generation = generation
         self.nextVolumeID = nextVolumeID
         self.blockTableRoot = blockTableRoot
@@ -82,6 +105,7 @@ public struct CheckpointRoot: Sendable, Equatable {
         self.refcountRoot = refcountRoot
         self.refcountHeight = refcountHeight
         self.liveBlockCount = liveBlockCount
+        self.releaseQueue = releaseQueue
     }
 
     /// The refcount tree height that covers `blockIDLimit` ids.
@@ -93,7 +117,7 @@ public struct CheckpointRoot: Sendable, Equatable {
     /// root's own extent can be planned before the usage table is final).
     public var unpaddedByteCount: Int {
         Self.unpaddedByteCount(volumeRowByteTotal: volumes.reduce(0) { $0 + Self.volumeRowByteCount(name: $1.name) },
-                               segmentCount: segmentLiveByteCounts.count)
+                               segmentCount: segmentLiveByteCounts.count, queueCount: releaseQueue.count)
     }
 
     /// The encoded length of one volume row (58 bytes and the name).
@@ -101,8 +125,8 @@ public struct CheckpointRoot: Sendable, Equatable {
 
     /// ``unpaddedByteCount`` of a root whose volume rows take `volumeRowByteTotal` bytes,
     /// without building it.
-    public static func unpaddedByteCount(volumeRowByteTotal: Int, segmentCount: Int) -> Int {
-        headerByteCount + volumeRowByteTotal + segmentCount * 8 + 8
+    public static func unpaddedByteCount(volumeRowByteTotal: Int, segmentCount: Int, queueCount: Int = 0) -> Int {
+        headerByteCount + volumeRowByteTotal + queueCount * QueuedMapRecord.byteCount + segmentCount * 8 + 8
     }
 
     public var encodedByteCount: Int { Int(sectorAligned(UInt64(unpaddedByteCount))) }
@@ -119,7 +143,7 @@ public struct CheckpointRoot: Sendable, Equatable {
         w.u32(UInt32(volumes.count))
         w.u64(blockIDLimit)
         w.u32(UInt32(segmentLiveByteCounts.count))
-        w.u32(0)
+        w.u32(UInt32(releaseQueue.count))
         w.u64(resumeByteOffset)
         w.u64(refcountRoot.byteOffset)
         w.u64(refcountRoot.checksum)
@@ -132,6 +156,10 @@ public struct CheckpointRoot: Sendable, Equatable {
             w.u64(v.sizeByteCount); w.i64(v.createdTime); w.u64(v.originID)
             w.u64(v.mapRoot.byteOffset); w.u64(v.mapRoot.checksum)
             w.string(v.name)
+        }
+        for q in releaseQueue {
+            w.u64(q.id); w.u16(UInt16(q.mapHeight)); w.u16(0); w.u32(0)
+            w.u64(q.mapRoot.byteOffset); w.u64(q.mapRoot.checksum); w.u64(q.releasedSlotCount)
         }
         for used in segmentLiveByteCounts { w.u64(used) }
         w.zeros(encodedByteCount - 8 - w.byteCount)
@@ -175,7 +203,8 @@ public struct CheckpointRoot: Sendable, Equatable {
         let blockIDLimit = try r.u64("block id limit")
         let segmentCountAt = r.position
         let segmentCount = Int(try r.u32("segment count"))
-        guard try r.u32("reserved") == 0 else { throw r.error("reserved field is not zero", at: r.position - 4) }
+        let queueCountAt = r.position
+        let queueCount = Int(try r.u32("release queue count"))
         let resumeAt = r.position
         let resume = try r.u64("resume byte offset")
         if resume != 0 {
@@ -247,6 +276,32 @@ public struct CheckpointRoot: Sendable, Equatable {
             volumes.append(VolumeRecord(id: id, kind: kind, name: name, sizeByteCount: size, createdTime: created,
                                         originID: origin, mapRoot: root, mapHeight: height))
         }
+        // C-11: queued maps of deleted volumes.
+        guard queueCount <= r.remainingByteCount / QueuedMapRecord.byteCount else {
+            throw r.error("release queue count \(queueCount) exceeds what \(bytes.count) bytes can hold", at: queueCountAt)
+        }
+        var releaseQueue: [QueuedMapRecord] = []
+        releaseQueue.reserveCapacity(queueCount)
+        for _ in 0..<queueCount {
+            let rowAt = r.position
+            let id = try r.u64("queued map id")
+            let height = Int(try r.u16("queued map height"))
+            guard try r.u16("reserved") == 0, try r.u32("reserved") == 0 else { throw r.error("reserved field is not zero", at: rowAt + 10) }
+            let root = PagePointer(byteOffset: try r.u64("queued map root"), checksum: try r.u64("queued map root checksum"))
+            let released = try r.u64("released slot count")
+            guard id >= 1, id < nextVolumeID, seenIDs.insert(id).inserted else {
+                throw r.error("queued map id \(id) is zero, duplicated or not below next id \(nextVolumeID)", at: rowAt)
+            }
+            guard height >= 1, height <= mapHeightMax(geometry) else {
+                throw r.error("queued map height \(height) outside 1...\(mapHeightMax(geometry))", at: rowAt + 8)
+            }
+            guard !root.isNone else { throw r.error("queued map \(id) has no root", at: rowAt + 16) }
+            guard released < PageLayout.capacity(kind: .map, height: height) else {
+                throw r.error("queued map \(id) released \(released) slots, not below its \(PageLayout.capacity(kind: .map, height: height))", at: rowAt + 32)
+            }
+            try checkPointer(root, geometry: geometry, &r, what: "root of queued map \(id)")
+            releaseQueue.append(QueuedMapRecord(id: id, mapRoot: root, mapHeight: height, releasedSlotCount: released))
+        }
         var usage: [UInt64] = []
         try r.require(segmentCount * 8, for: "segment usage table")
         usage.reserveCapacity(segmentCount)
@@ -263,7 +318,7 @@ public struct CheckpointRoot: Sendable, Equatable {
                               blockTableHeight: btHeight, blockIDLimit: blockIDLimit, volumes: volumes,
                               segmentLiveByteCounts: usage, resumeByteOffset: resume,
                               refcountRoot: refcountRoot, refcountHeight: refcountHeight,
-                              liveBlockCount: liveBlockCount)
+                              liveBlockCount: liveBlockCount, releaseQueue: releaseQueue)
     }
 
     /// The height a map of the largest volume (2^50 bytes) needs: maps only grow as far

@@ -84,6 +84,10 @@ public enum JournalIntent: Sendable, Equatable {
     /// Snapshot (kind .snapshot) or clone (kind .volume) of `sourceID`.
     case branch(id: UInt64, sourceID: UInt64, kind: VolumeKind, name: String, createdTime: Int64)
     case delete(id: UInt64)
+    /// Releases slots `[released, upTo)` of queued map `id` (a deleted volume's, C-11)
+    /// as an unmap of that range would, and the whole queued map once `upTo` reaches its
+    /// capacity.
+    case releaseQueued(id: UInt64, upTo: UInt64)
     case rename(id: UInt64, name: String)
     case resize(id: UInt64, sizeByteCount: UInt64)
     /// Unmaps the ranges then maps the blocks: one write, discard or both, applied whole.
@@ -113,6 +117,7 @@ public enum JournalIntent: Sendable, Equatable {
         case .createVolume: 10
         case .branch: 11
         case .delete: 12
+        case .releaseQueued: 15
         case .rename: 13
         case .resize: 14
         case .map: 20
@@ -129,6 +134,7 @@ public enum JournalIntent: Sendable, Equatable {
         case .createVolume(_, let name, _, _): 8 + 8 + 8 + 2 + name.utf8.count
         case .branch(_, _, _, let name, _): 8 + 8 + 1 + 8 + 2 + name.utf8.count
         case .delete: 8
+        case .releaseQueued: 16
         case .rename(_, let name): 8 + 2 + name.utf8.count
         case .resize: 16
         case .map(_, let ranges, let mappings): 16 + ranges.count * 16 + mappings.count * 40
@@ -149,6 +155,8 @@ public enum JournalIntent: Sendable, Equatable {
             w.u64(id); w.u64(source); w.u8(kind.rawValue); w.i64(time); w.string(name)
         case .delete(let id):
             w.u64(id)
+        case .releaseQueued(let id, let upTo):
+            w.u64(id); w.u64(upTo)
         case .rename(let id, let name):
             w.u64(id); w.string(name)
         case .resize(let id, let size):
@@ -198,6 +206,8 @@ public enum JournalIntent: Sendable, Equatable {
             return .branch(id: id, sourceID: source, kind: kind, name: try r.string("name"), createdTime: time)
         case 12:
             return .delete(id: try r.u64("volume id"))
+        case 15:
+            return .releaseQueued(id: try r.u64("queued map id"), upTo: try r.u64("released slot bound"))
         case 13:
             let id = try r.u64("volume id")
             return .rename(id: id, name: try r.string("name"))

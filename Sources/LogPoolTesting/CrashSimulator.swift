@@ -139,7 +139,7 @@ public struct CrashFigures: Codable, Sendable {
         "relocate-replayed", "relocate-discarded", "segment-header-rewritten",
         "journal-synced-damage-reported", "damage-reported-on-read",
         "checkpoint-on-full-pool", "pool-full", "large-exclusive-overwrite", "reopened-clean", "fsync-eio-fail-stop", "write-err-fail-stop",
-        "refcounts-rebuilt",
+        "refcounts-rebuilt", "release-queue-recovered",
     ]
 
     /// The marks a run with a tiny metadata cache (`--metadata-cache` up to 64 KiB) must
@@ -654,6 +654,8 @@ public final class CrashSimulator {
             figures.recovered += 1
             figures.outcomes["ok", default: 0] += 1
             mark(pool.recoveryReport)
+            // Recovered with a deleted volume's map still being released (COMMIT §5.4).
+            if pool.stats.deletedMapsReleasing > 0 { figures.mark("release-queue-recovered") }
             figures.replayedRecordsMax = max(figures.replayedRecordsMax, pool.recoveryReport.replayedRecordCount)
             let got = try contents(of: pool)
             if !matchesLive(got, digest: Self.digest(got)) {

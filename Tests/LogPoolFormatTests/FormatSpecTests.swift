@@ -154,6 +154,7 @@ struct RecordTests {
         ]),
         .relocate([BlockRelocation(blockID: 11, location: BlockLocation(byteOffset: 2 << 20, storedByteCount: 900, flags: 1, checksum: 78))]),
         .mapRun(volumeID: 3, firstBlockIndex: 10, firstBlockID: 20, firstByteOffset: 4 << 20, storedByteCount: 4096, checksums: [1, 2, 3]),
+        .releaseQueued(id: 4, upTo: 509 * 16),
     ]
 
     @Test("every intent round-trips and a flipped bit is rejected", arguments: RecordTests.intents)
