@@ -147,7 +147,9 @@ public final class Volume: @unchecked Sendable {
 
     /// Space figures for this volume.
     public func info() throws -> VolumeInfo {
-        try pool.sharedLocked { try pool.engine.info(of: try state()) }
+        // The writers' mutex, as ``Pool/list()``: the exclusive figure reads refcount
+        // leaves, which only the writer loads (``BlockIDs``); reads go on meanwhile.
+        try pool.writerLocked { try pool.engine.withRefcountRepair { try pool.engine.info(of: try state()) } }
     }
 }
 
