@@ -13,8 +13,8 @@ import LogPoolFormat
 /// pinned until a checkpoint takes it (``takeChangedLeaves()``); a leaf *pinned* by
 /// ``pin(_:load:)`` stays until ``unpinAll()``, so an operation can read every leaf
 /// its `apply` will change before its record is journaled (a leaf that cannot be read
-/// then fails the operation with nothing changed). Other leaves are dropped in CLOCK
-/// order when more than ``budgetLeafCount`` are resident.
+/// then fails the operation with nothing changed). Other (clean, unpinned) leaves are
+/// dropped in CLOCK order when more than ``budgetLeafCount`` of them are resident.
 ///
 /// A class, changed only by the writer (under the writers' mutex, and under the
 /// exclusive lock for anything readers plan from: ``limit``); readers never touch
@@ -66,6 +66,10 @@ final class BlockIDs {
     private var hand = 0
     private var pinnedLeaves: [Int] = []
     private(set) var changedLeafCount = 0
+    /// Resident leaves that are changed or pinned (never dropped): eviction compares the
+    /// others with the budget, so a ring full of changed leaves is not swept on every
+    /// read and every ``unpinAll()`` (it was, at 16 GiB of random overwrites).
+    private var heldCount = 0
     /// Leaves read through `load` since creation, and of those, leaves read again after
     /// being dropped (for tests, `bench` and the crash simulation's coverage).
     private(set) var loadCount = 0
@@ -96,6 +100,11 @@ final class BlockIDs {
     /// Resident leaves (dirty and pinned ones included).
     var residentLeafCount: Int { ring.count }
 
+    /// The held count equals the resident leaves that are changed or pinned (tests).
+    var heldCountIsExact: Bool {
+        heldCount == ring.reduce(0) { $0 + (leaves[$1].map { $0.changed || $0.pinned ? 1 : 0 } ?? 0) }
+    }
+
     // MARK: - Residency
 
     /// Leaf `leaf`, read through `load` when not resident. Reading one drops clean,
@@ -124,16 +133,23 @@ final class BlockIDs {
     func pin(_ id: UInt64, load: Loader) throws {
         guard id < limit else { return }
         let leaf = Int(id / UInt64(Self.perLeaf))
-        let node = try resident(leaf, load: load)
-        if !node.pinned {
-            node.pinned = true
-            pinnedLeaves.append(leaf)
-        }
+        hold(try resident(leaf, load: load), leaf)
+    }
+
+    private func hold(_ node: Leaf, _ leaf: Int) {
+        guard !node.pinned else { return }
+        if !node.changed { heldCount += 1 }
+        node.pinned = true
+        pinnedLeaves.append(leaf)
     }
 
     /// Ends an operation: its pinned leaves may be dropped again, down to the budget.
     func unpinAll() {
-        for leaf in pinnedLeaves { leaves[leaf]?.pinned = false }
+        for leaf in pinnedLeaves {
+            guard let node = leaves[leaf], node.pinned else { continue }
+            node.pinned = false
+            if !node.changed { heldCount -= 1 }
+        }
         pinnedLeaves.removeAll(keepingCapacity: true)
         evict(keeping: budgetLeafCount)
     }
@@ -142,7 +158,7 @@ final class BlockIDs {
     /// resident (one sweep of twice the ring: ends when every leaf is pinned).
     private func evict(keeping keep: Int) {
         var steps = 2 * ring.count
-        while ring.count > keep && steps > 0 {
+        while ring.count - heldCount > keep && steps > 0 {
             steps -= 1
             if hand >= ring.count { hand = 0 }
             let leaf = ring[hand]
@@ -164,6 +180,7 @@ final class BlockIDs {
 
     private func markChanged(_ node: Leaf) {
         if !node.changed {
+            if !node.pinned { heldCount += 1 }
             node.changed = true
             changedLeafCount += 1
         }
@@ -190,8 +207,10 @@ final class BlockIDs {
         guard changedLeafCount > 0 else { return [] }
         var result: [Int] = []
         result.reserveCapacity(changedLeafCount)
-        for leaf in ring where leaves[leaf]?.changed == true {
-            leaves[leaf]!.changed = false
+        for leaf in ring {
+            guard let node = leaves[leaf], node.changed else { continue }
+            node.changed = false
+            if !node.pinned { heldCount -= 1 }
             result.append(leaf)
         }
         changedLeafCount = 0
@@ -375,10 +394,7 @@ final class BlockIDs {
                 let last = Int(stop - first)
                 while index < last && node.counts[index] != 0 { index += 1 }
                 if index < last {
-                    if pinning && !node.pinned {
-                        node.pinned = true
-                        pinnedLeaves.append(Int(leaf))
-                    }
+                    if pinning { hold(node, Int(leaf)) }
                     return first + UInt64(index)
                 }
             }

@@ -80,7 +80,9 @@ struct BlockIDsTests {
                         #expect(!freed, "\(context): release of \(id) with references left freed it")
                     }
                 }
+                #expect(ids.heldCountIsExact, "\(context): held count drifted before unpinning")
                 ids.unpinAll()
+                #expect(ids.heldCountIsExact, "\(context): held count drifted")
                 try check(ids, store, context)
                 #expect(ids.liveCount == model.count, "\(context): live \(ids.liveCount), model \(model.count)")
                 for (id, count) in model { #expect(try ids.refcount(id, load: store.load) == count, "\(context): id \(id)") }
@@ -140,8 +142,10 @@ struct BlockIDsTests {
         for leaf in 0..<6 { try ids.pin(UInt64(leaf) * perLeaf + 1, load: store.load) }
         #expect(ids.residentLeafCount == 6, "pinned leaves are never dropped")
         try ids.retain(7 * perLeaf + 3, load: store.load)
+        #expect(ids.heldCountIsExact)
         ids.unpinAll()
-        #expect(ids.residentLeafCount <= 2 && ids.isChanged(leaf: 7), "unpinned clean leaves dropped to the budget, the changed one kept")
+        #expect(ids.heldCountIsExact)
+        #expect(ids.residentLeafCount == 3 && ids.isChanged(leaf: 7), "unpinned clean leaves dropped to the budget (2), the changed one kept beside them")
         let reads = store.reads
         #expect(try ids.refcount(7 * perLeaf + 3, load: store.load) == 1)
         #expect(store.reads == reads, "a changed leaf is never read back")
