@@ -192,10 +192,12 @@ final class BlockIDs {
         markChanged(try resident(leaf, load: load))
     }
 
-    /// Every resident leaf is written by the next checkpoint (counts rebuilt from the
-    /// maps into an empty tree: leaves not resident count zero both ways).
-    func markAllResidentChanged() {
-        for leaf in ring { if let node = leaves[leaf] { markChanged(node) } }
+    /// Leaf `leaf` need not be written after all (derived counts equal to the stored ones).
+    func clearChanged(leaf: Int) {
+        guard leaf < leaves.count, let node = leaves[leaf], node.changed else { return }
+        node.changed = false
+        changedLeafCount -= 1
+        if !node.pinned { heldCount -= 1 }
     }
 
     /// Whether leaf `leaf`'s counts changed since the last checkpoint took them.

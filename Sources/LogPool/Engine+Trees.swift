@@ -352,11 +352,11 @@ extension Engine {
             ids = old
             throw error
         }
-        _ = fresh.takeChangedLeaves()
-        if unusableTree {
-            fresh.markAllResidentChanged()
-            return fresh.changedLeafCount
-        }
+        // Every leaf holding a derived count is changed, hence resident, until compared
+        // below: a clean one could be dropped and read back as zeros (the loader gives
+        // zeros while deriving), which lost derived counts with a small budget (the
+        // crash simulation's --long run with a one-page cache found it).
+        if unusableTree { return fresh.changedLeafCount }
         var differing = 0
         for leaf in 0..<BlockIDs.leafCount(fresh.limit) {
             let stored: [UInt64]?
@@ -369,7 +369,16 @@ extension Engine {
                 }
             }
             let words = stored.map { $0.isEmpty ? [UInt64](repeating: 0, count: PageLayout.wordCapacity) : $0 }
-            if try words.map({ try fresh.differs(leaf: leaf, from: $0, load: storedRefcountWords) }) ?? true {
+            if fresh.isChanged(leaf: leaf) {
+                // Derived counts (resident): kept for the checkpoint only where they differ.
+                if let words, try !fresh.differs(leaf: leaf, from: words, load: storedRefcountWords) {
+                    fresh.clearChanged(leaf: leaf)
+                } else {
+                    differing += 1
+                }
+            } else if words?.contains(where: { $0 != 0 }) ?? true {
+                // No map names an id of it, but the stored leaf counts some (or cannot be
+                // read): a leaf of zeros is written.
                 try fresh.markChanged(leaf: leaf, load: storedRefcountWords)
                 differing += 1
             }
