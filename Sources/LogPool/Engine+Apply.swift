@@ -77,7 +77,6 @@ extension Engine {
             } else {
                 try mapUnmap(&queued.map, range: queued.releasedSlotCount..<upTo)
                 queued.releasedSlotCount = upTo
-                if queued.map.root == nil { releaseQueue.remove(at: index) }
             }
         case .rename(let id, let name):
             guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }

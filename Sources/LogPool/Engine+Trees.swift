@@ -60,24 +60,6 @@ extension Engine {
         }
     }
 
-    /// Reads every map leaf that deleting the map under `root` releases (the nodes only
-    /// this map holds), before its record is journaled: a leaf that cannot be read then
-    /// refuses the delete with nothing changed, instead of failing `apply` after the
-    /// record is in the journal, which would poison the handle and fail every replay.
-    /// The refcount leaves of the ids those leaves name are read and pinned too, for the
-    /// same reason (``pinRefcounts(_:)``).
-    func readLeavesReleased(underRoot root: TreeNode?) throws {
-        func visit(_ node: TreeNode) throws {
-            guard node.parentCount == 1 else { return }
-            if node.level > 0 {
-                for child in node.children { if let child { try visit(child) } }
-            } else {
-                try pinRefcounts(try leafWords(node))
-            }
-        }
-        if let root { try visit(root) }
-    }
-
     // MARK: - The release queue (ARCHITECTURE §5 step 4)
 
     /// Whole map leaves one release step may empty: each drops up to 509 block
@@ -341,8 +323,7 @@ extension Engine {
             if node.level == 0 { leaves.append(node); return }
             for child in node.children { if let child { collect(child) } }
         }
-        for volume in volumes.values.sorted(by: { $0.record.id < $1.record.id }) { if let root = volume.map.root { collect(root) } }
-        for queued in releaseQueue { if let root = queued.map.root { collect(root) } }
+        for map in allMaps { if let root = map.root { collect(root) } }
         leaves.sort { $0.disk.byteOffset < $1.disk.byteOffset }
         do {
             for node in leaves {
