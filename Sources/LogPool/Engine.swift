@@ -168,10 +168,15 @@ final class Engine {
 
     // Failure state. The cause sits in a mutex: a volume write can poison the pool while
     // reads (under the shared lock only) check it.
+    // `isPoisoned` mirrors it so the check on every read is one atomic load.
     private let poison = Mutex<String?>(nil)
+    private let isPoisoned = Atomic<Bool>(false)
     var poisonCause: String? {
-        get { poison.withLock { $0 } }
-        set { poison.withLock { $0 = newValue } }
+        get { isPoisoned.load(ordering: .acquiring) ? poison.withLock { $0 } : nil }
+        set {
+            poison.withLock { $0 = newValue }
+            isPoisoned.store(newValue != nil, ordering: .releasing)
+        }
     }
     var isClosed = false
 

@@ -6,7 +6,12 @@ import LogPoolFormat
 /// this node. A node with more than one parent is shared between volumes and snapshots and
 /// is copied before it is changed (Specs/FORMAT.md §5, "sharing"). `disk` is where the node
 /// was last written; `.none` means it is dirty and the next checkpoint writes it.
-final class TreeNode {
+///
+/// Unchecked `Sendable`: nodes move between threads only under the pool's lock (the
+/// writer changes them with the read-write lock held exclusively, readers plan under it
+/// shared), and the fields readers change under the shared lock (`words`, `inCache`,
+/// `referenced`, `released`, `wasEvicted`) only under the ``PageCache``'s mutex.
+final class TreeNode: @unchecked Sendable {
     let kind: PageKind
     let level: Int
     /// Leaf slots as 8-byte words (map: 1 word per slot; block table: 3; refcounts: two

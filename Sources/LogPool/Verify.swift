@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import LogPoolFormat
 
 // MARK: - Report types
@@ -122,7 +123,7 @@ extension Pool {
     /// Throws only when it cannot check at all: no such file, I/O error, in use, or not a
     /// LogPool pool (bad magic in both slots).
     public static func verify(at path: String, scrubData: Bool = false,
-                              progress: ((ScrubProgress) -> Void)? = nil) throws -> VerifyReport {
+                              progress: (@Sendable (ScrubProgress) -> Void)? = nil) throws -> VerifyReport {
         let device = try FileDevice(path: path, mode: .readOnly)
         defer { device.closeDescriptor() }
         return try verify(on: device, scrubData: scrubData, progress: progress)
@@ -130,7 +131,7 @@ extension Pool {
 
     /// ``verify(at:scrubData:progress:)`` on any device (tests use an in-memory one).
     public static func verify(on device: BlockDevice, scrubData: Bool = false,
-                              progress: ((ScrubProgress) -> Void)? = nil) throws -> VerifyReport {
+                              progress: (@Sendable (ScrubProgress) -> Void)? = nil) throws -> VerifyReport {
         var checker = Checker(device: device)
         return try checker.run(scrubData: scrubData, progress: progress)
     }
@@ -153,7 +154,7 @@ extension Pool {
     /// more, so both slots are valid. Damaged data blocks are never dropped: they stay
     /// reported and reading them keeps failing with a checksum error.
     public static func repair(at path: String, scrubData: Bool = false,
-                              progress: ((ScrubProgress) -> Void)? = nil) throws -> RepairReport {
+                              progress: (@Sendable (ScrubProgress) -> Void)? = nil) throws -> RepairReport {
         let before = try verify(at: path, scrubData: scrubData, progress: progress)
         return try repair(before: before, scrubData: scrubData,
                           open: { try Pool.openRebuildingCounts(at: path) },
@@ -266,7 +267,7 @@ struct Checker {
     var collectExtents = false
     var extents: [ReferencedExtent] = []
 
-    mutating func run(scrubData: Bool, progress: ((ScrubProgress) -> Void)?) throws -> VerifyReport {
+    mutating func run(scrubData: Bool, progress: (@Sendable (ScrubProgress) -> Void)?) throws -> VerifyReport {
         let start = Date()
         report.scrubbed = scrubData
         try check(scrubData: scrubData, progress: progress)
@@ -274,7 +275,7 @@ struct Checker {
         return report
     }
 
-    private mutating func check(scrubData: Bool, progress: ((ScrubProgress) -> Void)?) throws {
+    private mutating func check(scrubData: Bool, progress: (@Sendable (ScrubProgress) -> Void)?) throws {
         guard let sb = try checkSuperblocks() else { return }
         guard let storedRoot = try checkCheckpointRoot(sb) else { return }
         var pages: [UInt64: CheckedPage] = [:]
@@ -877,7 +878,7 @@ struct Checker {
     /// pool, else of the checkpoint) in file order, in large reads, and checks each one's
     /// XXH3; reports each damaged block with every owner.
     private mutating func scrub(_ sb: Superblock, engine: Engine?, pages: [UInt64: CheckedPage],
-                                entries: [BlockLocation], progress: ((ScrubProgress) -> Void)?) throws {
+                                entries: [BlockLocation], progress: (@Sendable (ScrubProgress) -> Void)?) throws {
         var blocks: [(id: UInt64, location: BlockLocation)] = []
         if let engine {
             try engine.forEachLiveBlock { id, location in blocks.append((id, location)) }
@@ -906,7 +907,7 @@ struct Checker {
         // Four reader threads (not a Dispatch pool, which runs one per core): checksums
         // overlap reads, and the disk sees several requests at once.
         let group = DispatchGroup()
-        for _ in 0..<ScrubWork.readerCount {
+        for _ in 0..<work.readerCount {
             group.enter()
             let thread = Thread {
                 work.run()
@@ -915,7 +916,6 @@ struct Checker {
             thread.start()
         }
         group.wait()
-        if let error = work.failure { throw error }
         report.scrubbedByteCount += work.doneByteCount
         progress?(ScrubProgress(doneByteCount: work.doneByteCount, totalByteCount: total, seconds: work.seconds))
         let damaged = work.damaged
@@ -941,28 +941,38 @@ struct Checker {
 
 /// The data reads of a scrub, shared by its worker threads: each claims the next window
 /// in file order, reads it with one call into its own buffer and checks every block in
-/// it. Device reads must be safe from several threads (FileDevice's preads are).
+/// it. Several workers only on a device that allows concurrent access (FileDevice's
+/// preads do); one otherwise.
+///
+/// Unchecked only for `device`: ``BlockDevice`` is not `Sendable`, because a device that
+/// does not allow concurrent access (the crash simulator's) is used under the pool's lock
+/// alone. Everything else is immutable or in `state`.
 private final class ScrubWork: @unchecked Sendable {
     static let windowLimit = 4 << 20
-    static let readerCount = 4
+    static let concurrentReaderCount = 4
 
     private let device: BlockDevice
     private let blocks: [(id: UInt64, location: BlockLocation)]
     private let windows: [Range<Int>]
     private let blockByteCount: Int
     private let total: UInt64
-    private let progress: ((ScrubProgress) -> Void)?
+    private let progress: (@Sendable (ScrubProgress) -> Void)?
     private let started = Date()
-    private let lock = NSLock()
-    // Guarded by `lock`.
-    private var next = 0
-    private var lastReport = Date()
-    private(set) var doneByteCount: UInt64 = 0
-    private(set) var damaged: [UInt64: (BlockLocation, String)] = [:]
-    private(set) var failure: (any Error)? = nil
+
+    private struct State {
+        var next = 0
+        var lastReport = Date()
+        var doneByteCount: UInt64 = 0
+        var damaged: [UInt64: (BlockLocation, String)] = [:]
+    }
+    private let state = Mutex(State())
+
+    var readerCount: Int { device.allowsConcurrentAccess ? Self.concurrentReaderCount : 1 }
+    var doneByteCount: UInt64 { state.withLock { $0.doneByteCount } }
+    var damaged: [UInt64: (BlockLocation, String)] { state.withLock { $0.damaged } }
 
     init(device: BlockDevice, blocks: [(id: UInt64, location: BlockLocation)], windows: [Range<Int>], blockByteCount: Int,
-         total: UInt64, progress: ((ScrubProgress) -> Void)?) {
+         total: UInt64, progress: (@Sendable (ScrubProgress) -> Void)?) {
         self.device = device
         self.blocks = blocks
         self.windows = windows
@@ -977,10 +987,10 @@ private final class ScrubWork: @unchecked Sendable {
         var buffer = [UInt8](repeating: 0, count: Self.windowLimit + 65536)
         var expanded = [UInt8](repeating: 0, count: blockByteCount)
         while true {
-            let claimed: Int? = lock.withLock {
-                guard next < windows.count, failure == nil else { return nil }
-                next += 1
-                return next - 1
+            let claimed: Int? = state.withLock {
+                guard $0.next < windows.count else { return nil }
+                $0.next += 1
+                return $0.next - 1
             }
             guard let w = claimed else { return }
             let range = windows[w]
@@ -1026,14 +1036,15 @@ private final class ScrubWork: @unchecked Sendable {
                 }
                 bytes += UInt64(location.storedByteCount)
             }
-            lock.withLock {
-                doneByteCount += bytes
-                for (id, location, detail) in found { damaged[id] = (location, detail) }
-                if let progress, Date().timeIntervalSince(lastReport) >= 0.5 {
-                    lastReport = Date()
-                    progress(ScrubProgress(doneByteCount: doneByteCount, totalByteCount: total, seconds: seconds))
-                }
+            let report: ScrubProgress? = state.withLock {
+                $0.doneByteCount += bytes
+                for (id, location, detail) in found { $0.damaged[id] = (location, detail) }
+                guard progress != nil, Date().timeIntervalSince($0.lastReport) >= 0.5 else { return nil }
+                $0.lastReport = Date()
+                return ScrubProgress(doneByteCount: $0.doneByteCount, totalByteCount: total, seconds: seconds)
             }
+            // Outside the mutex: a slow progress sink must not stall the other readers.
+            if let report { progress?(report) }
         }
     }
 }

@@ -91,12 +91,10 @@ func checkAndExit(_ options: CheckOptions, scrub: Bool) -> Never {
     let (pool, repair, json) = (options.pool, options.repair, options.json)
     var err = StandardError()
     let onTerminal = isatty(CommandStreams.error) == 1 && !json
-    let progress: ((ScrubProgress) -> Void)? = scrub && onTerminal ? { p in
-        let rate = p.seconds > 0 ? Double(p.doneByteCount) / p.seconds : 0
-        let eta = rate > 0 ? Double(p.totalByteCount - min(p.doneByteCount, p.totalByteCount)) / rate : 0
-        print(String(format: "\rscrub: %@ of %@, %@/s, ETA %.0f s   ", formatBytes(p.doneByteCount), formatBytes(p.totalByteCount),
-                     formatBytes(UInt64(rate)), eta), terminator: "", to: &err)
-    } : nil
+    // Runs on the scrub's reader threads, where ``CommandStreams`` does not know this
+    // command's client: the descriptor is taken here, on the command's thread.
+    let errorDescriptor = CommandStreams.error
+    let progress: (@Sendable (ScrubProgress) -> Void)? = scrub && onTerminal ? scrubProgressPrinter(errorDescriptor) : nil
     let before: VerifyReport, after: VerifyReport
     var changes: [String] = []
     var status: Int32
@@ -165,4 +163,16 @@ func checkAndExit(_ options: CheckOptions, scrub: Bool) -> Never {
         exit(8)
     }
     exit(status)
+}
+
+/// The scrub progress line, written to `descriptor`. A closed or full stderr loses the
+/// line; it must not stop the scrub.
+private func scrubProgressPrinter(_ descriptor: Int32) -> @Sendable (ScrubProgress) -> Void {
+    { p in
+        let rate = p.seconds > 0 ? Double(p.doneByteCount) / p.seconds : 0
+        let eta = rate > 0 ? Double(p.totalByteCount - min(p.doneByteCount, p.totalByteCount)) / rate : 0
+        let line = String(format: "\rscrub: %@ of %@, %@/s, ETA %.0f s   ", formatBytes(p.doneByteCount), formatBytes(p.totalByteCount),
+                          formatBytes(UInt64(rate)), eta)
+        _ = try? writeAll(Array(line.utf8), to: descriptor, what: "standard error", startingAt: 0)
+    }
 }

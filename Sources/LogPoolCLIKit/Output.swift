@@ -170,12 +170,12 @@ package func writeAll(_ bytes: UnsafeRawBufferPointer, to fd: Int32, what: Strin
 
 /// An output stream on a descriptor that reports every failed write: nothing is
 /// buffered, so the command's exit status and message reflect the write that failed.
-package final class CheckedOutput: @unchecked Sendable {
+package final class CheckedOutput: Sendable {
     package let fd: Int32
     package let what: String
-    /// Bytes written so far, under `lock` (the scrub progress may print from workers).
-    private var byteCount: UInt64 = 0
-    private let lock = NSLock()
+    /// Bytes written so far; the mutex also keeps writes whole when the scrub progress
+    /// prints from its workers.
+    private let byteCount = Mutex<UInt64>(0)
 
     package init(fd: Int32, what: String) {
         self.fd = fd
@@ -189,9 +189,19 @@ package final class CheckedOutput: @unchecked Sendable {
     package static var standardOutput: CheckedOutput { CommandStreams.client?.standardOutput ?? processStandardOutput }
 
     package func write(_ bytes: UnsafeRawBufferPointer) throws {
-        lock.lock()
-        defer { lock.unlock() }
-        byteCount += UInt64(try writeAll(bytes, to: fd, what: what, startingAt: byteCount))
+        // The failure is returned out of the mutex's closure and thrown here: nothing is
+        // thrown through it.
+        let failure: PoolError? = byteCount.withLock { written in
+            do {
+                written += UInt64(try writeAll(bytes, to: fd, what: what, startingAt: written))
+                return nil
+            } catch let error as PoolError {
+                return error
+            } catch {
+                return PoolError.io(errno: EIO, operation: "write to \(what): \(error)", byteOffset: written)
+            }
+        }
+        if let failure { throw failure }
     }
 
     package func write(_ text: String) throws {

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Synchronization
 import LogPool
 import LogPoolCLIKit
 import LogPoolTesting
@@ -297,10 +298,9 @@ struct CrashSim: ParsableCommand {
 
 /// Results of concurrent workloads, each slot written by exactly one worker and read
 /// after all have finished.
-private final class SharedResults: @unchecked Sendable {
-    private let lock = NSLock()
-    private var slots: [Result<CrashFigures, any Error>?]
-    init(count: Int) { slots = Array(repeating: nil, count: count) }
-    func set(_ index: Int, _ value: Result<CrashFigures, any Error>) { lock.withLock { slots[index] = value } }
-    var all: [Result<CrashFigures, any Error>] { lock.withLock { slots.compactMap { $0 } } }
+private final class SharedResults: Sendable {
+    private let slots: Mutex<[Result<CrashFigures, any Error>?]>
+    init(count: Int) { slots = Mutex(Array(repeating: nil, count: count)) }
+    func set(_ index: Int, _ value: sending Result<CrashFigures, any Error>) { slots.withLock { $0[index] = value } }
+    var all: [Result<CrashFigures, any Error>] { slots.withLock { $0.compactMap { $0 } } }
 }
