@@ -12,6 +12,10 @@ extension Engine {
         func bad(_ detail: String) -> PoolError {
             .corrupt(structure: "journal record", byteOffset: recordByteOffset, detail: detail)
         }
+        /// `body`, with the catalog's refusal as the record's damage.
+        func catalogChange<T>(_ body: () throws -> T) throws -> T {
+            do { return try body() } catch let refusal as VolumeCatalog.Refusal { throw bad(refusal.description) }
+        }
         func checkName(_ name: String) throws {
             do { try Pool.validate(name: name, strict: false) } catch { throw bad("volume name is invalid: \(error)") }
             let limit = Int(geometry.segmentPayloadByteCount) - PoolGeometry.pageByteCount
@@ -29,43 +33,26 @@ extension Engine {
         case .padding, .wrap:
             return
         case .createVolume(let id, let name, let size, let time):
-            guard id < PoolGeometry.counterMax else { throw bad("volume id \(id) is out of range") }
-            guard id >= nextVolumeID else { throw bad("volume id \(id) is not above the last id \(nextVolumeID - 1)") }
-            guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }
+            try catalogChange { try catalog.checkNew(id: id, name: name) }
             guard size % UInt64(blockByteCount) == 0, size <= Pool.volumeSizeMax else { throw bad("volume size \(size) is invalid") }
             let height = PageLayout.height(kind: .map, coveringSlotCount: blockCount(sizeByteCount: size))
             let record = VolumeRecord(id: id, kind: .volume, name: name, sizeByteCount: size, createdTime: time,
                                       originID: 0, mapRoot: .none, mapHeight: height)
-            volumes[id] = VolumeState(record: record, map: Tree(kind: .map, root: nil, height: height))
-            volumeRowByteTotal += CheckpointRoot.volumeRowByteCount(name: name)
-            volumeIDsByName[name] = id
-            nextVolumeID = id + 1
+            let volume = VolumeState(record: record, map: Tree(kind: .map, root: nil, height: height))
+            try catalogChange { try catalog.add(volume) }
         case .branch(let id, let sourceID, let kind, let name, let time):
-            guard id < PoolGeometry.counterMax else { throw bad("volume id \(id) is out of range") }
-            guard id >= nextVolumeID else { throw bad("volume id \(id) is not above the last id \(nextVolumeID - 1)") }
-            guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }
-            guard let source = volumes[sourceID] else { throw bad("source volume id \(sourceID) does not exist") }
-            source.map.root?.parentCount += 1
+            try catalogChange { try catalog.checkNew(id: id, name: name) }
+            guard let source = catalog[sourceID] else { throw bad("source volume id \(sourceID) does not exist") }
             let record = VolumeRecord(id: id, kind: kind, name: name, sizeByteCount: source.record.sizeByteCount,
                                       createdTime: time, originID: sourceID, mapRoot: .none, mapHeight: source.map.height)
-            volumes[id] = VolumeState(record: record, map: source.map)
-            volumeRowByteTotal += CheckpointRoot.volumeRowByteCount(name: name)
-            volumeIDsByName[name] = id
-            nextVolumeID = id + 1
+            try catalogChange { try catalog.add(VolumeState(record: record, map: source.map)) }
+            source.map.root?.parentCount += 1
         case .delete(let id):
-            guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
             // O(1) in pages: the map joins the release queue, whose steps release its
             // blocks later (``reclaimStep()``); until then they stay referenced.
-            if volume.map.root != nil {
-                releaseQueue.append(QueuedMap(id: id, map: volume.map, releasedSlotCount: 0))
-            }
-            volume.isDeleted = true
-            volumes[id] = nil
-            volumeRowByteTotal -= CheckpointRoot.volumeRowByteCount(name: volume.record.name)
-            volumeIDsByName[volume.record.name] = nil
+            try catalogChange { try catalog.remove(id: id) }
         case .releaseQueued(let id, let upTo):
-            guard let index = releaseQueue.firstIndex(where: { $0.id == id }) else { throw bad("queued map \(id) does not exist") }
-            let queued = releaseQueue[index]
+            let queued = try catalogChange { try catalog.queued(id: id) }
             guard upTo > queued.releasedSlotCount, upTo <= queued.map.capacity else {
                 throw bad("release bound \(upTo) of queued map \(id) is not above \(queued.releasedSlotCount) and within its \(queued.map.capacity) slots")
             }
@@ -73,18 +60,13 @@ extension Engine {
                 // The last step drops the map itself (what is left of it: a shared root
                 // loses one parent; an own one holds only what earlier steps emptied).
                 if let root = queued.map.root { try release(root, kind: .map) }
-                releaseQueue.remove(at: index)
+                try catalogChange { try catalog.dequeue(id: id) }
             } else {
                 try mapUnmap(&queued.map, range: queued.releasedSlotCount..<upTo)
                 queued.releasedSlotCount = upTo
             }
         case .rename(let id, let name):
-            guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
-            guard volumeIDsByName[name] == nil else { throw bad("volume name \"\(name)\" already exists") }
-            volumeIDsByName[volume.record.name] = nil
-            volumeRowByteTotal += CheckpointRoot.volumeRowByteCount(name: name) - CheckpointRoot.volumeRowByteCount(name: volume.record.name)
-            volume.record.name = name
-            volumeIDsByName[name] = id
+            try catalogChange { try catalog.rename(id: id, to: name) }
         case .resize(let id, let size):
             guard let volume = volumes[id] else { throw bad("volume id \(id) does not exist") }
             guard size % UInt64(blockByteCount) == 0, size <= Pool.volumeSizeMax else { throw bad("volume size \(size) is invalid") }

@@ -7,7 +7,7 @@ extension Engine {
     /// per-segment metadata bytes. Returns one line per mismatch; empty means consistent.
     /// Tests call it after every operation ("strict mode").
     func checkInvariants() -> [String] {
-        var problems: [String] = []
+        var problems = catalog.problems()
         let rootByteCount = plannedRoot().unpaddedByteCount
         if plannedRootUnpaddedByteCount != rootByteCount {
             problems.append("volume row bytes \(volumeRowByteTotal) do not match the volume table (root \(rootByteCount) bytes unpadded)")

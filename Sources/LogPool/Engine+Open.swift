@@ -247,19 +247,24 @@ extension Engine {
         } catch {
             throw PoolError(error)
         }
-        nextVolumeID = root.nextVolumeID
         storedResumeByteOffset = root.resumeByteOffset
         var cache: [UInt64: LoadedPage] = [:]
         blockTable = Tree(kind: .blockTable, root: try loadNode(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, base: 0, cache: &cache), height: root.blockTableHeight)
+        var loadedVolumes: [VolumeState] = []
         for record in root.volumes {
             let map = Tree(kind: .map, root: try loadNode(record.mapRoot, kind: .map, level: record.mapHeight - 1, base: 0, cache: &cache), height: record.mapHeight)
-            volumes[record.id] = VolumeState(record: record, map: map)
-            volumeRowByteTotal += CheckpointRoot.volumeRowByteCount(name: record.name)
-            volumeIDsByName[record.name] = record.id
+            loadedVolumes.append(VolumeState(record: record, map: map))
         }
+        var loadedQueue: [QueuedMap] = []
         for queued in root.releaseQueue {
             let map = Tree(kind: .map, root: try loadNode(queued.mapRoot, kind: .map, level: queued.mapHeight - 1, base: 0, cache: &cache), height: queued.mapHeight)
-            releaseQueue.append(QueuedMap(id: queued.id, map: map, releasedSlotCount: queued.releasedSlotCount))
+            loadedQueue.append(QueuedMap(id: queued.id, map: map, releasedSlotCount: queued.releasedSlotCount))
+        }
+        do {
+            catalog = try VolumeCatalog(nextID: root.nextVolumeID, volumes: loadedVolumes, queued: loadedQueue)
+        } catch {
+            // The root's decoder refuses the same (FORMAT C-4, C-11): a second line.
+            throw corrupt("checkpoint root", sb.checkpointByteOffset, error.description)
         }
         // The id-indexed arrays are sized only once the pages that justify the limit have
         // been read (C-6): a crafted root cannot make open allocate for ids no page holds.
@@ -286,7 +291,6 @@ extension Engine {
             default: throw error
             }
         }
-        let blockIDLimit = ids.limit
         var metaLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         var dataLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         let derive = rebuildCounts || deriveCounts || storedProblem != nil

@@ -2,34 +2,6 @@ import Foundation
 import LogPoolFormat
 import Synchronization
 
-/// A volume or snapshot as the engine holds it in memory.
-final class VolumeState {
-    var record: VolumeRecord
-    var map: Tree
-    /// Set when the volume is deleted, so handles holding this object fail cleanly.
-    var isDeleted = false
-
-    init(record: VolumeRecord, map: Tree) {
-        self.record = record
-        self.map = map
-    }
-}
-
-/// The map of a deleted volume or snapshot whose blocks are released in bounded steps
-/// (the release queue: FORMAT C-11, COMMIT §6.1). Slots below `releasedSlotCount` are
-/// released already.
-final class QueuedMap {
-    let id: UInt64
-    var map: Tree
-    var releasedSlotCount: UInt64
-
-    init(id: UInt64, map: Tree, releasedSlotCount: UInt64) {
-        self.id = id
-        self.map = map
-        self.releasedSlotCount = releasedSlotCount
-    }
-}
-
 /// The single-threaded heart of a pool. ``Pool`` serialises every call with a lock.
 ///
 /// Invariants (Specs/COMMIT.md):
@@ -48,16 +20,18 @@ final class Engine {
     let blockByteCount: Int
     let compression: CompressionMode
 
-    // Volumes.
-    var volumes: [UInt64: VolumeState] = [:]
-    var volumeIDsByName: [String: UInt64] = [:]
-    var nextVolumeID: UInt64 = 1
-    /// Bytes the volume rows take in the checkpoint root, kept in step with `volumes` by
-    /// `apply` and open, so admission sizes the next root in O(1) (building the root on
-    /// every write made writes 6x slower with 1,000 snapshots).
-    var volumeRowByteTotal = 0
+    // Volumes: the catalog (``VolumeCatalog``) owns them, their names, the next id, the
+    // root's row bytes and the release queue; only `apply` and open change it.
+    var catalog = VolumeCatalog()
+    var volumes: [UInt64: VolumeState] { catalog.byID }
+    var volumeIDsByName: [String: UInt64] { catalog.idsByName }
+    var nextVolumeID: UInt64 { catalog.nextID }
+    /// Bytes the volume rows take in the checkpoint root, so admission sizes the next root
+    /// in O(1) (building the root on every write made writes 6x slower with 1,000
+    /// snapshots).
+    var volumeRowByteTotal: Int { catalog.rowByteTotal }
     /// Maps of deleted volumes still being released, oldest first (``reclaimStep()``).
-    var releaseQueue: [QueuedMap] = []
+    var releaseQueue: [QueuedMap] { catalog.releaseQueue }
     /// A release step is being admitted or journaled (no other starts inside it).
     var reclaiming = false
     /// Queued maps whose next step could not read a map leaf (damage): skipped for the

@@ -431,7 +431,7 @@ public final class Pool: @unchecked Sendable {
     }
 
     private func volumeState(named name: String) throws -> VolumeState {
-        guard let id = engine.volumeIDsByName[name], let volume = engine.volumes[id] else { throw PoolError.notFound(name) }
+        guard let volume = engine.catalog.volume(named: name) else { throw PoolError.notFound(name) }
         return volume
     }
 
@@ -442,7 +442,7 @@ public final class Pool: @unchecked Sendable {
             try engine.checkWritable()
             try Pool.validate(name: name)
             try validate(size: size)
-            guard engine.volumeIDsByName[name] == nil else { throw PoolError.exists(name) }
+            guard engine.catalog.volume(named: name) == nil else { throw PoolError.exists(name) }
             let intent = JournalIntent.createVolume(id: engine.nextVolumeID, name: name, sizeByteCount: size, createdTime: engine.now())
             try engine.admitMetadataChange(intent, pageCount: 0, countChanges: 0)
             try engine.journalAndApply(intent)
@@ -476,7 +476,7 @@ public final class Pool: @unchecked Sendable {
             try engine.checkWritable()
             try Pool.validate(name: name)
             let origin = try volumeState(named: source)
-            guard engine.volumeIDsByName[name] == nil else { throw PoolError.exists(name) }
+            guard engine.catalog.volume(named: name) == nil else { throw PoolError.exists(name) }
             let intent = JournalIntent.branch(id: engine.nextVolumeID, sourceID: origin.record.id, kind: kind, name: name, createdTime: engine.now())
             try engine.admitMetadataChange(intent, pageCount: 0, countChanges: 0)
             try engine.journalAndApply(intent)
@@ -509,7 +509,7 @@ public final class Pool: @unchecked Sendable {
             try Pool.validate(name: newName)
             let volume = try volumeState(named: name)
             guard name != newName else { return }
-            guard engine.volumeIDsByName[newName] == nil else { throw PoolError.exists(newName) }
+            guard engine.catalog.volume(named: newName) == nil else { throw PoolError.exists(newName) }
             let intent = JournalIntent.rename(id: volume.record.id, name: newName)
             try engine.admitMetadataChange(intent, pageCount: 0, countChanges: 0)
             try engine.journalAndApply(intent)

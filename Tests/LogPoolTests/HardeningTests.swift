@@ -91,7 +91,7 @@ struct HardeningTests {
         let (pool, _) = try makePool()
         try pool.createVolume(name: "v", size: 16 * 4096)
         let engine = pool.engine
-        let id = engine.volumeIDsByName["v"]!
+        let id = engine.catalog.volume(named: "v")!.record.id
         let location = BlockLocation(byteOffset: engine.geometry.dataAreaByteOffset + 4096, storedByteCount: 4096, flags: 0, checksum: 1)
         let before = engine.ids.limit
         for blockID in [engine.geometry.capacityByteCount / 512, 1 << 20, UInt64(before) + 100_000] {

@@ -172,7 +172,7 @@ struct PageCacheTests {
     /// root's level and the leaves the read-only open loaded to find it.
     private func mapLeaf(_ image: [UInt8], volume: String, child: Int) throws -> (offset: UInt64, rootLevel: Int, loads: Int) {
         let reader = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
-        let root = try #require(reader.engine.volumes[reader.engine.volumeIDsByName[volume]!]!.map.root)
+        let root = try #require(reader.engine.catalog.volume(named: volume)!.map.root)
         return (try #require(root.children[child]).disk.byteOffset, root.level, reader.engine.pageCache.loadCount)
     }
 
@@ -211,7 +211,7 @@ struct PageCacheTests {
         let reopened = try Pool.open(on: damaged)
         try reopened.delete(name: "keep")
         #expect(reopened.engine.poisonCause == nil, "the release step was refused before journaling: the handle goes on")
-        #expect(reopened.engine.volumeIDsByName["keep"] == nil && reopened.stats.deletedMapsReleasing == 1,
+        #expect(reopened.engine.catalog.volume(named: "keep") == nil && reopened.stats.deletedMapsReleasing == 1,
                 "the map waits in the release queue, its blocks still referenced")
         // Compaction cannot move the damaged page itself (as for any volume's), but
         // the release step before it leaves the map in the queue without failing.
