@@ -158,21 +158,36 @@ extension Engine {
         }
     }
 
-    /// Compacts a batch of the emptiest used segments (Specs/COMMIT.md §6): copies their
-    /// live blocks forward with journaled moves in steps, each ending in a checkpoint once
-    /// its block-table pages reach ``compactionStepPageCount``, then marks the victims'
-    /// pages (and ancestors) dirty and checkpoints, after which the victims are free.
-    /// Victims are added, emptiest first, while one step's bytes fit the unwritten space
-    /// (reserve included: this is what the reserve is for) and the batch frees more than
-    /// it writes for good. Returns false when no batch gains anything.
+    /// Compacts a batch of the emptiest used segments (Specs/COMMIT.md §6): the planner
+    /// (``planCompactionBatch(maxLiveFraction:)``) chooses the victims and their moves,
+    /// the mover (``moveBatch(_:report:)``) carries them out. Returns false when no batch
+    /// gains anything or the mover had to stop early.
     @discardableResult
     func compactOneBatch(maxLiveFraction: Double = 1.0, report: inout CompactionReport) throws -> Bool {
-        let payload = geometry.segmentPayloadByteCount
         if dirtyPageCount > compactionStepPageCount {
             // Start from clean pages, so a step's budget is its own.
             try checkpoint()
             try rebuildHoles()
         }
+        guard let plan = try planCompactionBatch(maxLiveFraction: maxLiveFraction) else { return false }
+        return try moveBatch(plan, report: &report)
+    }
+
+    /// A batch the planner chose: segments to empty, and the live blocks to copy out of
+    /// them in the order the mover appends them (``moveOrder(_:)``).
+    struct CompactionPlan {
+        var victims: Set<Int>
+        var moves: [(id: UInt64, location: BlockLocation)]
+    }
+
+    /// The planner: victims are added, emptiest first among the used segments below
+    /// `maxLiveFraction` live, while one step's bytes fit the unwritten space (reserve
+    /// included: this is what the reserve is for) and the allocator's dry run places the
+    /// copies and pages; the batch kept is the one that frees the most beyond what it
+    /// writes for good. Nil when none gains anything. Changes nothing (a damaged refcount
+    /// leaf met by the pass is rebuilt from the maps first, as everywhere).
+    func planCompactionBatch(maxLiveFraction: Double) throws -> CompactionPlan? {
+        let payload = geometry.segmentPayloadByteCount
         let candidates = segmentStates.indices
             .filter { segmentStates[$0] == .used && Double(liveByteCount($0)) < Double(payload) * maxLiveFraction }
             .sorted { liveByteCount($0) < liveByteCount($1) }
@@ -255,8 +270,19 @@ extension Engine {
                 best = (victims, moving, rewrite)
             }
         }
-        guard let (chosen, chosenMoves, _) = best else { return false }
-        let toMove = Engine.moveOrder(chosenMoves)
+        guard let (chosen, chosenMoves, _) = best else { return nil }
+        return CompactionPlan(victims: chosen, moves: Engine.moveOrder(chosenMoves).map { (id: $0.0, location: $0.1) })
+    }
+
+    /// The mover: copies `plan`'s blocks forward with journaled moves in steps, each
+    /// ending in a checkpoint once its block-table pages reach
+    /// ``compactionStepPageCount``, then marks the victims' pages (and ancestors) dirty
+    /// and checkpoints, after which the victims are free. Each chunk is checked with the
+    /// allocator's dry run first; when one does not fit, the batch ends there (the blocks
+    /// moved so far stay moved, a valid state) and false is returned.
+    func moveBatch(_ plan: CompactionPlan, report: inout CompactionReport) throws -> Bool {
+        let chosen = plan.victims
+        let toMove = plan.moves.map { ($0.id, $0.location) }
         // Copies must never land in a victim (it would then never empty).
         space.dropHoles(in: chosen)
         // The pages the last checkpoint writes for the victims (an upper bound: moves
