@@ -16,7 +16,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Directory for the pool and baseline files (default: the temporary directory).") var dir: String?
     @Option(help: "GiB written by the sequential workloads.") var gib: Int = 1
     @Option(help: "Compression modes to run: none, lz4 or both.") var compression: String = "both"
-    @Option(help: "Sections to run: all, suite (sequential, random, scrub, open) or overwrite (a full pool overwritten).")
+    @Option(help: "Sections to run: all, suite (sequential, random, scrub, open), overwrite (a full pool overwritten) or reads (the suite's read rows alone, for profiling).")
     var section: String = "all"
     @Option(help: "MiB of the pools the overwrite section fills.") var overwriteMib: Int = 128
     @Option(help: "Times the overwrite section overwrites the filled blocks.") var passes: Int = 2
@@ -50,8 +50,8 @@ struct Bench: ParsableCommand {
         case "both": modes = [.none, .lz4]
         default: throw ValidationError("--compression must be none, lz4 or both, not \(compression)")
         }
-        guard ["all", "suite", "overwrite"].contains(section) else {
-            throw ValidationError("--section must be all, suite or overwrite, not \(section)")
+        guard ["all", "suite", "overwrite", "reads"].contains(section) else {
+            throw ValidationError("--section must be all, suite, overwrite or reads, not \(section)")
         }
         guard overwriteMib >= 16, overwriteMib <= 65536 else { throw ValidationError("--overwrite-mib must be 16...65536, not \(overwriteMib)") }
         guard passes >= 1, passes <= 100 else { throw ValidationError("--passes must be 1...100, not \(passes)") }
@@ -68,10 +68,10 @@ struct Bench: ParsableCommand {
         var rows: [Row] = []
         if section != "overwrite" {
             for mode in modes {
-                rows += try runSuite(mode: mode, directory: directory)
+                rows += section == "reads" ? try runReads(mode: mode, directory: directory) : try runSuite(mode: mode, directory: directory)
             }
         }
-        let overwrite = section == "suite" ? [] : try overwriteRows(directory: directory, poolMiB: overwriteMib, passes: passes)
+        let overwrite = ["suite", "reads"].contains(section) ? [] : try overwriteRows(directory: directory, poolMiB: overwriteMib, passes: passes)
         if json { return try printJSON(Report(suite: rows, overwrite: overwrite, scale: [])) }
         if !rows.isEmpty {
             var table = [["COMPRESSION", "WORKLOAD", "UNIT", "LOGPOOL", "RAW", "RATIO", "TARGET"]]
@@ -226,20 +226,103 @@ struct Bench: ParsableCommand {
         ]
     }
 
+    /// seq-read-1M and rand-read-4K of `volume` (written sequentially, `total` bytes)
+    /// against preads of the raw file `fd` holding the same bytes. Returns the rows, the
+    /// random offsets read and the pool's random-read IOPS (the concurrency rows reuse
+    /// both).
+    private func readRows(volume: Volume, fd: Int32, total: Int, label: String, mode: CompressionMode,
+                          generator: inout SplitMix) throws -> ([Row], [Int], Double) {
+        var rows: [Row] = []
+        var t0 = now()
+        // seq-read-1M (first: it also brings both files into the page cache, so the random
+        // reads below compare code, not cache luck; this VM drops clean pages quickly).
+        // Best of three, alternating, as for the random reads: one pass over 1 GiB takes
+        // about 0.1 s, where a neighbour's burst moves single figures by a third.
+        var big = [UInt8](repeating: 0, count: 1 << 20)
+        var poolSeqR = 0.0, rawSeqR = 0.0
+        for _ in 0..<3 {
+            settle()
+            t0 = now()
+            for i in 0..<(total >> 20) { try big.withUnsafeMutableBytes { try volume.read(at: UInt64(i) << 20, into: $0) } }
+            poolSeqR = max(poolSeqR, Double(total) / (now() - t0) / 1e6)
+            settle()
+            t0 = now()
+            for i in 0..<(total >> 20) { _ = big.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 1 << 20, off_t(i << 20)) } }
+            rawSeqR = max(rawSeqR, Double(total) / (now() - t0) / 1e6)
+        }
+        rows.append(Row(compression: label, workload: "seq-read-1M", unit: "MB/s", logpool: poolSeqR, raw: rawSeqR,
+                        ratio: poolSeqR / rawSeqR, target: ">= 0.80"))
+
+        // rand-read-4K over the sequentially written volume.
+        let reads = 32768
+        let readOffsets = (0..<reads).map { _ in Int(generator.next() % UInt64(total / 4096)) * 4096 }
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var poolRandR = 0.0, rawRandR = 0.0
+        for _ in 0..<3 {  // best of three, alternating, as for seq-write
+            settle()
+            t0 = now()
+            for offset in readOffsets { _ = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 4096, off_t(offset)) } }
+            rawRandR = max(rawRandR, Double(reads) / (now() - t0))
+            settle()
+            t0 = now()
+            for offset in readOffsets { try buffer.withUnsafeMutableBytes { try volume.read(at: UInt64(offset), into: $0) } }
+            poolRandR = max(poolRandR, Double(reads) / (now() - t0))
+        }
+        rows.append(Row(compression: label, workload: "rand-read-4K", unit: "IOPS", logpool: poolRandR, raw: rawRandR,
+                        ratio: poolRandR / rawRandR, target: mode == .none ? ">= 0.70" : "-"))
+
+        return (rows, readOffsets, poolRandR)
+    }
+
+    /// The read rows alone (`--section reads`): a volume written sequentially, then
+    /// seq-read-1M, rand-read-4K and (without compression) scrub. For profiling the read
+    /// path without the write workloads around it.
+    private func runReads(mode: CompressionMode, directory: String) throws -> [Row] {
+        let files = try SuiteFiles(directory: directory)
+        defer { files.remove() }
+        let total = gib << 30
+        let (_, _, pool, volume) = try seqWrite(data: chunk(mode == .lz4 ? .logLines : .random, seed: 7), total: total,
+                                                mode: mode, poolPath: files.poolPath, fd: files.fd)
+        var generator = SplitMix(seed: 42)
+        var (rows, _, _) = try readRows(volume: volume, fd: files.fd, total: total, label: mode.description, mode: mode,
+                                        generator: &generator)
+        try pool.close()
+        if mode == .none {
+            rows += try scrubRows(poolPath: files.poolPath, rawPath: files.rawPath, rawByteCount: total, label: mode.description)
+        }
+        return rows
+    }
+
+    /// The pool file and the raw baseline file (open) of one suite run.
+    private struct SuiteFiles {
+        let poolPath: String
+        let rawPath: String
+        let fd: Int32
+
+        init(directory: String) throws {
+            poolPath = directory + "/logpool-bench-\(getpid()).pool"
+            rawPath = directory + "/logpool-bench-\(getpid()).raw"
+            unlink(poolPath); unlink(rawPath)
+            fd = open(rawPath, O_RDWR | O_CREAT | O_TRUNC, 0o644)
+            guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "open \(rawPath)", byteOffset: 0) }
+        }
+
+        func remove() {
+            close(fd)
+            unlink(poolPath); unlink(rawPath)
+        }
+    }
+
     private func runSuite(mode: CompressionMode, directory: String) throws -> [Row] {
         let label = mode.description
-        let poolPath = directory + "/logpool-bench-\(getpid()).pool"
-        let rawPath = directory + "/logpool-bench-\(getpid()).raw"
-        unlink(poolPath); unlink(rawPath)
-        defer { unlink(poolPath); unlink(rawPath) }
+        let files = try SuiteFiles(directory: directory)
+        defer { files.remove() }
+        let (poolPath, rawPath, fd) = (files.poolPath, files.rawPath, files.fd)
         let total = gib << 30
         let data = chunk(mode == .lz4 ? .logLines : .random, seed: 7)
         var rows: [Row] = []
 
         let rssBefore = peakRSSBytes()
-        let fd = open(rawPath, O_RDWR | O_CREAT | O_TRUNC, 0o644)
-        guard fd >= 0 else { throw PoolError.io(errno: errno, operation: "open \(rawPath)", byteOffset: 0) }
-        defer { close(fd) }
         let (poolSeq, rawSeq, pool, volume) = try seqWrite(data: data, total: total, mode: mode, poolPath: poolPath, fd: fd)
         // Process-wide peak resident memory (it only grows), per GiB held in the pool.
         _ = rssBefore
@@ -300,41 +383,13 @@ struct Bench: ParsableCommand {
         rows.append(Row(compression: label, workload: "rand-write-4K-vs-log-append", unit: "IOPS", logpool: poolRandW, raw: appendIOPS,
                         ratio: poolRandW / appendIOPS, target: ">= 0.80 (raw: 4K appends, fdatasync/32)"))
 
-        // seq-read-1M (first: it also brings both files into the page cache, so the random
-        // reads below compare code, not cache luck; this VM drops clean pages quickly).
-        var big = [UInt8](repeating: 0, count: 1 << 20)
-        settle()
-        t0 = now()
-        for i in 0..<(total >> 20) { try big.withUnsafeMutableBytes { try volume.read(at: UInt64(i) << 20, into: $0) } }
-        let poolSeqR = Double(total) / (now() - t0) / 1e6
-        settle()
-        t0 = now()
-        for i in 0..<(total >> 20) { _ = big.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 1 << 20, off_t(i << 20)) } }
-        let rawSeqR = Double(total) / (now() - t0) / 1e6
-        rows.append(Row(compression: label, workload: "seq-read-1M", unit: "MB/s", logpool: poolSeqR, raw: rawSeqR,
-                        ratio: poolSeqR / rawSeqR, target: ">= 0.80"))
-
-        // rand-read-4K over the sequentially written volume.
-        let reads = 32768
-        let readOffsets = (0..<reads).map { _ in Int(generator.next() % UInt64(total / 4096)) * 4096 }
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        var poolRandR = 0.0, rawRandR = 0.0
-        for _ in 0..<3 {  // best of three, alternating, as for seq-write
-            settle()
-            t0 = now()
-            for offset in readOffsets { _ = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 4096, off_t(offset)) } }
-            rawRandR = max(rawRandR, Double(reads) / (now() - t0))
-            settle()
-            t0 = now()
-            for offset in readOffsets { try buffer.withUnsafeMutableBytes { try volume.read(at: UInt64(offset), into: $0) } }
-            poolRandR = max(poolRandR, Double(reads) / (now() - t0))
-        }
-        rows.append(Row(compression: label, workload: "rand-read-4K", unit: "IOPS", logpool: poolRandR, raw: rawRandR,
-                        ratio: poolRandR / rawRandR, target: mode == .none ? ">= 0.70" : "-"))
+        let (readRowsMeasured, readOffsets, poolRandR) = try readRows(volume: volume, fd: fd, total: total, label: label, mode: mode, generator: &generator)
+        rows += readRowsMeasured
 
         rows += try concurrencyRows(pool: pool, volume: volume, readOffsets: readOffsets, oneThreadIOPS: poolRandR, label: label, directory: directory)
 
         // snapshot of the fully written volume; baseline: copying the raw file.
+        var big = [UInt8](repeating: 0, count: 1 << 20)
         settle()
         t0 = now()
         try pool.snapshot(source: "seq", name: "seq@1")
