@@ -23,7 +23,9 @@ final class PageCache: Sendable {
         /// Resident leaves that can be evicted once clean, in CLOCK order.
         var ring: [TreeNode] = []
         var hand = 0
-        /// Pages read from disk and words dropped, since open (for `bench` and tests).
+        /// Pages installed and words dropped, since open (for `bench` and tests). A read
+        /// that lost the race to install its leaf (two readers missing it at once) is
+        /// not counted.
         var loadCount = 0
         var evictionCount = 0
         /// Loads of a leaf that was read before and evicted since.

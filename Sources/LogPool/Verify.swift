@@ -966,6 +966,10 @@ private final class ScrubWork: @unchecked Sendable {
         var damaged: [UInt64: (BlockLocation, String)] = [:]
     }
     private let state = Mutex(State())
+    /// Held while the progress sink runs, so calls never overlap; holds the largest
+    /// figure reported, so a reader preempted after building its report cannot move
+    /// the progress backwards.
+    private let reporting = Mutex<UInt64>(0)
 
     var readerCount: Int { device.allowsConcurrentAccess ? Self.concurrentReaderCount : 1 }
     var doneByteCount: UInt64 { state.withLock { $0.doneByteCount } }
@@ -1043,8 +1047,15 @@ private final class ScrubWork: @unchecked Sendable {
                 $0.lastReport = Date()
                 return ScrubProgress(doneByteCount: $0.doneByteCount, totalByteCount: total, seconds: seconds)
             }
-            // Outside the mutex: a slow progress sink must not stall the other readers.
-            if let report { progress?(report) }
+            // Outside the state's mutex: a slow progress sink must not stall the other
+            // readers' claims.
+            if let report, let progress {
+                reporting.withLock { reported in
+                    guard report.doneByteCount >= reported else { return }
+                    reported = report.doneByteCount
+                    progress(report)
+                }
+            }
         }
     }
 }

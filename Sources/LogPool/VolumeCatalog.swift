@@ -152,6 +152,7 @@ struct VolumeCatalog {
     // MARK: - Release queue
 
     private mutating func enqueue(_ map: QueuedMap) throws(Refusal) {
+        guard map.id > 0, map.id < nextID else { throw .idNotAboveLast(map.id, nextID: nextID) }
         guard byID[map.id] == nil, !releaseQueue.contains(where: { $0.id == map.id }) else { throw .queuedTwice(map.id) }
         releaseQueue.append(map)
     }
@@ -184,8 +185,9 @@ struct VolumeCatalog {
             if id == 0 || id >= nextID { problems.append("volume id \(id) is not below the next id \(nextID)") }
             if volume.isDeleted { problems.append("volume id \(id) is marked deleted but still listed") }
         }
-        for map in releaseQueue where byID[map.id] != nil {
-            problems.append("queued map \(map.id) belongs to a live volume")
+        for map in releaseQueue {
+            if byID[map.id] != nil { problems.append("queued map \(map.id) belongs to a live volume") }
+            if map.id == 0 || map.id >= nextID { problems.append("queued map id \(map.id) is not below the next id \(nextID)") }
         }
         if Set(releaseQueue.map(\.id)).count != releaseQueue.count { problems.append("a map is queued twice") }
         return problems

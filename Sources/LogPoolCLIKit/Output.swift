@@ -173,8 +173,7 @@ package func writeAll(_ bytes: UnsafeRawBufferPointer, to fd: Int32, what: Strin
 package final class CheckedOutput: Sendable {
     package let fd: Int32
     package let what: String
-    /// Bytes written so far; the mutex also keeps writes whole when the scrub progress
-    /// prints from its workers.
+    /// Bytes written so far; the mutex also keeps writes from several threads whole.
     private let byteCount = Mutex<UInt64>(0)
 
     package init(fd: Int32, what: String) {

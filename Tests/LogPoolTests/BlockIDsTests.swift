@@ -62,22 +62,24 @@ struct BlockIDsTests {
                     #expect(taken == predicted, "\(context): peek \(predicted), allocate \(taken)")
                 case 1:
                     // A leaf copied: every live id it names gains a reference.
-                    guard let id = model.keys.randomElement(using: &generator) else { continue }
-                    try ids.retain(id, load: store.load)
-                    model[id, default: 0] += 1
+                    if let id = model.keys.randomElement(using: &generator) {
+                        try ids.retain(id, load: store.load)
+                        model[id, default: 0] += 1
+                    }
                 case 2:
                     // A checkpoint: changed leaves are written and may be dropped after.
                     try store.checkpoint(ids)
                     #expect(ids.changedLeafCount == 0, "\(context)")
                 default:
-                    guard let id = model.keys.randomElement(using: &generator) else { continue }
-                    let freed = try ids.release(id, load: store.load) == true
-                    model[id]! -= 1
-                    if model[id] == 0 {
-                        model[id] = nil
-                        #expect(freed, "\(context): the last release of \(id) did not free it")
-                    } else {
-                        #expect(!freed, "\(context): release of \(id) with references left freed it")
+                    if let id = model.keys.randomElement(using: &generator) {
+                        let freed = try ids.release(id, load: store.load) == true
+                        model[id]! -= 1
+                        if model[id] == 0 {
+                            model[id] = nil
+                            #expect(freed, "\(context): the last release of \(id) did not free it")
+                        } else {
+                            #expect(!freed, "\(context): release of \(id) with references left freed it")
+                        }
                     }
                 }
                 #expect(ids.heldCountIsExact, "\(context): held count drifted before unpinning")

@@ -38,6 +38,23 @@ struct PageCacheTests {
         #expect(got == words(of: leaves[0].disk) && cache.loadCount == 21)
     }
 
+    @Test("a miss whose page another reader installed meanwhile uses the installed words, and the leaf joins the ring once")
+    func missRacesInstall() throws {
+        let cache = PageCache(budgetByteCount: 4 * 4096)
+        let node = leaf(0)
+        var nested: [UInt64] = []
+        // The page is read outside the cache's mutex, so a second reader can miss and
+        // install the same leaf while the first one's read is in flight: here, from
+        // inside the first one's load.
+        let got = try cache.words(of: node) { pointer in
+            nested = try cache.words(of: node) { _ in [7, 7, 7] }
+            return words(of: pointer)
+        }
+        #expect(nested == [7, 7, 7] && got == [7, 7, 7], "the second install must not replace the first: \(got)")
+        #expect(node.words == [7, 7, 7])
+        #expect(cache.residentCount == 1 && cache.loadCount == 1)
+    }
+
     @Test("dirty leaves are never dropped; they are the only copy until a checkpoint writes them")
     func dirtyPinned() throws {
         let cache = PageCache(budgetByteCount: 2 * 4096)

@@ -111,6 +111,10 @@ struct VolumeCatalogTests {
         #expect(throws: VolumeCatalog.Refusal.nameExists("a")) {
             try VolumeCatalog(nextID: 4, volumes: [volume(1, "a"), volume(2, "a")], queued: [])
         }
+        #expect(throws: VolumeCatalog.Refusal.idNotAboveLast(4, nextID: 4)) {
+            try VolumeCatalog(nextID: 4, volumes: [],
+                              queued: [QueuedMap(id: 4, map: Tree(kind: .map, root: nil, height: 1), releasedSlotCount: 0)])
+        }
         #expect(throws: VolumeCatalog.Refusal.queuedTwice(1)) {
             try VolumeCatalog(nextID: 4, volumes: [volume(1, "a")],
                               queued: [QueuedMap(id: 1, map: Tree(kind: .map, root: nil, height: 1), releasedSlotCount: 0)])
@@ -122,9 +126,14 @@ struct VolumeCatalogTests {
         let (pool, _) = try makePool()
         try pool.createVolume(name: "a", size: 1 << 20)
         try pool.createVolume(name: "b", size: 1 << 20)
+        try pool.openVolume(name: "a").write(at: 0, from: [1])
         let engine = pool.engine
         let before = engine.catalog.byID.mapValues(\.record.name)
+        let sourceParents = try #require(engine.catalog.volume(named: "a")?.map.root).parentCount
         for intent in [JournalIntent.createVolume(id: 1, name: "c", sizeByteCount: 4096, createdTime: 0),
+                       .branch(id: 9, sourceID: 1, kind: .snapshot, name: "b", createdTime: 0),
+                       .branch(id: 1, sourceID: 1, kind: .snapshot, name: "s", createdTime: 0),
+                       .branch(id: 9, sourceID: 7, kind: .volume, name: "s", createdTime: 0),
                        .createVolume(id: 9, name: "a", sizeByteCount: 4096, createdTime: 0),
                        .rename(id: 1, name: "b"), .rename(id: 7, name: "z"), .delete(id: 7),
                        .releaseQueued(id: 1, upTo: 1)] {
@@ -135,6 +144,7 @@ struct VolumeCatalogTests {
                 #expect(structure == "journal record" && offset == 4096)
             }
             #expect(engine.catalog.byID.mapValues(\.record.name) == before && engine.catalog.problems().isEmpty, "\(intent)")
+            #expect(engine.catalog.volume(named: "a")?.map.root?.parentCount == sourceParents, "\(intent)")
         }
     }
 }
