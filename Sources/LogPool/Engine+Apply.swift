@@ -13,6 +13,7 @@ extension Engine {
             .corrupt(structure: "journal record", byteOffset: recordByteOffset, detail: detail)
         }
         /// `body`, with the catalog's refusal as the record's damage.
+        @discardableResult
         func catalogChange<T>(_ body: () throws -> T) throws -> T {
             do { return try body() } catch let refusal as VolumeCatalog.Refusal { throw bad(refusal.description) }
         }

@@ -150,7 +150,11 @@ extension Engine {
             if kind != .refcounts && node.level == 0 { writtenLeaves.append(node) }
             if kind == .refcounts && node.level == 0 { writtenRefcountLeaves.append(node) }
             var words: [UInt64]
-            if node.level > 0 {
+            if case .pending(let pointers) = node.childrenSnapshot {
+                // A level-1 node made dirty in place whose leaves have no nodes yet: its
+                // children are its old page's, unchanged.
+                words = pointers
+            } else if node.level > 0 {
                 words = []
                 words.reserveCapacity(PageLayout.interiorFanout * 2)
                 for child in node.children {

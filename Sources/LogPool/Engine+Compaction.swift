@@ -103,7 +103,16 @@ extension Engine {
         func visit(_ node: TreeNode) -> Bool {
             if let known = memo[ObjectIdentifier(node)] { return known }
             var affected = false
-            for child in node.children { if let child, visit(child) { affected = true } }
+            if case .pending(let pointers) = node.childrenSnapshot {
+                // Leaves without nodes yet: created only when one of them lies in a victim.
+                let hit = stride(from: 0, to: pointers.count, by: 2).contains { i in
+                    !PagePointer(byteOffset: pointers[i], checksum: pointers[i + 1]).isNone
+                        && geometry.segmentIndex(containing: pointers[i]).map(victims.contains) == true
+                }
+                if hit { for child in node.children { if let child, visit(child) { affected = true } } }
+            } else {
+                for child in node.children { if let child, visit(child) { affected = true } }
+            }
             if !node.isDirty, let s = geometry.segmentIndex(containing: node.disk.byteOffset), victims.contains(s) {
                 affected = true
             }

@@ -402,7 +402,15 @@ extension Engine {
         func visit(_ node: TreeNode) {
             guard seen.insert(ObjectIdentifier(node)).inserted else { return }
             add(node.disk.byteOffset, UInt64(PoolGeometry.pageByteCount))
-            for child in node.children { if let child { visit(child) } }
+            switch node.childrenSnapshot {
+            case .ready(let children):
+                for child in children { if let child { visit(child) } }
+            case .pending(let pointers):
+                // Leaves without nodes yet (COMMIT §3.2): their pages, none created.
+                for i in stride(from: 0, to: pointers.count, by: 2) where !PagePointer(byteOffset: pointers[i], checksum: pointers[i + 1]).isNone {
+                    add(pointers[i], UInt64(PoolGeometry.pageByteCount))
+                }
+            }
         }
         if let root = blockTable.root { visit(root) }
         if let root = refcountTree.root { visit(root) }
@@ -480,6 +488,9 @@ extension Engine {
     /// Journals `intent` (buffered; durable at the next sync) and applies it.
     func journalAndApply(_ intent: JournalIntent) throws {
         assert(superblock.isMounted, "a change was journaled before the mounted flag was committed (ensureMounted)")
+        // Planning this change may have created leaves and found a page named at two
+        // places (``LeafRegistry``): nothing is journaled on that state.
+        if let cause = poisonCause { throw PoolError.poisoned(cause) }
         if let flushed = journal.append(intent) {
             try deviceWrite(flushed.bytes, at: PoolGeometry.journalByteOffset + flushed.ringByteOffset)
         }

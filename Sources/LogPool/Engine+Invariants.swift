@@ -15,13 +15,31 @@ extension Engine {
         var parents: [ObjectIdentifier: Int] = [:]
         var nodes: [ObjectIdentifier: TreeNode] = [:]
         var kinds: [ObjectIdentifier: PageKind] = [:]
+        // Leaves of level-1 nodes whose leaves have no nodes yet (``LeafGroup``): one
+        // stand-in per page, not a node of any tree (its words are read from its page,
+        // not through the cache; it has no parent count to check). The walk creates no
+        // leaf, so a check changes nothing resident.
+        var standIns: [UInt64: TreeNode] = [:]
+        var standInIDs = Set<ObjectIdentifier>()
         func visit(_ node: TreeNode, kind: PageKind) {
             let key = ObjectIdentifier(node)
             parents[key, default: 0] += 1
             guard nodes[key] == nil else { return }
             nodes[key] = node
             kinds[key] = kind
-            for child in node.children { if let child { visit(child, kind: kind) } }
+            switch node.childrenSnapshot {
+            case .ready(let children):
+                for child in children { if let child { visit(child, kind: kind) } }
+            case .pending(let pointers):
+                for i in stride(from: 0, to: pointers.count, by: 2) {
+                    let pointer = PagePointer(byteOffset: pointers[i], checksum: pointers[i + 1])
+                    guard !pointer.isNone else { continue }
+                    let standIn = standIns[pointer.byteOffset] ?? TreeNode(kind: kind, level: 0, words: [], children: [], disk: pointer)
+                    standIns[pointer.byteOffset] = standIn
+                    standInIDs.insert(ObjectIdentifier(standIn))
+                    visit(standIn, kind: kind)
+                }
+            }
         }
         if let root = blockTable.root { visit(root, kind: .blockTable) }
         for map in allMaps { if let root = map.root { visit(root, kind: .map) } }
@@ -30,13 +48,14 @@ extension Engine {
         var dirty = 0, dirtyLeaves = 0
         var meta = [UInt64](repeating: 0, count: segmentStates.count)
         for (key, node) in nodes {
-            if node.parentCount != parents[key] {
+            if !standInIDs.contains(key), node.parentCount != parents[key] {
                 problems.append("node at level \(node.level) has parent count \(node.parentCount), found \(parents[key] ?? 0) parents")
             }
             if node.isDirty { dirty += 1 } else { meta[segment(of: node.disk.byteOffset)] += UInt64(PoolGeometry.pageByteCount) }
             if node.isDirty && node.level == 0 && kinds[key] != .refcounts { dirtyLeaves += 1 }
             if kinds[key] == .map && node.level == 0 {
-                guard let words = try? leafWords(node) else {
+                let read = standInIDs.contains(key) ? { try self.readMapLeaf(node.disk) } : { try self.leafWords(node) }
+                guard let words = try? read() else {
                     problems.append("map leaf at \(node.disk.byteOffset) cannot be read")
                     continue
                 }
@@ -97,7 +116,17 @@ extension Engine {
         let perLeaf = UInt64(PageLayout.wordCapacity)
         func check(_ node: TreeNode, base: UInt64) {
             if node.level > 0 {
-                for (i, child) in node.children.enumerated() {
+                let children: [TreeNode?]
+                switch node.childrenSnapshot {
+                case .ready(let ready): children = ready
+                case .pending(let pointers):
+                    // Leaves without nodes yet: stand-ins for their pages (clean).
+                    children = stride(from: 0, to: pointers.count, by: 2).map { i in
+                        let pointer = PagePointer(byteOffset: pointers[i], checksum: pointers[i + 1])
+                        return pointer.isNone ? nil : TreeNode(kind: .refcounts, level: 0, words: [], children: [], disk: pointer)
+                    }
+                }
+                for (i, child) in children.enumerated() {
                     if let child { check(child, base: PageLayout.childBase(base, index: i, kind: .refcounts, level: node.level)) }
                 }
                 return
@@ -170,9 +199,21 @@ extension Pool {
 
     /// Metadata-cache events since open, for the crash simulation's coverage: map and
     /// block-table leaves read again after eviction, refcount leaves read again after
-    /// being dropped, and checkpoints started by the dirty-leaf bound.
-    public var cacheEvents: (leafRereads: Int, refcountRereads: Int, boundCheckpoints: Int) {
-        locked { (engine.pageCache.rereadCount, engine.ids.rereadCount, engine.dirtyBoundCheckpointCount) }
+    /// being dropped, checkpoints started by the dirty-leaf bound, and leaves shared by
+    /// level-1 nodes open read, created on first use (``LeafGroup``).
+    public var cacheEvents: CacheEvents {
+        locked {
+            CacheEvents(leafRereads: engine.pageCache.rereadCount, refcountRereads: engine.ids.rereadCount,
+                        boundCheckpoints: engine.dirtyBoundCheckpointCount, sharedLeafCreations: engine.leafRegistry.sharedGroupCount)
+        }
+    }
+
+    /// See ``cacheEvents``.
+    public struct CacheEvents: Sendable {
+        public var leafRereads: Int
+        public var refcountRereads: Int
+        public var boundCheckpoints: Int
+        public var sharedLeafCreations: Int
     }
 
     /// Differences between this pool's space state and `reopened`'s, a pool opened on

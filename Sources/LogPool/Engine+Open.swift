@@ -249,15 +249,17 @@ extension Engine {
         }
         storedResumeByteOffset = root.resumeByteOffset
         var cache: [UInt64: LoadedPage] = [:]
-        blockTable = Tree(kind: .blockTable, root: try loadNode(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, base: 0, cache: &cache), height: root.blockTableHeight)
+        leafRegistry = LeafRegistry(pages: [], poison: poison)
+        var groups: [GroupKey: LeafGroup] = [:]
+        blockTable = Tree(kind: .blockTable, root: try loadNode(root.blockTableRoot, kind: .blockTable, level: root.blockTableHeight - 1, base: 0, cache: &cache, groups: &groups), height: root.blockTableHeight)
         var loadedVolumes: [VolumeState] = []
         for record in root.volumes {
-            let map = Tree(kind: .map, root: try loadNode(record.mapRoot, kind: .map, level: record.mapHeight - 1, base: 0, cache: &cache), height: record.mapHeight)
+            let map = Tree(kind: .map, root: try loadNode(record.mapRoot, kind: .map, level: record.mapHeight - 1, base: 0, cache: &cache, groups: &groups), height: record.mapHeight)
             loadedVolumes.append(VolumeState(record: record, map: map))
         }
         var loadedQueue: [QueuedMap] = []
         for queued in root.releaseQueue {
-            let map = Tree(kind: .map, root: try loadNode(queued.mapRoot, kind: .map, level: queued.mapHeight - 1, base: 0, cache: &cache), height: queued.mapHeight)
+            let map = Tree(kind: .map, root: try loadNode(queued.mapRoot, kind: .map, level: queued.mapHeight - 1, base: 0, cache: &cache, groups: &groups), height: queued.mapHeight)
             loadedQueue.append(QueuedMap(id: queued.id, map: map, releasedSlotCount: queued.releasedSlotCount))
         }
         do {
@@ -266,9 +268,25 @@ extension Engine {
             // The root's decoder refuses the same (FORMAT C-4, C-11): a second line.
             throw corrupt("checkpoint root", sb.checkpointByteOffset, error.description)
         }
+        // A map whose root is a leaf can share it with child 0 of a taller map's level-1
+        // nodes (growth keeps the old root there): those nodes' leaves are created now,
+        // so that leaf's parent count is whole before anything changes it.
+        let leafRoots = Dictionary(cache.filter { $0.value.kind == .map && $0.value.node.level == 0 }.map { ($0.key, $0.value.node) },
+                                   uniquingKeysWith: { first, _ in first })
+        // (Counted first, while every group is pending; a leaf root is counted with
+        // the pages open made nodes for.)
+        var lazyPagesPerSegment = [UInt32](repeating: 0, count: space.count)
+        var lazyTableLeafCount = 0, lazyRefcountLeafCount = 0
+        try forEachLazyLeafPage(groups.values.filter { $0.kind != .refcounts }, skippingRoots: leafRoots) { kind, offset in
+            lazyPagesPerSegment[segment(of: offset)] += 1
+            if kind == .blockTable { lazyTableLeafCount += 1 }
+        }
+        leafRegistry.addPages(cache.keys)
+        if !leafRoots.isEmpty, let group = groups[GroupKey(kind: .map, base: 0)] { group.createLeaves(existing: leafRoots) }
         // The id-indexed arrays are sized only once the pages that justify the limit have
         // been read (C-6): a crafted root cannot make open allocate for ids no page holds.
         let tableLeafCount = cache.values.reduce(0) { $0 + ($1.kind == .blockTable && $1.node.level == 0 ? 1 : 0) }
+            + lazyTableLeafCount
         let limitMax = Engine.blockIDLimitMax(blockTableLeafCount: tableLeafCount, blockByteCount: blockByteCount)
         guard root.blockIDLimit <= limitMax else {
             throw corrupt("checkpoint", sb.checkpointByteOffset, "block id limit \(root.blockIDLimit) exceeds \(limitMax), the most that a block table of \(tableLeafCount) leaf pages allows (FORMAT C-6)")
@@ -283,12 +301,19 @@ extension Engine {
         ids = BlockIDs(limit: root.blockIDLimit, liveCount: Int(root.liveBlockCount), budgetLeafCount: refcountBudgetLeafCount)
         var storedProblem: String? = nil
         do {
-            refcountTree = Tree(kind: .refcounts, root: try loadRefcountNode(root.refcountRoot, level: root.refcountHeight - 1, base: 0, cache: &cache),
+            refcountTree = Tree(kind: .refcounts, root: try loadRefcountNode(root.refcountRoot, level: root.refcountHeight - 1, base: 0, cache: &cache, groups: &groups),
                                 height: root.refcountHeight)
         } catch let error as PoolError {
             switch error {
             case .io, .corrupt: storedProblem = error.description
             default: throw error
+            }
+        }
+        leafRegistry.addPages(cache.keys)
+        if storedProblem == nil {
+            try forEachLazyLeafPage(groups.values.filter { $0.kind == .refcounts }, skippingRoots: [:]) { _, offset in
+                lazyPagesPerSegment[segment(of: offset)] += 1
+                lazyRefcountLeafCount += 1
             }
         }
         var metaLiveByteCounts = [UInt64](repeating: 0, count: space.count)
@@ -299,12 +324,24 @@ extension Engine {
             if page.kind == .blockTable { blockTableNodeCount += 1 }
             if page.kind == .refcounts { refcountNodeCount += 1 }
         }
+        for (s, pages) in lazyPagesPerSegment.enumerated() where pages > 0 {
+            metaLiveByteCounts[s] += UInt64(pages) * UInt64(PoolGeometry.pageByteCount)
+        }
+        blockTableNodeCount += lazyTableLeafCount
+        refcountNodeCount += lazyRefcountLeafCount
+
+        // A leaf page named twice by one level-1 page (P-4, found when its leaves are
+        // created) is counted twice here; a segment cannot hold more pages than fit.
+        if let s = metaLiveByteCounts.firstIndex(where: { $0 > UInt64(geometry.segmentByteCount) }) {
+            throw corrupt("checkpoint", sb.checkpointByteOffset, "the trees name \(metaLiveByteCounts[s] / UInt64(PoolGeometry.pageByteCount)) pages in segment \(s), more than it holds: a page is named more than once (P-4)")
+        }
         if let storedProblem {
             // Pages of the unreadable tree that were reached are released at the next
             // commit; the rest were below a damaged page and are lost already.
             recoveryReport.findings.append("refcount tree unusable (\(storedProblem)): counts rebuilt from the maps")
             recoveryReport.rebuiltRefcounts = true
             for (offset, page) in cache where page.kind == .refcounts { pendingPageReleases.append(offset) }
+            // (Leaves under its level-1 pages were not counted: their groups stay unread.)
             refcountTree = Tree(kind: .refcounts, root: nil, height: 1)
             refcountNodeCount = 0
             try deriveRefcounts(unusableTree: true)
@@ -364,7 +401,8 @@ extension Engine {
     /// Loads the refcount tree under `pointer`: interior nodes resident, each leaf's
     /// counts into `counts` (its node keeps no words), each page once, none shared with
     /// another tree (`cache`). `keepWords` also receives each leaf's words by leaf index.
-    private func loadRefcountNode(_ pointer: PagePointer, level: Int, base: UInt64, cache: inout [UInt64: LoadedPage]) throws -> TreeNode? {
+    private func loadRefcountNode(_ pointer: PagePointer, level: Int, base: UInt64, cache: inout [UInt64: LoadedPage],
+                                  groups: inout [GroupKey: LeafGroup]) throws -> TreeNode? {
         guard !pointer.isNone else { return nil }
         guard cache[pointer.byteOffset] == nil else {
             throw corrupt("refcount page", pointer.byteOffset, "page is referenced twice (refcount pages are never shared)")
@@ -378,17 +416,74 @@ extension Engine {
             node = TreeNode(kind: .refcounts, level: 0, words: [], children: [], disk: pointer)
         } else {
             let words = try readPage(pointer, kind: .refcounts, level: level)
+            if level == 1 {
+                cache[pointer.byteOffset] = LoadedPage(kind: .refcounts, node: try lazyLevelOne(.refcounts, words, pointer, base: base, groups: &groups), base: base)
+                return cache[pointer.byteOffset]?.node
+            }
             var children: [TreeNode?] = []
             children.reserveCapacity(PageLayout.interiorFanout)
             for i in 0..<PageLayout.interiorFanout {
                 children.append(try loadRefcountNode(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]), level: level - 1,
                                                      base: PageLayout.childBase(base, index: i, kind: .refcounts, level: level),
-                                                     cache: &cache))
+                                                     cache: &cache, groups: &groups))
             }
             node = TreeNode(kind: .refcounts, level: level, words: [], children: children, disk: pointer)
         }
         cache[pointer.byteOffset] = LoadedPage(kind: .refcounts, node: node, base: base)
         return node
+    }
+
+    /// Where a group of level-1 nodes sits (``LeafGroup``).
+    struct GroupKey: Hashable {
+        var kind: PageKind
+        var base: UInt64
+    }
+
+    /// Calls `body` with each leaf page of `groups` whose node is not created yet, each
+    /// page once (members of a group share a leaf only at the same slot, P-4): open
+    /// counts them as it counts the pages it made nodes for. A page in `roots` (leaf
+    /// roots, which can only be child 0 of map groups at block index 0) is counted with
+    /// those. Members naming one page with two checksums are corrupt.
+    private func forEachLazyLeafPage(_ groups: [LeafGroup], skippingRoots roots: [UInt64: TreeNode],
+                                     _ body: (PageKind, UInt64) -> Void) throws {
+        var atSlot: [UInt64: UInt64] = [:]
+        var distinct: [(offset: UInt64, checksum: UInt64)] = []
+        for group in groups {
+            let pointers = group.pendingMembers.map { node -> [UInt64] in
+                if case .pending(let words) = node.childrenSnapshot { return words }
+                return []
+            }
+            let rootsHere = !roots.isEmpty && group.kind == .map && group.base == 0
+            guard pointers.count > 1 || rootsHere else {
+                for words in pointers {
+                    for i in stride(from: 0, to: words.count, by: 2) where !PagePointer(byteOffset: words[i], checksum: words[i + 1]).isNone {
+                        body(group.kind, words[i])
+                    }
+                }
+                continue
+            }
+            for i in 0..<PageLayout.interiorFanout {
+                // Most members name one of a few pages at a slot: a short list is
+                // searched first, a dictionary only past it (many diverged snapshots).
+                distinct.removeAll(keepingCapacity: true)
+                atSlot.removeAll(keepingCapacity: true)
+                for words in pointers where words.count == 2 * PageLayout.interiorFanout {
+                    let offset = words[2 * i], checksum = words[2 * i + 1]
+                    guard !PagePointer(byteOffset: offset, checksum: checksum).isNone else { continue }
+                    var seen = distinct.first(where: { $0.offset == offset })?.checksum
+                    if seen == nil && distinct.count == 16 { seen = atSlot[offset] }
+                    if let seen {
+                        guard seen == checksum else {
+                            throw corrupt(group.kind.pageName, offset, "page is referenced twice with different checksums")
+                        }
+                        continue
+                    }
+                    if distinct.count < 16 { distinct.append((offset, checksum)) } else { atSlot[offset] = checksum }
+                    if i == 0 && rootsHere && roots[offset] != nil { continue }
+                    body(group.kind, offset)
+                }
+            }
+        }
     }
 
     /// A page loaded at open, with the first slot it covers.
@@ -410,7 +505,7 @@ extension Engine {
     /// page once: a crafted DAG whose interior slots all point to one child (254^4 leaf
     /// visits for `list`) is refused here.
     private func loadNode(_ pointer: PagePointer, kind: PageKind, level: Int, base: UInt64,
-                          cache: inout [UInt64: LoadedPage]) throws -> TreeNode? {
+                          cache: inout [UInt64: LoadedPage], groups: inout [GroupKey: LeafGroup]) throws -> TreeNode? {
         guard !pointer.isNone else { return nil }
         let name = kind.pageName
         if let loaded = cache[pointer.byteOffset] {
@@ -436,16 +531,36 @@ extension Engine {
             return node
         }
         let words = try readPage(pointer, kind: kind, level: level)
+        if level == 1 {
+            let node = try lazyLevelOne(kind, words, pointer, base: base, groups: &groups)
+            cache[pointer.byteOffset] = LoadedPage(kind: kind, node: node, base: base)
+            return node
+        }
         var children: [TreeNode?] = []
         children.reserveCapacity(PageLayout.interiorFanout)
         for i in 0..<PageLayout.interiorFanout {
             children.append(try loadNode(PagePointer(byteOffset: words[2 * i], checksum: words[2 * i + 1]),
                                          kind: kind, level: level - 1,
-                                         base: PageLayout.childBase(base, index: i, kind: kind, level: level), cache: &cache))
+                                         base: PageLayout.childBase(base, index: i, kind: kind, level: level), cache: &cache, groups: &groups))
         }
         let node = TreeNode(kind: kind, level: level, words: [], children: children, disk: pointer)
         cache[pointer.byteOffset] = LoadedPage(kind: kind, node: node, base: base)
         return node
+    }
+
+    /// A level-1 node whose leaves get nodes on first use (``LeafGroup``): its page's
+    /// words, every leaf pointer checked to lie inside a segment, and its place's group.
+    private func lazyLevelOne(_ kind: PageKind, _ words: [UInt64], _ pointer: PagePointer, base: UInt64,
+                              groups: inout [GroupKey: LeafGroup]) throws -> TreeNode {
+        for i in stride(from: 0, to: words.count, by: 2) where !PagePointer(byteOffset: words[i], checksum: words[i + 1]).isNone {
+            guard geometry.isValidExtent(byteOffset: words[i], byteCount: UInt64(PoolGeometry.pageByteCount)) else {
+                throw corrupt(kind.pageName, words[i], "page pointer is outside every segment")
+            }
+        }
+        let key = GroupKey(kind: kind, base: base)
+        let group = groups[key] ?? LeafGroup(registry: leafRegistry, kind: kind, base: base)
+        groups[key] = group
+        return TreeNode(lazyLevelOne: kind, pointers: words, disk: pointer, group: group)
     }
 
     // MARK: - Replay

@@ -62,6 +62,8 @@ final class Engine {
     var refcountBudgetLeafCount: Int { max(1, pageCache.budgetPageCount / 8) }
     /// The block table's leaves in bounded memory (read on demand, clean ones evicted).
     let pageCache: PageCache
+    /// The lazily created leaves of the level-1 nodes open read (``LeafGroup``).
+    var leafRegistry = LeafRegistry(pages: [], poison: PoisonState())
     var blockIDLimit: UInt64 { ids.limit }
     /// The stored refcounts (FORMAT §5.4): interior nodes resident, leaves without words
     /// (``ids`` holds the resident counts) except while a checkpoint writes them.
@@ -140,17 +142,13 @@ final class Engine {
         set { writeBehindFlag.store(newValue, ordering: .releasing) }
     }
 
-    // Failure state. The cause sits in a mutex: a volume write can poison the pool while
-    // reads (under the shared lock only) check it.
-    // `isPoisoned` mirrors it so the check on every read is one atomic load.
-    private let poison = Mutex<String?>(nil)
-    private let isPoisoned = Atomic<Bool>(false)
+    // Failure state (``PoisonState``): a volume write, or a reader that found a page
+    // named at two places (``LeafRegistry``), can poison the pool while reads (under the
+    // shared lock only) check it.
+    let poison = PoisonState()
     var poisonCause: String? {
-        get { isPoisoned.load(ordering: .acquiring) ? poison.withLock { $0 } : nil }
-        set {
-            poison.withLock { $0 = newValue }
-            isPoisoned.store(newValue != nil, ordering: .releasing)
-        }
+        get { poison.cause }
+        set { poison.cause = newValue }
     }
     var isClosed = false
 
@@ -428,4 +426,27 @@ public struct RecoveryReport: Sendable, Equatable {
     public var rebuiltRefcounts = false
     /// True when the pool was not cleanly closed.
     public var wasMounted = false
+}
+
+/// Why the engine refuses every call, if it does: set by a failed device call, by a
+/// journaled change that could not be applied, or by a reader that found metadata
+/// breaking P-4. The cause sits in a mutex; a flag beside it makes the check on every
+/// read one atomic load.
+final class PoisonState: Sendable {
+    private let stored = Mutex<String?>(nil)
+    private let isSet = Atomic<Bool>(false)
+
+    var cause: String? {
+        get { isSet.load(ordering: .acquiring) ? stored.withLock { $0 } : nil }
+        set {
+            stored.withLock { $0 = newValue }
+            isSet.store(newValue != nil, ordering: .releasing)
+        }
+    }
+
+    /// Sets the cause unless one is set already (the first failure is the one reported).
+    func setIfClear(_ newCause: String) {
+        stored.withLock { if $0 == nil { $0 = newCause } }
+        isSet.store(true, ordering: .releasing)
+    }
 }

@@ -1,4 +1,5 @@
 import LogPoolFormat
+import Synchronization
 
 /// A node of a copy-on-write tree (a volume map or the block table), kept in memory.
 ///
@@ -7,10 +8,19 @@ import LogPoolFormat
 /// is copied before it is changed (Specs/FORMAT.md §5, "sharing"). `disk` is where the node
 /// was last written; `.none` means it is dirty and the next checkpoint writes it.
 ///
+/// A level-1 node that open read keeps its children's page pointers instead of child
+/// nodes (`lazyGroup` set) until one of them is first used: open then costs one node per
+/// interior page, not one per leaf (ARCHITECTURE §4). ``children`` creates the leaf
+/// nodes of every level-1 node at the same place in any tree at once (``LeafGroup``), so
+/// a shared leaf gets all its parents together and its `parentCount` is exact from the
+/// start.
+///
 /// Unchecked `Sendable`: nodes move between threads only under the pool's lock (the
 /// writer changes them with the read-write lock held exclusively, readers plan under it
 /// shared), and the fields readers change under the shared lock (`words`, `inCache`,
-/// `referenced`, `released`, `wasEvicted`) only under the ``PageCache``'s mutex.
+/// `referenced`, `released`, `wasEvicted`) only under the ``PageCache``'s mutex; a lazy
+/// node's `storedChildren` and `childPointers` only under its group's mutex until
+/// `childrenReady` is set (release), and only by the writer after that.
 final class TreeNode: @unchecked Sendable {
     let kind: PageKind
     let level: Int
@@ -19,8 +29,25 @@ final class TreeNode: @unchecked Sendable {
     /// leaves are read through the ``PageCache`` (``Engine/leafWords(_:)``), refcount
     /// leaves hold words only while a checkpoint writes them.
     var words: [UInt64]
-    /// Interior slots.
-    var children: [TreeNode?]
+    /// Interior slots (a lazy node's leaves are created here on first use).
+    var children: [TreeNode?] {
+        get {
+            if lazyGroup != nil { ensureChildren() }
+            return storedChildren
+        }
+        _modify {
+            if lazyGroup != nil { ensureChildren() }
+            yield &storedChildren
+        }
+    }
+    fileprivate var storedChildren: [TreeNode?]
+    /// Set on level-1 nodes read at open: the nodes at the same place whose leaves are
+    /// created together.
+    let lazyGroup: LeafGroup?
+    /// A lazy node's child page pointers (offset and checksum per slot) until its leaves
+    /// exist; empty after.
+    fileprivate var childPointers: [UInt64] = []
+    fileprivate let childrenReady: Atomic<Bool>
     var disk: PagePointer
     var parentCount: Int
     /// Map and block-table leaves only: in the ``PageCache``'s ring, and used since the
@@ -38,34 +65,195 @@ final class TreeNode: @unchecked Sendable {
         self.level = level
         if level == 0 {
             words = [UInt64](repeating: 0, count: PageLayout.fanout(kind: kind, level: 0) * PageLayout.wordsPerSlot(kind: kind, level: 0))
-            children = []
+            storedChildren = []
         } else {
             words = []
-            children = [TreeNode?](repeating: nil, count: PageLayout.interiorFanout)
+            storedChildren = [TreeNode?](repeating: nil, count: PageLayout.interiorFanout)
         }
         disk = .none
         parentCount = 1
+        lazyGroup = nil
+        childrenReady = Atomic(true)
     }
 
     init(copying other: TreeNode) {
         kind = other.kind
         level = other.level
         words = other.words
-        children = other.children
+        storedChildren = other.children
         disk = .none
         parentCount = 1
+        lazyGroup = nil
+        childrenReady = Atomic(true)
     }
 
     init(kind: PageKind, level: Int, words: [UInt64], children: [TreeNode?], disk: PagePointer) {
         self.kind = kind
         self.level = level
         self.words = words
-        self.children = children
+        self.storedChildren = children
         self.disk = disk
         self.parentCount = 1
+        lazyGroup = nil
+        childrenReady = Atomic(true)
+    }
+
+    /// A level-1 node read at open whose leaves are created on first use: `pointers` are
+    /// its page's words (offset and checksum per slot), already checked to lie inside
+    /// segments. It joins `group`, the level-1 nodes at the same place.
+    init(lazyLevelOne kind: PageKind, pointers: [UInt64], disk: PagePointer, group: LeafGroup) {
+        self.kind = kind
+        level = 1
+        words = []
+        storedChildren = []
+        self.disk = disk
+        parentCount = 1
+        lazyGroup = group
+        childPointers = pointers
+        childrenReady = Atomic(false)
+        group.adopt(self)
     }
 
     var isDirty: Bool { disk.isNone }
+
+    @inline(__always)
+    private func ensureChildren() {
+        if !childrenReady.load(ordering: .acquiring) { lazyGroup?.createLeaves() }
+    }
+
+    /// The node's children as they are, without creating any: `.pending` gives a lazy
+    /// node's child page pointers (offset and checksum per slot). For the checks and
+    /// walks that must not change what is resident.
+    var childrenSnapshot: ChildrenSnapshot {
+        guard let group = lazyGroup, !childrenReady.load(ordering: .acquiring) else { return .ready(storedChildren) }
+        return group.snapshot(of: self)
+    }
+
+    enum ChildrenSnapshot {
+        case ready([TreeNode?])
+        case pending([UInt64])
+    }
+}
+
+/// The level-1 nodes open read at one place (a kind and a first slot) whose leaves have
+/// no nodes yet. A leaf page can be shared only between nodes at the same place and slot
+/// (P-4), so creating every member's leaves at once, one node per distinct page with one
+/// parent per member naming it, gives each leaf its exact `parentCount`.
+///
+/// Unchecked `Sendable`: `members` and the members' lazy fields change only under the
+/// registry's mutex.
+final class LeafGroup: @unchecked Sendable {
+    let registry: LeafRegistry
+    let kind: PageKind
+    /// The first slot the group's nodes cover.
+    let base: UInt64
+    fileprivate var members: [TreeNode] = []
+
+    init(registry: LeafRegistry, kind: PageKind, base: UInt64) {
+        self.registry = registry
+        self.kind = kind
+        self.base = base
+    }
+
+    /// Open only (one thread): a member joins.
+    fileprivate func adopt(_ node: TreeNode) { registry.locked { _ in members.append(node) } }
+
+    /// The members, while their leaves have no nodes (open only: one thread).
+    var pendingMembers: [TreeNode] { registry.locked { _ in members } }
+
+    fileprivate func snapshot(of node: TreeNode) -> TreeNode.ChildrenSnapshot {
+        registry.locked { _ in node.childrenReady.load(ordering: .relaxed) ? .ready(node.storedChildren) : .pending(node.childPointers) }
+    }
+
+    /// Creates the leaves of every member (at most once). `existing`: leaf nodes open
+    /// made already (roots of one-level maps), which gain a parent where a member names
+    /// them. A page named at two places, or at one place with two checksums, breaks P-4:
+    /// the pool refuses changes from then on (its bytes are still read as named, each
+    /// checked against its pointer) and `verify` reports the page.
+    func createLeaves(existing: [UInt64: TreeNode] = [:]) {
+        registry.locked { state in
+            guard !members.isEmpty else { return }
+            let fanout = PageLayout.interiorFanout
+            for member in members { member.storedChildren = [TreeNode?](repeating: nil, count: fanout) }
+            // Leaves made at the current slot: a short list searched first, a
+            // dictionary only past it (many diverged snapshots at one place).
+            var made: [TreeNode] = []
+            var atSlot: [UInt64: TreeNode] = [:]
+            for i in 0..<fanout {
+                made.removeAll(keepingCapacity: true)
+                atSlot.removeAll(keepingCapacity: true)
+                for member in members {
+                    let pointer = PagePointer(byteOffset: member.childPointers[2 * i], checksum: member.childPointers[2 * i + 1])
+                    guard !pointer.isNone else { continue }
+                    var found = made.first(where: { $0.disk.byteOffset == pointer.byteOffset })
+                    if found == nil && made.count == 16 { found = atSlot[pointer.byteOffset] }
+                    if let leaf = found {
+                        if leaf.disk.checksum != pointer.checksum {
+                            state.problem(kind, pointer.byteOffset, "is named twice at block index \(slotBase(i)) with different checksums")
+                        }
+                        leaf.parentCount += 1
+                        member.storedChildren[i] = leaf
+                        continue
+                    }
+                    let leaf: TreeNode
+                    if let made = existing[pointer.byteOffset] {
+                        made.parentCount += 1
+                        leaf = made
+                    } else {
+                        leaf = TreeNode(kind: kind, level: 0, words: [], children: [], disk: pointer)
+                        if !state.pages.insert(pointer.byteOffset).inserted {
+                            state.problem(kind, pointer.byteOffset, "is named at block index \(slotBase(i)) and at another place: a shared page must cover the same blocks wherever it is reached (P-4)")
+                        }
+                    }
+                    if made.count < 16 { made.append(leaf) } else { atSlot[pointer.byteOffset] = leaf }
+                    member.storedChildren[i] = leaf
+                }
+            }
+            for member in members {
+                member.childPointers = []
+                member.childrenReady.store(true, ordering: .releasing)
+            }
+            if members.count > 1 { state.sharedGroupCount += 1 }
+            members = []
+        }
+    }
+
+    private func slotBase(_ index: Int) -> UInt64 {
+        base + UInt64(index) * UInt64(PageLayout.fanout(kind: kind, level: 0))
+    }
+}
+
+/// What the lazily created leaves share: one mutex for every ``LeafGroup`` of an open
+/// pool, the pages open read or leaves were created for (a page named at a second place
+/// breaks P-4), and the engine's poison, set when that happens.
+final class LeafRegistry: Sendable {
+    struct State {
+        var pages: Set<UInt64>
+        /// Groups of more than one node whose leaves were created (shared leaves).
+        var sharedGroupCount = 0
+        let poison: PoisonState
+
+        mutating func problem(_ kind: PageKind, _ byteOffset: UInt64, _ detail: String) {
+            poison.setIfClear("\(kind.pageName) at \(byteOffset) \(detail): this handle refuses further calls (run logpool verify)")
+        }
+    }
+
+    private let state: Mutex<State>
+
+    init(pages: Set<UInt64>, poison: PoisonState) {
+        state = Mutex(State(pages: pages, poison: poison))
+    }
+
+    /// Open only: pages read at open (interior pages and leaf roots).
+    func addPages(_ pages: some Sequence<UInt64>) {
+        state.withLock { state in for page in pages { state.pages.insert(page) } }
+    }
+
+    fileprivate func locked<T: Sendable>(_ body: (inout State) -> T) -> T { state.withLock { body(&$0) } }
+
+    /// Groups of more than one node whose leaves were created since open (for the
+    /// crash simulation's coverage).
+    var sharedGroupCount: Int { state.withLock { $0.sharedGroupCount } }
 }
 
 /// One tree: its root and height (1 = the root is a leaf).

@@ -66,6 +66,9 @@ public final class Volume: @unchecked Sendable {
             try checkRange(volume, offset, buffer.count)
             guard buffer.count > 0 else { return nil }
             let plan = try engine.planRead(volume, byteOffset: offset, byteCount: buffer.count)
+            // Planning may have created leaves and found a page named at two places
+            // (COMMIT §3.2): this read is refused like every later call.
+            if let cause = engine.poisonCause { throw PoolError.poisoned(cause) }
             engine.readers.enter()
             return plan
         }

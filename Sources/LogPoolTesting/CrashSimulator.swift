@@ -658,6 +658,9 @@ public final class CrashSimulator {
             if pool.stats.deletedMapsReleasing > 0 { figures.mark("release-queue-recovered") }
             figures.replayedRecordsMax = max(figures.replayedRecordsMax, pool.recoveryReport.replayedRecordCount)
             let got = try contents(of: pool)
+            // Reading everything created the leaves of level-1 nodes shared by maps
+            // (COMMIT §3.2); the invariant check below compares their parent counts.
+            if pool.cacheEvents.sharedLeafCreations > 0 { figures.mark("shared-leaves-created") }
             if !matchesLive(got, digest: Self.digest(got)) {
                 violation(id, "prefix", "recovered state matches no state from op \(durableIndex) to \(states.count - 1) (the durable one and later): \(firstDifference(got, states[durableIndex].content ?? [:])) (against op \(durableIndex)); last ops: \(opLog.suffix(6))")
             }

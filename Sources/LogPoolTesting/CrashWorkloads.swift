@@ -74,11 +74,13 @@ public enum CrashWorkloads {
 
     /// Memory pressure (a tiny metadata cache, `--metadata-cache`) during one op: evicted
     /// leaves read back, and checkpoints the dirty-leaf bound started.
-    static func markCacheEvents(since before: (leafRereads: Int, refcountRereads: Int, boundCheckpoints: Int), _ pool: Pool, _ simulator: CrashSimulator) {
+    static func markCacheEvents(since before: Pool.CacheEvents, _ pool: Pool, _ simulator: CrashSimulator) {
         let after = pool.cacheEvents
         if after.leafRereads > before.leafRereads { simulator.mark("leaf-reread") }
         if after.refcountRereads > before.refcountRereads { simulator.mark("refcount-leaf-reread") }
         if after.boundCheckpoints > before.boundCheckpoints { simulator.mark("dirty-bound-checkpoint") }
+        // A pool reopened by the op has counters of its own, so compare only growth.
+        if after.sharedLeafCreations > before.sharedLeafCreations { simulator.mark("shared-leaves-created") }
     }
 
     /// The live engine's space state must be what a reopen of the synced bytes rebuilds

@@ -103,12 +103,17 @@ struct HardeningTests {
         #expect(pool.internalConsistencyProblems() == [])
     }
 
-    /// Goal (item 5): a map whose interior slots all point to one child (valid checksums)
-    /// is refused at open (P-4), so no walk (`list`'s space figures) can visit a page
-    /// more than once per map. Method: a volume of height 2, its root's 254 child
-    /// pointers all set to child 0, root and superblock rewritten with valid checksums.
-    @Test("a map DAG (one child under every interior slot) is corrupt(map page) at open, so list cannot hang")
-    func mapDAGRefusedAtOpen() throws {
+    /// Goal (item 5): a map whose interior slots point to one child (valid checksums)
+    /// breaks P-4. Interior pages are read at open, which refuses a DAG of them, so no
+    /// walk (`list`'s space figures) visits a page more than 254 times per map. Leaves
+    /// get nodes on first use (COMMIT §3.2): open counts their pages from the pointers
+    /// and refuses more pages than a segment holds; the first use finds a leaf named
+    /// twice and refuses it and every later call, before anything is written. Method:
+    /// a volume of height 2, its root's first `duplicates` child pointers all set to
+    /// child 0, root and superblock rewritten with valid checksums.
+    @Test("a map DAG (one leaf under many interior slots) is refused at open or on first use, before any change",
+          arguments: [254, 2])
+    func mapDAGRefused(duplicates: Int) throws {
         let (pool, device) = try makePool()
         let v = try pool.createVolume(name: "v", size: 600 * 4096)  // 600 blocks: height 2
         try v.write(at: 0, from: pattern(4096, seed: 3))
@@ -121,7 +126,7 @@ struct HardeningTests {
             var words = try PageLayout.decode(try crafted.read(byteCount: PoolGeometry.pageByteCount, at: record.mapRoot.byteOffset),
                                               kind: .map, level: 1, expectedChecksum: record.mapRoot.checksum, salt: sb.poolSalt,
                                               byteOffset: record.mapRoot.byteOffset)
-            for i in 1..<PageLayout.interiorFanout {
+            for i in 1..<duplicates {
                 words[2 * i] = words[0]
                 words[2 * i + 1] = words[1]
             }
@@ -130,9 +135,29 @@ struct HardeningTests {
             root.volumes[index].mapRoot = PagePointer(byteOffset: record.mapRoot.byteOffset, checksum: checksum)
         }
         let image = crafted.currentImage
-        expectCorrupt(structure: "map page", detailContains: "P-4") {
-            _ = try Pool.open(on: SimulatedDevice(image: image), mode: .readOnly)
+        let device2 = SimulatedDevice(image: image)
+        if duplicates > 16 {
+            // More pages than the 64 KiB segment holds.
+            expectCorrupt(structure: "checkpoint", detailContains: "P-4") { _ = try Pool.open(on: device2) }
+        } else {
+            let opened = try Pool.open(on: device2)
+            let volume = try opened.openVolume(name: "v")
+            // The first read creates the root's leaves and finds the page named twice;
+            // it and every later call are refused, naming the page and P-4.
+            for attempt in ["read", "write"] {
+                do {
+                    if attempt == "read" {
+                        _ = try volume.read(at: 0, length: 4096)
+                    } else {
+                        try volume.write(at: 0, from: pattern(4096, seed: 4))
+                    }
+                    Issue.record("a \(attempt) on a map breaking P-4 was accepted")
+                } catch PoolError.poisoned(let cause) {
+                    #expect(cause.contains("P-4") && cause.contains("map page"), "\(cause)")
+                }
+            }
         }
+        #expect(device2.currentImage == image, "nothing may be written once P-4 was found broken")
         let report = try Pool.verify(on: SimulatedDevice(image: image))
         #expect(report.problems.contains { $0.code == "page-shared-wrongly" })
     }
