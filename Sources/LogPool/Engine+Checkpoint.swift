@@ -135,6 +135,7 @@ extension Engine {
         try stageRefcounts()
         if journal.nextSequence == superblock.journalReplaySequence && dirtyPageCount == 0
             && pendingPageReleases.isEmpty && checkpointExtent != nil && !rootNeedsRewrite {
+            if let cause = poisonCause { throw PoolError.poisoned(cause) }
             return try commitSuperblockOnly(mounted: mounted)
         }
         var batch = WriteBatch()
@@ -218,6 +219,9 @@ extension Engine {
             break
         }
         batch.add(encodedRoot.bytes, at: rootOffset)
+        // Staging and walking the trees may have created leaves and found a page named
+        // at two places (COMMIT §3.2): nothing is committed on that state.
+        if let cause = poisonCause { throw PoolError.poisoned(cause) }
         try deviceWrite(batch)
         try deviceSync()
 

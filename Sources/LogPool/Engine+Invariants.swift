@@ -17,8 +17,9 @@ extension Engine {
         var kinds: [ObjectIdentifier: PageKind] = [:]
         // Leaves of level-1 nodes whose leaves have no nodes yet (``LeafGroup``): one
         // stand-in per page, not a node of any tree (its words are read from its page,
-        // not through the cache; it has no parent count to check). The walk creates no
-        // leaf, so a check changes nothing resident.
+        // not through the cache; it has no parent count to check). This walk creates
+        // no leaf, so it leaves lazy map leaves lazy; the count and location lookups
+        // below reach refcount and block-table leaves as any lookup does.
         var standIns: [UInt64: TreeNode] = [:]
         var standInIDs = Set<ObjectIdentifier>()
         func visit(_ node: TreeNode, kind: PageKind) {

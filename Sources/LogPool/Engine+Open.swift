@@ -281,8 +281,6 @@ extension Engine {
             lazyPagesPerSegment[segment(of: offset)] += 1
             if kind == .blockTable { lazyTableLeafCount += 1 }
         }
-        leafRegistry.addPages(cache.keys)
-        if !leafRoots.isEmpty, let group = groups[GroupKey(kind: .map, base: 0)] { group.createLeaves(existing: leafRoots) }
         // The id-indexed arrays are sized only once the pages that justify the limit have
         // been read (C-6): a crafted root cannot make open allocate for ids no page holds.
         let tableLeafCount = cache.values.reduce(0) { $0 + ($1.kind == .blockTable && $1.node.level == 0 ? 1 : 0) }
@@ -309,7 +307,11 @@ extension Engine {
             default: throw error
             }
         }
+        // Every page open read, against which leaves created from now on are checked
+        // (P-4); then the leaf-root group (after the refcount pages are known, so a
+        // leaf that is also one of them is found).
         leafRegistry.addPages(cache.keys)
+        if !leafRoots.isEmpty, let group = groups[GroupKey(kind: .map, base: 0)] { group.createLeaves(existing: leafRoots) }
         if storedProblem == nil {
             try forEachLazyLeafPage(groups.values.filter { $0.kind == .refcounts }, skippingRoots: [:]) { _, offset in
                 lazyPagesPerSegment[segment(of: offset)] += 1

@@ -147,7 +147,15 @@ final class LeafGroup: @unchecked Sendable {
     let kind: PageKind
     /// The first slot the group's nodes cover.
     let base: UInt64
-    fileprivate var members: [TreeNode] = []
+    /// Weak: a member keeps its group (``TreeNode/lazyGroup``), not the other way, so
+    /// nodes no tree names any more (a closed engine's) are freed with their group. A
+    /// member leaves the trees only through a release or a copy, which create the
+    /// group's leaves first, or with its whole engine.
+    fileprivate var members: [Weak] = []
+
+    struct Weak {
+        weak var node: TreeNode?
+    }
 
     init(registry: LeafRegistry, kind: PageKind, base: UInt64) {
         self.registry = registry
@@ -156,10 +164,10 @@ final class LeafGroup: @unchecked Sendable {
     }
 
     /// Open only (one thread): a member joins.
-    fileprivate func adopt(_ node: TreeNode) { registry.locked { _ in members.append(node) } }
+    fileprivate func adopt(_ node: TreeNode) { registry.locked { _ in members.append(Weak(node: node)) } }
 
     /// The members, while their leaves have no nodes (open only: one thread).
-    var pendingMembers: [TreeNode] { registry.locked { _ in members } }
+    var pendingMembers: [TreeNode] { registry.locked { _ in members.compactMap(\.node) } }
 
     fileprivate func snapshot(of node: TreeNode) -> TreeNode.ChildrenSnapshot {
         registry.locked { _ in node.childrenReady.load(ordering: .relaxed) ? .ready(node.storedChildren) : .pending(node.childPointers) }
@@ -172,6 +180,8 @@ final class LeafGroup: @unchecked Sendable {
     /// checked against its pointer) and `verify` reports the page.
     func createLeaves(existing: [UInt64: TreeNode] = [:]) {
         registry.locked { state in
+            let members = self.members.compactMap(\.node)
+            self.members = []
             guard !members.isEmpty else { return }
             let fanout = PageLayout.interiorFanout
             for member in members { member.storedChildren = [TreeNode?](repeating: nil, count: fanout) }
@@ -196,7 +206,9 @@ final class LeafGroup: @unchecked Sendable {
                         continue
                     }
                     let leaf: TreeNode
-                    if let made = existing[pointer.byteOffset] {
+                    // A leaf root can only be child 0 (growth), with the root's checksum;
+                    // named anywhere else it is a second place (P-4), found just below.
+                    if i == 0, let made = existing[pointer.byteOffset], made.disk.checksum == pointer.checksum {
                         made.parentCount += 1
                         leaf = made
                     } else {
@@ -214,7 +226,6 @@ final class LeafGroup: @unchecked Sendable {
                 member.childrenReady.store(true, ordering: .releasing)
             }
             if members.count > 1 { state.sharedGroupCount += 1 }
-            members = []
         }
     }
 

@@ -162,6 +162,51 @@ struct HardeningTests {
         #expect(report.problems.contains { $0.code == "page-shared-wrongly" })
     }
 
+    /// Goal (review of COMMIT §3.2): a one-level map's leaf root may be child 0 of a
+    /// taller map's level-1 page (growth), nowhere else. Method: `a` of 100 blocks
+    /// (height 1) and `b` of 600 (height 2), both written; `b`'s root page made to name
+    /// `a`'s root leaf at slot 1 (valid checksums). Open creates that group's leaves at
+    /// once and finds the leaf at a second place: every call is refused, naming P-4,
+    /// and nothing is written.
+    @Test("a leaf root named by another map at a slot other than 0 is refused before any change")
+    func leafRootAtOtherSlotRefused() throws {
+        let (pool, device) = try makePool()
+        try pool.createVolume(name: "a", size: 100 * 4096).write(at: 0, from: pattern(4096, seed: 5))
+        try pool.createVolume(name: "b", size: 600 * 4096).write(at: 0, from: pattern(4096, seed: 6))
+        try pool.close()
+        let crafted = SimulatedDevice(image: device.currentImage)
+        try craftRoot(crafted) { root, sb in
+            let a = try #require(root.volumes.first { $0.name == "a" })
+            let index = try #require(root.volumes.firstIndex { $0.name == "b" })
+            let b = root.volumes[index]
+            #expect(a.mapHeight == 1 && b.mapHeight == 2)
+            var words = try PageLayout.decode(try crafted.read(byteCount: PoolGeometry.pageByteCount, at: b.mapRoot.byteOffset),
+                                              kind: .map, level: 1, expectedChecksum: b.mapRoot.checksum, salt: sb.poolSalt,
+                                              byteOffset: b.mapRoot.byteOffset)
+            words[2] = a.mapRoot.byteOffset
+            words[3] = a.mapRoot.checksum
+            let (bytes, checksum) = PageLayout.encode(kind: .map, level: 1, words: words, salt: sb.poolSalt)
+            try crafted.write(bytes, at: b.mapRoot.byteOffset)
+            root.volumes[index].mapRoot = PagePointer(byteOffset: b.mapRoot.byteOffset, checksum: checksum)
+        }
+        let image = crafted.currentImage
+        let device2 = SimulatedDevice(image: image)
+        do {
+            let opened = try Pool.open(on: device2)
+            for name in ["a", "b"] {
+                expectPoolError({ error in
+                    guard case .poisoned(let cause) = error else { return false }
+                    return cause.contains("P-4")
+                }) { _ = try opened.openVolume(name: name).read(at: 0, length: 4096) }
+            }
+        } catch PoolError.poisoned(let cause) {
+            #expect(cause.contains("P-4"), "\(cause)")
+        }
+        #expect(device2.currentImage == image, "nothing may be written once P-4 was found broken")
+        let report = try Pool.verify(on: SimulatedDevice(image: image))
+        #expect(report.problems.contains { $0.code == "page-shared-wrongly" }, "\(report.problems.map(\.code))")
+    }
+
     /// Goal (item 3, promise 4): on every small geometry, a volume filled until
     /// `poolFull` can still overwrite large ranges it owns alone, again and again (the
     /// old gross estimate counted 3.5 KiB of alignment padding per 4 KiB block, so a
