@@ -175,9 +175,9 @@ final class LeafGroup: @unchecked Sendable {
 
     /// Creates the leaves of every member (at most once). `existing`: leaf nodes open
     /// made already (roots of one-level maps), which gain a parent where a member names
-    /// them. A page named at two places, or at one place with two checksums, breaks P-4:
-    /// the pool refuses changes from then on (its bytes are still read as named, each
-    /// checked against its pointer) and `verify` reports the page.
+    /// them at child 0. A page named at two places, or at one place with two checksums,
+    /// breaks P-4: the handle refuses every call from then on, writing no record and no
+    /// commit (COMMIT §3.2), and `verify` reports the page.
     func createLeaves(existing: [UInt64: TreeNode] = [:]) {
         registry.locked { state in
             let members = self.members.compactMap(\.node)
@@ -208,9 +208,9 @@ final class LeafGroup: @unchecked Sendable {
                     let leaf: TreeNode
                     // A leaf root can only be child 0 (growth), with the root's checksum;
                     // named anywhere else it is a second place (P-4), found just below.
-                    if i == 0, let made = existing[pointer.byteOffset], made.disk.checksum == pointer.checksum {
-                        made.parentCount += 1
-                        leaf = made
+                    if i == 0, let root = existing[pointer.byteOffset], root.disk.checksum == pointer.checksum {
+                        root.parentCount += 1
+                        leaf = root
                     } else {
                         leaf = TreeNode(kind: kind, level: 0, words: [], children: [], disk: pointer)
                         if !state.pages.insert(pointer.byteOffset).inserted {
