@@ -154,7 +154,12 @@ extension Engine {
             if case .pending(let pointers) = node.childrenSnapshot {
                 // A level-1 node made dirty in place whose leaves have no nodes yet: its
                 // children are its old page's, unchanged.
-                words = pointers
+                words = []
+                words.reserveCapacity(pointers.count * 2)
+                for child in pointers {
+                    words.append(child.byteOffset)
+                    words.append(child.checksum)
+                }
             } else if node.level > 0 {
                 words = []
                 words.reserveCapacity(PageLayout.interiorFanout * 2)

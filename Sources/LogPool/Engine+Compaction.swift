@@ -105,10 +105,7 @@ extension Engine {
             var affected = false
             if case .pending(let pointers) = node.childrenSnapshot {
                 // Leaves without nodes yet: created only when one of them lies in a victim.
-                let hit = stride(from: 0, to: pointers.count, by: 2).contains { i in
-                    !PagePointer(byteOffset: pointers[i], checksum: pointers[i + 1]).isNone
-                        && geometry.segmentIndex(containing: pointers[i]).map(victims.contains) == true
-                }
+                let hit = pointers.contains { !$0.isNone && geometry.segmentIndex(containing: $0.byteOffset).map(victims.contains) == true }
                 if hit { for child in node.children { if let child, visit(child) { affected = true } } }
             } else {
                 for child in node.children { if let child, visit(child) { affected = true } }

@@ -407,9 +407,7 @@ extension Engine {
                 for child in children { if let child { visit(child) } }
             case .pending(let pointers):
                 // Leaves without nodes yet (COMMIT §3.2): their pages, none created.
-                for i in stride(from: 0, to: pointers.count, by: 2) where !PagePointer(byteOffset: pointers[i], checksum: pointers[i + 1]).isNone {
-                    add(pointers[i], UInt64(PoolGeometry.pageByteCount))
-                }
+                for pointer in pointers where !pointer.isNone { add(pointer.byteOffset, UInt64(PoolGeometry.pageByteCount)) }
             }
         }
         if let root = blockTable.root { visit(root) }

@@ -32,9 +32,7 @@ extension Engine {
             case .ready(let children):
                 for child in children { if let child { visit(child, kind: kind) } }
             case .pending(let pointers):
-                for i in stride(from: 0, to: pointers.count, by: 2) {
-                    let pointer = PagePointer(byteOffset: pointers[i], checksum: pointers[i + 1])
-                    guard !pointer.isNone else { continue }
+                for pointer in pointers where !pointer.isNone {
                     let standIn = standIns[pointer.byteOffset] ?? TreeNode(kind: kind, level: 0, words: [], children: [], disk: pointer)
                     standIns[pointer.byteOffset] = standIn
                     standInIDs.insert(ObjectIdentifier(standIn))
@@ -122,10 +120,7 @@ extension Engine {
                 case .ready(let ready): children = ready
                 case .pending(let pointers):
                     // Leaves without nodes yet: stand-ins for their pages (clean).
-                    children = stride(from: 0, to: pointers.count, by: 2).map { i in
-                        let pointer = PagePointer(byteOffset: pointers[i], checksum: pointers[i + 1])
-                        return pointer.isNone ? nil : TreeNode(kind: .refcounts, level: 0, words: [], children: [], disk: pointer)
-                    }
+                    children = pointers.map { $0.isNone ? nil : TreeNode(kind: .refcounts, level: 0, words: [], children: [], disk: $0) }
                 }
                 for (i, child) in children.enumerated() {
                     if let child { check(child, base: PageLayout.childBase(base, index: i, kind: .refcounts, level: node.level)) }

@@ -277,10 +277,14 @@ extension Engine {
         // the pages open made nodes for.)
         var lazyPagesPerSegment = [UInt32](repeating: 0, count: space.count)
         var lazyTableLeafCount = 0, lazyRefcountLeafCount = 0
-        try forEachLazyLeafPage(groups.values.filter { $0.kind != .refcounts }, skippingRoots: leafRoots) { kind, offset in
-            lazyPagesPerSegment[segment(of: offset)] += 1
-            if kind == .blockTable { lazyTableLeafCount += 1 }
+        func countLazyLeaves(_ kinds: (PageKind) -> Bool) throws {
+            try forEachLazyLeafPage(groups.values.filter { kinds($0.kind) }, skippingRoots: leafRoots) { kind, offset in
+                lazyPagesPerSegment[segment(of: offset)] += 1
+                if kind == .blockTable { lazyTableLeafCount += 1 }
+                if kind == .refcounts { lazyRefcountLeafCount += 1 }
+            }
         }
+        try countLazyLeaves { $0 != .refcounts }
         // The id-indexed arrays are sized only once the pages that justify the limit have
         // been read (C-6): a crafted root cannot make open allocate for ids no page holds.
         let tableLeafCount = cache.values.reduce(0) { $0 + ($1.kind == .blockTable && $1.node.level == 0 ? 1 : 0) }
@@ -312,12 +316,7 @@ extension Engine {
         // leaf that is also one of them is found).
         leafRegistry.addPages(cache.keys)
         if !leafRoots.isEmpty, let group = groups[GroupKey(kind: .map, base: 0)] { group.createLeaves(existing: leafRoots) }
-        if storedProblem == nil {
-            try forEachLazyLeafPage(groups.values.filter { $0.kind == .refcounts }, skippingRoots: [:]) { _, offset in
-                lazyPagesPerSegment[segment(of: offset)] += 1
-                lazyRefcountLeafCount += 1
-            }
-        }
+        if storedProblem == nil { try countLazyLeaves { $0 == .refcounts } }
         var metaLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         var dataLiveByteCounts = [UInt64](repeating: 0, count: space.count)
         let derive = rebuildCounts || deriveCounts || storedProblem != nil
@@ -419,8 +418,9 @@ extension Engine {
         } else {
             let words = try readPage(pointer, kind: .refcounts, level: level)
             if level == 1 {
-                cache[pointer.byteOffset] = LoadedPage(kind: .refcounts, node: try lazyLevelOne(.refcounts, words, pointer, base: base, groups: &groups), base: base)
-                return cache[pointer.byteOffset]?.node
+                let node = try lazyLevelOne(.refcounts, words, pointer, base: base, groups: &groups)
+                cache[pointer.byteOffset] = LoadedPage(kind: .refcounts, node: node, base: base)
+                return node
             }
             var children: [TreeNode?] = []
             children.reserveCapacity(PageLayout.interiorFanout)
@@ -448,41 +448,26 @@ extension Engine {
     /// those. Members naming one page with two checksums are corrupt.
     private func forEachLazyLeafPage(_ groups: [LeafGroup], skippingRoots roots: [UInt64: TreeNode],
                                      _ body: (PageKind, UInt64) -> Void) throws {
-        var atSlot: [UInt64: UInt64] = [:]
-        var distinct: [(offset: UInt64, checksum: UInt64)] = []
+        var seen = PagesAtSlot<UInt64>()
         for group in groups {
-            let pointers = group.pendingMembers.map { node -> [UInt64] in
-                if case .pending(let words) = node.childrenSnapshot { return words }
-                return []
-            }
+            let pointers = group.pendingPointers
             let rootsHere = !roots.isEmpty && group.kind == .map && group.base == 0
             guard pointers.count > 1 || rootsHere else {
-                for words in pointers {
-                    for i in stride(from: 0, to: words.count, by: 2) where !PagePointer(byteOffset: words[i], checksum: words[i + 1]).isNone {
-                        body(group.kind, words[i])
-                    }
-                }
+                for pointer in pointers.joined() where !pointer.isNone { body(group.kind, pointer.byteOffset) }
                 continue
             }
             for i in 0..<PageLayout.interiorFanout {
-                // Most members name one of a few pages at a slot: a short list is
-                // searched first, a dictionary only past it (many diverged snapshots).
-                distinct.removeAll(keepingCapacity: true)
-                atSlot.removeAll(keepingCapacity: true)
-                for words in pointers where words.count == 2 * PageLayout.interiorFanout {
-                    let offset = words[2 * i], checksum = words[2 * i + 1]
-                    guard !PagePointer(byteOffset: offset, checksum: checksum).isNone else { continue }
-                    var seen = distinct.first(where: { $0.offset == offset })?.checksum
-                    if seen == nil && distinct.count == 16 { seen = atSlot[offset] }
-                    if let seen {
-                        guard seen == checksum else {
-                            throw corrupt(group.kind.pageName, offset, "page is referenced twice with different checksums")
+                seen.removeAll()
+                for pointer in pointers.lazy.map({ $0[i] }) where !pointer.isNone {
+                    if let checksum = seen[pointer.byteOffset] {
+                        guard checksum == pointer.checksum else {
+                            throw corrupt(group.kind.pageName, pointer.byteOffset, "page is referenced twice with different checksums")
                         }
                         continue
                     }
-                    if distinct.count < 16 { distinct.append((offset, checksum)) } else { atSlot[offset] = checksum }
-                    if i == 0 && rootsHere && roots[offset] != nil { continue }
-                    body(group.kind, offset)
+                    seen[pointer.byteOffset] = pointer.checksum
+                    if i == 0 && rootsHere && roots[pointer.byteOffset] != nil { continue }
+                    body(group.kind, pointer.byteOffset)
                 }
             }
         }
@@ -551,18 +536,19 @@ extension Engine {
     }
 
     /// A level-1 node whose leaves get nodes on first use (``LeafGroup``): its page's
-    /// words, every leaf pointer checked to lie inside a segment, and its place's group.
+    /// child pointers, each checked to lie inside a segment, and its place's group.
     private func lazyLevelOne(_ kind: PageKind, _ words: [UInt64], _ pointer: PagePointer, base: UInt64,
                               groups: inout [GroupKey: LeafGroup]) throws -> TreeNode {
-        for i in stride(from: 0, to: words.count, by: 2) where !PagePointer(byteOffset: words[i], checksum: words[i + 1]).isNone {
-            guard geometry.isValidExtent(byteOffset: words[i], byteCount: UInt64(PoolGeometry.pageByteCount)) else {
-                throw corrupt(kind.pageName, words[i], "page pointer is outside every segment")
+        let pointers = PageLayout.childPointers(words)
+        for child in pointers where !child.isNone {
+            guard geometry.isValidExtent(byteOffset: child.byteOffset, byteCount: UInt64(PoolGeometry.pageByteCount)) else {
+                throw corrupt(kind.pageName, child.byteOffset, "page pointer is outside every segment")
             }
         }
         let key = GroupKey(kind: kind, base: base)
         let group = groups[key] ?? LeafGroup(registry: leafRegistry, kind: kind, base: base)
         groups[key] = group
-        return TreeNode(lazyLevelOne: kind, pointers: words, disk: pointer, group: group)
+        return TreeNode(lazyLevelOne: kind, pointers: pointers, disk: pointer, group: group)
     }
 
     // MARK: - Replay

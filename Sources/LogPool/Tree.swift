@@ -44,9 +44,9 @@ final class TreeNode: @unchecked Sendable {
     /// Set on level-1 nodes read at open: the nodes at the same place whose leaves are
     /// created together.
     let lazyGroup: LeafGroup?
-    /// A lazy node's child page pointers (offset and checksum per slot) until its leaves
-    /// exist; empty after.
-    fileprivate var childPointers: [UInt64] = []
+    /// A lazy node's child page pointers, one per slot, until its leaves exist; empty
+    /// after.
+    fileprivate var childPointers: [PagePointer] = []
     fileprivate let childrenReady: Atomic<Bool>
     var disk: PagePointer
     var parentCount: Int
@@ -99,9 +99,9 @@ final class TreeNode: @unchecked Sendable {
     }
 
     /// A level-1 node read at open whose leaves are created on first use: `pointers` are
-    /// its page's words (offset and checksum per slot), already checked to lie inside
-    /// segments. It joins `group`, the level-1 nodes at the same place.
-    init(lazyLevelOne kind: PageKind, pointers: [UInt64], disk: PagePointer, group: LeafGroup) {
+    /// its page's child pointers, already checked to lie inside segments. It joins
+    /// `group`, the level-1 nodes at the same place.
+    init(lazyLevelOne kind: PageKind, pointers: [PagePointer], disk: PagePointer, group: LeafGroup) {
         self.kind = kind
         level = 1
         words = []
@@ -122,8 +122,7 @@ final class TreeNode: @unchecked Sendable {
     }
 
     /// The node's children as they are, without creating any: `.pending` gives a lazy
-    /// node's child page pointers (offset and checksum per slot). For the checks and
-    /// walks that must not change what is resident.
+    /// node's child page pointers. For the walks that need pages, not leaves.
     var childrenSnapshot: ChildrenSnapshot {
         guard let group = lazyGroup, !childrenReady.load(ordering: .acquiring) else { return .ready(storedChildren) }
         return group.snapshot(of: self)
@@ -131,7 +130,7 @@ final class TreeNode: @unchecked Sendable {
 
     enum ChildrenSnapshot {
         case ready([TreeNode?])
-        case pending([UInt64])
+        case pending([PagePointer])
     }
 }
 
@@ -166,8 +165,10 @@ final class LeafGroup: @unchecked Sendable {
     /// Open only (one thread): a member joins.
     fileprivate func adopt(_ node: TreeNode) { registry.locked { _ in members.append(Weak(node: node)) } }
 
-    /// The members, while their leaves have no nodes (open only: one thread).
-    var pendingMembers: [TreeNode] { registry.locked { _ in members.compactMap(\.node) } }
+    /// The child pointers of each member whose leaves have no nodes yet (open only).
+    var pendingPointers: [[PagePointer]] {
+        registry.locked { _ in members.compactMap { $0.node.map(\.childPointers) }.filter { !$0.isEmpty } }
+    }
 
     fileprivate func snapshot(of node: TreeNode) -> TreeNode.ChildrenSnapshot {
         registry.locked { _ in node.childrenReady.load(ordering: .relaxed) ? .ready(node.storedChildren) : .pending(node.childPointers) }
@@ -185,19 +186,13 @@ final class LeafGroup: @unchecked Sendable {
             guard !members.isEmpty else { return }
             let fanout = PageLayout.interiorFanout
             for member in members { member.storedChildren = [TreeNode?](repeating: nil, count: fanout) }
-            // Leaves made at the current slot: a short list searched first, a
-            // dictionary only past it (many diverged snapshots at one place).
-            var made: [TreeNode] = []
-            var atSlot: [UInt64: TreeNode] = [:]
+            var made = PagesAtSlot<TreeNode>()
             for i in 0..<fanout {
-                made.removeAll(keepingCapacity: true)
-                atSlot.removeAll(keepingCapacity: true)
+                made.removeAll()
                 for member in members {
-                    let pointer = PagePointer(byteOffset: member.childPointers[2 * i], checksum: member.childPointers[2 * i + 1])
+                    let pointer = member.childPointers[i]
                     guard !pointer.isNone else { continue }
-                    var found = made.first(where: { $0.disk.byteOffset == pointer.byteOffset })
-                    if found == nil && made.count == 16 { found = atSlot[pointer.byteOffset] }
-                    if let leaf = found {
+                    if let leaf = made[pointer.byteOffset] {
                         if leaf.disk.checksum != pointer.checksum {
                             state.problem(kind, pointer.byteOffset, "is named twice at block index \(slotBase(i)) with different checksums")
                         }
@@ -217,7 +212,7 @@ final class LeafGroup: @unchecked Sendable {
                             state.problem(kind, pointer.byteOffset, "is named at block index \(slotBase(i)) and at another place: a shared page must cover the same blocks wherever it is reached (P-4)")
                         }
                     }
-                    if made.count < 16 { made.append(leaf) } else { atSlot[pointer.byteOffset] = leaf }
+                    made[pointer.byteOffset] = leaf
                     member.storedChildren[i] = leaf
                 }
             }
@@ -231,6 +226,32 @@ final class LeafGroup: @unchecked Sendable {
 
     private func slotBase(_ index: Int) -> UInt64 {
         base + UInt64(index) * UInt64(PageLayout.fanout(kind: kind, level: 0))
+    }
+}
+
+/// The distinct pages the members of a group name at one slot: most name one of a few,
+/// so a short list is searched first and a dictionary used only past it (many diverged
+/// snapshots at one place). Open counts leaf pages with it, ``LeafGroup`` creates them.
+struct PagesAtSlot<Value> {
+    private var list: [(offset: UInt64, value: Value)] = []
+    private var overflow: [UInt64: Value] = [:]
+    private static var listCapacity: Int { 16 }
+
+    subscript(offset: UInt64) -> Value? {
+        get {
+            if let hit = list.first(where: { $0.offset == offset }) { return hit.value }
+            return list.count == Self.listCapacity ? overflow[offset] : nil
+        }
+        set {
+            // Only new pages are added (callers look up first).
+            guard let newValue else { return }
+            if list.count < Self.listCapacity { list.append((offset, newValue)) } else { overflow[offset] = newValue }
+        }
+    }
+
+    mutating func removeAll() {
+        list.removeAll(keepingCapacity: true)
+        overflow.removeAll(keepingCapacity: true)
     }
 }
 

@@ -54,6 +54,12 @@ public enum PageLayout {
         level > 0 ? interiorFanout : (kind == .blockTable ? blockTableLeafFanout : wordCapacity)
     }
 
+    /// The child pointers of an interior page's words (offset and checksum per slot;
+    /// `.none` for an empty slot).
+    public static func childPointers(_ words: [UInt64]) -> [PagePointer] {
+        stride(from: 0, to: words.count - 1, by: 2).map { PagePointer(byteOffset: words[$0], checksum: words[$0 + 1]) }
+    }
+
     /// The first leaf slot covered by child `index` of a node at `level` (≥ 1) whose own
     /// first slot is `base`, saturating at UInt64.max (a crafted tree's slots only have to
     /// stay distinct and in range, never wrap).
